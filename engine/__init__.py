@@ -1,0 +1,1 @@
+"""Metroline engine: paged KV cache, continuous batching, offline and HTTP serving."""

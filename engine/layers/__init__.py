@@ -1,0 +1,1 @@
+"""Engine layers, written tensor-parallel-aware (plain layers at TP=1)."""

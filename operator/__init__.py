@@ -1,0 +1,1 @@
+"""Kubernetes operator for LLMDeployment. Never imports torch."""
