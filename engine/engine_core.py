@@ -1,0 +1,83 @@
+"""The engine core: one step is schedule -> execute -> update. Token ids only; no tokenizer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from metroline.engine.config import EngineConfig
+from metroline.engine.executor import create_executor
+from metroline.engine.kv_cache_manager import KVCacheManager
+from metroline.engine.outputs import EngineCoreOutput
+from metroline.engine.request import EngineCoreRequest, Request, RequestStatus
+from metroline.engine.scheduler import Scheduler, SchedulerStats
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    """Invariant: a request added here produces outputs until one carries a finish reason,
+    unless it is aborted (then it produces nothing more). A rejected request (``ValueError``
+    from :meth:`add_request`) leaves the engine unchanged."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.executor = create_executor(config)
+        num_blocks = self.executor.determine_num_blocks()
+        block_size = config.cache.block_size
+        max_len = config.model.max_model_len
+        if num_blocks * block_size < max_len:
+            raise ValueError(
+                f"the KV pool holds {num_blocks * block_size} tokens ({num_blocks} blocks), "
+                f"less than one sequence of max_model_len={max_len}; give the cache more "
+                "memory (kv_cache_memory_bytes / gpu_memory_utilization) or lower max_model_len"
+            )
+        self.executor.initialize_cache(num_blocks)
+        self.num_blocks = num_blocks
+        self.kv_cache_manager = KVCacheManager(
+            num_blocks, block_size, config.cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
+
+    def add_request(self, spec: EngineCoreRequest) -> None:
+        validate_request(spec, self.config)
+        self.scheduler.add_request(Request(spec))
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
+        self.scheduler.finish_requests(request_ids, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[EngineCoreOutput]:
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty and not scheduled.finished_request_ids:
+            return []
+        runner_output = self.executor.execute_model(scheduled)
+        return self.scheduler.update_from_output(scheduled, runner_output)
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def validate_request(spec: EngineCoreRequest, config: EngineConfig) -> None:
+    """Reject what the engine cannot serve, with a message saying what is allowed."""
+    prompt = spec.prompt_token_ids
+    max_len = config.model.max_model_len
+    vocab = config.model.arch.vocab_size
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token")
+    if len(prompt) >= max_len:
+        raise ValueError(
+            f"the prompt has {len(prompt)} tokens, but max_model_len is {max_len}: the prompt "
+            "plus at least one generated token must fit"
+        )
+    bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")

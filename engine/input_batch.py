@@ -1,0 +1,168 @@
+"""Worker-side state of the requests it runs, and the tensors of one step built from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from metroline.engine.attention_metadata import AttentionMetadata
+from metroline.engine.layers.sampler import SamplingMetadata
+from metroline.engine.sampling_params import SamplingParams
+from metroline.engine.scheduler_output import SchedulerOutput
+
+
+@dataclass(slots=True)
+class CachedRequestState:
+    """What a worker knows of one request. Invariant: ``token_ids`` holds every token the
+    scheduler has sent; the first ``num_computed_tokens`` of them have KV in ``block_ids``."""
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    block_ids: list[int]
+    num_computed_tokens: int
+    sampling_params: SamplingParams
+    eos_token_ids: tuple[int, ...]
+    generator: torch.Generator | None = None
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    attn_metadata: AttentionMetadata
+    logits_indices: torch.Tensor  # [num_sampled] int64: rows whose logits are sampled
+    sampled_request_ids: list[str] = field(default_factory=list)
+
+
+def build_step_inputs(
+    scheduled: SchedulerOutput,
+    states: dict[str, CachedRequestState],
+    block_size: int,
+    device: torch.device,
+) -> StepInputs:
+    """Flatten the scheduled requests (in scheduling order) into one varlen batch."""
+    request_ids = list(scheduled.num_scheduled_tokens)
+    num_seqs = len(request_ids)
+    counts = np.fromiter(
+        (scheduled.num_scheduled_tokens[r] for r in request_ids), dtype=np.int64, count=num_seqs
+    )
+    cu_seqlens = np.zeros(num_seqs + 1, dtype=np.int64)
+    np.cumsum(counts, out=cu_seqlens[1:])
+    num_tokens = int(cu_seqlens[-1])
+    input_ids = np.empty(num_tokens, dtype=np.int64)
+    positions = np.empty(num_tokens, dtype=np.int64)
+    slot_mapping = np.empty(num_tokens, dtype=np.int64)
+    seq_lens = np.empty(num_seqs, dtype=np.int64)
+    max_blocks = max(len(states[r].block_ids) for r in request_ids)
+    block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
+    logits_indices = []
+    sampled_ids = []
+    for i, request_id in enumerate(request_ids):
+        state = states[request_id]
+        start, count = state.num_computed_tokens, int(counts[i])
+        lo, hi = int(cu_seqlens[i]), int(cu_seqlens[i + 1])
+        input_ids[lo:hi] = state.token_ids[start : start + count]
+        pos = np.arange(start, start + count, dtype=np.int64)
+        positions[lo:hi] = pos
+        blocks = np.asarray(state.block_ids, dtype=np.int64)
+        slot_mapping[lo:hi] = blocks[pos // block_size] * block_size + pos % block_size
+        seq_lens[i] = start + count
+        block_tables[i, : len(blocks)] = blocks
+        if start + count == len(state.token_ids):
+            logits_indices.append(hi - 1)
+            sampled_ids.append(request_id)
+
+    def to_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(array).to(device=device, dtype=dtype, non_blocking=True)
+
+    metadata = AttentionMetadata(
+        slot_mapping=to_device(slot_mapping, torch.int64),
+        block_tables=to_device(block_tables, torch.int32),
+        seq_lens=to_device(seq_lens, torch.int32),
+        cu_seqlens_q=to_device(cu_seqlens, torch.int32),
+        max_seqlen_q=int(counts.max()),
+        max_seqlen_k=int(seq_lens.max()),
+    )
+    return StepInputs(
+        input_ids=to_device(input_ids, torch.int64),
+        positions=to_device(positions, torch.int64),
+        attn_metadata=metadata,
+        logits_indices=to_device(np.asarray(logits_indices, dtype=np.int64), torch.int64),
+        sampled_request_ids=sampled_ids,
+    )
+
+
+def build_sampling_metadata(
+    states: list[CachedRequestState], vocab_size: int, device: torch.device
+) -> SamplingMetadata:
+    params = [s.sampling_params for s in states]
+    num_rows = len(states)
+    greedy = [p.greedy for p in params]
+
+    def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    top_k = top_p = min_p = None
+    if any(p.top_k > 0 and not p.greedy for p in params):
+        top_k = column([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64)
+    if any(p.top_p < 1 and not p.greedy for p in params):
+        top_p = column([p.top_p for p in params])
+    if any(p.min_p > 0 and not p.greedy for p in params):
+        min_p = column([p.min_p for p in params])
+
+    presence = frequency = repetition = counts = prompt_mask = None
+    if any(p.uses_penalties for p in params):
+        presence = column([p.presence_penalty for p in params])
+        frequency = column([p.frequency_penalty for p in params])
+        repetition = column([p.repetition_penalty for p in params])
+        counts = torch.zeros(num_rows, vocab_size, dtype=torch.float32, device=device)
+        prompt_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
+        for row, state in enumerate(states):
+            if not state.sampling_params.uses_penalties:
+                continue
+            outputs = state.output_token_ids
+            if outputs:
+                ids = torch.tensor(outputs, dtype=torch.int64, device=device)
+                counts[row].scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
+            prompt = torch.tensor(
+                state.token_ids[: state.num_prompt_tokens], dtype=torch.int64, device=device
+            )
+            prompt_mask[row, prompt] = True
+
+    min_tokens_mask = []
+    for row, state in enumerate(states):
+        p = state.sampling_params
+        if len(state.output_token_ids) < p.min_tokens:
+            banned = set(p.stop_token_ids)
+            if not p.ignore_eos:
+                banned.update(state.eos_token_ids)
+            banned = sorted(t for t in banned if t < vocab_size)
+            if banned:
+                min_tokens_mask.append((row, banned))
+
+    asked = [p.logprobs for p in params if p.logprobs is not None]
+    return SamplingMetadata(
+        temperature=column([p.temperature for p in params]),
+        greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+        all_greedy=all(greedy),
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+        repetition_penalty=repetition,
+        output_token_counts=counts,
+        prompt_token_mask=prompt_mask,
+        min_tokens_mask=min_tokens_mask,
+        generators={
+            row: s.generator for row, s in enumerate(states) if s.generator is not None
+        },
+        max_num_logprobs=max(asked) if asked else None,
+    )

@@ -1,0 +1,143 @@
+"""Per-request view of the block pool: which blocks a request holds, prefix-cache lookups.
+
+The scheduler's whole contract with KV memory is :meth:`KVCacheManager.get_computed_blocks`,
+:meth:`KVCacheManager.allocate_slots` (blocks, or ``None`` when the pool cannot serve) and
+:meth:`KVCacheManager.free`.
+
+A full block's key is ``sha256(parent_key || token_ids)``, the chain rooted in a hash of the
+request's cache salt. A cache hit is taken only when the stored tokens equal the request's,
+so even a hash collision cannot serve wrong KV.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Sequence
+
+from metroline.engine.block_pool import BlockPool, KVBlock
+from metroline.engine.request import Request
+
+
+def block_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:
+    """Key of a full block: chained from its parent's key and its own token ids."""
+    digest = hashlib.sha256(parent)
+    digest.update(array("q", token_ids).tobytes())
+    return digest.digest()
+
+
+def root_hash(cache_salt: str | None) -> bytes:
+    return hashlib.sha256(b"metroline-kv-root:" + (cache_salt or "").encode()).digest()
+
+
+class KVCacheManager:
+    """Allocates KV blocks to requests and shares full blocks through prefix caching.
+
+    Invariants: ``req_blocks[r]`` covers at least the first ``r.num_computed_tokens`` tokens
+    of ``r``; its first ``num_cached_blocks[r]`` blocks are registered in the pool's cache.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks)
+        self.req_blocks: dict[str, list[KVBlock]] = {}
+        self.num_cached_blocks: dict[str, int] = {}
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def hashes_blocks(self, request: Request) -> bool:
+        """With prefix caching off, only salted requests (siblings of ``n > 1``) share blocks."""
+        return self.enable_prefix_caching or request.cache_salt is not None
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
+        """Cached blocks matching the request's leading tokens, and the tokens they cover.
+
+        At least the last token is always left to compute, since its logits are needed.
+        """
+        if not self.hashes_blocks(request):
+            return [], 0
+        size = self.block_size
+        max_blocks = (request.num_tokens - 1) // size
+        self._update_hashes(request, max_blocks)
+        hits: list[KVBlock] = []
+        for i in range(max_blocks):
+            tokens = tuple(request.all_token_ids[i * size : (i + 1) * size])
+            block = self.pool.lookup(request.block_hashes[i], tokens)
+            if block is None:
+                break
+            hits.append(block)
+        if self.enable_prefix_caching:
+            self.prefix_cache_queries += request.num_tokens
+            self.prefix_cache_hits += len(hits) * size
+        return hits, len(hits) * size
+
+    def allocate_slots(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        new_computed_blocks: Sequence[KVBlock] = (),
+    ) -> list[KVBlock] | None:
+        """Make room for ``num_new_tokens`` more tokens after the computed ones.
+
+        ``new_computed_blocks`` are prefix-cache hits (from :meth:`get_computed_blocks`) that
+        the request takes now. Returns the newly allocated blocks, or ``None`` (and changes
+        nothing) when the pool has too few free blocks.
+        """
+        held = self.req_blocks.setdefault(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
+        total_tokens = num_computed + num_new_tokens
+        needed = -(-total_tokens // self.block_size)
+        num_new_blocks = max(0, needed - len(held) - len(new_computed_blocks))
+        # Hits that sit in the free queue stop being free once taken.
+        reclaimed = sum(1 for block in new_computed_blocks if block.ref_cnt == 0)
+        if num_new_blocks > self.pool.num_free_blocks - reclaimed:
+            if not held:
+                del self.req_blocks[request.request_id]
+            return None
+        self.pool.touch(new_computed_blocks)
+        held.extend(new_computed_blocks)
+        if new_computed_blocks:
+            self.num_cached_blocks[request.request_id] = len(held)
+        new_blocks = self.pool.allocate(num_new_blocks)
+        held.extend(new_blocks)
+        if self.hashes_blocks(request):
+            self._cache_full_blocks(request, held, total_tokens)
+        return new_blocks
+
+    def free(self, request: Request) -> None:
+        """Return all of the request's blocks; tail blocks are evicted before the prefix."""
+        blocks = self.req_blocks.pop(request.request_id, [])
+        self.num_cached_blocks.pop(request.request_id, None)
+        self.pool.release(reversed(blocks))
+
+    def block_ids(self, request: Request) -> list[int]:
+        return [block.block_id for block in self.req_blocks.get(request.request_id, ())]
+
+    def _cache_full_blocks(self, request: Request, held: list[KVBlock], num_tokens: int) -> None:
+        num_full = min(num_tokens, request.num_tokens) // self.block_size
+        start = self.num_cached_blocks.get(request.request_id, 0)
+        if num_full <= start:
+            return
+        self._update_hashes(request, num_full)
+        size = self.block_size
+        for i in range(start, num_full):
+            tokens = tuple(request.all_token_ids[i * size : (i + 1) * size])
+            self.pool.cache(held[i], request.block_hashes[i], tokens)
+        self.num_cached_blocks[request.request_id] = num_full
+
+    def _update_hashes(self, request: Request, num_blocks: int) -> None:
+        hashes = request.block_hashes
+        size = self.block_size
+        parent = hashes[-1] if hashes else root_hash(request.cache_salt)
+        for i in range(len(hashes), num_blocks):
+            parent = block_hash(parent, request.all_token_ids[i * size : (i + 1) * size])
+            hashes.append(parent)

@@ -1,0 +1,141 @@
+"""From logits to tokens: penalties, temperature, top-k/top-p/min-p, per-request seeds.
+
+Order (as in vLLM): min-tokens masking, penalties (repetition, frequency, presence), then
+greedy argmax for greedy rows; for the others temperature, min-p, top-k, top-p and a draw.
+A draw is ``argmax(probs / q)`` with ``q ~ Exp(1)`` per vocabulary entry (the exponential
+race, equivalent to sampling from ``probs``); a seeded request draws ``q`` from its own
+generator, so its tokens do not depend on what else is in the batch.
+Log-probabilities are those of the raw model distribution, before any of these transforms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from metroline.engine.outputs import Logprob, PositionLogprobs
+
+
+@dataclass
+class SamplingMetadata:
+    """Sampling inputs of one step, one row per sampled request.
+
+    Optional tensors are ``None`` when no row needs that transform, so the common cases
+    (all greedy, plain temperature) cost nothing extra.
+    """
+
+    temperature: torch.Tensor  # [B] fp32; rows with greedy=True are ignored
+    greedy: torch.Tensor  # [B] bool
+    all_greedy: bool
+    top_k: torch.Tensor | None  # [B] int64, vocab size where disabled
+    top_p: torch.Tensor | None  # [B] fp32, 1.0 where disabled
+    min_p: torch.Tensor | None  # [B] fp32, 0 where disabled
+    presence_penalty: torch.Tensor | None  # [B] fp32
+    frequency_penalty: torch.Tensor | None  # [B] fp32
+    repetition_penalty: torch.Tensor | None  # [B] fp32
+    output_token_counts: torch.Tensor | None  # [B, V] fp32 counts of generated tokens
+    prompt_token_mask: torch.Tensor | None  # [B, V] bool: token occurs in the prompt
+    min_tokens_mask: list[tuple[int, list[int]]]  # (row, token ids banned for now)
+    generators: dict[int, torch.Generator]  # row -> the request's own generator
+    max_num_logprobs: int | None  # largest ``logprobs`` asked for, None if no row asks
+
+
+@dataclass
+class SamplerOutput:
+    sampled: torch.Tensor  # [B] int64
+    #: Per row: top log-probabilities plus the sampled token's (None where not asked).
+    logprobs: list[PositionLogprobs | None]
+
+
+def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    if meta.repetition_penalty is not None:
+        seen = meta.prompt_token_mask | (meta.output_token_counts > 0)
+        penalty = meta.repetition_penalty[:, None]
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, penalised, logits)
+    if meta.frequency_penalty is not None:
+        logits = logits - meta.frequency_penalty[:, None] * meta.output_token_counts
+    if meta.presence_penalty is not None:
+        present = (meta.output_token_counts > 0).to(logits.dtype)
+        logits = logits - meta.presence_penalty[:, None] * present
+    return logits
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Mask (with -inf) tokens outside top-k, outside the top-p nucleus, or under min-p."""
+    if meta.min_p is not None:
+        probs = torch.softmax(logits, dim=-1)
+        threshold = meta.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    if meta.top_k is None and meta.top_p is None:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    if meta.top_k is not None:
+        ranks = torch.arange(logits.shape[-1], device=logits.device)
+        sorted_logits = sorted_logits.masked_fill(
+            ranks[None, :] >= meta.top_k[:, None], float("-inf")
+        )
+    if meta.top_p is not None:
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        sorted_logits = sorted_logits.masked_fill(
+            mass_before >= meta.top_p[:, None], float("-inf")
+        )
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        """``logits`` is ``[B, V]`` fp32; returns one token per row."""
+        raw_logprobs = (
+            torch.log_softmax(logits, dim=-1) if meta.max_num_logprobs is not None else None
+        )
+        if meta.min_tokens_mask:
+            logits = logits.clone()
+            for row, token_ids in meta.min_tokens_mask:
+                logits[row, token_ids] = float("-inf")
+        logits = apply_penalties(logits, meta)
+        greedy_tokens = logits.argmax(dim=-1)
+        if meta.all_greedy:
+            sampled = greedy_tokens
+        else:
+            temperature = torch.where(meta.greedy, 1.0, meta.temperature)
+            scaled = apply_top_k_top_p_min_p(logits / temperature[:, None], meta)
+            probs = torch.softmax(scaled, dim=-1)
+            race = torch.empty_like(probs).exponential_()
+            for row, generator in meta.generators.items():
+                race[row].exponential_(generator=generator)
+            drawn = (probs / race).argmax(dim=-1)
+            sampled = torch.where(meta.greedy, greedy_tokens, drawn)
+        logprobs: list[PositionLogprobs | None] = [None] * logits.shape[0]
+        if raw_logprobs is not None:
+            logprobs = gather_logprobs(raw_logprobs, sampled, meta.max_num_logprobs or 0)
+        return SamplerOutput(sampled=sampled, logprobs=logprobs)
+
+
+def gather_logprobs(
+    raw_logprobs: torch.Tensor, sampled: torch.Tensor, num_top: int
+) -> list[PositionLogprobs | None]:
+    """Sampled token's log-probability and rank, plus the ``num_top`` best, per row.
+
+    Every row gets ``num_top`` alternatives; callers trim to what each request asked for.
+    """
+    sampled_lp = raw_logprobs.gather(-1, sampled[:, None])
+    ranks = (raw_logprobs > sampled_lp).sum(dim=-1) + 1
+    top_values, top_ids = raw_logprobs.topk(num_top, dim=-1) if num_top else (None, None)
+    rows: list[PositionLogprobs | None] = []
+    sampled_list = sampled.tolist()
+    sampled_lp_list = sampled_lp[:, 0].tolist()
+    rank_list = ranks.tolist()
+    top_values_list = top_values.tolist() if top_values is not None else None
+    top_ids_list = top_ids.tolist() if top_ids is not None else None
+    for row, token in enumerate(sampled_list):
+        entry: PositionLogprobs = {}
+        if top_ids_list is not None:
+            for rank, (tid, value) in enumerate(zip(top_ids_list[row], top_values_list[row])):
+                entry[tid] = Logprob(value, rank + 1)
+        entry[token] = Logprob(sampled_lp_list[row], rank_list[row])
+        rows.append(entry)
+    return rows

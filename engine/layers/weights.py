@@ -1,0 +1,53 @@
+"""Weight sources for loaders: an in-memory tensor or a lazy safetensors slice.
+
+A loader asks only for the part it keeps (its tensor-parallel shard), so each rank reads only
+its shard from disk.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+
+class WeightSource(Protocol):
+    """``torch.Tensor`` or ``safetensors``' lazy slice: both have a shape and support slicing."""
+
+    def __getitem__(self, index: Any) -> Any: ...
+
+
+def source_shape(source: Any) -> tuple[int, ...]:
+    if isinstance(source, torch.Tensor):
+        return tuple(source.shape)
+    return tuple(source.get_shape())
+
+
+def read_narrow(source: Any, dim: int, start: int, length: int) -> torch.Tensor:
+    """``source.narrow(dim, start, length)``, reading only those rows of a lazy slice."""
+    if isinstance(source, torch.Tensor):
+        return source.narrow(dim, start, length)
+    index = [slice(None)] * len(source_shape(source))
+    index[dim] = slice(start, start + length)
+    return source[tuple(index)]
+
+
+def read_all(source: Any) -> torch.Tensor:
+    if isinstance(source, torch.Tensor):
+        return source
+    return source[:]
+
+
+def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str = "") -> None:
+    if tuple(param.shape) != tuple(loaded.shape):
+        raise ValueError(
+            f"checkpoint tensor {name or ''} has shape {tuple(loaded.shape)}, "
+            f"the model expects {tuple(param.shape)}"
+        )
+    param.data.copy_(loaded)
+
+
+def default_weight_loader(param: torch.nn.Parameter, source: Any, shard_id: Any = None) -> None:
+    """Replicated parameter: the whole tensor, same on every rank."""
+    del shard_id
+    copy_checked(param, read_all(source))

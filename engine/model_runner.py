@@ -1,0 +1,102 @@
+"""Runs one engine step on one device: step inputs -> model -> logits -> sampled tokens."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from metroline.engine.config import EngineConfig
+from metroline.engine.input_batch import (
+    CachedRequestState,
+    build_sampling_metadata,
+    build_step_inputs,
+)
+from metroline.engine.layers.sampler import Sampler
+from metroline.engine.outputs import PositionLogprobs
+from metroline.engine.scheduler import ModelRunnerOutput
+from metroline.engine.scheduler_output import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """Keeps per-request state across steps (updated from the scheduler's diffs)."""
+
+    def __init__(self, config: EngineConfig, model: nn.Module, device: torch.device) -> None:
+        self.config = config
+        self.model = model
+        self.device = device
+        self.block_size = config.cache.block_size
+        self.vocab_size = config.model.arch.vocab_size
+        self.sampler = Sampler()
+        self.states: dict[str, CachedRequestState] = {}
+        # Outlive preemption: a resumed request continues its random stream.
+        self.generators: dict[str, torch.Generator] = {}
+
+    def update_states(self, scheduled: SchedulerOutput) -> None:
+        for request_id in scheduled.finished_request_ids:
+            self.states.pop(request_id, None)
+            self.generators.pop(request_id, None)
+        for request_id in scheduled.preempted_request_ids:
+            self.states.pop(request_id, None)
+        for new in scheduled.new_requests:
+            params = new.sampling_params
+            generator = self.generators.get(new.request_id)
+            if generator is None and params.seed is not None:
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(params.seed)
+                self.generators[new.request_id] = generator
+            self.states[new.request_id] = CachedRequestState(
+                request_id=new.request_id,
+                token_ids=list(new.token_ids),
+                num_prompt_tokens=len(new.token_ids) - new.num_output_tokens,
+                block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens,
+                sampling_params=params,
+                eos_token_ids=new.eos_token_ids,
+                generator=generator,
+            )
+        for cached in scheduled.cached_requests:
+            state = self.states[cached.request_id]
+            state.token_ids.extend(cached.new_token_ids)
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    @torch.inference_mode()
+    def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        self.update_states(scheduled)
+        if scheduled.is_empty:
+            return ModelRunnerOutput({}, {})
+        inputs = build_step_inputs(scheduled, self.states, self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        if not inputs.sampled_request_ids:
+            return ModelRunnerOutput({}, {})
+        logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
+        states = [self.states[r] for r in inputs.sampled_request_ids]
+        meta = build_sampling_metadata(states, self.vocab_size, self.device)
+        result = self.sampler(logits, meta)
+        tokens = result.sampled.tolist()
+        sampled = dict(zip(inputs.sampled_request_ids, tokens))
+        logprobs: dict[str, PositionLogprobs] = {}
+        for state, token, entry in zip(states, tokens, result.logprobs):
+            wanted = state.sampling_params.logprobs
+            if entry is not None and wanted is not None:
+                logprobs[state.request_id] = {
+                    tid: lp for tid, lp in entry.items() if tid == token or lp.rank <= wanted
+                }
+        return ModelRunnerOutput(sampled, logprobs)
+
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        """A forward pass at the largest step (``max_num_batched_tokens``) plus the sampler
+        at ``max_num_seqs`` rows, without the KV pool, to measure peak activation memory."""
+        sched = self.config.scheduler
+        num_tokens = sched.max_num_batched_tokens
+        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        positions = torch.arange(num_tokens, device=self.device) % sched.max_model_len
+        hidden = self.model(input_ids, positions, None)
+        rows = min(sched.max_num_seqs, num_tokens)
+        logits = self.model.compute_logits(hidden[:rows]).float()
+        torch.softmax(logits, dim=-1).sort(dim=-1)

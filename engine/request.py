@@ -1,0 +1,106 @@
+"""A request as the engine core sees it: token ids in, token ids out."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from metroline.engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISHED
+
+
+_FINISHED = {
+    RequestStatus.FINISHED_STOPPED,
+    RequestStatus.FINISHED_LENGTH,
+    RequestStatus.FINISHED_ABORTED,
+}
+
+
+@dataclass
+class EngineCoreRequest:
+    """What a client hands the engine core: already tokenised and validated."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: tuple[int, ...] = ()
+    arrival_time: float = field(default_factory=time.monotonic)
+    #: Mixed into the first block's hash: requests with different salts never share blocks.
+    #: ``None`` with prefix caching off means "do not hash this request's blocks at all".
+    cache_salt: str | None = None
+
+
+class Request:
+    """Scheduler-side state of one sequence.
+
+    Invariants: ``all_token_ids == prompt_token_ids + output_token_ids``;
+    ``0 <= num_computed_tokens <= num_tokens``; the KV of the first ``num_computed_tokens``
+    tokens is in the blocks the KV cache manager holds for this request.
+    """
+
+    __slots__ = (
+        "all_token_ids",
+        "arrival_time",
+        "block_hashes",
+        "cache_salt",
+        "eos_token_ids",
+        "num_cached_tokens",
+        "num_computed_tokens",
+        "num_preemptions",
+        "num_prompt_tokens",
+        "output_token_ids",
+        "prompt_token_ids",
+        "request_id",
+        "sampling_params",
+        "status",
+        "stop_reason",
+    )
+
+    def __init__(self, spec: EngineCoreRequest) -> None:
+        self.request_id = spec.request_id
+        self.prompt_token_ids = list(spec.prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.sampling_params = spec.sampling_params
+        self.eos_token_ids = frozenset(spec.eos_token_ids)
+        self.arrival_time = spec.arrival_time
+        self.cache_salt = spec.cache_salt
+        self.output_token_ids: list[int] = []
+        self.all_token_ids: list[int] = list(self.prompt_token_ids)
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        #: Prefix-cache hit length the first time the request was scheduled (-1: not yet).
+        self.num_cached_tokens = -1
+        self.num_preemptions = 0
+        self.block_hashes: list[bytes] = []
+        self.stop_reason: int | str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens})"
+        )

@@ -1,0 +1,235 @@
+"""Continuous batching under a token budget.
+
+There is no prefill or decode phase: every request simply has ``num_computed_tokens``
+catching up with ``num_tokens``. Each step serves running requests first (a decode needs one
+token, a prefill as large a chunk as the budget allows), then admits waiting requests in
+arrival order while the budget, ``max_num_seqs`` and free KV blocks allow. When a running
+request cannot get a block, the newest running request is preempted by recompute: its blocks
+are freed and it returns to the head of the queue, keeping the tokens it generated.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from metroline.engine.block_pool import KVBlock
+from metroline.engine.config import SchedulerConfig
+from metroline.engine.kv_cache_manager import KVCacheManager
+from metroline.engine.outputs import EngineCoreOutput, PositionLogprobs
+from metroline.engine.request import Request, RequestStatus
+from metroline.engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    """Tokens sampled in one step, for the requests that finished their known tokens."""
+
+    sampled_token_ids: dict[str, int]
+    logprobs: dict[str, PositionLogprobs]
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+
+class Scheduler:
+    """Owns the request queues and decides each step's batch.
+
+    Invariants: a request is in exactly one of ``waiting`` / ``running`` until it finishes;
+    ``len(running) <= max_num_seqs``; finished requests hold no KV blocks.
+    """
+
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache_manager = kv_cache_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self._finished_since_last_step: set[str] = set()
+        # How many of each request's tokens the workers already know, for diffs.
+        self._sent_tokens: dict[str, int] = {}
+
+    # ---- requests in and out -------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
+        """End requests from outside (abort, stop string): their blocks return at once."""
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> SchedulerStats:
+        kv = self.kv_cache_manager
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+            num_preemptions=self.num_preemptions,
+        )
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_request_ids=self._finished_since_last_step)
+        self._finished_since_last_step = set()
+        budget = self.config.max_num_batched_tokens
+        kv = self.kv_cache_manager
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while (new_blocks := kv.allocate_slots(request, num_new)) is None:
+                victim = self.running.pop()
+                self._preempt(victim, out)
+                if victim is request:
+                    break
+            if new_blocks is None:
+                break
+            out.num_scheduled_tokens[request.request_id] = num_new
+            out.cached_requests.append(self._diff(request, new_blocks))
+            budget -= num_new
+            index += 1
+
+        while (
+            not out.preempted_request_ids
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            request = self.waiting[0]
+            hits, num_hit_tokens = kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit_tokens, budget)
+            if kv.allocate_slots(request, num_new, hits) is None:
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_hit_tokens
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+            self.running.append(request)
+            out.num_scheduled_tokens[request.request_id] = num_new
+            out.new_requests.append(self._whole(request))
+            budget -= num_new
+        return out
+
+    def update_from_output(
+        self, scheduled: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        """Advance computed tokens, append sampled ones, finish requests that stop."""
+        outputs = []
+        any_finished = False
+        for request_id, num_tokens in scheduled.num_scheduled_tokens.items():
+            request = self.requests.get(request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # finished from outside while the step ran
+            request.num_computed_tokens += num_tokens
+            token = runner_output.sampled_token_ids.get(request_id)
+            if token is None:
+                continue  # a prefill chunk that did not reach the end of the prompt
+            request.append_output_token(token)
+            status = self._stop_status(request, token)
+            logprobs = runner_output.logprobs.get(request_id)
+            output = EngineCoreOutput(
+                request_id=request_id,
+                new_token_ids=[token],
+                new_logprobs=[logprobs] if logprobs is not None else None,
+                num_cached_tokens=max(request.num_cached_tokens, 0),
+            )
+            if status is not None:
+                any_finished = True
+                self._finish(request, status)
+                output.finish_reason = status.value
+                output.stop_reason = request.stop_reason
+            outputs.append(output)
+        if any_finished:
+            self.running = [r for r in self.running if r.status == RequestStatus.RUNNING]
+        return outputs
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token in params.stop_token_ids:
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        self.kv_cache_manager.free(request)
+        del self.requests[request.request_id]
+        self._forget_sent(request.request_id)
+        self._finished_since_last_step.add(request.request_id)
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        self._forget_sent(request.request_id)
+        out.preempted_request_ids.add(request.request_id)
+        logger.debug("preempted %s (%d tokens)", request.request_id, request.num_tokens)
+
+    def _forget_sent(self, request_id: str) -> None:
+        self._sent_tokens.pop(request_id, None)
+
+    def _whole(self, request: Request) -> NewRequestData:
+        self._sent_tokens[request.request_id] = request.num_tokens
+        return NewRequestData(
+            request_id=request.request_id,
+            token_ids=list(request.all_token_ids),
+            sampling_params=request.sampling_params,
+            block_ids=self.kv_cache_manager.block_ids(request),
+            num_computed_tokens=request.num_computed_tokens,
+            num_output_tokens=request.num_output_tokens,
+            eos_token_ids=tuple(sorted(request.eos_token_ids)),
+        )
+
+    def _diff(self, request: Request, new_blocks: list[KVBlock]) -> CachedRequestData:
+        request_id = request.request_id
+        sent_tokens = self._sent_tokens[request_id]
+        self._sent_tokens[request_id] = request.num_tokens
+        return CachedRequestData(
+            request_id=request_id,
+            new_token_ids=request.all_token_ids[sent_tokens:],
+            new_block_ids=[block.block_id for block in new_blocks],
+            num_computed_tokens=request.num_computed_tokens,
+        )

@@ -1,0 +1,56 @@
+"""The plan of one engine step, as plain data: what every worker needs to run it.
+
+New (and resumed-after-preemption) requests are sent whole; requests the workers already
+know are sent as diffs (new blocks, new tokens). Only this crosses to worker processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from metroline.engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class NewRequestData:
+    request_id: str
+    #: Prompt plus any output already generated (a request resumed after preemption).
+    token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    #: Output tokens already generated before this (re)start; counted by penalties.
+    num_output_tokens: int = 0
+    #: End-of-sequence ids, banned by ``min_tokens`` until enough tokens are generated.
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class CachedRequestData:
+    request_id: str
+    #: Tokens appended since the workers last saw the request (sampled last step).
+    new_token_ids: list[int]
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    """Invariant: every scheduled request appears exactly once, in ``new_requests`` or
+    ``cached_requests``, and ``num_scheduled_tokens`` holds its token count (> 0)."""
+
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: list[CachedRequestData] = field(default_factory=list)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    #: Requests finished or aborted since the last step: workers drop their state.
+    finished_request_ids: set[str] = field(default_factory=set)
+    #: Requests preempted this step: workers drop their state (they return as new).
+    preempted_request_ids: set[str] = field(default_factory=set)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.num_scheduled_tokens

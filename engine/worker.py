@@ -1,0 +1,111 @@
+"""One device's worker: loads its model shard, sizes and owns its slice of the KV pool, and
+runs steps through its model runner."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from metroline.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from metroline.engine.model_loader import load_model
+from metroline.engine.model_runner import ModelRunner
+from metroline.engine.scheduler import ModelRunnerOutput
+from metroline.engine.scheduler_output import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.device
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device.index or 0)
+        torch.manual_seed(config.model.seed)
+        started = time.perf_counter()
+        self.model = load_model(config.model, self.device)
+        logger.info(
+            "loaded %s (%s, %s) in %.1f s",
+            config.model.path,
+            config.model.arch.architecture,
+            config.model.dtype,
+            time.perf_counter() - started,
+        )
+        self.model_runner = ModelRunner(config, self.model, self.device)
+        self.key_caches: list[torch.Tensor] = []
+        self.value_caches: list[torch.Tensor] = []
+
+    @property
+    def kv_heads_per_rank(self) -> int:
+        return self.model.attention_layers()[0].num_kv_heads
+
+    def bytes_per_block(self) -> int:
+        """KV bytes of one block across all layers of this rank (keys and values)."""
+        arch = self.config.model.arch
+        element = torch.empty((), dtype=self.config.model.dtype).element_size()
+        return (
+            2 * arch.num_hidden_layers * self.config.cache.block_size
+            * self.kv_heads_per_rank * arch.head_dim * element
+        )
+
+    def determine_num_blocks(self) -> int:
+        """From ``kv_cache_memory_bytes`` when given (or on CPU), else by profiling."""
+        budget = self.config.cache.kv_cache_memory_bytes
+        if budget is None:
+            budget = (
+                self._profile_free_bytes()
+                if self.device.type == "cuda"
+                else DEFAULT_CPU_KV_CACHE_BYTES
+            )
+        num_blocks = budget // self.bytes_per_block()
+        logger.info(
+            "KV pool: %d blocks of %d tokens (%.2f GiB)",
+            num_blocks,
+            self.config.cache.block_size,
+            num_blocks * self.bytes_per_block() / 1024**3,
+        )
+        return num_blocks
+
+    def _profile_free_bytes(self) -> int:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self.model_runner.profile_run()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        free, total = torch.cuda.mem_get_info()
+        non_torch = (total - free) - torch.cuda.memory_reserved()
+        budget = int(total * self.config.cache.gpu_memory_utilization) - peak - max(non_torch, 0)
+        logger.info(
+            "memory profile: total %.2f GiB, peak torch %.2f GiB, other %.2f GiB, KV budget "
+            "%.2f GiB",
+            total / 1024**3,
+            peak / 1024**3,
+            non_torch / 1024**3,
+            budget / 1024**3,
+        )
+        torch.cuda.empty_cache()
+        if budget <= 0:
+            raise ValueError(
+                "no GPU memory left for the KV cache after loading the model and a profiling "
+                f"pass at max_num_batched_tokens={self.config.scheduler.max_num_batched_tokens}; "
+                "raise gpu_memory_utilization, lower max_num_batched_tokens, or use more GPUs"
+            )
+        return budget
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        arch = self.config.model.arch
+        shape = (num_blocks, self.config.cache.block_size, self.kv_heads_per_rank, arch.head_dim)
+        dtype = self.config.model.dtype
+        self.key_caches, self.value_caches = [], []
+        for layer in self.model.attention_layers():
+            # Zeroed so that masked-out reads of never-written slots can never be NaN.
+            key_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+            value_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+            layer.bind_kv_cache(key_cache, value_cache)
+            self.key_caches.append(key_cache)
+            self.value_caches.append(value_cache)
+
+    def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        return self.model_runner.execute_model(scheduled)
