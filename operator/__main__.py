@@ -1,0 +1,5 @@
+"""``python -m metroline.operator``."""
+
+from metroline.operator.main import main
+
+main()

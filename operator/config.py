@@ -1,0 +1,32 @@
+"""Operator settings, read once from the environment at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from metroline.operator import constants as c
+from metroline.operator.backoff import Backoff
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """Knobs of one operator process; the defaults are the production values."""
+
+    engine_image: str = c.DEFAULT_ENGINE_IMAGE
+    metrics_port: int = c.HTTP_PORT
+    kv_interval_s: float = 15.0
+    workers: int = 2
+    health_port: int = 8080
+    backoff: Backoff = field(default_factory=Backoff)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> OperatorConfig:
+        return cls(
+            engine_image=env.get("METROLINE_ENGINE_IMAGE", c.DEFAULT_ENGINE_IMAGE),
+            metrics_port=int(env.get("METROLINE_METRICS_PORT", c.HTTP_PORT)),
+            kv_interval_s=float(env.get("METROLINE_KV_INTERVAL_SECONDS", 15.0)),
+            workers=int(env.get("METROLINE_WORKERS", 2)),
+            health_port=int(env.get("METROLINE_HEALTH_PORT", 8080)),
+        )

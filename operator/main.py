@@ -1,0 +1,37 @@
+"""Entry point: ``python -m metroline.operator`` runs the operator cluster-wide.
+
+Environment: METROLINE_ENGINE_IMAGE (default engine image), METROLINE_METRICS_PORT,
+METROLINE_KV_INTERVAL_SECONDS, METROLINE_WORKERS, METROLINE_HEALTH_PORT (kopf's liveness
+endpoint, ``/healthz``), METROLINE_LOG_LEVEL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import kopf
+
+from metroline.operator.config import OperatorConfig
+from metroline.operator.controller import Controller
+from metroline.operator.handlers import build_registry
+from metroline.operator.kube import KubeClient
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=os.environ.get("METROLINE_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = OperatorConfig.from_env()
+    controller = Controller(KubeClient(), config)
+    kopf.run(
+        registry=build_registry(controller),
+        clusterwide=True,
+        standalone=True,
+        liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Children of an LLMDeployment rendered from its body (pure functions, no I/O).
+
+Invariants: every child carries the same selector labels (which never change for the life of the
+LLMDeployment), is named after it, lives in its namespace and has exactly one controller owner
+reference pointing at it; so deletion cascades and server-side apply sees one owner. The rendered
+objects contain only fields the operator means to own: they are apply configurations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from metroline.operator import constants as c
+from metroline.operator.checks import SpecCheck
+from metroline.operator.pod import pod_spec
+
+Body = Mapping[str, Any]
+PDB_MIN_REPLICAS = 2
+"""A PodDisruptionBudget exists exactly when spec.replicas is at least this."""
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    """The immutable selector of the Deployment, Service, PDB and ``status.selector``."""
+    return {c.LABEL_NAME: c.APP_NAME, c.LABEL_INSTANCE: name}
+
+
+def selector_string(name: str) -> str:
+    """``selector_labels`` in the text form that the scale subresource and HPA read."""
+    return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(name).items()))
+
+
+def child_labels(name: str) -> dict[str, str]:
+    return {
+        **selector_labels(name),
+        c.LABEL_COMPONENT: "engine",
+        c.LABEL_MANAGED_BY: c.MANAGED_BY,
+        c.LABEL_OWNER: name,
+    }
+
+
+def endpoint(name: str, namespace: str) -> str:
+    return f"http://{name}.{namespace}.svc:{c.HTTP_PORT}/v1"
+
+
+def owner_reference(body: Body) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {
+        "apiVersion": c.API_VERSION,
+        "kind": c.KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(body: Body) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {
+        "name": meta["name"],
+        "namespace": meta["namespace"],
+        "labels": child_labels(meta["name"]),
+        "ownerReferences": [owner_reference(body)],
+    }
+
+
+def render_deployment(body: Body, check: SpecCheck, image: str) -> dict[str, Any]:
+    """The engine Deployment. ``check`` must be valid; ``image`` is the operator's default."""
+    assert check.spec is not None and check.location is not None, "render only valid specs"
+    spec, name = check.spec, body["metadata"]["name"]
+    pod_labels = {**(spec.pod_labels or {}), **child_labels(name)}
+    pod_annotations = {
+        "kubectl.kubernetes.io/default-container": c.ENGINE_CONTAINER,
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(c.HTTP_PORT),
+        "prometheus.io/path": c.METRICS_PATH,
+        **(spec.pod_annotations or {}),
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(body),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector_labels(name)},
+            # Surge one pod and never drop a serving one: rollouts need spare GPUs for one pod.
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            # Loading a model is slow; the rollout deadline must outlast the startup probe.
+            "progressDeadlineSeconds": spec.startup_timeout_seconds + 600,
+            "revisionHistoryLimit": 3,
+            "template": {
+                "metadata": {"labels": pod_labels, "annotations": pod_annotations},
+                "spec": pod_spec(spec, check.location, spec.image or image),
+            },
+        },
+    }
+
+
+def render_service(body: Body) -> dict[str, Any]:
+    """ClusterIP Service on port 8000 named ``http``, sending traffic to ready pods only."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(body),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(body["metadata"]["name"]),
+            "ports": [{
+                "name": c.HTTP_PORT_NAME,
+                "port": c.HTTP_PORT,
+                "targetPort": c.HTTP_PORT_NAME,
+                "protocol": "TCP",
+                "appProtocol": "http",
+            }],
+        },
+    }
+
+
+def render_pdb(body: Body) -> dict[str, Any]:
+    """At most one engine pod voluntarily disrupted at a time; crashing pods never block drains."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(body),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector_labels(body["metadata"]["name"])},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
+def wants_pdb(check: SpecCheck) -> bool:
+    return check.spec is not None and check.spec.replicas >= PDB_MIN_REPLICAS
+
+
+def render_children(body: Body, check: SpecCheck, image: str) -> list[dict[str, Any]]:
+    """Every child the valid spec asks for, in apply order (Service first: it is cheap)."""
+    children = [render_service(body), render_deployment(body, check, image)]
+    if wants_pdb(check):
+        children.append(render_pdb(body))
+    return children

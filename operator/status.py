@@ -1,0 +1,152 @@
+"""LLMDeployment status from what the cluster says (pure functions).
+
+Inputs are the spec verdict, the observed Deployment (or None) and pods, and a KV-cache sample;
+output is the whole ``status`` as a JSON merge patch (absent values are ``None``, which removes
+them). Invariants: ``phase`` is Ready only with a ready pod, no pod problem and the latest
+template rolled out; any pod problem makes ``phase`` Degraded (or Failed when nothing is ready
+and the rollout deadline passed) and condition Degraded=True with the pod's reason; a condition's
+``lastTransitionTime`` changes only when its ``status`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from metroline.operator.checks import SpecCheck
+from metroline.operator.podhealth import Pod, PodProblem, all_problems, is_running
+from metroline.operator.render import endpoint, selector_string
+
+Status = dict[str, Any]
+MAX_MESSAGE = 1024
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the cluster holds for one LLMDeployment."""
+
+    deployment: Mapping[str, Any] | None
+    pods: Sequence[Pod] = field(default_factory=tuple)
+    kv_cache_utilization: float | None = None
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    phase: str
+    ready: tuple[str, str, str]  # status, reason, message
+    progressing: tuple[str, str, str]
+    degraded: tuple[str, str, str]
+
+
+def condition(
+    previous: Sequence[Mapping[str, Any]], kind: str, state: tuple[str, str, str],
+    generation: int, now: str,
+) -> dict[str, Any]:
+    """A metav1.Condition; keeps the old lastTransitionTime while ``status`` is unchanged."""
+    status, reason, message = state
+    old = next((cond for cond in previous if cond.get("type") == kind), None)
+    since = old["lastTransitionTime"] if old and old.get("status") == status else now
+    return {
+        "type": kind, "status": status, "reason": reason, "message": message[:MAX_MESSAGE],
+        "lastTransitionTime": since, "observedGeneration": generation,
+    }
+
+
+def _problem_summary(problems: Sequence[PodProblem]) -> str:
+    more = len({p.pod for p in problems[1:]} - {problems[0].pod})
+    return problems[0].describe() + (f" (and {more} more pods)" if more else "")
+
+
+def _deadline_exceeded(deployment: Mapping[str, Any]) -> bool:
+    conditions = deployment.get("status", {}).get("conditions") or []
+    return any(
+        cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded"
+        for cond in conditions
+    )
+
+
+def _judge(check: SpecCheck, observed: Observed, counts: Mapping[str, int]) -> _Verdict:
+    ok = ("False", "AsExpected", "")
+    problems = all_problems(observed.pods)
+    degraded = ("True", problems[0].reason, _problem_summary(problems)) if problems else ok
+    if not check.valid:
+        message = "; ".join(check.problems)
+        invalid = ("False", "InvalidSpec", message)
+        return _Verdict("Failed", invalid, invalid, degraded)
+    assert check.spec is not None
+    desired, dep = check.spec.replicas, observed.deployment
+    if dep is None:
+        waiting = ("False", "Creating", "the engine Deployment is being created")
+        return _Verdict("Pending", waiting, ("True", "Creating", waiting[2]), degraded)
+    ready, updated, total = counts["ready"], counts["updated"], counts["total"]
+    tally = f"{ready}/{desired} replicas ready, {updated}/{desired} updated"
+    dep_generation = dep["metadata"].get("generation", 1)
+    seen = dep.get("status", {}).get("observedGeneration", 0) >= dep_generation
+    rolled_out = seen and updated >= desired and total <= desired
+    if desired == 0:
+        zero = ("False", "ScaledToZero", "spec.replicas is 0; scale up to serve")
+        done = ("False", "ScaledToZero", "no replicas requested")
+        return _Verdict("Pending", zero, done if rolled_out else ("True", "ScalingDown", tally),
+                        degraded)
+    if _deadline_exceeded(dep):
+        stalled = ("False", "ProgressDeadlineExceeded", f"rollout stalled: {tally}")
+        if not problems:
+            degraded = ("True", "ProgressDeadlineExceeded", stalled[2])
+    elif rolled_out and ready >= desired:
+        stalled = ("False", "RolloutComplete", tally)
+    else:
+        stalled = ("True", "RollingOut" if not rolled_out else "WaitingForReady", tally)
+    if ready >= 1:
+        reason = "AllReplicasReady" if ready >= desired else "SomeReplicasReady"
+        ready_state = ("True", reason, tally)
+    elif problems:
+        ready_state = ("False", problems[0].reason, _problem_summary(problems))
+    else:
+        ready_state = ("False", "NoReplicasReady", f"{tally}; engines are starting")
+    if degraded[0] == "True":
+        phase = "Failed" if ready == 0 and stalled[1] == "ProgressDeadlineExceeded" else "Degraded"
+    elif ready >= 1 and rolled_out:
+        phase = "Ready"
+    elif ready >= 1 or any(is_running(pod) for pod in observed.pods):
+        phase = "Progressing"
+    else:
+        phase = "Pending"
+    return _Verdict(phase, ready_state, stalled, degraded)
+
+
+def compute_status(
+    name: str, namespace: str, generation: int, check: SpecCheck, observed: Observed,
+    previous: Mapping[str, Any] | None, now: str,
+) -> Status:
+    """The full status of LLMDeployment ``namespace/name`` at ``generation``."""
+    dep_status = (observed.deployment or {}).get("status") or {}
+    counts = {
+        "ready": int(dep_status.get("readyReplicas") or 0),
+        "updated": int(dep_status.get("updatedReplicas") or 0),
+        "total": int(dep_status.get("replicas") or 0),
+    }
+    verdict = _judge(check, observed, counts)
+    old = (previous or {}).get("conditions") or []
+    kv = observed.kv_cache_utilization
+    return {
+        "observedGeneration": generation,
+        "replicas": counts["total"],
+        "readyReplicas": counts["ready"],
+        "updatedReplicas": counts["updated"],
+        "selector": selector_string(name),
+        "endpoint": endpoint(name, namespace),
+        "kvCacheUtilization": None if kv is None or counts["ready"] == 0 else round(kv, 2),
+        "phase": verdict.phase,
+        "conditions": [
+            condition(old, "Ready", verdict.ready, generation, now),
+            condition(old, "Progressing", verdict.progressing, generation, now),
+            condition(old, "Degraded", verdict.degraded, generation, now),
+        ],
+    }
+
+
+def status_changed(current: Mapping[str, Any] | None, new: Status) -> bool:
+    """Whether patching ``new`` would change anything (``None`` means absent)."""
+    current = current or {}
+    return any(current.get(key) != value for key, value in new.items())
