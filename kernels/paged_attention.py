@@ -10,11 +10,306 @@ Inputs (the engine's attention metadata):
   ``i*block_size .. (i+1)*block_size-1``; entries past the context are ignored.
 - Caches in the layout of :mod:`metroline.kernels.kv_cache`; the step's new K/V are already
   written there. GQA: query head ``h`` reads KV head ``h // (num_heads // num_kv_heads)``.
+
+The Triton kernel: one program per (query tile, KV head, KV split). A query tile holds
+``BLOCK_Q`` consecutive tokens of one request times the ``GROUP`` query heads that share the
+KV head, flattened token-major into ``BLOCK_M = BLOCK_Q * GROUP`` (padded) rows, so each K/V
+tile is read once for the whole group. Keys are visited in ``BLOCK_N`` tiles gathered row by row
+through the block table: first the tiles every row of the query tile may see (no masks), then
+the tiles along the causal diagonal (masked). Softmax is online, in fp32, base 2.
+When the grid is too small to fill the GPU (decode of few requests with long contexts), each
+request's context is cut into ``NUM_SPLITS`` partitions computed by separate programs and
+merged by :mod:`metroline.kernels.split_kv`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import triton
+import triton.language as tl
+
+from metroline.kernels.split_kv import merge_splits
+from metroline.kernels.utils import (
+    cdiv,
+    dot_precision,
+    next_power_of_2,
+    num_sms,
+    row_major_last_dim,
+)
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tile(
+    acc, l_i, m_i,  # [BLOCK_M, BLOCK_D] fp32, [BLOCK_M] fp32, [BLOCK_M] fp32 (base-2 max)
+    q,  # [BLOCK_M, BLOCK_D] in the cache dtype
+    q_pos,  # [BLOCK_M] int32: absolute position of each row (padding rows clamped)
+    start, kv_hi,  # first key of this tile; keys >= kv_hi are outside the program's range
+    block_table_ptr,  # [max_blocks] int32: this request's row of the block table
+    key_ptr, value_ptr,  # cache base pointers, already offset to this KV head
+    stride_cache_block, stride_cache_row,
+    scale_log2,
+    offs_d,  # [BLOCK_D]
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One step of online softmax over keys ``start .. start+BLOCK_N-1``. Unmasked tiles lie
+    wholly inside the context every row sees, so they skip all bounds checks."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    d_valid = offs_d < HEAD_DIM
+    if MASKED:
+        n_valid = offs_n < kv_hi
+        block = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=n_valid, other=0)
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+    else:
+        block = tl.load(block_table_ptr + offs_n // BLOCK_SIZE)
+        kv_mask = d_valid[None, :]
+    # int64: block * stride can pass 2**31 elements in a large pool.
+    rows = block.to(tl.int64) * stride_cache_block + (offs_n % BLOCK_SIZE) * stride_cache_row
+    kv_offs = rows[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+    k = tl.load(key_ptr + kv_offs, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:  # a row may see no key of this tile: keep exp2 away from (-inf) - (-inf)
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new_safe = m_new
+    p = tl.exp2(s - m_new_safe[:, None])
+    alpha = tl.exp2(m_i - m_new_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(value_ptr + kv_offs, mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _paged_attention_kernel(
+    query_ptr,  # [num_tokens, num_heads, head_dim]
+    key_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables_ptr,  # [num_seqs, max_blocks] int32
+    seq_lens_ptr,  # [num_seqs] int32
+    cu_seqlens_q_ptr,  # [num_seqs + 1] int32
+    out_ptr,  # [num_tokens, num_heads, head_dim] (NUM_SPLITS == 1)
+    split_out_ptr,  # [num_tokens, num_heads, NUM_SPLITS, head_dim] fp32 (NUM_SPLITS > 1)
+    split_lse_ptr,  # [num_tokens, num_heads, NUM_SPLITS] fp32, base-2 (NUM_SPLITS > 1)
+    scale_log2,  # softmax scale * log2(e)
+    num_seqs,
+    tiles_per_seq,  # SEARCH=False: query tiles per request (grid axis 0 = num_seqs * this)
+    stride_q_tok, stride_q_head,
+    stride_o_tok, stride_o_head,
+    stride_cache_block, stride_cache_row, stride_cache_head,
+    stride_bt_seq,
+    GROUP: tl.constexpr,  # query heads per KV head
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_D = next power of 2 >= HEAD_DIM
+    BLOCK_SIZE: tl.constexpr,  # KV-cache block size (tokens per page)
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SEARCH: tl.constexpr,  # map grid axis 0 to (request, tile) by binary search of cu_seqlens_q
+    DOT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    if SEARCH:
+        # Request b owns tiles [cu_q[b] // BLOCK_Q + b, cu_q[b+1] // BLOCK_Q + b + 1): a
+        # monotone upper bound on the tiles before it, computable without a host sync.
+        lo = tile * 0
+        hi = lo + num_seqs
+        while lo + 1 < hi:
+            mid = (lo + hi) // 2
+            first = tl.load(cu_seqlens_q_ptr + mid) // BLOCK_Q + mid
+            lo = tl.where(first <= tile, mid, lo)
+            hi = tl.where(first <= tile, hi, mid)
+        seq = lo
+        local_tile = tile - (tl.load(cu_seqlens_q_ptr + seq) // BLOCK_Q + seq)
+    else:
+        seq = tile // tiles_per_seq
+        # Last tiles first: they see the most keys, so the long programs start early.
+        local_tile = tiles_per_seq - 1 - tile % tiles_per_seq
+
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    if local_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    first_pos = seq_len - q_len  # absolute position of the request's first query token
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_tok = local_tile * BLOCK_Q + offs_m // GROUP  # token index within the request
+    row_head = kv_head * GROUP + offs_m % GROUP
+    row_valid = (offs_m < BLOCK_Q * GROUP) & (row_tok < q_len)
+    last_tok = tl.minimum(local_tile * BLOCK_Q + BLOCK_Q, q_len) - 1
+    q_pos = first_pos + tl.minimum(row_tok, last_tok)  # padding rows act as the last token
+    pos_lo = first_pos + local_tile * BLOCK_Q
+    pos_hi = first_pos + last_tok
+
+    q_rows = (q_start + row_tok).to(tl.int64) * stride_q_tok + row_head * stride_q_head
+    io_mask = row_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(query_ptr + q_rows[:, None] + offs_d[None, :], mask=io_mask, other=0.0)
+
+    # Keys this program covers: its split's part of [0, pos_hi], cut at the causal diagonal.
+    if NUM_SPLITS == 1:
+        kv_lo = 0
+        kv_hi = pos_hi + 1
+    else:
+        part = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        kv_lo = split * part
+        kv_hi = tl.minimum(kv_lo + part, pos_hi + 1)
+    full_hi = tl.minimum(kv_hi, pos_lo + 1)  # every row sees keys < full_hi
+    full_end = kv_lo + tl.maximum(full_hi - kv_lo, 0) // BLOCK_N * BLOCK_N
+
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
+    head_offset = kv_head.to(tl.int64) * stride_cache_head
+    key_ptr = key_cache_ptr + head_offset
+    value_ptr = value_cache_ptr + head_offset
+
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    for start in range(kv_lo, full_end, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, q, q_pos, start, kv_hi, block_table_ptr, key_ptr, value_ptr,
+            stride_cache_block, stride_cache_row, scale_log2, offs_d,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
+        )
+    for start in range(full_end, kv_hi, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, q, q_pos, start, kv_hi, block_table_ptr, key_ptr, value_ptr,
+            stride_cache_block, stride_cache_row, scale_log2, offs_d,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
+        )
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only an empty split has l == 0
+    result = acc / l_safe[:, None]
+    if NUM_SPLITS == 1:
+        o_rows = (q_start + row_tok).to(tl.int64) * stride_o_tok + row_head * stride_o_head
+        o_ptrs = out_ptr + o_rows[:, None] + offs_d[None, :]
+        tl.store(o_ptrs, result.to(out_ptr.dtype.element_ty), mask=io_mask)
+    else:
+        # Split partials are contiguous: row (token, head) then split.
+        slot = ((q_start + row_tok).to(tl.int64) * (GROUP * tl.num_programs(1)) + row_head)
+        slot = slot * NUM_SPLITS + split
+        tl.store(split_out_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :], result, mask=io_mask)
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+        tl.store(split_lse_ptr + slot, lse, mask=row_valid)
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionConfig:
+    """Launch shape. ``block_q * group <= block_m``; ``block_n`` keys per inner step."""
+
+    block_m: int
+    block_q: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def attention_config(
+    dtype: torch.dtype, head_dim: int, group: int, max_seqlen_q: int
+) -> AttentionConfig:
+    """Tile rules. Rows hold (token, head-of-group) pairs, at least 16 (the MMA minimum).
+    Decode keeps one token per tile; prefill grows the tile to 128 rows (64 for head dim 256)
+    so each gathered K/V tile feeds more MMA work. fp32 (exact tests) takes small tiles: its
+    dots run on FMA units and its tiles use twice the shared memory."""
+    block_d = next_power_of_2(head_dim)
+    min_m = max(16, next_power_of_2(group))
+    if dtype == torch.float32:
+        block_m, block_n, warps, stages = min_m, (32 if block_d <= 128 else 16), 4, 1
+    else:
+        cap = 128 if block_d <= 128 else 64
+        block_m = min(max(min_m, next_power_of_2(max_seqlen_q * group)), max(cap, min_m))
+        block_n = 64 if block_d <= 128 else 32
+        warps = 8 if block_m >= 128 else 4
+        stages = 3 if max_seqlen_q == 1 else 2
+    return AttentionConfig(block_m, max(1, block_m // group), block_n, warps, stages)
+
+
+def choose_num_splits(work_items: int, max_seqlen_k: int, sms: int, block_n: int) -> int:
+    """Split each context when the grid is under 4 programs per SM, keeping >= 2 tiles of keys
+    (and >= 128 keys) per split. ``max_seqlen_k`` only steers this choice: each program
+    derives its partition from the request's own length, so any length stays covered."""
+    if work_items >= 4 * sms:
+        return 1
+    min_part = max(128, 2 * block_n)
+    return max(1, min(cdiv(4 * sms, work_items), max_seqlen_k // min_part, 64))
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    cu_seqlens_q: torch.Tensor,  # [num_seqs + 1] int32
+    scale: float,
+    max_seqlen_q: int,  # host upper bound of the query lengths (exact is best)
+    max_seqlen_k: int,  # host upper bound of seq_lens (steers the split choice only)
+    out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
+    *,
+    num_splits: int | None = None,  # override the split rule (tests, benchmarks)
+    config: AttentionConfig | None = None,  # override the tile rules (benchmarks)
+) -> torch.Tensor:
+    """Triton paged attention; same contract as :func:`paged_attention_ref`. No host sync:
+    launch shapes come from tensor shapes and the two host-side maxima."""
+    num_tokens, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    assert key_cache.is_contiguous() and value_cache.is_contiguous()
+    assert num_heads % num_kv_heads == 0 and value_cache.shape == key_cache.shape
+    group = num_heads // num_kv_heads
+    num_seqs = seq_lens.shape[0]
+    query = row_major_last_dim(query)
+    if query.dtype != key_cache.dtype:
+        query = query.to(key_cache.dtype)
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    assert out.stride(-1) == 1
+    cfg = config or attention_config(key_cache.dtype, head_dim, group, max(1, max_seqlen_q))
+
+    # Grid axis 0: dense (every request gets the tiles of the longest) when that is no larger
+    # than the searched bound, which is always the case for uniform batches and decodes.
+    tiles_per_seq = cdiv(max(1, max_seqlen_q), cfg.block_q)
+    searched = num_tokens // cfg.block_q + num_seqs
+    search = num_seqs * tiles_per_seq > searched
+    grid_tiles = searched if search else num_seqs * tiles_per_seq
+    if num_splits is None:
+        num_splits = choose_num_splits(
+            grid_tiles * num_kv_heads, max_seqlen_k, num_sms(query.device), cfg.block_n
+        )
+    if num_splits > 1:
+        split_out = torch.empty(
+            (num_tokens, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device
+        )
+        split_lse = torch.empty(
+            (num_tokens, num_heads, num_splits), dtype=torch.float32, device=query.device
+        )
+    else:
+        split_out = split_lse = out  # unused
+    _paged_attention_kernel[(grid_tiles, num_kv_heads, num_splits)](
+        query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,
+        out, split_out, split_lse,
+        scale * LOG2E, num_seqs, tiles_per_seq,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
+        BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n,
+        NUM_SPLITS=num_splits, SEARCH=search, DOT_PRECISION=dot_precision(key_cache.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if num_splits > 1:
+        merge_splits(split_out, split_lse, out, cu_seqlens_q, num_seqs)
+    return out
 
 
 def paged_attention_ref(
@@ -28,7 +323,7 @@ def paged_attention_ref(
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
 ) -> torch.Tensor:
     """Reference: gather each request's K/V, causal softmax in fp32, one request at a time."""
-    num_tokens, num_heads, head_dim = query.shape
+    _, num_heads, head_dim = query.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // num_kv_heads
     if out is None:

@@ -8,32 +8,38 @@ from __future__ import annotations
 
 import torch
 
-from metroline.kernels.activation import silu_and_mul_ref
-from metroline.kernels.kv_cache import write_kv_cache_ref
-from metroline.kernels.paged_attention import paged_attention_ref
-from metroline.kernels.rmsnorm import fused_add_rms_norm_ref, rms_norm_ref
-from metroline.kernels.rotary import rotary_embedding_ref
+from metroline.kernels import activation, kv_cache, rmsnorm, rotary
+from metroline.kernels import paged_attention as attention
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return rms_norm_ref(x, weight, eps)
+    if x.is_cuda:
+        return rmsnorm.rms_norm(x, weight, eps)
+    return rmsnorm.rms_norm_ref(x, weight, eps)
 
 
 def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> torch.Tensor:
     """``residual += x`` in place; returns ``rms_norm(residual)``."""
-    return fused_add_rms_norm_ref(x, residual, weight, eps)
+    if x.is_cuda:
+        return rmsnorm.fused_add_rms_norm(x, residual, weight, eps)
+    return rmsnorm.fused_add_rms_norm_ref(x, residual, weight, eps)
 
 
 def rotary_embedding(
     positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> None:
-    rotary_embedding_ref(positions, query, key, cos_sin_cache)
+    if query.is_cuda:
+        rotary.rotary_embedding(positions, query, key, cos_sin_cache)
+    else:
+        rotary.rotary_embedding_ref(positions, query, key, cos_sin_cache)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    return silu_and_mul_ref(x)
+    if x.is_cuda:
+        return activation.silu_and_mul(x)
+    return activation.silu_and_mul_ref(x)
 
 
 def write_kv_cache(
@@ -43,7 +49,10 @@ def write_kv_cache(
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    write_kv_cache_ref(key, value, key_cache, value_cache, slot_mapping)
+    if key.is_cuda:
+        kv_cache.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+    else:
+        kv_cache.write_kv_cache_ref(key, value, key_cache, value_cache, slot_mapping)
 
 
 def paged_attention(
@@ -58,8 +67,21 @@ def paged_attention(
     max_seqlen_k: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of the step's queries over the paged cache (see kernels.paged_attention)."""
-    del max_seqlen_q, max_seqlen_k  # launch-shape hints for the GPU kernels
-    return paged_attention_ref(
+    """Attention of the step's queries over the paged cache (see kernels.paged_attention).
+    ``max_seqlen_q``/``max_seqlen_k`` are host-side upper bounds that shape the GPU launch."""
+    if query.is_cuda:
+        return attention.paged_attention(
+            query,
+            key_cache,
+            value_cache,
+            block_tables,
+            seq_lens,
+            cu_seqlens_q,
+            scale,
+            max_seqlen_q,
+            max_seqlen_k,
+            out=out,
+        )
+    return attention.paged_attention_ref(
         query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, out=out
     )

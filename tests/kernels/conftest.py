@@ -1,0 +1,113 @@
+"""Kernel tests run the Triton kernels on CPU through Triton's interpreter.
+
+``TRITON_INTERPRET=1`` must be set before ``triton.language`` is first imported: the
+``@triton.jit`` decorator (Triton's own library functions included) picks interpreter or
+compiler when the module is imported. Run alone, this directory sets it here in time. In one
+process with the whole suite, earlier tests (the engine's) have usually imported the kernels
+already, compiled-mode; then the kernel tests are collected as one item that reruns this
+directory in a child process with the variable set, so they still run, and fail loudly.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+HERE = Path(__file__).resolve().parent
+_CHILD_FLAG = "METROLINE_KERNEL_TESTS_CHILD"
+
+
+def interpreting() -> bool:
+    """True when this process's Triton was imported in interpreter mode."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.zeros, InterpretedFunction)
+
+
+def _fix_interpreter_bf16() -> None:
+    """Make the interpreter's bf16 match the GPU's. Triton 3.9's interpreter keeps bf16 as raw
+    uint16 and (a) feeds those integers to ``tl.dot`` unconverted and (b) truncates fp32 to
+    bf16 where the GPU rounds to nearest even. Both are test-harness bugs, not kernel bugs."""
+    import numpy as np
+    import torch
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    def as_f32(handle):
+        if handle.dtype.scalar == tl.bfloat16:
+            return (handle.data.astype(np.uint32) << 16).view(np.float32)
+        return handle.data
+
+    original_dot, original_cast = InterpreterBuilder.create_dot, InterpreterBuilder.cast_impl
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if tl.bfloat16 not in (a.dtype.scalar, b.dtype.scalar):
+            return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        prod = np.matmul(as_f32(a), as_f32(b), dtype=d.data.dtype)
+        return TensorHandle(prod + d.data, d.dtype.scalar)
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
+            return TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return original_cast(self, src, dst_type)
+
+    InterpreterBuilder.create_dot = create_dot
+    InterpreterBuilder.cast_impl = cast_impl
+
+
+if interpreting():
+    _fix_interpreter_bf16()
+
+
+class _ChildRun(pytest.Item):
+    """Runs this directory's tests in a fresh interpreter-mode process."""
+
+    def __init__(self, *, nodeids: list[str], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.nodeids = nodeids
+
+    def runtest(self) -> None:
+        env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD_FLAG: "1"})
+        cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.nodeids]
+        proc = subprocess.run(
+            cmd, cwd=self.config.rootpath, env=env, capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            raise AssertionError(f"kernel tests failed in the child process:\n{proc.stdout}")
+
+    def reportinfo(self):
+        return self.path, None, "kernel tests (interpreter, child process)"
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    if interpreting() or os.environ.get(_CHILD_FLAG):
+        return
+    mine = [item for item in items if HERE in Path(item.path).resolve().parents]
+    if not mine:
+        return
+    nodeids = [item.nodeid for item in mine]
+    child = _ChildRun.from_parent(mine[0].parent, name="interpreted_kernel_tests", nodeids=nodeids)
+    items[:] = [item for item in items if item not in mine] + [child]
+
+
+@pytest.fixture(autouse=True)
+def poison_new_tensors(monkeypatch):
+    """Every float tensor a launcher allocates with ``torch.empty`` starts as NaN, so an output
+    element the kernel fails to write fails the comparison."""
+    import torch
+
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
