@@ -179,7 +179,8 @@ class ParallelConfig:
             problems.append(f"num_key_value_heads ({kv}, or TP a multiple of it)")
         if problems:
             raise ValueError(
-                f"tensor_parallel_size={tp} does not divide " + ", ".join(problems)
+                f"tensor_parallel_size={tp} does not divide "
+                + ", ".join(problems)
                 + "; choose a TP degree that divides them"
             )
 

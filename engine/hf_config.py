@@ -83,7 +83,7 @@ def parse_arch_config(
 
     rope_params = raw.get("rope_parameters") or {}
     rope_scaling = raw.get("rope_scaling") or None
-    rope_type = (rope_params.get("rope_type") or rope_params.get("type") or "default")
+    rope_type = rope_params.get("rope_type") or rope_params.get("type") or "default"
     if rope_scaling is None and rope_type != "default":
         rope_scaling = dict(rope_params)
     rope_theta = float(raw.get("rope_theta") or rope_params.get("rope_theta") or 10000.0)

@@ -161,8 +161,6 @@ def build_sampling_metadata(
         output_token_counts=counts,
         prompt_token_mask=prompt_mask,
         min_tokens_mask=min_tokens_mask,
-        generators={
-            row: s.generator for row, s in enumerate(states) if s.generator is not None
-        },
+        generators={row: s.generator for row, s in enumerate(states) if s.generator is not None},
         max_num_logprobs=max(asked) if asked else None,
     )

@@ -46,8 +46,12 @@ class Worker:
         arch = self.config.model.arch
         element = torch.empty((), dtype=self.config.model.dtype).element_size()
         return (
-            2 * arch.num_hidden_layers * self.config.cache.block_size
-            * self.kv_heads_per_rank * arch.head_dim * element
+            2
+            * arch.num_hidden_layers
+            * self.config.cache.block_size
+            * self.kv_heads_per_rank
+            * arch.head_dim
+            * element
         )
 
     def determine_num_blocks(self) -> int:

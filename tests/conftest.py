@@ -90,7 +90,11 @@ def write_tiny_checkpoint(directory: Path, arch: str, seed: int = 0, **overrides
     if model_type in ("qwen2",):
         with torch.no_grad():  # HF initialises biases to zero: make them matter
             for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                for proj in (
+                    layer.self_attn.q_proj,
+                    layer.self_attn.k_proj,
+                    layer.self_attn.v_proj,
+                ):
                     proj.bias.normal_(0.0, 0.25)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(directory))

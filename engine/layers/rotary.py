@@ -68,8 +68,6 @@ class RotaryEmbedding(nn.Module):
             persistent=False,
         )
 
-    def forward(
-        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
-    ) -> None:
+    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> None:
         """Rotate ``query [T, H, D]`` and ``key [T, Hkv, D]`` in place."""
         ops.rotary_embedding(positions, query, key, self.cos_sin_cache)

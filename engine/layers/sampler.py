@@ -80,9 +80,7 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, meta: SamplingMetadata) -> tor
         sorted_probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        sorted_logits = sorted_logits.masked_fill(
-            mass_before >= meta.top_p[:, None], float("-inf")
-        )
+        sorted_logits = sorted_logits.masked_fill(mass_before >= meta.top_p[:, None], float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 

@@ -7,9 +7,7 @@ from torch import nn
 from metroline.engine.hf_config import SUPPORTED_ARCHITECTURES
 from metroline.engine.models.llama import LlamaForCausalLM
 
-MODEL_CLASSES: dict[str, type[nn.Module]] = dict.fromkeys(
-    SUPPORTED_ARCHITECTURES, LlamaForCausalLM
-)
+MODEL_CLASSES: dict[str, type[nn.Module]] = dict.fromkeys(SUPPORTED_ARCHITECTURES, LlamaForCausalLM)
 
 
 def model_class(architecture: str) -> type[nn.Module]:

@@ -1,0 +1,113 @@
+"""Bad input is a ValueError naming what is wrong and what is allowed; the engine keeps
+serving everything else."""
+
+from __future__ import annotations
+
+import pytest
+
+from metroline.engine import LLM, SamplingParams
+from metroline.engine.config import ParallelConfig
+from metroline.engine.hf_config import parse_arch_config
+
+from .conftest import make_prompts
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint) -> LLM:
+    return LLM(model=str(tiny_checkpoint("llama")), max_model_len=64, kv_cache_memory_bytes=2**20)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(max_tokens=0), "max_tokens must be an integer >= 1"),
+        (dict(temperature=-0.5), "temperature must be a number >= 0"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(top_k=-3), "top_k must be"),
+        (dict(min_p=2.0), r"min_p must be in \[0, 1\]"),
+        (dict(n=0), "n must be an integer >= 1"),
+        (dict(presence_penalty=3.0), r"presence_penalty must be in \[-2, 2\]"),
+        (dict(repetition_penalty=0.0), "repetition_penalty must be a number > 0"),
+        (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+        (dict(stop=[""]), "stop must be"),
+        (dict(stop_token_ids=[-1]), "stop_token_ids"),
+        (dict(logprobs=21), "logprobs must be"),
+        (dict(temperature=float("nan")), "temperature"),
+    ],
+)
+def test_sampling_params_reject_out_of_range(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_are_rejected_and_the_engine_keeps_serving(llm):
+    good = make_prompts([5, 12], seed=2)
+    params = SamplingParams(temperature=0, max_tokens=8)
+    expected = [o.outputs[0].token_ids for o in llm.generate(good, params, use_tqdm=False)]
+    with pytest.raises(ValueError, match="the prompt has 64 tokens, but max_model_len is 64"):
+        llm.generate([*good, list(range(2, 66))], params, use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate([good[0], []], params, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"token ids must be integers in \[0, 512\)"):
+        llm.generate([[5, 9999]], params, use_tqdm=False)
+    with pytest.raises(ValueError, match="2 sampling params for 1 prompts"):
+        llm.generate([good[0]], [params, params], use_tqdm=False)
+    with pytest.raises(ValueError, match="a prompt must be a string or a list of token ids"):
+        llm.generate([3.5], params, use_tqdm=False)
+    assert not llm.engine_core.has_unfinished_requests()
+    again = [o.outputs[0].token_ids for o in llm.generate(good, params, use_tqdm=False)]
+    assert again == expected
+
+
+def test_generation_stops_at_max_model_len(llm):
+    prompt = make_prompts([60], seed=4)[0]
+    out = llm.generate([prompt], SamplingParams(max_tokens=50, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    assert out[0].outputs[0].finish_reason == "length"
+
+
+def test_tensor_parallel_must_divide_heads(tiny_checkpoint):
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 does not divide"):
+        LLM(model=str(tiny_checkpoint("llama")), tensor_parallel_size=3)
+    arch = parse_arch_config(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": 4096,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "intermediate_size": 14336,
+            "vocab_size": 1000,
+        }
+    )
+    for ok in (1, 2, 4, 8, 16, 32):
+        ParallelConfig(ok).check_model(arch)
+    for bad in (3, 5, 6, 12, 64):
+        with pytest.raises(ValueError, match="does not divide"):
+            ParallelConfig(bad).check_model(arch)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(block_size=7), "block_size must be one of"),
+        (dict(gpu_memory_utilization=1.5), r"gpu_memory_utilization must be in \(0, 1\]"),
+        (dict(max_num_seqs=0), "max_num_seqs must be a positive integer"),
+        (dict(max_model_len=100_000), "exceeds the model's max_position_embeddings"),
+        (dict(dtype="int8"), "dtype must be"),
+        (dict(load_format="gguf"), "load_format must be one of"),
+        (dict(device="tpu"), "device must be"),
+        (dict(kv_cache_memory_bytes=1000), "less than one sequence of max_model_len"),
+    ],
+)
+def test_engine_arguments_are_checked(tiny_checkpoint, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(model=str(tiny_checkpoint("llama")), **kwargs)
+
+
+def test_missing_model_directory(tmp_path):
+    with pytest.raises(ValueError, match="not one"):
+        LLM(model=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match=r"no config\.json"):
+        LLM(model=str(tmp_path))
