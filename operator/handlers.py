@@ -52,11 +52,11 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
         return info
 
     @kopf.on.event(c.GROUP, c.VERSION, c.PLURAL, registry=registry)
-    def llmdeployment_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+    async def llmdeployment_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         controller.on_llmd(type, body)
 
     def forward(kind: str) -> Any:
-        def handler(type: str | None, body: kopf.Body, **_: Any) -> None:
+        async def handler(type: str | None, body: kopf.Body, **_: Any) -> None:
             controller.on_child(kind, type, body)
         return handler
 
@@ -70,7 +70,7 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
                   id="pdb_event")(forward("PodDisruptionBudget"))
 
     @kopf.on.event("", "v1", "pods", labels=MANAGED, registry=registry)
-    def pod_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+    async def pod_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         controller.on_pod(type, body)
 
     return registry

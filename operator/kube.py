@@ -118,7 +118,7 @@ class KubeClient:
                     if response.status >= 400:
                         raise self._error(response.status, text, response.headers)
                     return json.loads(text) if text else {}
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+            except (TimeoutError, aiohttp.ClientError, OSError) as error:
                 raise ApiError(0, type(error).__name__, str(error) or "no answer") from error
         raise ApiError(401, "Unauthorized", "credentials were refused twice")
 

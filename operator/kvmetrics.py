@@ -63,7 +63,7 @@ class KvScraper:
                 if resp.status != 200:
                     return None
                 return parse_kv_usage(await resp.text())
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+        except (TimeoutError, aiohttp.ClientError, OSError) as error:
             logger.debug("no metrics from %s: %s", ip, error)
             return None
 

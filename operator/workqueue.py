@@ -22,7 +22,7 @@ class WorkQueue(Generic[K]):
         self._processing: set[K] = set()
         self._dirty: set[K] = set()
         self._timers: dict[K, asyncio.TimerHandle] = {}
-        self._ready = asyncio.Condition()
+        self._ready = asyncio.Event()
         self._closed = False
 
     def __len__(self) -> int:
@@ -36,7 +36,7 @@ class WorkQueue(Generic[K]):
         elif key not in self._queued:
             self._queued.add(key)
             self._order.append(key)
-            asyncio.get_running_loop().create_task(self._notify())
+            self._ready.set()
 
     def add_after(self, key: K, delay_s: float) -> None:
         """Add ``key`` after ``delay_s`` seconds unless an earlier add is already pending."""
@@ -62,20 +62,19 @@ class WorkQueue(Generic[K]):
         if timer is not None:
             timer.cancel()
 
-    async def _notify(self) -> None:
-        async with self._ready:
-            self._ready.notify()
-
     async def get(self) -> K:
         """The next key; it counts as processing until ``done(key)``."""
-        async with self._ready:
-            await self._ready.wait_for(lambda: bool(self._order) or self._closed)
-            if self._closed:
-                raise asyncio.CancelledError
-            key = self._order.popleft()
-            self._queued.discard(key)
-            self._processing.add(key)
-            return key
+        while not self._order and not self._closed:
+            self._ready.clear()
+            await self._ready.wait()
+        if self._closed:
+            raise asyncio.CancelledError
+        key = self._order.popleft()
+        self._queued.discard(key)
+        self._processing.add(key)
+        if self._order:
+            self._ready.set()  # wake the next idle worker too
+        return key
 
     def done(self, key: K) -> None:
         self._processing.discard(key)
@@ -88,8 +87,4 @@ class WorkQueue(Generic[K]):
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        asyncio.get_running_loop().create_task(self._notify_all())
-
-    async def _notify_all(self) -> None:
-        async with self._ready:
-            self._ready.notify_all()
+        self._ready.set()

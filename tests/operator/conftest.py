@@ -115,7 +115,7 @@ class Cluster:
             await asyncio.sleep(0.02)
 
     def requests_to(self, method: str, fragment: str) -> list[kmock.Request]:
-        return [r for r in self.emulator.requests
+        return [r for r in self.emulator
                 if r.method.value == method and fragment in r.url.path]
 
 

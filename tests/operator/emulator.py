@@ -46,7 +46,7 @@ class Fault:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime(TIMESTAMP)
+    return datetime.datetime.now(datetime.UTC).strftime(TIMESTAMP)
 
 
 def _content(obj: dict[str, Any]) -> dict[str, Any]:
@@ -65,6 +65,9 @@ class MetrolineEmulator(kmock.KubernetesEmulator):
     ) -> None:
         """Answer the next ``times`` requests matching ``method`` and ``path`` with ``status``."""
         self._faults.append(Fault(method.upper(), re.compile(path), status, times, retry_after))
+
+    def clear_faults(self) -> None:
+        self._faults.clear()
 
     def _take_fault(self, request: kmock.Request) -> Fault | None:
         for fault in self._faults:
@@ -113,7 +116,9 @@ class MetrolineEmulator(kmock.KubernetesEmulator):
             return None
         return copy.deepcopy(self._objects[key].raw)
 
-    async def _store(self, request: kmock.Request, key: Any, obj: dict[str, Any], kind: str) -> None:
+    async def _store(
+        self, request: kmock.Request, key: Any, obj: dict[str, Any], kind: str
+    ) -> None:
         if key in self._objects:
             self._objects[key].create(obj)  # appends a version to the history
         else:
