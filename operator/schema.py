@@ -78,7 +78,7 @@ def _convert(node: JsonSchema, defs: dict[str, JsonSchema]) -> JsonSchema:
     if "anyOf" in node:
         collapsed = _collapse_any_of(node, defs)
         if "x-kubernetes-int-or-string" in collapsed:
-            return collapsed
+            return {k: v for k, v in collapsed.items() if k not in _DROPPED}
         return _convert(collapsed, defs)
     unknown = set(node) - _KEPT - _DROPPED - _HANDLED
     if unknown:

@@ -172,6 +172,12 @@ class EnvVar(_Model):
     value: str | None = None
     value_from: EnvSource | None = None
 
+    @model_validator(mode="after")
+    def _value_or_value_from(self) -> EnvVar:
+        if self.value is not None and self.value_from is not None:
+            raise ValueError(f"env {self.name}: set either value or valueFrom, not both")
+        return self
+
 
 class Toleration(_Model):
     """A pod toleration (see the Kubernetes Toleration type)."""

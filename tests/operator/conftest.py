@@ -49,6 +49,8 @@ RESOURCES = {
 }
 VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
 REPO = Path(__file__).resolve().parents[2]
+K8S_VERSIONS = ("1.30", "1.37")
+"""Kubernetes versions whose real schemas (kubernetes-validate, strict) every object must pass."""
 
 
 def llmd_body(name: str = "llama", **spec: Any) -> dict[str, Any]:

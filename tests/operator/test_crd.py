@@ -1,0 +1,169 @@
+"""The generated CRD: no drift from spec.py, valid for Kubernetes, and it accepts exactly the
+custom resources the operator's own models accept."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import re2
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from metroline.operator import constants as c
+from metroline.operator.checks import check_spec
+from metroline.operator.crd import render_crd_yaml
+
+from .conftest import K8S_VERSIONS, llmd_body
+from .crd_validation import CRD_PATH, crd, defaulted, openapi_schema, validate_cr
+
+
+def test_committed_crd_matches_the_models():
+    committed = CRD_PATH.read_text()
+    assert committed == render_crd_yaml(), (
+        "crds/llmdeployments.yaml drifted from operator/spec.py; regenerate it with "
+        "`python -P -m metroline.operator.crd crds/llmdeployments.yaml`"
+    )
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_crd_is_a_valid_kubernetes_object(version):
+    assert kubernetes_validate.validate(crd(), version, strict=True)
+
+
+def test_crd_names_subresources_and_columns():
+    spec = crd()["spec"]
+    assert crd()["metadata"]["name"] == "llmdeployments.serving.metroline.dev"
+    assert spec["scope"] == "Namespaced" and spec["names"]["shortNames"] == ["llmd"]
+    version = spec["versions"][0]
+    assert version["subresources"] == {"status": {}, "scale": {
+        "specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector",
+    }}
+    columns = [col["name"] for col in version["additionalPrinterColumns"]]
+    assert columns == ["Model", "TP", "Replicas", "Ready", "KV", "Phase", "Endpoint", "Age"]
+
+
+def _nodes(schema: dict[str, Any]):
+    yield schema
+    for sub in (schema.get("properties") or {}).values():
+        yield from _nodes(sub)
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            yield from _nodes(schema[key])
+
+
+def test_schema_is_structural_and_patterns_are_re2():
+    for node in _nodes(openapi_schema()):
+        assert "$ref" not in node and "title" not in node
+        assert "type" in node or node.get("x-kubernetes-int-or-string"), node
+        if "anyOf" in node:
+            assert node.get("x-kubernetes-int-or-string") and "type" not in node
+        if "pattern" in node:
+            re2.compile(node["pattern"])  # Kubernetes evaluates patterns with Go's RE2
+
+
+def test_defaults_match_the_models():
+    spec = defaulted({"spec": {"model": {"uri": "/models/x"}}})["spec"]
+    assert spec["replicas"] == 1
+    assert spec["engine"] == {"tensorParallelSize": 1, "enablePrefixCaching": True}
+    assert spec["readiness"] == {"kvCacheThreshold": 0.95}
+    assert spec["startupTimeoutSeconds"] == 1800
+    model = check_spec("x", spec).spec
+    assert model is not None and model.replicas == 1 and model.readiness.kv_cache_threshold == 0.95
+
+
+def test_example_is_accepted(example_cr):
+    assert example_cr["apiVersion"] == c.API_VERSION and example_cr["kind"] == c.KIND
+    assert validate_cr(example_cr) == []
+    assert check_spec(example_cr["metadata"]["name"], example_cr["spec"]).valid
+    assert example_cr["spec"]["engine"]["tensorParallelSize"] == 2
+
+
+VALID = [
+    {},
+    {"model": {"uri": "pvc://weights/llama/7b"}},
+    {"model": {"uri": "/opt/models/qwen3-0.6b", "servedName": "qwen"}},
+    {"model": {"uri": "hf://Qwen/Qwen3-8B@main", "hfTokenSecretRef": {"name": "hf"}}},
+    {"engine": {"tensorParallelSize": 8, "maxModelLen": 32768, "gpuMemoryUtilization": 1.0,
+                "maxNumSeqs": 8, "maxNumBatchedTokens": 8, "blockSize": 32,
+                "dtype": "bfloat16", "enablePrefixCaching": False, "extraArgs": ["--seed", "1"]}},
+    {"replicas": 0},
+    {"resources": {"requests": {"cpu": 4, "memory": "32Gi", "ephemeral-storage": "100G"},
+                   "limits": {"cpu": "4500m", "memory": "64Gi"}}},
+    {"tolerations": [{"key": "gpu", "operator": "Equal", "value": "a100",
+                      "effect": "NoExecute", "tolerationSeconds": 30}]},
+    {"env": [{"name": "A", "value": "1"},
+             {"name": "B", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]},
+    {"affinity": {"nodeAffinity": {"anything": ["kubernetes", "validates", "later"]}}},
+    {"cache": {"claimName": "hf-cache"}, "priorityClassName": "high",
+     "podLabels": {"team": "ml"}, "podAnnotations": {"a": "b"}, "nodeSelector": {"gpu": "h100"}},
+]
+
+INVALID = [
+    ({"engine": {"tensorParallelSize": 3}}, "tensorParallelSize"),
+    ({"replicas": -1}, "replicas"),
+    ({"model": {"uri": "https://example.com/model"}}, "uri"),
+    ({"model": {"uri": "hf://just-a-name"}}, "uri"),
+    ({"engine": {"gpuMemoryUtilization": 0}}, "gpuMemoryUtilization"),
+    ({"engine": {"gpuMemoryUtilization": 1.5}}, "gpuMemoryUtilization"),
+    ({"engine": {"blockSize": 12}}, "blockSize"),
+    ({"engine": {"dtype": "fp8"}}, "dtype"),
+    ({"engine": {"turbo": True}}, "turbo"),
+    ({"readiness": {"kvCacheThreshold": 0}}, "kvCacheThreshold"),
+    ({"startupTimeoutSeconds": 10}, "startupTimeoutSeconds"),
+    ({"resources": {"requests": {"memory": "lots"}}}, "memory"),
+    ({"resources": {"requests": {"nvidia.com/gpu": 1}}}, "nvidia.com/gpu"),
+    ({"tolerations": [{"operator": "Maybe"}]}, "operator"),
+    ({"model": {"uri": "pvc://w/m", "hfTokenSecretRef": {"name": "hf"}}}, "hfTokenSecretRef"),
+    ({"engine": {"maxNumSeqs": 512, "maxNumBatchedTokens": 256}}, "maxNumBatchedTokens"),
+    ({"engine": {"maxNumSeqs": 9000}}, "maxNumBatchedTokens"),
+    ({"env": [{"name": "A", "value": "1", "valueFrom": {"fieldRef": {"fieldPath": "x"}}}]},
+     "valueFrom"),
+    ({"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}, "A"),
+]
+
+
+def _cr(spec: dict[str, Any]) -> dict[str, Any]:
+    body = llmd_body()
+    for key, value in spec.items():
+        if isinstance(value, dict) and isinstance(body["spec"].get(key), dict):
+            body["spec"][key] = {**body["spec"][key], **value}
+        else:
+            body["spec"][key] = value
+    return body
+
+
+@pytest.mark.parametrize("spec", VALID)
+def test_valid_specs_are_accepted_by_schema_and_operator(spec):
+    body = _cr(spec)
+    assert validate_cr(body) == []
+    assert check_spec("llama", defaulted(body)["spec"]).problems == ()
+
+
+@pytest.mark.parametrize(("spec", "field"), INVALID)
+def test_invalid_specs_are_rejected_by_schema_and_operator(spec, field):
+    body = _cr(spec)
+    errors = validate_cr(body)
+    assert errors and any(field in error for error in errors), errors
+    verdict = check_spec("llama", defaulted(body)["spec"])
+    assert not verdict.valid and any(field in p for p in verdict.problems), verdict.problems
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    tp=st.integers(0, 9), replicas=st.integers(-2, 2000), seqs=st.integers(-1, 70_000),
+    tokens=st.integers(-1, 1_100_000), memory=st.floats(-0.5, 1.5, allow_nan=False),
+    threshold=st.floats(-0.5, 1.5, allow_nan=False), startup=st.integers(0, 100_000),
+)
+def test_schema_and_models_agree(tp, replicas, seqs, tokens, memory, threshold, startup):
+    """Ranges and cross-field rules live twice (CRD and pydantic); they must never differ."""
+    body = _cr({
+        "engine": {"tensorParallelSize": tp, "maxNumSeqs": seqs, "maxNumBatchedTokens": tokens,
+                   "gpuMemoryUtilization": memory},
+        "replicas": replicas, "readiness": {"kvCacheThreshold": threshold},
+        "startupTimeoutSeconds": startup,
+    })
+    schema_ok = validate_cr(body) == []
+    assert schema_ok == check_spec("llama", defaulted(body)["spec"]).valid
