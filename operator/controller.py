@@ -44,6 +44,8 @@ class Controller:
         self.scraper = KvScraper(port=config.metrics_port)
         self.kv: dict[Key, float | None] = {}
         self.failures: dict[Key, int] = {}
+        self.refused: dict[Key, tuple[int, SpecCheck]] = {}
+        """Generations whose children the API server refused (422): not retried until edited."""
         self._queue: WorkQueue[Key] | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -58,6 +60,7 @@ class Controller:
             self.cache.drop_llmd(key)
             self.kv.pop(key, None)
             self.failures.pop(key, None)
+            self.refused.pop(key, None)
             if self._queue is not None:
                 self._queue.forget(key)
             return
@@ -133,9 +136,15 @@ class Controller:
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
         namespace, name = key
+        generation = int(body["metadata"].get("generation") or 1)
         check = check_spec(name, body.get("spec"))
-        if check.valid:
+        refused = self.refused.get(key)
+        if check.valid and refused is not None and refused[0] == generation:
+            check = refused[1]
+        elif check.valid:
             check = await self._apply_children(key, body, check)
+            if not check.valid:
+                self.refused[key] = (generation, check)
         if not check.valid:
             logger.info("%s/%s has an invalid spec: %s", namespace, name, "; ".join(check.problems))
         observed = Observed(
@@ -143,7 +152,6 @@ class Controller:
             pods=self.cache.pods(key),
             kv_cache_utilization=self.kv.get(key),
         )
-        generation = int(body["metadata"].get("generation") or 1)
         current = body.get("status") or {}
         status = compute_status(name, namespace, generation, check, observed, current, self.clock())
         if status_changed(current, status):

@@ -96,10 +96,15 @@ VALID = [
                       "effect": "NoExecute", "tolerationSeconds": 30}]},
     {"env": [{"name": "A", "value": "1"},
              {"name": "B", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]},
-    {"affinity": {"nodeAffinity": {"anything": ["kubernetes", "validates", "later"]}}},
+    {"affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+        "weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                           "labelSelector": {"matchLabels": {"a": "b"}}}}]}}},
     {"cache": {"claimName": "hf-cache"}, "priorityClassName": "high",
      "podLabels": {"team": "ml"}, "podAnnotations": {"a": "b"}, "nodeSelector": {"gpu": "h100"}},
 ]
+
+OPAQUE_BUT_WRONG = {"affinity": {"nodeAffinity": {"anything": ["checked", "at", "apply"]}}}
+"""Affinity is opaque to the CRD; the API server refuses it on the Deployment (422)."""
 
 INVALID = [
     ({"engine": {"tensorParallelSize": 3}}, "tensorParallelSize"),
@@ -135,7 +140,7 @@ def _cr(spec: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-@pytest.mark.parametrize("spec", VALID)
+@pytest.mark.parametrize("spec", [*VALID, OPAQUE_BUT_WRONG])
 def test_valid_specs_are_accepted_by_schema_and_operator(spec):
     body = _cr(spec)
     assert validate_cr(body) == []

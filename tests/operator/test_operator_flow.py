@@ -177,6 +177,21 @@ async def test_invalid_spec_reports_invalid_spec_and_creates_nothing(cluster, op
     assert status(cluster)["phase"] == "Pending"
 
 
+async def test_a_child_refused_by_the_api_server_is_invalid_spec_without_retries(cluster, operator):
+    cluster.emulator.fail("PATCH", "/deployments/llama$", 422, times=1000)
+    await create(cluster, llmd_body(affinity={"nodeAffinity": {"wrong": True}}))
+    await cluster.wait_for(lambda: status(cluster).get("phase") == "Failed")
+    ready = conditions(cluster)["Ready"]
+    assert ready[:2] == ("False", "InvalidSpec") and "refused the Deployment" in ready[2]
+    await asyncio.sleep(0.5)
+    assert len(cluster.requests_to("PATCH", "/deployments/llama")) == 1  # no retry loop
+    assert operator.failures == {}
+    cluster.emulator.clear_faults()
+    await patch_spec(cluster, {"affinity": None})  # the user fixes the spec
+    await cluster.wait_for(lambda: cluster.get(DEPLOYMENTS, "llama"))
+    await cluster.wait_for(lambda: status(cluster).get("phase") == "Pending")
+
+
 async def test_edited_or_deleted_children_are_repaired(cluster, operator):
     await create(cluster, llmd_body())
     await cluster.wait_for(lambda: cluster.get(SERVICES, "llama"))
