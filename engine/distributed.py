@@ -1,16 +1,21 @@
-"""Tensor-parallel group state. At TP=1 every collective is the identity.
+"""Tensor-parallel process group. At TP=1 every collective is the identity.
 
-Layers ask this module for their rank and the group size when they are built, and call its
-collectives in ``forward``; worker processes call :func:`init_tensor_parallel` before building
-the model.
+Layers capture the current group when they are built (:func:`get_tp_group`) and call its
+collectives in ``forward``; each TP process calls :func:`init_distributed` before building
+its model. Ranks meet through a TCP store on an ephemeral port chosen by rank 0 (no fixed
+ports, no files): two engines on one machine never collide.
 """
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+#: Longest a collective may wait before the group is declared dead.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -19,13 +24,27 @@ class TensorParallelGroup:
     world_size: int = 1
     group: dist.ProcessGroup | None = None
 
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` over the group, in place; returns it."""
+        if self.world_size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
+        """Concatenate every rank's ``x`` along ``dim`` on rank 0; other ranks get None."""
+        if self.world_size == 1:
+            return x
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world_size)] if self.rank == 0 else None
+        dist.gather(x, parts, dst=0, group=self.group)
+        return torch.cat(parts, dim=dim) if parts is not None else None
+
 
 _group = TensorParallelGroup()
 
 
-def init_tensor_parallel(rank: int, world_size: int, group: dist.ProcessGroup | None) -> None:
-    global _group
-    _group = TensorParallelGroup(rank, world_size, group)
+def get_tp_group() -> TensorParallelGroup:
+    return _group
 
 
 def get_tp_rank() -> int:
@@ -36,17 +55,53 @@ def get_tp_size() -> int:
     return _group.world_size
 
 
-def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum ``x`` over the group, in place; returns it."""
-    if _group.world_size > 1:
-        dist.all_reduce(x, group=_group.group)
-    return x
+def create_store(world_size: int) -> tuple[dist.TCPStore, int]:
+    """Rank 0's rendezvous store, bound to a free port on the loopback interface."""
+    store = dist.TCPStore(
+        "127.0.0.1",
+        0,
+        world_size,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=COLLECTIVE_TIMEOUT,
+    )
+    return store, store.port
 
 
-def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Concatenate every rank's ``x`` along ``dim`` (same shape on every rank)."""
-    if _group.world_size == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(_group.world_size)]
-    dist.all_gather(parts, x.contiguous(), group=_group.group)
-    return torch.cat(parts, dim=dim)
+def init_distributed(
+    rank: int, world_size: int, backend: str, port: int, store: dist.TCPStore | None = None
+) -> TensorParallelGroup:
+    """Join the TP group (rank 0 passes the store it created) and make it current."""
+    global _group
+    if world_size == 1:
+        _group = TensorParallelGroup()
+        return _group
+    if dist.is_initialized():
+        raise RuntimeError(
+            "torch.distributed is already initialised in this process; one tensor-parallel "
+            "engine per process"
+        )
+    if store is None:
+        store = dist.TCPStore(
+            "127.0.0.1", port, world_size, is_master=False, timeout=COLLECTIVE_TIMEOUT
+        )
+    options = {}
+    if backend == "nccl":
+        options["device_id"] = torch.device("cuda", rank)
+    dist.init_process_group(
+        backend,
+        store=store,
+        rank=rank,
+        world_size=world_size,
+        timeout=COLLECTIVE_TIMEOUT,
+        **options,
+    )
+    _group = TensorParallelGroup(rank, world_size, dist.group.WORLD)
+    return _group
+
+
+def destroy_distributed() -> None:
+    global _group
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _group = TensorParallelGroup()

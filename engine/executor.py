@@ -1,20 +1,37 @@
-"""Executors run each step on every worker. TP=1: one worker in this process."""
+"""Executors run each step on every tensor-parallel rank.
+
+- :class:`UniprocExecutor`: TP=1, one worker in this process.
+- :class:`MultiprocExecutor`: TP=N, rank 0 in this process (it samples) and N-1 worker
+  processes. Each step's plan is pickled once and sent to every worker; all ranks run the
+  forward pass together (NCCL on CUDA, gloo on CPU). Workers never outlive this process.
+"""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import logging
+import multiprocessing
+import pickle
+import weakref
+from multiprocessing.connection import Connection
+from typing import Any
+
 from metroline.engine.config import EngineConfig
+from metroline.engine.distributed import create_store, destroy_distributed, init_distributed
 from metroline.engine.scheduler import ModelRunnerOutput
 from metroline.engine.scheduler_output import SchedulerOutput
 from metroline.engine.worker import Worker
+from metroline.engine.worker_process import limit_cpu_threads, worker_main
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a worker gets to exit after "shutdown" before it is killed.
+SHUTDOWN_GRACE = 10.0
 
 
 class UniprocExecutor:
     def __init__(self, config: EngineConfig) -> None:
-        if config.parallel.tensor_parallel_size != 1:
-            raise ValueError(
-                "tensor_parallel_size > 1 needs the multi-process executor, which this build "
-                "does not include yet; use tensor_parallel_size=1"
-            )
         self.worker = Worker(config)
 
     def determine_num_blocks(self) -> int:
@@ -30,5 +47,143 @@ class UniprocExecutor:
         pass
 
 
-def create_executor(config: EngineConfig) -> UniprocExecutor:
-    return UniprocExecutor(config)
+class WorkerFailedError(RuntimeError):
+    """A tensor-parallel worker process failed; the engine cannot continue."""
+
+
+class _WorkerHandle:
+    def __init__(self, process: Any, commands: Connection, results: Connection) -> None:
+        self.process = process
+        self.commands = commands
+        self.results = results
+
+
+class MultiprocExecutor:
+    def __init__(self, config: EngineConfig) -> None:
+        world_size = config.parallel.tensor_parallel_size
+        backend = "nccl" if config.device.type == "cuda" else "gloo"
+        if backend == "nccl":
+            import torch
+
+            if torch.cuda.device_count() < world_size:
+                raise ValueError(
+                    f"tensor_parallel_size={world_size} needs {world_size} GPUs; "
+                    f"{torch.cuda.device_count()} visible"
+                )
+        store, port = create_store(world_size)
+        context = multiprocessing.get_context("spawn")
+        self.workers: list[_WorkerHandle] = []
+        self._death_pipes: list[Connection] = []
+        self._closed = False
+        try:
+            for rank in range(1, world_size):
+                command_reader, command_writer = context.Pipe(duplex=False)
+                result_reader, result_writer = context.Pipe(duplex=False)
+                death_reader, death_writer = context.Pipe(duplex=False)
+                process = context.Process(
+                    target=worker_main,
+                    name=f"metroline-tp{rank}",
+                    args=(
+                        rank,
+                        world_size,
+                        backend,
+                        port,
+                        config,
+                        command_reader,
+                        result_writer,
+                        death_reader,
+                    ),
+                    daemon=True,
+                )
+                process.start()
+                command_reader.close()
+                result_writer.close()
+                death_reader.close()
+                self._death_pipes.append(death_writer)
+                self.workers.append(_WorkerHandle(process, command_writer, result_reader))
+            if backend == "gloo":
+                limit_cpu_threads(world_size)
+            init_distributed(0, world_size, backend, port, store=store)
+            self.worker = Worker(config, rank=0)
+            self._collect()
+        except BaseException:
+            self.shutdown()
+            raise
+        # Workers watch this process and die with it; at a normal exit stop them cleanly.
+        ref = weakref.ref(self)
+        atexit.register(lambda: (executor := ref()) is not None and executor.shutdown())
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self.shutdown()
+
+    def _broadcast(self, method: str, *args: Any) -> None:
+        payload = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
+        for handle in self.workers:
+            handle.commands.send_bytes(payload)
+
+    def _collect(self) -> list[Any]:
+        values = []
+        for rank, handle in enumerate(self.workers, start=1):
+            try:
+                status, value = handle.results.recv()
+            except EOFError:
+                raise WorkerFailedError(
+                    f"tensor-parallel worker {rank} exited (code {handle.process.exitcode})"
+                ) from None
+            if status != "ok":
+                raise WorkerFailedError(f"tensor-parallel worker {rank} failed:\n{value}")
+            values.append(value)
+        return values
+
+    def _check_workers(self) -> None:
+        for rank, handle in enumerate(self.workers, start=1):
+            if handle.results.poll():
+                _status, value = handle.results.recv()
+                raise WorkerFailedError(f"tensor-parallel worker {rank} failed:\n{value}")
+            if not handle.process.is_alive():
+                raise WorkerFailedError(
+                    f"tensor-parallel worker {rank} exited (code {handle.process.exitcode})"
+                )
+
+    def determine_num_blocks(self) -> int:
+        """The smallest pool any rank can hold (every rank holds the same block ids)."""
+        self._broadcast("determine_num_blocks")
+        local = self.worker.determine_num_blocks()
+        return min([local, *self._collect()])
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self._broadcast("initialize_cache", num_blocks)
+        self.worker.initialize_cache(num_blocks)
+        self._collect()
+
+    def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        self._check_workers()
+        self._broadcast("execute_model", scheduled)
+        output = self.worker.execute_model(scheduled)
+        assert output is not None  # rank 0 is the driver
+        return output
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for handle in self.workers:
+            with contextlib.suppress(OSError):
+                handle.commands.send_bytes(pickle.dumps(("shutdown", ())))
+        for handle in self.workers:
+            handle.process.join(SHUTDOWN_GRACE)
+            if handle.process.is_alive():
+                handle.process.kill()
+                handle.process.join()
+            for conn in (handle.commands, handle.results):
+                conn.close()
+        for pipe in self._death_pipes:
+            pipe.close()
+        destroy_distributed()
+
+
+def create_executor(config: EngineConfig) -> UniprocExecutor | MultiprocExecutor:
+    if config.parallel.tensor_parallel_size == 1:
+        return UniprocExecutor(config)
+    return MultiprocExecutor(config)

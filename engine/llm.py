@@ -73,6 +73,15 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.tokenizer
 
+    def shutdown(self) -> None:
+        """Stop worker processes (TP > 1) and release the process group. Idempotent."""
+        core = getattr(self, "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
+    def __del__(self) -> None:
+        self.shutdown()
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],

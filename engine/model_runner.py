@@ -22,10 +22,17 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    """Keeps per-request state across steps (updated from the scheduler's diffs)."""
+    """Keeps per-request state across steps (updated from the scheduler's diffs).
 
-    def __init__(self, config: EngineConfig, model: nn.Module, device: torch.device) -> None:
+    Every TP rank runs the same forward pass; only the driver (rank 0) receives the logits,
+    samples, and returns tokens. Other ranks return ``None``.
+    """
+
+    def __init__(
+        self, config: EngineConfig, model: nn.Module, device: torch.device, is_driver: bool = True
+    ) -> None:
         self.config = config
+        self.is_driver = is_driver
         self.model = model
         self.device = device
         self.block_size = config.cache.block_size
@@ -44,7 +51,7 @@ class ModelRunner:
         for new in scheduled.new_requests:
             params = new.sampling_params
             generator = self.generators.get(new.request_id)
-            if generator is None and params.seed is not None:
+            if generator is None and params.seed is not None and self.is_driver:
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed(params.seed)
                 self.generators[new.request_id] = generator
@@ -65,15 +72,19 @@ class ModelRunner:
             state.num_computed_tokens = cached.num_computed_tokens
 
     @torch.inference_mode()
-    def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput | None:
         self.update_states(scheduled)
+        empty = ModelRunnerOutput({}, {}) if self.is_driver else None
         if scheduled.is_empty:
-            return ModelRunnerOutput({}, {})
+            return empty
         inputs = build_step_inputs(scheduled, self.states, self.block_size, self.device)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
         if not inputs.sampled_request_ids:
-            return ModelRunnerOutput({}, {})
-        logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
+            return empty
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        if logits is None:
+            return None
+        logits = logits.float()
         states = [self.states[r] for r in inputs.sampled_request_ids]
         meta = build_sampling_metadata(states, self.vocab_size, self.device)
         result = self.sampler(logits, meta)
@@ -98,5 +109,6 @@ class ModelRunner:
         positions = torch.arange(num_tokens, device=self.device) % sched.max_model_len
         hidden = self.model(input_ids, positions, None)
         rows = min(sched.max_num_seqs, num_tokens)
-        logits = self.model.compute_logits(hidden[:rows]).float()
-        torch.softmax(logits, dim=-1).sort(dim=-1)
+        logits = self.model.compute_logits(hidden[:rows])
+        if logits is not None:
+            torch.softmax(logits.float(), dim=-1).sort(dim=-1)

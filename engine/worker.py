@@ -18,11 +18,16 @@ logger = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, config: EngineConfig) -> None:
+    """Rank ``rank`` of the tensor-parallel group (the group must already be initialised;
+    at TP=1 there is nothing to initialise). On CUDA rank ``r`` uses GPU ``r``."""
+
+    def __init__(self, config: EngineConfig, rank: int = 0) -> None:
         self.config = config
+        self.rank = rank
         self.device = config.device
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device.index or 0)
+            self.device = torch.device("cuda", rank)
+            torch.cuda.set_device(self.device)
         torch.manual_seed(config.model.seed)
         started = time.perf_counter()
         self.model = load_model(config.model, self.device)
@@ -33,7 +38,7 @@ class Worker:
             config.model.dtype,
             time.perf_counter() - started,
         )
-        self.model_runner = ModelRunner(config, self.model, self.device)
+        self.model_runner = ModelRunner(config, self.model, self.device, is_driver=rank == 0)
         self.key_caches: list[torch.Tensor] = []
         self.value_caches: list[torch.Tensor] = []
 
@@ -111,5 +116,6 @@ class Worker:
             self.key_caches.append(key_cache)
             self.value_caches.append(value_cache)
 
-    def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput | None:
+        """Run one step; only the driver (rank 0) returns sampled tokens."""
         return self.model_runner.execute_model(scheduled)

@@ -13,14 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metroline.engine.distributed import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
+from metroline.engine.distributed import get_tp_group
 from metroline.engine.layers.weights import read_narrow, source_shape
 
 
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, embedding_dim: int) -> None:
         super().__init__()
-        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.tp_group = get_tp_group()
+        self.tp_rank, self.tp_size = self.tp_group.rank, self.tp_group.world_size
         self.vocab_size = vocab_size
         self.vocab_per_rank = -(-vocab_size // self.tp_size)
         self.vocab_start = self.tp_rank * self.vocab_per_rank
@@ -48,14 +49,13 @@ class VocabParallelEmbedding(nn.Module):
         local_ids = torch.where(outside, 0, input_ids - self.vocab_start)
         embedded = F.embedding(local_ids, self.weight)
         embedded.masked_fill_(outside.unsqueeze(-1), 0)
-        return tp_all_reduce(embedded)
+        return self.tp_group.all_reduce(embedded)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Projects hidden states to the vocabulary; every rank ends up with full logits."""
+    """Projects hidden states to the vocabulary. Full logits land on rank 0 (which samples);
+    the other ranks get ``None``. Every rank must call it, in the same order."""
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden_states, self.weight)
-        if self.tp_size > 1:
-            logits = tp_all_gather(logits, dim=-1)
-        return logits[..., : self.vocab_size]
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        logits = self.tp_group.gather(F.linear(hidden_states, self.weight), dim=-1)
+        return logits[..., : self.vocab_size] if logits is not None else None

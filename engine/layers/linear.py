@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metroline.engine.distributed import get_tp_rank, get_tp_size, tp_all_reduce
+from metroline.engine.distributed import get_tp_group, get_tp_rank, get_tp_size
 from metroline.engine.layers.weights import copy_checked, default_weight_loader, read_narrow
 
 
@@ -127,7 +127,8 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
-        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.tp_group = get_tp_group()
+        self.tp_rank, self.tp_size = self.tp_group.rank, self.tp_group.world_size
         self.in_features_per_rank = _divide(in_features, self.tp_size, "input features")
         self.weight = _parameter(out_features, self.in_features_per_rank, loader=self.weight_loader)
         self.bias = _parameter(out_features, loader=default_weight_loader) if bias else None
@@ -140,5 +141,5 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return F.linear(x, self.weight, self.bias)
-        y = tp_all_reduce(F.linear(x, self.weight))
+        y = self.tp_group.all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias

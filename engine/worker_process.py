@@ -1,0 +1,79 @@
+"""Entry point of a tensor-parallel worker process (ranks 1..N-1).
+
+The process dies with its parent: a thread watches a pipe whose other end only the parent
+holds, and the kernel closes that end however the parent ends (normal exit, exception,
+SIGTERM, SIGKILL). The main thread serves commands from rank 0 until told to stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import threading
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def _die_with_parent(death_pipe: Connection) -> None:
+    def watch() -> None:
+        with contextlib.suppress(EOFError, OSError):
+            death_pipe.recv_bytes()
+        os._exit(1)  # the parent is gone: no cleanup can be trusted, leave at once
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def limit_cpu_threads(world_size: int) -> None:
+    """CPU tensor parallelism: share the cores among the ranks instead of oversubscribing."""
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+
+
+def worker_main(
+    rank: int,
+    world_size: int,
+    backend: str,
+    port: int,
+    config: Any,
+    commands: Connection,
+    results: Connection,
+    death_pipe: Connection,
+) -> None:
+    """Initialise rank ``rank``, build its model shard, then run rank 0's commands.
+
+    Commands are pickled ``(method, args)`` tuples sent to every worker at once; a method's
+    return value goes back on ``results`` as ``("ok", value)``, a failure as
+    ``("error", traceback)`` after which the worker exits.
+    """
+    _die_with_parent(death_pipe)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s: %(message)s")
+    from metroline.engine.distributed import destroy_distributed, init_distributed
+    from metroline.engine.worker import Worker
+
+    if backend == "gloo":
+        limit_cpu_threads(world_size)
+    try:
+        init_distributed(rank, world_size, backend, port)
+        worker = Worker(config, rank=rank)
+        results.send(("ok", None))
+        while True:
+            method, args = pickle.loads(commands.recv_bytes())
+            if method == "shutdown":
+                break
+            value = getattr(worker, method)(*args)
+            if method != "execute_model":
+                results.send(("ok", value))
+    except (EOFError, KeyboardInterrupt):
+        pass
+    except BaseException:
+        with contextlib.suppress(OSError):
+            results.send(("error", traceback.format_exc()))
+        raise
+    finally:
+        destroy_distributed()

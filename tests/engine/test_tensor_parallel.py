@@ -1,0 +1,106 @@
+"""Tensor parallelism on CPU (gloo): same greedy tokens as TP=1 and transformers; worker
+processes never outlive the engine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from metroline.engine import LLM, SamplingParams
+
+from .conftest import MAX_NEW_TOKENS, make_prompts, shared_prefix_prompts
+
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW_TOKENS)
+
+
+def _tokens(llm, prompts):
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_tp2_matches_tp1_and_transformers(arch, tiny_checkpoint, hf_greedy):
+    path = tiny_checkpoint(arch)
+    prompts = make_prompts() + shared_prefix_prompts()[:3]
+    kwargs = dict(
+        kv_cache_memory_bytes=4 * 2**20, enable_prefix_caching=True, max_num_batched_tokens=24
+    )
+    llm = LLM(model=str(path), tensor_parallel_size=2, **kwargs)
+    try:
+        tp2 = _tokens(llm, prompts)
+        assert llm.engine_core.stats().prefix_cache_hits > 0
+    finally:
+        llm.shutdown()
+    tp1 = _tokens(LLM(model=str(path), **kwargs), prompts)
+    assert tp2 == tp1 == hf_greedy(path, prompts)
+
+
+def test_tp4_replicates_kv_heads(tiny_checkpoint, hf_greedy):
+    path = tiny_checkpoint("llama")  # 4 query heads, 2 KV heads: each KV head on 2 ranks
+    prompts = make_prompts((3, 17, 40))
+    llm = LLM(model=str(path), tensor_parallel_size=4, kv_cache_memory_bytes=4 * 2**20)
+    try:
+        assert llm.engine_core.executor.worker.kv_heads_per_rank == 1
+        assert _tokens(llm, prompts) == hf_greedy(path, prompts)
+    finally:
+        llm.shutdown()
+
+
+ENGINE_SCRIPT = """
+import os, sys, time
+from metroline.engine import LLM, SamplingParams
+if __name__ == "__main__":
+    llm = LLM(model=sys.argv[1], tensor_parallel_size=2, kv_cache_memory_bytes=2**20)
+    pids = [h.process.pid for h in llm.engine_core.executor.workers]
+    print("WORKERS", *pids, flush=True)
+    llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)
+    print("READY", flush=True)
+    how = sys.argv[2]
+    if how == "exit":
+        sys.exit(0)
+    if how == "raise":
+        raise RuntimeError("boom")
+    time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is dead but not yet reaped
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("how", ["exit", "raise", "sigterm", "sigkill"])
+def test_workers_die_with_the_engine(how, tiny_checkpoint, tmp_path):
+    script = tmp_path / "engine.py"
+    script.write_text(textwrap.dedent(ENGINE_SCRIPT))
+    process = subprocess.Popen(
+        [sys.executable, "-P", str(script), str(tiny_checkpoint("llama")), how],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    workers: list[int] = []
+    for line in process.stdout:
+        if line.startswith("WORKERS"):
+            workers = [int(p) for p in line.split()[1:]]
+        if line.startswith("READY"):
+            break
+    assert len(workers) == 1 and all(_alive(p) for p in workers)
+    if how == "sigterm":
+        process.send_signal(signal.SIGTERM)
+    elif how == "sigkill":
+        process.kill()
+    process.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in workers), f"orphan workers after {how}"
