@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 
-def median_ms(fn: Callable[[], Any], *, warmup: int = 5, reps: int = 30) -> float:
-    """Median wall time of ``fn`` on the GPU in ms, CUDA events around each call."""
+def median_ms(fn: Callable[[], Any], *, warmup: int = 5, reps: int = 30, inner: int = 1) -> float:
+    """Median GPU time of one ``fn`` call in ms: CUDA events around ``inner`` back-to-back
+    calls (several calls let the launch queue run ahead of the GPU, hiding host overhead)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -28,10 +29,11 @@ def median_ms(fn: Callable[[], Any], *, warmup: int = 5, reps: int = 30) -> floa
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(inner):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / inner)
     return statistics.median(times)
 
 
