@@ -44,7 +44,11 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
         await controller.stop()
 
     @kopf.on.login(registry=registry)
-    def authenticate(settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    async def authenticate(
+        settings: kopf.OperatorSettings, **kwargs: Any
+    ) -> kopf.ConnectionInfo | None:
+        # Async on purpose: kopf runs sync handlers in threads, and the client's asyncio
+        # primitives belong to the operator's event loop.
         info = login(settings=settings, **kwargs)
         if info is not None:
             controller.client.reauthenticate = lambda: login(settings=settings, **kwargs)
