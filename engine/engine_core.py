@@ -62,6 +62,10 @@ class EngineCore:
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
 
+    def running_request_ids(self) -> list[str]:
+        """Requests scheduled in the last step and still running (for queue-time metrics)."""
+        return [request.request_id for request in self.scheduler.running]
+
     def shutdown(self) -> None:
         self.executor.shutdown()
 

@@ -36,6 +36,16 @@ class _Sequence:
     def text(self) -> str:
         return self.detokenizer.text if self.detokenizer is not None else ""
 
+    @property
+    def stream_text(self) -> str:
+        """The text that can be shown now: while the sequence runs, a tail that could still
+        turn into a stop string is held back, so streamed text is always a prefix of the
+        final text."""
+        if self.detokenizer is None:
+            return ""
+        finished = self.finish_reason is not None
+        return self.detokenizer.text[: self.detokenizer.stream_safe_length(finished)]
+
 
 @dataclass
 class _Request:
@@ -44,6 +54,7 @@ class _Request:
     prompt_token_ids: list[int]
     sequences: list[_Sequence]
     arrival_time: float
+    stream: bool = False
     first_token_time: float | None = None
     num_cached_tokens: int = 0
 
@@ -61,7 +72,9 @@ class ProcessedOutputs:
 
 class OutputProcessor:
     """With ``stream=True`` every step yields an output for each request that changed;
-    otherwise a request yields one output, when its last sequence finishes."""
+    otherwise a request yields one output, when its last sequence finishes. ``add_request``
+    may choose per request. A streamed output's text holds back what could still become a
+    stop string, so successive texts of one sequence only ever grow."""
 
     def __init__(self, tokenizer: Any | None, stream: bool = False) -> None:
         self.tokenizer = tokenizer
@@ -77,6 +90,7 @@ class OutputProcessor:
         prompt_token_ids: list[int],
         children: list[tuple[str, SamplingParams]],
         arrival_time: float | None = None,
+        stream: bool | None = None,
     ) -> None:
         sequences = []
         for index, (core_id, params) in enumerate(children):
@@ -95,6 +109,7 @@ class OutputProcessor:
             list(prompt_token_ids),
             sequences,
             arrival_time if arrival_time is not None else time.monotonic(),
+            stream=self.stream if stream is None else stream,
         )
         self.requests[request_id] = request
         for sequence in sequences:
@@ -140,7 +155,7 @@ class OutputProcessor:
                 for sequence in request.sequences:
                     self.sequence_of.pop(sequence.core_request_id, None)
                     self.request_of.pop(sequence.core_request_id, None)
-            if self.stream or finished:
+            if request.stream or finished:
                 results.append(self._request_output(request, finished))
         return ProcessedOutputs(results, stopped)
 
@@ -175,7 +190,7 @@ class OutputProcessor:
         outputs = [
             CompletionOutput(
                 index=s.index,
-                text=s.text,
+                text=s.stream_text if request.stream else s.text,
                 token_ids=list(s.token_ids),
                 cumulative_logprob=s.cumulative_logprob,
                 logprobs=list(s.logprobs) if s.logprobs is not None else None,

@@ -1,0 +1,200 @@
+"""The engine core process: the scheduler and the model, fed over pipes by the API server.
+
+Messages are small picklable dataclasses sent over two one-way ``multiprocessing`` pipes (no
+ports, no shared-memory names, so servers on one machine never collide). The loop:
+
+1. when no request is unfinished, block until a message arrives;
+2. drain every waiting message (add, abort, finish, shutdown) without blocking;
+3. run one engine step if there is work;
+4. send one :class:`CoreStep` with the step's outputs and fresh :class:`SchedulerStats`.
+
+Invariants: a request that the core cannot take (``ValueError`` or anything else raised by
+``add_request``) comes back as :class:`CoreStep.rejected` for that request alone and leaves the
+core unchanged; an exception inside a step is fatal (reported as :class:`CoreFailed`, exit 1);
+the process ends when its parent does, however the parent ends, because a watcher thread sees
+the parent's end of a private pipe close.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+
+from metroline.engine.config import EngineConfig
+from metroline.engine.outputs import EngineCoreOutput
+from metroline.engine.request import EngineCoreRequest, RequestStatus
+from metroline.engine.scheduler import SchedulerStats
+
+logger = logging.getLogger(__name__)
+
+# ---- server -> core --------------------------------------------------------------------
+
+
+@dataclass
+class AddRequests:
+    """The core requests of one user request (``n`` siblings): all are taken, or none."""
+
+    request_id: str
+    core_requests: list[EngineCoreRequest]
+
+
+@dataclass
+class FinishRequests:
+    """End core requests from outside: aborts (client gone) or stop strings found by the
+    server's detokeniser. Their KV blocks are free before the next step."""
+
+    core_request_ids: list[str]
+    status: RequestStatus = RequestStatus.FINISHED_ABORTED
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+# ---- core -> server --------------------------------------------------------------------
+
+
+@dataclass
+class CoreReady:
+    num_blocks: int
+    block_size: int
+
+
+@dataclass
+class CoreStep:
+    outputs: list[EngineCoreOutput]
+    stats: SchedulerStats
+    #: Core request id -> monotonic time it was first scheduled (for queue-time metrics).
+    scheduled: dict[str, float] = field(default_factory=dict)
+    #: (user request id, reason) for requests the core refused to add.
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class CoreFailed:
+    message: str
+
+
+def _die_with_parent(death_pipe: Connection) -> None:
+    def watch() -> None:
+        with contextlib.suppress(EOFError, OSError):
+            death_pipe.recv_bytes()
+        os._exit(1)  # the server is gone: nobody will read our outputs, leave at once
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def run_engine_core(
+    config: EngineConfig,
+    inputs: Connection,
+    outputs: Connection,
+    death_pipe: Connection,
+    log_setup: Callable[[], None] | None = None,
+) -> None:
+    """Process entry point (``multiprocessing`` spawn target). ``log_setup`` (picklable, e.g.
+    a ``functools.partial``) configures logging like the server's; by default, basicConfig."""
+    # Ctrl-C in a terminal and group-wide SIGTERMs go to the server, which drains and then
+    # stops us in order; the core never leaves on a signal of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent(death_pipe)
+    if log_setup is not None:
+        log_setup()
+    else:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+    from metroline.engine.engine_core import EngineCore
+
+    try:
+        core = EngineCore(config)
+    except BaseException as error:  # every failure must reach the server
+        logger.exception("engine core failed to start")
+        with contextlib.suppress(OSError):
+            outputs.send(CoreFailed(f"{type(error).__name__}: {error}"))
+        raise SystemExit(1) from None
+    outputs.send(CoreReady(core.num_blocks, config.cache.block_size))
+    logger.info("engine core ready: %d KV blocks", core.num_blocks)
+    try:
+        CoreLoop(core, inputs, outputs).run()
+    except BaseException:
+        message = traceback.format_exc()
+        logger.error("engine core failed:\n%s", message)
+        with contextlib.suppress(OSError):
+            outputs.send(CoreFailed(message.strip().splitlines()[-1]))
+        raise SystemExit(1) from None
+    finally:
+        core.shutdown()
+
+
+class CoreLoop:
+    """Drives one :class:`EngineCore` from messages; see the module docstring."""
+
+    def __init__(self, core, inputs: Connection, outputs: Connection) -> None:
+        self.core = core
+        self.inputs = inputs
+        self.outputs = outputs
+        #: Core request ids that have been scheduled at least once and not yet finished.
+        self.seen_scheduled: set[str] = set()
+
+    def run(self) -> None:
+        while True:
+            if not self.core.has_unfinished_requests():
+                self.inputs.poll(None)  # idle: sleep until a message (or EOF) arrives
+            rejected: list[tuple[str, str]] = []
+            if not self._drain_inputs(rejected):
+                return
+            step_start = time.monotonic()
+            step_outputs = self.core.step() if self.core.has_unfinished_requests() else []
+            scheduled = self._newly_scheduled(step_start, step_outputs)
+            self.outputs.send(CoreStep(step_outputs, self.core.stats(), scheduled, rejected))
+
+    def _drain_inputs(self, rejected: list[tuple[str, str]]) -> bool:
+        """Apply every waiting message; False on shutdown or when the server is gone."""
+        while self.inputs.poll(0):
+            try:
+                message = self.inputs.recv()
+            except EOFError:
+                return False
+            if isinstance(message, AddRequests):
+                self._add(message, rejected)
+            elif isinstance(message, FinishRequests):
+                self.core.finish_requests(message.core_request_ids, message.status)
+                self.seen_scheduled.difference_update(message.core_request_ids)
+            elif isinstance(message, Shutdown):
+                return False
+            else:
+                logger.error("unknown message %r ignored", type(message).__name__)
+        return True
+
+    def _add(self, message: AddRequests, rejected: list[tuple[str, str]]) -> None:
+        added: list[str] = []
+        try:
+            for core_request in message.core_requests:
+                self.core.add_request(core_request)
+                added.append(core_request.request_id)
+        except Exception as error:  # one bad request must not end the core
+            self.core.abort_requests(added)
+            rejected.append((message.request_id, str(error) or type(error).__name__))
+
+    def _newly_scheduled(self, step_start: float, step_outputs: list[EngineCoreOutput]):
+        scheduled: dict[str, float] = {}
+        for request_id in self.core.running_request_ids():
+            if request_id not in self.seen_scheduled:
+                self.seen_scheduled.add(request_id)
+                scheduled[request_id] = step_start
+        for output in step_outputs:
+            if output.request_id not in self.seen_scheduled and output.finished:
+                scheduled[output.request_id] = step_start
+            if output.finished:
+                self.seen_scheduled.discard(output.request_id)
+        return scheduled

@@ -1,0 +1,92 @@
+"""The FastAPI application: routers per area, OpenAI error bodies, auth on ``/v1/*``, an
+in-flight counter that also refuses new work while draining, and a lifespan that loads the
+model in the background (probes answer while it loads) and stops the engine core at exit."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+from fastapi import Depends, FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from metroline.engine.config import EngineConfig
+from metroline.engine.server.args import ServerArgs
+from metroline.engine.server.auth import require_api_key
+from metroline.engine.server.errors import install_error_handlers, unavailable
+from metroline.engine.server.routers import chat, completions, health, models
+from metroline.engine.server.state import ServerState
+
+
+class InFlightMiddleware:
+    """Counts ``/v1/*`` requests from arrival until their last byte is sent (streams
+    included); while draining, answers new ones 503 with ``Retry-After`` at once."""
+
+    def __init__(self, app, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        if self.state.readiness.draining:
+            response = unavailable(
+                "the server is shutting down; retry on another replica", "draining"
+            )
+            await response.response()(scope, receive, send)
+            return
+        self.state.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.in_flight -= 1
+
+
+def build_app(
+    config: EngineConfig, args: ServerArgs, request_exit: Callable[[int], None] | None = None
+) -> FastAPI:
+    """``request_exit(code)`` is how the app asks its HTTP server to stop (drain done: 0,
+    engine core dead: 1)."""
+    state = ServerState(config, args, request_exit)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.start()
+        try:
+            yield
+        finally:
+            await state.shutdown()
+
+    app = FastAPI(
+        title="Metroline",
+        summary="OpenAI-compatible LLM serving",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.server = state
+    install_error_handlers(app)
+    app.add_middleware(InFlightMiddleware, state=state)
+    app.include_router(health.router, tags=["probes"])
+    protected = [Depends(require_api_key)]
+    app.include_router(models.router, dependencies=protected, tags=["openai"])
+    app.include_router(completions.router, dependencies=protected, tags=["openai"])
+    app.include_router(chat.router, dependencies=protected, tags=["openai"])
+    app.openapi = lambda: _openapi(app)
+    return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, minus its 422 responses: validation errors are 400s here."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, summary=app.summary, routes=app.routes
+        )
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        components = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -1,0 +1,24 @@
+"""OpenAPI descriptions of the error responses every route may give."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from metroline.engine.server.protocol import ErrorResponse
+
+_ERROR = {"model": ErrorResponse}
+
+GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "description": "JSON, or server-sent events ending in `data: [DONE]` when streaming.",
+    },
+    400: {**_ERROR, "description": "Malformed request or out-of-range parameter."},
+    401: {**_ERROR, "description": "Missing or wrong API key."},
+    404: {**_ERROR, "description": "Unknown model."},
+    503: {**_ERROR, "description": "Loading, draining or overloaded; see Retry-After."},
+}
+
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {**_ERROR, "description": "Missing or wrong API key."},
+}

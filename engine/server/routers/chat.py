@@ -1,0 +1,172 @@
+"""``POST /v1/chat/completions``: the tokenizer's chat template turns ``messages`` into one
+prompt (with the generation prompt added); ``n`` choices come from one engine request."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from metroline.engine.async_llm import AsyncLLM
+from metroline.engine.input_processor import ProcessedPrompt
+from metroline.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from metroline.engine.server import serving
+from metroline.engine.server.errors import bad_request
+from metroline.engine.server.logprobs import chat_logprobs
+from metroline.engine.server.protocol_chat import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    ChoiceLogprobs,
+    DeltaMessage,
+)
+from metroline.engine.server.responses import GENERATION_RESPONSES
+from metroline.engine.server.state import ServerState
+from metroline.engine.server.streaming import StreamCursors
+
+router = APIRouter()
+
+
+def render_prompt(engine: AsyncLLM, body: ChatCompletionRequest) -> str:
+    tokenizer = engine.tokenizer
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise bad_request("this model has no chat template; use /v1/completions", param="messages")
+    conversation: list[dict[str, Any]] = [
+        {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+        for m in body.messages
+    ]
+    try:
+        return tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=True
+        )
+    except Exception as error:  # a template may reject any conversation
+        raise bad_request(f"the chat template rejected the messages: {error}", "messages") from None
+
+
+def _check(body: ChatCompletionRequest) -> None:
+    serving.reject_unsupported(body)
+    if body.tools:
+        raise bad_request("tools are not supported", param="tools")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise bad_request("only response_format type 'text' is supported", "response_format")
+    if body.top_logprobs and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses=GENERATION_RESPONSES,
+    summary="Create a chat completion",
+)
+async def create_chat_completion(
+    body: ChatCompletionRequest,
+    raw_request: Request,
+    state: serving.StateDep,
+) -> Response:
+    engine = serving.admit(state, body.model)
+    _check(body)
+    prompt = render_prompt(engine, body)
+    try:
+        token_ids = list(engine.tokenizer(prompt, add_special_tokens=False).input_ids)
+    except Exception as error:
+        raise bad_request(f"could not tokenise the messages: {error}", "messages") from None
+    requested, param = body.max_completion_tokens, "max_completion_tokens"
+    if requested is None and body.max_tokens is not None:
+        requested, param = body.max_tokens, "max_tokens"
+    max_len = state.config.model.max_model_len
+    max_tokens = serving.resolve_max_tokens(requested, len(token_ids), max_len, param)
+    num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = serving.sampling_params(
+        body, max_tokens, num_logprobs, {"max_tokens": param, "logprobs": "top_logprobs"}
+    )
+    request_id = serving.new_request_id("chatcmpl")
+    processed = serving.process(engine, request_id, token_ids, params, "messages", prompt)
+    if body.stream:
+        return StreamingResponse(_stream(state, body, processed), media_type="text/event-stream")
+    try:
+        (output,) = await serving.final_outputs(engine, [processed], raw_request)
+    except serving.ClientGone:
+        return Response(status_code=499)
+    return JSONResponse(_response(state, body, output).model_dump())
+
+
+def _logprobs(
+    state: ServerState, body: ChatCompletionRequest, token_ids: list[int], positions
+) -> ChoiceLogprobs | None:
+    if not body.logprobs or positions is None:
+        return None
+    k = body.top_logprobs or 0
+    return ChoiceLogprobs(content=chat_logprobs(state.engine.tokenizer, token_ids, positions, k))
+
+
+def _choice(state: ServerState, body: ChatCompletionRequest, c: CompletionOutput) -> ChatChoice:
+    return ChatChoice(
+        index=c.index,
+        message=ChatMessageOut(content=c.text),
+        logprobs=_logprobs(state, body, c.token_ids, c.logprobs),
+        finish_reason=c.finish_reason,
+        stop_reason=c.stop_reason,
+    )
+
+
+def _response(
+    state: ServerState, body: ChatCompletionRequest, output: RequestOutput
+) -> ChatCompletionResponse:
+    return ChatCompletionResponse(
+        id=output.request_id,
+        model=body.model,
+        choices=[_choice(state, body, c) for c in output.outputs],
+        usage=serving.usage_of([output]),
+    )
+
+
+async def _stream(
+    state: ServerState, body: ChatCompletionRequest, processed: ProcessedPrompt
+) -> AsyncIterator[str]:
+    request_id = processed.request_id
+
+    def chunk(choices: list[ChatChunkChoice], usage=None) -> str:
+        return serving.sse(
+            ChatCompletionChunk(id=request_id, model=body.model, choices=choices, usage=usage)
+        )
+
+    yield chunk(
+        [
+            ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+            for i in range(body.n)
+        ]
+    )
+    cursors = StreamCursors()
+    final: RequestOutput | None = None
+    try:
+        async for _, output in serving.merged(state.engine, [processed]):
+            choices = []
+            for c in output.outputs:
+                delta = cursors.advance(c.index, c)
+                if delta is None:
+                    continue
+                positions: list[PositionLogprobs] | None = delta.logprobs
+                choices.append(
+                    ChatChunkChoice(
+                        index=c.index,
+                        delta=DeltaMessage(content=delta.text or None),
+                        logprobs=_logprobs(state, body, delta.token_ids, positions),
+                        finish_reason=delta.finish_reason,
+                    )
+                )
+            if choices:
+                yield chunk(choices)
+            if output.finished:
+                final = output
+    except serving.STREAM_ERRORS as error:
+        yield serving.stream_error(error)
+    else:
+        if body.include_usage and final is not None:
+            yield chunk([], usage=serving.usage_of([final]))
+    yield "data: [DONE]\n\n"

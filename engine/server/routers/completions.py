@@ -1,0 +1,152 @@
+"""``POST /v1/completions``: one engine request per prompt, ``n`` choices each; choice
+``i`` of prompt ``p`` has index ``p * n + i``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from metroline.engine.input_processor import ProcessedPrompt
+from metroline.engine.outputs import RequestOutput
+from metroline.engine.server import serving
+from metroline.engine.server.errors import bad_request
+from metroline.engine.server.logprobs import completion_logprobs
+from metroline.engine.server.protocol import PromptTokensDetails, UsageInfo
+from metroline.engine.server.protocol_completions import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+)
+from metroline.engine.server.responses import GENERATION_RESPONSES
+from metroline.engine.server.state import ServerState
+from metroline.engine.server.streaming import StreamCursors
+
+router = APIRouter()
+
+
+def _prompts(prompt: str | list) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise bad_request("prompt must not be empty", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return list(prompt)
+
+
+@router.post(
+    "/v1/completions",
+    response_model=CompletionResponse,
+    responses=GENERATION_RESPONSES,
+    summary="Create a completion (OpenAI legacy completions API)",
+)
+async def create_completion(
+    body: CompletionRequest,
+    raw_request: Request,
+    state: serving.StateDep,
+) -> Response:
+    engine = serving.admit(state, body.model)
+    serving.reject_unsupported(body)
+    if body.echo:
+        raise bad_request("echo is not supported", param="echo")
+    if body.suffix:
+        raise bad_request("suffix is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise bad_request("best_of must equal n (or be left out)", param="best_of")
+    request_id = serving.new_request_id("cmpl")
+    max_len = state.config.model.max_model_len
+    processed: list[ProcessedPrompt] = []
+    prompts = _prompts(body.prompt)
+    for index, prompt in enumerate(prompts):
+        token_ids = serving.tokenize(engine, prompt, "prompt")
+        max_tokens = serving.resolve_max_tokens(
+            body.max_tokens, len(token_ids), max_len, "max_tokens"
+        )
+        params = serving.sampling_params(body, max_tokens, body.logprobs, {})
+        text = prompt if isinstance(prompt, str) else None
+        engine_id = request_id if len(prompts) == 1 else f"{request_id}-{index}"
+        processed.append(serving.process(engine, engine_id, token_ids, params, "prompt", text))
+    if body.stream:
+        return StreamingResponse(
+            _stream(state, body, request_id, processed), media_type="text/event-stream"
+        )
+    try:
+        outputs = await serving.final_outputs(engine, processed, raw_request)
+    except serving.ClientGone:
+        return Response(status_code=499)
+    return JSONResponse(_response(state, body, request_id, outputs).model_dump())
+
+
+def _response(
+    state: ServerState, body: CompletionRequest, request_id: str, outputs: list[RequestOutput]
+) -> CompletionResponse:
+    tokenizer = state.engine.tokenizer
+    choices = []
+    for p, output in enumerate(outputs):
+        for c in output.outputs:
+            logprobs = None
+            if body.logprobs is not None and c.logprobs is not None:
+                logprobs = completion_logprobs(tokenizer, c.token_ids, c.logprobs, body.logprobs)
+            choices.append(
+                CompletionChoice(
+                    index=p * body.n + c.index,
+                    text=c.text,
+                    logprobs=logprobs,
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                )
+            )
+    return CompletionResponse(
+        id=request_id, model=body.model, choices=choices, usage=serving.usage_of(outputs)
+    )
+
+
+async def _stream(
+    state: ServerState, body: CompletionRequest, request_id: str, processed: list[ProcessedPrompt]
+) -> AsyncIterator[str]:
+    tokenizer = state.engine.tokenizer
+    cursors = StreamCursors()
+    usage = UsageInfo(prompt_tokens_details=PromptTokensDetails())
+    try:
+        async for p, output in serving.merged(state.engine, processed):
+            choices = []
+            for c in output.outputs:
+                index = p * body.n + c.index
+                delta = cursors.advance(index, c)
+                if delta is None:
+                    continue
+                logprobs = None
+                if body.logprobs is not None and delta.logprobs is not None:
+                    logprobs = completion_logprobs(
+                        tokenizer, delta.token_ids, delta.logprobs, body.logprobs, delta.text_offset
+                    )
+                choices.append(
+                    CompletionChoice(
+                        index=index,
+                        text=delta.text,
+                        logprobs=logprobs,
+                        finish_reason=delta.finish_reason,
+                        stop_reason=delta.stop_reason,
+                    )
+                )
+            if output.finished:
+                done = serving.usage_of([output])
+                usage.prompt_tokens += done.prompt_tokens
+                usage.completion_tokens += done.completion_tokens
+                cached = done.prompt_tokens_details.cached_tokens
+                usage.prompt_tokens_details.cached_tokens += cached
+            if choices:
+                yield serving.sse(
+                    CompletionResponse(id=request_id, model=body.model, choices=choices)
+                )
+    except serving.STREAM_ERRORS as error:
+        yield serving.stream_error(error)
+    else:
+        if body.include_usage:
+            usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+            yield serving.sse(
+                CompletionResponse(id=request_id, model=body.model, choices=[], usage=usage)
+            )
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,283 @@
+"""What both generation endpoints do: admit a request, turn its fields into sampling
+parameters and a validated engine request, and run it (to the end, or as a stream) while
+watching for the client to go away."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Annotated
+
+from fastapi import Depends, Request
+from pydantic import BaseModel
+
+from metroline.engine.async_llm import (
+    AsyncLLM,
+    EngineDeadError,
+    RequestAbortedError,
+    RequestRejectedError,
+)
+from metroline.engine.input_processor import ProcessedPrompt
+from metroline.engine.outputs import RequestOutput
+from metroline.engine.sampling_params import SamplingParams
+from metroline.engine.server.errors import OpenAIError, bad_request, unavailable
+from metroline.engine.server.protocol import PromptTokensDetails, SamplingFields, UsageInfo
+from metroline.engine.server.state import ServerState
+
+_FIELD = re.compile(r"^(\w+)")
+_SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was ready."""
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+#: Route parameter type for the server state (``state: StateDep``).
+StateDep = Annotated[ServerState, Depends(get_state)]
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def admit(state: ServerState, model: str) -> AsyncLLM:
+    """The engine, if this request may go to it now; else the right 404 or 503."""
+    if model not in state.args.served_model_names:
+        raise OpenAIError(
+            404,
+            f"the model {model!r} does not exist; this server serves "
+            + ", ".join(repr(n) for n in state.args.served_model_names),
+            param="model",
+            code="model_not_found",
+        )
+    readiness = state.readiness
+    if readiness.dead_reason is not None:
+        raise unavailable(f"the engine is not available: {readiness.dead_reason}", "engine_dead")
+    if readiness.draining:
+        raise unavailable("the server is shutting down; retry on another replica", "draining")
+    if not readiness.loaded or state.engine is None:
+        raise unavailable("the model is still loading; retry shortly", "loading")
+    limit = state.args.max_waiting_requests
+    if limit is not None and state.engine.num_unscheduled >= limit:
+        raise unavailable(
+            f"the server is overloaded: {state.engine.num_unscheduled} requests are waiting "
+            f"(limit {limit}); retry shortly",
+            "overloaded",
+        )
+    return state.engine
+
+
+def reject_unsupported(body: SamplingFields) -> None:
+    if body.logit_bias:
+        raise bad_request("logit_bias is not supported", param="logit_bias")
+    if body.stop_token_ids and any(t < 0 for t in body.stop_token_ids):
+        raise bad_request("stop_token_ids must be token ids >= 0", param="stop_token_ids")
+
+
+def resolve_max_tokens(
+    requested: int | None, prompt_len: int, max_model_len: int, param: str
+) -> int:
+    """Tokens the request may generate; 400 when the prompt and ``requested`` do not fit."""
+    room = max_model_len - prompt_len
+    if room < 1:
+        raise bad_request(
+            f"this model's maximum context length is {max_model_len} tokens, but the prompt "
+            f"has {prompt_len} tokens: the prompt plus at least one generated token must fit",
+            param="prompt" if param == "max_tokens" else "messages",
+            code="context_length_exceeded",
+        )
+    if requested is None:
+        return room
+    if requested > room:
+        raise bad_request(
+            f"this model's maximum context length is {max_model_len} tokens, but you asked "
+            f"for {prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} "
+            f"for the completion); lower {param} to at most {room}",
+            param=param,
+            code="context_length_exceeded",
+        )
+    return requested
+
+
+def sampling_params(
+    body: SamplingFields, max_tokens: int, logprobs: int | None, aliases: dict[str, str]
+) -> SamplingParams:
+    """``aliases`` maps engine field names to the request's (e.g. max_tokens)."""
+    fields = {
+        "n": body.n,
+        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "top_p": 1.0 if body.top_p is None else body.top_p,
+        "top_k": -1 if body.top_k is None else body.top_k,
+        "min_p": 0.0 if body.min_p is None else body.min_p,
+        "presence_penalty": body.presence_penalty or 0.0,
+        "frequency_penalty": body.frequency_penalty or 0.0,
+        "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        "seed": body.seed,
+        "stop": body.stop,
+        "stop_token_ids": body.stop_token_ids,
+        "max_tokens": max_tokens,
+        "min_tokens": body.min_tokens,
+        "ignore_eos": body.ignore_eos,
+        "logprobs": logprobs,
+        "skip_special_tokens": body.skip_special_tokens,
+    }
+    try:
+        return SamplingParams(**fields)
+    except ValueError as error:
+        raise bad_request(str(error), param=_param_of(str(error), aliases)) from None
+
+
+def process(
+    engine: AsyncLLM,
+    request_id: str,
+    token_ids: list[int],
+    params: SamplingParams,
+    prompt_param: str,
+    prompt_text: str | None = None,
+) -> ProcessedPrompt:
+    try:
+        processed = engine.input_processor.process(request_id, token_ids, params, time.monotonic())
+    except ValueError as error:
+        raise bad_request(str(error), param=prompt_param) from None
+    processed.prompt = prompt_text
+    return processed
+
+
+def tokenize(engine: AsyncLLM, prompt: str | list[int], param: str) -> list[int]:
+    try:
+        return engine.input_processor.tokenize(prompt)[1]
+    except ValueError as error:
+        raise bad_request(str(error), param=param) from None
+
+
+def _param_of(message: str, aliases: dict[str, str]) -> str | None:
+    match = _FIELD.match(message)
+    if match is None or match.group(1) not in _SAMPLING_FIELDS:
+        return None
+    return aliases.get(match.group(1), match.group(1))
+
+
+def usage_of(outputs: Sequence[RequestOutput]) -> UsageInfo:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    cached = sum(o.num_cached_tokens for o in outputs)
+    return UsageInfo(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
+
+
+def sse(payload: BaseModel | dict | str) -> str:
+    if isinstance(payload, BaseModel):
+        payload = payload.model_dump_json(exclude_unset=False)
+    elif isinstance(payload, dict):
+        import json
+
+        payload = json.dumps(payload)
+    return f"data: {payload}\n\n"
+
+
+def stream_error(error: Exception) -> str:
+    if isinstance(error, EngineDeadError):
+        status, kind = 503, "service_unavailable"
+    elif isinstance(error, RequestRejectedError):
+        status, kind = 400, "invalid_request_error"
+    else:
+        status, kind = 503, "service_unavailable"
+    return sse({"error": {"message": str(error), "type": kind, "param": None, "code": status}})
+
+
+STREAM_ERRORS = (EngineDeadError, RequestRejectedError, RequestAbortedError)
+
+
+def engine_error(error: Exception) -> OpenAIError:
+    if isinstance(error, RequestRejectedError):
+        return bad_request(str(error))
+    return unavailable(
+        str(error), "engine_dead" if isinstance(error, EngineDeadError) else "aborted"
+    )
+
+
+async def final_outputs(
+    engine: AsyncLLM, processed: Sequence[ProcessedPrompt], request: Request
+) -> list[RequestOutput]:
+    """Run every prompt to its end; abort all of them if the client disconnects."""
+
+    async def run_one(p: ProcessedPrompt) -> RequestOutput:
+        async with contextlib.aclosing(engine.generate(p, stream=False)) as outputs:
+            async for output in outputs:
+                if output.finished:
+                    return output
+        raise RequestAbortedError("the request ended without output")
+
+    async def run_all() -> list[RequestOutput]:
+        return list(await asyncio.gather(*(run_one(p) for p in processed)))
+
+    work = asyncio.ensure_future(run_all())
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+    if work.cancelled():
+        raise ClientGone()
+    try:
+        return work.result()
+    except STREAM_ERRORS as error:
+        raise engine_error(error) from None
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def merged(
+    engine: AsyncLLM, processed: Sequence[ProcessedPrompt]
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Stream several requests at once as ``(index, output)``; closing it aborts them all."""
+    if len(processed) == 1:
+        async with contextlib.aclosing(engine.generate(processed[0], stream=True)) as outputs:
+            async for output in outputs:
+                yield 0, output
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, p: ProcessedPrompt) -> None:
+        try:
+            async with contextlib.aclosing(engine.generate(p, stream=True)) as outputs:
+                async for output in outputs:
+                    queue.put_nowait((index, output))
+        except Exception as error:  # handed to the consumer
+            queue.put_nowait((index, error))
+
+    tasks = [asyncio.ensure_future(pump(i, p)) for i, p in enumerate(processed)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.finished:
+                remaining -= 1
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,144 @@
+"""Everything one server process shares between requests: the engine client, readiness,
+metrics, the in-flight count, and the drain and exit logic."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Callable
+
+from metroline.engine.async_llm import AsyncLLM
+from metroline.engine.config import EngineConfig
+from metroline.engine.request_events import EngineObserver, FinishedRequest
+from metroline.engine.scheduler import SchedulerStats
+from metroline.engine.server.args import ServerArgs
+from metroline.engine.server.logs import configure_logging, log_finished_request
+from metroline.engine.server.metrics import ServerMetrics
+from metroline.engine.server.readiness import Readiness
+from metroline.engine.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+#: After the engine core dies, keep answering /health with 503 this long before exiting.
+DEAD_EXIT_DELAY_S = 1.0
+
+
+class ServerState(EngineObserver):
+    """Invariants: ``engine`` is set once the tokenizer is loaded and stays set; once
+    ``readiness.draining`` is True it never turns False; ``request_exit`` is called at most
+    once per reason (drain done: 0, engine dead: 1)."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        args: ServerArgs,
+        request_exit: Callable[[int], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.args = args
+        self.engine: AsyncLLM | None = None
+        self.metrics = ServerMetrics(args.model_name)
+        self.readiness = Readiness(
+            kv_high=args.ready_kv_threshold,
+            kv_low=args.kv_low_watermark,
+            max_waiting=args.ready_max_waiting,
+        )
+        self.in_flight = 0
+        self.started_at = time.time()
+        self._request_exit = request_exit or (lambda code: logger.info("exit %d requested", code))
+        self._tasks: set[asyncio.Task] = set()
+
+    # ---- engine observer -------------------------------------------------------------------
+
+    def on_step(self, stats: SchedulerStats, num_generated_tokens: int) -> None:
+        self.metrics.on_step(stats, num_generated_tokens)
+        self.readiness.update(stats)
+
+    def on_request_finished(self, request: FinishedRequest) -> None:
+        self.metrics.on_request_finished(request)
+        log_finished_request(request)
+
+    # ---- life cycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load in the background: probes answer while the model loads."""
+        self._spawn(self._load())
+
+    async def _load(self) -> None:
+        started = time.monotonic()
+        try:
+            tokenizer = None
+            if self.config.model.has_tokenizer:
+                tokenizer = await asyncio.to_thread(load_tokenizer, self.config.model.path)
+            log_setup = functools.partial(
+                configure_logging, self.args.log_level, self.args.log_format
+            )
+            self.engine = AsyncLLM(self.config, tokenizer, self, log_setup)
+            self.engine.on_dead(self._on_engine_dead)
+            await self.engine.start()
+        except Exception as error:  # any failure to load is fatal
+            self._on_engine_dead(f"{type(error).__name__}: {error}")
+            return
+        self.readiness.loaded = True
+        logger.info(
+            "model %s ready in %.1f s",
+            self.args.model_name,
+            time.monotonic() - started,
+            extra={"fields": {"kv_blocks": self.engine.num_blocks}},
+        )
+
+    def _on_engine_dead(self, reason: str) -> None:
+        if self.readiness.dead_reason is not None:
+            return
+        self.readiness.dead_reason = reason
+        logger.error("engine core is dead (%s); exiting with status 1", reason)
+        self._spawn(self._exit_later(1, DEAD_EXIT_DELAY_S))
+
+    def begin_drain(self) -> None:
+        """SIGTERM: unready at once, refuse new requests, let in-flight ones finish."""
+        if self.readiness.draining:
+            return
+        self.readiness.draining = True
+        logger.info(
+            "draining: %d requests in flight, up to %.0f s", self.in_flight, self.args.drain_timeout
+        )
+        self._spawn(self._drain())
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.args.drain_timeout
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.in_flight:
+            logger.warning("drain timeout: aborting %d requests", self.in_flight)
+            if self.engine is not None:
+                self.engine.abort_all()
+            grace = time.monotonic() + 2.0
+            while self.in_flight and time.monotonic() < grace:
+                await asyncio.sleep(0.05)
+        logger.info("drained; exiting")
+        self._request_exit(0)
+
+    async def _exit_later(self, code: int, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._request_exit(code)
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.engine is not None:
+            await self.engine.shutdown()
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_task_error)
+
+
+def _log_task_error(task: asyncio.Task) -> None:
+    with contextlib.suppress(asyncio.CancelledError):
+        if task.exception() is not None:
+            logger.error("background task failed", exc_info=task.exception())
