@@ -1,0 +1,266 @@
+"""Offline throughput: W1 (mixed), W2 (nano-vllm's shape), W4 (prefill) - BENCHMARKS.md.
+
+``python -P benchmarks/throughput.py --model llama3-8b --workload W1 [--backend hf] [--tp 2]``
+
+Measures the card's copy bandwidth and bf16 matmul rate first, then runs the workload on
+Metroline (``load_format="dummy"``) or on transformers ``generate()`` with static,
+left-padded batches (random init of the same config; only requested tokens are counted).
+Prints one table last and writes a JSON file with the environment and every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import copy_bandwidth, environment, gpu_slug, matmul_flops
+from roofline import prefill_flops, w1_roofline_seconds
+from shapes import SHAPES, weight_bytes, write_shape
+from workloads import Workload, make_workload
+
+logger = logging.getLogger("throughput")
+
+
+def run_metroline(shape_dir: Path, workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
+    from metroline.engine import LLM, SamplingParams
+
+    started = time.perf_counter()
+    llm = LLM(
+        model=str(shape_dir),
+        load_format="dummy",
+        dtype=args.dtype,
+        tensor_parallel_size=args.tp,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
+    )
+    init_s = time.perf_counter() - started
+    params = [
+        SamplingParams(temperature=workload.temperature, max_tokens=n, ignore_eos=True, seed=i)
+        for i, n in enumerate(workload.output_lens)
+    ]
+    warm = min(16, len(params))
+    llm.generate(workload.prompts[:warm], params[:warm], use_tqdm=False)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    outputs = llm.generate(workload.prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - started
+    produced = sum(len(o.outputs[0].token_ids) for o in outputs)
+    assert produced == workload.num_output_tokens, (produced, workload.num_output_tokens)
+    core = llm.engine_core
+    result = {
+        "init_s": init_s,
+        "elapsed_s": elapsed,
+        "kv_blocks": core.num_blocks,
+        "kv_tokens": core.num_blocks * llm.config.cache.block_size,
+        "num_preemptions": core.stats().num_preemptions,
+        "peak_gpu_memory_gib": torch.cuda.max_memory_reserved() / 2**30,
+    }
+    llm.shutdown()
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def run_hf(shape_dir: Path, workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(shape_dir))
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+    model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    count = min(args.hf_max_requests or len(workload.prompts), len(workload.prompts))
+    prompts, output_lens = workload.prompts[:count], workload.output_lens[:count]
+    batch = args.hf_batch_size
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    index = 0
+    while index < count:
+        chunk = prompts[index : index + batch]
+        lens = output_lens[index : index + batch]
+        width = max(len(p) for p in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, prompt in enumerate(chunk):  # left padding
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+        try:
+            with torch.no_grad():
+                model.generate(
+                    ids.cuda(),
+                    attention_mask=mask.cuda(),
+                    max_new_tokens=max(lens),
+                    min_new_tokens=max(lens),
+                    do_sample=workload.temperature > 0,
+                    temperature=workload.temperature or None,
+                    top_p=None,
+                    top_k=None,
+                )
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+            batch //= 2
+            logger.warning("transformers ran out of memory; batch size now %d", batch)
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
+        index += len(chunk)
+    elapsed = time.perf_counter() - started
+    result = {
+        "elapsed_s": elapsed,
+        "requests": count,
+        "batch_size": batch,
+        "prompt_tokens": sum(len(p) for p in prompts),
+        "output_tokens": sum(output_lens),
+        "peak_gpu_memory_gib": torch.cuda.max_memory_reserved() / 2**30,
+    }
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama3-8b", choices=sorted(SHAPES))
+    parser.add_argument("--workload", default="W1", choices=["W1", "W2", "W4"])
+    parser.add_argument("--backend", default="metroline", choices=["metroline", "hf", "both"])
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--num-requests", type=int, default=None)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--hf-max-requests", type=int, default=None)
+    parser.add_argument("--hf-batch-size", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=Path("."))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    env = environment()
+    bandwidth, matmul = copy_bandwidth(), matmul_flops()
+    workload = make_workload(args.workload, SHAPES[args.model]["vocab_size"], args.num_requests)
+    record: dict[str, Any] = {
+        "benchmark": "throughput",
+        "environment": env,
+        "parameters": vars(args) | {"out": str(args.out)},
+        "ceilings": {"copy_bytes_per_s": bandwidth, "bf16_flops": matmul},
+        "workload": {
+            "name": workload.name,
+            "requests": len(workload.prompts),
+            "prompt_tokens": workload.num_prompt_tokens,
+            "output_tokens": workload.num_output_tokens,
+        },
+    }
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        shape_dir = write_shape(args.model, Path(tmp) / args.model)
+        backends = ["metroline", "hf"] if args.backend == "both" else [args.backend]
+        for backend in backends:
+            if backend == "metroline":
+                result = run_metroline(shape_dir, workload, args)
+                requests, prompt_tokens, output_tokens = (
+                    len(workload.prompts),
+                    workload.num_prompt_tokens,
+                    workload.num_output_tokens,
+                )
+            else:
+                result = run_hf(shape_dir, workload, args)
+                requests, prompt_tokens, output_tokens = (
+                    result["requests"],
+                    result["prompt_tokens"],
+                    result["output_tokens"],
+                )
+            elapsed = result["elapsed_s"]
+            result |= {
+                "requests_per_s": requests / elapsed,
+                "output_tokens_per_s": output_tokens / elapsed,
+                "total_tokens_per_s": (prompt_tokens + output_tokens) / elapsed,
+            }
+            if backend == "metroline" and workload.name == "W1":
+                roof = w1_roofline_seconds(
+                    args.model,
+                    [len(p) for p in workload.prompts],
+                    workload.output_lens,
+                    result["kv_tokens"] * args.tp,
+                    args.max_num_seqs,
+                    bandwidth * args.tp,
+                    matmul * args.tp,
+                )
+                result["roofline"] = roof | {"fraction_achieved": roof["total_s"] / elapsed}
+            if backend == "metroline" and workload.name == "W4":
+                flops = prefill_flops(args.model, [len(p) for p in workload.prompts])
+                result["matmul_fraction"] = flops / elapsed / (matmul * args.tp)
+            record[backend] = result
+            rows.append((backend, result))
+    if "metroline" in record and "hf" in record:
+        record["speedup_output_tokens_per_s"] = (
+            record["metroline"]["output_tokens_per_s"] / record["hf"]["output_tokens_per_s"]
+        )
+    name = (
+        "-".join(
+            [
+                time.strftime("%Y-%m-%d"),
+                gpu_slug(env["gpu"]),
+                args.workload,
+                args.model,
+                f"tp{args.tp}",
+                args.backend,
+            ]
+        )
+        + ".json"
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / name).write_text(json.dumps(record, indent=2))
+
+    print(
+        f"\n{workload.name} on {args.model} (TP={args.tp}), {env['gpu']}; copy "
+        f"{bandwidth / 1e12:.2f} TB/s, bf16 {matmul / 1e12:.0f} TFLOP/s; weights "
+        f"{weight_bytes(args.model) / 1e9:.1f} GB"
+    )
+    print(
+        f"{'backend':10s} {'req/s':>8s} {'out tok/s':>10s} {'total tok/s':>12s} "
+        f"{'wall s':>8s} {'peak GiB':>9s}"
+    )
+    for backend, r in rows:
+        print(
+            f"{backend:10s} {r['requests_per_s']:8.2f} {r['output_tokens_per_s']:10.0f} "
+            f"{r['total_tokens_per_s']:12.0f} {r['elapsed_s']:8.1f} {r['peak_gpu_memory_gib']:9.1f}"
+        )
+    if "roofline" in record.get("metroline", {}):
+        roof = record["metroline"]["roofline"]
+        print(
+            f"W1 roofline: batch {roof['batch']}, prefill {roof['prefill_s']:.1f} s + decode "
+            f"{roof['decode_s']:.1f} s = {roof['total_s']:.1f} s; achieved "
+            f"{roof['fraction_achieved']:.0%}"
+        )
+    if "matmul_fraction" in record.get("metroline", {}):
+        print(f"W4 prefill: {record['metroline']['matmul_fraction']:.0%} of the bf16 matmul rate")
+    if "speedup_output_tokens_per_s" in record:
+        print(
+            "Metroline / transformers output throughput: "
+            f"{record['speedup_output_tokens_per_s']:.1f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
