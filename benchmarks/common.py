@@ -37,7 +37,7 @@ def median_ms(fn: Callable[[], Any], *, warmup: int = 5, reps: int = 30, inner: 
     return statistics.median(times)
 
 
-def graph_median_ms(fn: Callable[[], Any], *, replays: int = 20) -> float:
+def graph_median_ms(fn: Callable[[], Any], *, replays: int = 30) -> float:
     """Median time of one replay of a CUDA graph that captured ``fn`` (launch gaps removed,
     as in the engine's decode steps). ``fn`` must already be compiled (call it once first)."""
     side = torch.cuda.Stream()
@@ -48,7 +48,8 @@ def graph_median_ms(fn: Callable[[], Any], *, replays: int = 20) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    graph.replay()
+    for _ in range(10):  # untimed: clocks up, caches and TLBs warm
+        graph.replay()
     torch.cuda.synchronize()
     times = []
     for _ in range(replays):
