@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from metroline.engine.config import EngineConfig
+from metroline.engine.cuda_graphs import DecodeGraphs
 from metroline.engine.input_batch import (
     CachedRequestState,
     build_sampling_metadata,
@@ -38,6 +39,7 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.vocab_size = config.model.arch.vocab_size
         self.sampler = Sampler()
+        self.decode_graphs: DecodeGraphs | None = None
         self.states: dict[str, CachedRequestState] = {}
         # Outlive preemption: a resumed request continues its random stream.
         self.generators: dict[str, torch.Generator] = {}
@@ -78,7 +80,12 @@ class ModelRunner:
         if scheduled.is_empty:
             return empty
         inputs = build_step_inputs(scheduled, self.states, self.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        graphs = self.decode_graphs
+        num_tokens, num_seqs = inputs.input_ids.shape[0], len(scheduled.num_scheduled_tokens)
+        if graphs is not None and graphs.can_run(num_seqs, num_tokens):
+            hidden = graphs.run(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
         if not inputs.sampled_request_ids:
             return empty
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
@@ -86,6 +93,9 @@ class ModelRunner:
             return None
         logits = logits.float()
         states = [self.states[r] for r in inputs.sampled_request_ids]
+        if all(_plain_greedy(state) for state in states):
+            tokens = logits.argmax(dim=-1).tolist()
+            return ModelRunnerOutput(dict(zip(inputs.sampled_request_ids, tokens)), {})
         meta = build_sampling_metadata(states, self.vocab_size, self.device)
         result = self.sampler(logits, meta)
         tokens = result.sampled.tolist()
@@ -98,6 +108,14 @@ class ModelRunner:
                     tid: lp for tid, lp in entry.items() if tid == token or lp.rank <= wanted
                 }
         return ModelRunnerOutput(sampled, logprobs)
+
+    def capture_decode_graphs(self) -> float:
+        """Capture decode CUDA graphs (after the KV pool is bound); returns seconds taken."""
+        sched = self.config.scheduler
+        self.decode_graphs = DecodeGraphs(
+            self.model, sched.max_num_seqs, sched.max_model_len, self.block_size, self.device
+        )
+        return self.decode_graphs.capture()
 
     @torch.inference_mode()
     def profile_run(self) -> None:
@@ -112,3 +130,14 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[:rows])
         if logits is not None:
             torch.softmax(logits.float(), dim=-1).sort(dim=-1)
+
+
+def _plain_greedy(state: CachedRequestState) -> bool:
+    """Argmax of the raw logits is the whole answer: no penalties, bans or log-probs."""
+    params = state.sampling_params
+    return (
+        params.greedy
+        and not params.uses_penalties
+        and params.logprobs is None
+        and len(state.token_ids) - state.num_prompt_tokens >= params.min_tokens
+    )

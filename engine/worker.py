@@ -115,6 +115,8 @@ class Worker:
             layer.bind_kv_cache(key_cache, value_cache)
             self.key_caches.append(key_cache)
             self.value_caches.append(value_cache)
+        if self.device.type == "cuda" and not self.config.enforce_eager:
+            self.model_runner.capture_decode_graphs()
 
     def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput | None:
         """Run one step; only the driver (rank 0) returns sampled tokens."""

@@ -1,0 +1,217 @@
+"""W3 - decode roofline (BENCHMARKS.md): batch B in {1, 8, 32, 128, 256}, context C in
+{512, 2048}, timed over 128 decode steps of the whole engine (scheduler, model, sampler).
+
+``python -P benchmarks/decode.py --model llama3-8b [--profile]``
+
+A decode step must read the weights plus B*C*(KV bytes per token); the table gives time per
+step (batch 1: time per output token), the bytes/s achieved and their fraction of the copy
+bandwidth measured first. ``--profile`` records a torch-profiler breakdown of steady-state
+steps (batch 64, context 512) by kernel family.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import copy_bandwidth, environment, gpu_slug, matmul_flops
+from roofline import kv_bytes_per_token
+from shapes import SHAPES, weight_bytes, write_shape
+
+DECODE_STEPS = 128
+
+
+def run_case(llm: Any, batch: int, context: int, steps: int) -> dict[str, Any]:
+    """Prefill ``batch`` requests of ``context`` tokens, then time ``steps`` decode steps."""
+    from metroline.engine import SamplingParams
+    from metroline.engine.request import EngineCoreRequest
+
+    core = llm.engine_core
+    vocab = llm.config.model.arch.vocab_size
+    rng = random.Random(batch * 100_000 + context)
+    params = SamplingParams(temperature=0, max_tokens=steps + 2, ignore_eos=True)
+    ids = [f"w3-{batch}-{context}-{i}" for i in range(batch)]
+    for request_id in ids:
+        prompt = [rng.randrange(100, vocab - 1000) for _ in range(context)]
+        core.add_request(EngineCoreRequest(request_id, prompt, params))
+    while True:  # prefill until every request decodes
+        core.step()
+        if all(r.num_output_tokens >= 1 for r in core.scheduler.requests.values()):
+            break
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        outputs = core.step()
+        times.append(time.perf_counter() - started)
+        assert len(outputs) == batch, "a decode step must serve the whole batch"
+    core.abort_requests(ids)
+    core.step()
+    return {
+        "step_s_median": statistics.median(times),
+        "step_s_mean": statistics.mean(times),
+        "preemptions": core.stats().num_preemptions,
+    }
+
+
+def profile_steps(llm: Any, out: Path) -> dict[str, float]:
+    """Kernel-time breakdown of 10 steady-state decode steps at batch 64, context 512."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from metroline.engine import SamplingParams
+    from metroline.engine.request import EngineCoreRequest
+
+    core = llm.engine_core
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    for i in range(64):
+        core.add_request(EngineCoreRequest(f"prof-{i}", list(range(100, 612)), params))
+    for _ in range(20):
+        core.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
+        for _ in range(10):
+            core.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - started) / 10
+    prof.export_chrome_trace(str(out / "decode-profile-trace.json"))
+    families = {
+        "attention": ("paged_attention", "merge"),
+        "gemm": ("gemm", "nvjet", "cutlass", "sm90", "xmma"),
+        "norm": ("rms_norm",),
+        "rotary": ("rotary",),
+        "kv_write": ("kv_cache", "write_kv"),
+        "activation": ("silu",),
+        "nccl": ("nccl",),
+    }
+    totals: dict[str, float] = {"wall_ms_per_step": wall * 1e3}
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+        if not device_us or event.key.startswith("cuda"):
+            continue
+        family = next(
+            (f for f, keys in families.items() if any(k in event.key for k in keys)), "other"
+        )
+        totals[family] = totals.get(family, 0.0) + device_us / 1e3 / 10
+    (out / "decode-profile-table.txt").write_text(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+    )
+    core.abort_requests([f"prof-{i}" for i in range(64)])
+    core.step()
+    return totals
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama3-8b", choices=sorted(SHAPES))
+    parser.add_argument("--batches", default="1,8,32,128,256")
+    parser.add_argument("--contexts", default="512,2048")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("."))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    from metroline.engine import LLM
+
+    env = environment()
+    bandwidth, matmul = copy_bandwidth(), matmul_flops()
+    batches = [int(b) for b in args.batches.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_shape(args.model, Path(tmp) / args.model)
+        started = time.perf_counter()
+        llm = LLM(
+            model=str(path),
+            load_format="dummy",
+            dtype="bfloat16",
+            tensor_parallel_size=args.tp,
+            max_model_len=max(contexts) + DECODE_STEPS + 64,
+            max_num_seqs=max(batches),
+            enable_prefix_caching=False,
+            enforce_eager=args.enforce_eager,
+        )
+        init_s = time.perf_counter() - started
+        rows = []
+        weights = weight_bytes(args.model) / args.tp
+        per_token = kv_bytes_per_token(args.model) / args.tp
+        for context in contexts:
+            for batch in batches:
+                result = run_case(llm, batch, context, DECODE_STEPS)
+                mean_context = context + DECODE_STEPS / 2
+                step_bytes = weights + batch * mean_context * per_token
+                step = result["step_s_median"]
+                result |= {
+                    "batch": batch,
+                    "context": context,
+                    "bytes_per_step": step_bytes,
+                    "bytes_per_s": step_bytes / step,
+                    "bandwidth_fraction": step_bytes / step / bandwidth,
+                    "weight_floor_s": weights / bandwidth,
+                    "tokens_per_s": batch / step,
+                }
+                rows.append(result)
+        profile = profile_steps(llm, args.out) if args.profile else None
+        llm.shutdown()
+    record = {
+        "benchmark": "decode-W3",
+        "environment": env,
+        "parameters": vars(args) | {"out": str(args.out)},
+        "ceilings": {"copy_bytes_per_s": bandwidth, "bf16_flops": matmul},
+        "init_s": init_s,
+        "rows": rows,
+        "profile": profile,
+    }
+    name = (
+        "-".join(
+            [
+                time.strftime("%Y-%m-%d"),
+                gpu_slug(env["gpu"]),
+                "W3",
+                args.model,
+                f"tp{args.tp}",
+                "eager" if args.enforce_eager else "graphs",
+            ]
+        )
+        + ".json"
+    )
+    (args.out / name).write_text(json.dumps(record, indent=2))
+    print(
+        f"\nW3 decode on {args.model} (TP={args.tp}, "
+        f"{'eager' if args.enforce_eager else 'CUDA graphs'}), {env['gpu']}; copy "
+        f"{bandwidth / 1e12:.2f} TB/s; weight-read floor {weights / bandwidth * 1e3:.2f} ms; "
+        f"engine start {init_s:.1f} s"
+    )
+    print(
+        f"{'B':>4s} {'C':>5s} {'step ms':>8s} {'x floor':>8s} {'tok/s':>8s} "
+        f"{'TB/s':>6s} {'of copy':>8s}"
+    )
+    for r in rows:
+        print(
+            f"{r['batch']:4d} {r['context']:5d} {r['step_s_median'] * 1e3:8.2f} "
+            f"{r['step_s_median'] / r['weight_floor_s']:8.2f} {r['tokens_per_s']:8.0f} "
+            f"{r['bytes_per_s'] / 1e12:6.2f} {r['bandwidth_fraction']:8.0%}"
+        )
+    if profile:
+        print(
+            "profile (ms per step, batch 64, context 512): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in profile.items())
+        )
+
+
+if __name__ == "__main__":
+    main()
