@@ -129,7 +129,8 @@ def check_llama3_8b(workdir: Path) -> None:
     runner = llm.engine_core.executor.worker.model_runner
     recorder = LogitsRecorder(runner.sampler)
     runner.sampler = recorder
-    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    # top_k=1 is greedy but keeps the full sampler (and so the recorder) in the path.
+    params = SamplingParams(temperature=1.0, top_k=1, max_tokens=64, ignore_eos=True)
     engine_tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     engine_logits = recorder.first
     arch = llm.config.model.arch

@@ -1,0 +1,129 @@
+"""Tensor parallelism on GPUs: TP=2 against TP=1 on the llama3-8b shape in bf16 (same
+synthetic weights), and KV capacity of a shape at TP=1 and TP=2.
+
+``python -P tests/gpu/tensor_parallel_check.py [--capacity qwen2.5-32b]`` on a 2-GPU machine.
+Prints a table last and writes JSON to $OUT (or the working directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from shapes import write_shape  # noqa: E402
+
+from metroline.engine import LLM, SamplingParams  # noqa: E402
+
+
+class LogitsRecorder:
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.first: torch.Tensor | None = None
+
+    def __call__(self, logits, meta):
+        if self.first is None:
+            self.first = logits.detach().float().cpu()
+        return self.sampler(logits, meta)
+
+
+def greedy_run(path: Path, tp: int, prompts: list[list[int]]) -> tuple[torch.Tensor, list]:
+    started = time.perf_counter()
+    llm = LLM(
+        model=str(path),
+        load_format="dummy",
+        dtype="bfloat16",
+        tensor_parallel_size=tp,
+        max_model_len=2048,
+        kv_cache_memory_bytes=8 * 2**30,
+        enable_prefix_caching=False,
+    )
+    init_s = time.perf_counter() - started
+    runner = llm.engine_core.executor.worker.model_runner
+    recorder = LogitsRecorder(runner.sampler)
+    runner.sampler = recorder
+    # A non-greedy field keeps the sampler (and so the recorder) in the path; top_k=1 is greedy.
+    params = SamplingParams(temperature=1.0, top_k=1, max_tokens=64, ignore_eos=True)
+    tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    llm.shutdown()
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return recorder.first, tokens, init_s
+
+
+def capacity(path: Path, tp: int) -> dict[str, float]:
+    started = time.perf_counter()
+    llm = LLM(
+        model=str(path),
+        load_format="dummy",
+        dtype="bfloat16",
+        tensor_parallel_size=tp,
+        max_model_len=4096,
+        gpu_memory_utilization=0.9,
+    )
+    blocks = llm.engine_core.num_blocks
+    result = {
+        "kv_tokens": blocks * llm.config.cache.block_size,
+        "init_s": round(time.perf_counter() - started, 1),
+    }
+    llm.shutdown()
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--capacity", nargs="*", default=["llama3-8b"])
+    args = parser.parse_args()
+    results: dict[str, object] = {
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    }
+    generator = torch.Generator().manual_seed(1)
+    prompts = [
+        torch.randint(100, 128000, (n,), generator=generator).tolist() for n in (17, 100, 500, 1000)
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_shape("llama3-8b", Path(tmp) / "llama3-8b")
+        logits1, tokens1, init1 = greedy_run(path, 1, prompts)
+        logits2, tokens2, init2 = greedy_run(path, 2, prompts)
+        results["llama3-8b/init_s"] = {"tp1": round(init1, 1), "tp2": round(init2, 1)}
+        results["llama3-8b/first_step_logits_rel_error_tp2_vs_tp1"] = float(
+            (logits2 - logits1).norm() / logits1.norm()
+        )
+        results["llama3-8b/first_token_equal"] = (logits1.argmax(-1) == logits2.argmax(-1)).tolist()
+        results["llama3-8b/greedy_64_tp2_vs_tp1"] = [
+            {
+                "before_divergence": next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), 64),
+                "equal": sum(a == b for a, b in zip(x, y)),
+            }
+            for x, y in zip(tokens1, tokens2)
+        ]
+        for shape in args.capacity:
+            shape_path = write_shape(shape, Path(tmp) / shape)
+            for tp in (1, 2):
+                try:
+                    results[f"{shape}/capacity_tp{tp}"] = capacity(shape_path, tp)
+                except Exception as error:  # e.g. the weights alone exceed one card
+                    results[f"{shape}/capacity_tp{tp}"] = {"error": repr(error)[:300]}
+    out = Path(os.environ.get("OUT", "."))
+    (out / "tensor_parallel_check.json").write_text(json.dumps(results, indent=2))
+    print("\n==== tensor parallel ====")
+    for key, value in results.items():
+        print(f"{key:50s} {value}")
+
+
+if __name__ == "__main__":
+    main()
