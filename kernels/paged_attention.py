@@ -219,11 +219,13 @@ class AttentionConfig:
 
 
 def attention_config(
-    dtype: torch.dtype, head_dim: int, group: int, max_seqlen_q: int
+    dtype: torch.dtype, head_dim: int, group: int, max_seqlen_q: int, few_programs: bool = False
 ) -> AttentionConfig:
     """Tile rules. Rows hold (token, head-of-group) pairs, at least 16 (the MMA minimum).
-    Decode keeps one token per tile and 64 keys a step, double-buffered (measured best of
-    32/64/128 keys and 2/3/4 stages on H200). Prefill grows the tile to 128 rows (64 for head
+    Decode keeps one token per tile, double-buffered, 64 keys a step, or 128 when the
+    (request, KV head) pairs are ``few_programs`` (under 2 per SM): fewer, longer steps then
+    keep more bytes in flight per SM (measured on H200 over 32/64/128 keys, 2/3/4 stages,
+    B = 8..256). Prefill grows the tile to 128 rows (64 for head
     dim 256) so each gathered K/V tile feeds more MMA work; 32 keys a step with 4 warps and 4
     stages measured fastest. fp32 (exact tests) takes small tiles: its dots run on FMA units
     and its tiles use twice the shared memory."""
@@ -232,7 +234,8 @@ def attention_config(
     if dtype == torch.float32:
         block_m, block_n, warps, stages = min_m, (32 if block_d <= 128 else 16), 4, 1
     elif max_seqlen_q == 1:
-        block_m, block_n, warps, stages = min_m, (64 if block_d <= 128 else 32), 4, 2
+        block_n = (128 if few_programs else 64) // (2 if block_d > 128 else 1)
+        block_m, warps, stages = min_m, 4, 2
     else:
         cap = 128 if block_d <= 128 else 64
         block_m = min(max(min_m, next_power_of_2(max_seqlen_q * group)), max(cap, min_m))
@@ -283,7 +286,10 @@ def paged_attention(
     if num_tokens == 0 or num_seqs == 0:
         return out
     assert out.stride(-1) == 1
-    cfg = config or attention_config(key_cache.dtype, head_dim, group, max(1, max_seqlen_q))
+    sms = num_sms(query.device)
+    cfg = config or attention_config(
+        key_cache.dtype, head_dim, group, max(1, max_seqlen_q), num_seqs * num_kv_heads < 2 * sms
+    )
 
     # Grid axis 0: dense (every request gets the tiles of the longest) when that is no larger
     # than the searched bound, which is always the case for uniform batches and decodes.
@@ -292,9 +298,7 @@ def paged_attention(
     search = num_seqs * tiles_per_seq > searched
     grid_tiles = searched if search else num_seqs * tiles_per_seq
     if num_splits is None:
-        num_splits = choose_num_splits(
-            grid_tiles * num_kv_heads, max_seqlen_k, num_sms(query.device), cfg.block_n
-        )
+        num_splits = choose_num_splits(grid_tiles * num_kv_heads, max_seqlen_k, sms, cfg.block_n)
     if num_splits > 1:
         split_out = torch.empty(
             (num_tokens, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device

@@ -76,6 +76,13 @@ def test_decode_ragged(group, dtype):
                     num_heads=2 * group, num_kv_heads=2, dtype=dtype)
 
 
+@pytest.mark.parametrize("head_dim", [96, 256])
+def test_decode_few_programs_long_steps(head_dim):
+    """Two requests, one KV head: the launcher takes its long-step decode tiles."""
+    run_and_compare([1, 1], [129, 300], num_heads=4, num_kv_heads=1, head_dim=head_dim,
+                    dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_from_scratch(dtype):
     run_and_compare([16, 17, 5, 33], [16, 17, 5, 33], num_heads=8, num_kv_heads=2, dtype=dtype)
