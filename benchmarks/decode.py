@@ -41,10 +41,11 @@ def run_case(llm: Any, batch: int, context: int, steps: int) -> dict[str, Any]:
     core = llm.engine_core
     vocab = llm.config.model.arch.vocab_size
     rng = random.Random(batch * 100_000 + context)
-    params = SamplingParams(temperature=0, max_tokens=steps + 2, ignore_eos=True)
+    # Requests that finish prefill early decode while the others prefill: leave them room.
+    params = SamplingParams(temperature=0, max_tokens=steps + 64, ignore_eos=True)
     ids = [f"w3-{batch}-{context}-{i}" for i in range(batch)]
     for request_id in ids:
-        prompt = [rng.randrange(100, vocab - 1000) for _ in range(context)]
+        prompt = [rng.randrange(2, vocab) for _ in range(context)]
         core.add_request(EngineCoreRequest(request_id, prompt, params))
     while True:  # prefill until every request decodes
         core.step()
@@ -140,7 +141,7 @@ def main() -> None:
             load_format="dummy",
             dtype="bfloat16",
             tensor_parallel_size=args.tp,
-            max_model_len=max(contexts) + DECODE_STEPS + 64,
+            max_model_len=max(contexts) + DECODE_STEPS + 80,
             max_num_seqs=max(batches),
             enable_prefix_caching=False,
             enforce_eager=args.enforce_eager,
