@@ -68,7 +68,7 @@ def build_app(
     install_error_handlers(app)
     app.add_middleware(InFlightMiddleware, state=state)
     app.include_router(health.router, tags=["probes"])
-    protected = [Depends(require_api_key)]
+    protected = [Depends(require_api_key)] if args.api_key else []
     app.include_router(models.router, dependencies=protected, tags=["openai"])
     app.include_router(completions.router, dependencies=protected, tags=["openai"])
     app.include_router(chat.router, dependencies=protected, tags=["openai"])
@@ -88,5 +88,12 @@ def _openapi(app: FastAPI) -> dict:
         components = schema.get("components", {}).get("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)
+        # Document the served names; other names are a 404 (not a validation error).
+        names = list(app.state.server.args.served_model_names)
+        for name in ("CompletionRequest", "ChatCompletionRequest"):
+            model = components.get(name, {}).get("properties", {}).get("model")
+            if model is not None:
+                model["enum"] = names
+                model["description"] = "One of the served model names: " + ", ".join(names)
         app.openapi_schema = schema
     return app.openapi_schema

@@ -5,6 +5,7 @@ in the server and is logged with its traceback."""
 from __future__ import annotations
 
 import logging
+import re
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -68,25 +69,38 @@ def _default_type(status: int) -> str:
     return "invalid_request_error"
 
 
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+_IDENTIFIER = re.compile(r"^[A-Za-z_]\w*$")
+
+
 def _validation_param(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
-    # Pydantic names union members (e.g. "str", "list[int]"); drop them from the path.
-    parts = [p for p in parts if not any(c in p for c in "[]") and p not in ("str", "int")]
+    """``("body", "prompt", "constrained-str")`` -> ``"prompt"``: drop the body marker and
+    pydantic's names for union members, keep field names and list indices."""
+    parts = [
+        str(p)
+        for p in loc
+        if isinstance(p, int) or (_IDENTIFIER.match(str(p)) and p not in _TYPE_NAMES | {"body"})
+    ]
     return ".".join(parts) or None
 
 
 async def _on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    errors = error.errors()
-    first = errors[0] if errors else {"msg": "invalid request", "loc": (), "type": ""}
+    errors = error.errors() or [{"msg": "invalid request", "loc": (), "type": ""}]
+    first = errors[0]
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
         return bad_request(f"the request body is not valid JSON: {detail}".strip()).response()
     param = _validation_param(tuple(first.get("loc", ())))
-    message = str(first.get("msg", "invalid value"))
+    # A union reports one error per member: show them together, as alternatives.
+    messages: list[str] = []
+    for entry in errors:
+        if _validation_param(tuple(entry.get("loc", ()))) == param:
+            message = str(entry.get("msg", "invalid value"))
+            if message not in messages:
+                messages.append(message)
+    message = "; or ".join(messages)
     if param:
         message = f"{param}: {message}"
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problem(s))"
     return bad_request(message, param=param).response()
 
 

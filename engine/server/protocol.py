@@ -8,7 +8,7 @@ are ignored, as the OpenAI API tolerates newer clients.
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,12 +16,21 @@ from metroline.engine.sampling_params import MAX_LOGPROBS
 
 #: OpenAI's own limit on ``n``.
 MAX_N = 128
-#: Seeds must fit a 64-bit generator seed, also after adding a sibling index (n > 1).
-SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1 - MAX_N
+#: Seeds must fit a 64-bit generator seed, also after adding a sibling index (n > 1); powers
+#: of two, so that the bounds survive JSON Schema's floating-point numbers exactly.
+SEED_MIN, SEED_MAX = -(2**62), 2**62
+
+
+#: Non-empty text (a prompt, a stop string).
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+#: A non-empty list of token ids.
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class RequestModel(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    """Strict JSON types (``"1"`` is not a number, ``true`` is not 1), finite floats."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class ErrorInfo(BaseModel):
@@ -71,7 +80,7 @@ class SamplingFields(RequestModel):
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = None
+    stop: NonEmptyStr | list[NonEmptyStr] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
@@ -85,7 +94,7 @@ class SamplingFields(RequestModel):
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     skip_special_tokens: bool = True
 
     @property

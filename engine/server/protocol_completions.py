@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from metroline.engine.server.protocol import SamplingFields, UsageInfo, logprobs_field
+from metroline.engine.server.protocol import (
+    NonEmptyStr,
+    SamplingFields,
+    TokenIds,
+    UsageInfo,
+    logprobs_field,
+)
 
 
 class CompletionRequest(SamplingFields):
     #: A string, a list of strings, token ids, or a list of token-id lists.
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: (
+        NonEmptyStr
+        | Annotated[list[NonEmptyStr], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = logprobs_field("Log-probabilities of the top N tokens per position.")
     echo: bool | None = False

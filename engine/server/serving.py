@@ -78,8 +78,6 @@ def admit(state: ServerState, model: str) -> AsyncLLM:
 def reject_unsupported(body: SamplingFields) -> None:
     if body.logit_bias:
         raise bad_request("logit_bias is not supported", param="logit_bias")
-    if body.stop_token_ids and any(t < 0 for t in body.stop_token_ids):
-        raise bad_request("stop_token_ids must be token ids >= 0", param="stop_token_ids")
 
 
 def resolve_max_tokens(

@@ -1,0 +1,54 @@
+"""/metrics: Prometheus text with vLLM's metric meanings under ``metroline:``, each labelled
+``model_name``, moving as requests are served."""
+
+from __future__ import annotations
+
+from .conftest import MODEL_NAME, metric_value
+
+LABEL = f'model_name="{MODEL_NAME}"'
+NAMES = [
+    "metroline:num_requests_running",
+    "metroline:num_requests_waiting",
+    "metroline:kv_cache_usage_perc",
+    "metroline:prefix_cache_queries_total",
+    "metroline:prefix_cache_hits_total",
+    "metroline:num_preemptions_total",
+    "metroline:prompt_tokens_total",
+    "metroline:generation_tokens_total",
+    "metroline:time_to_first_token_seconds_count",
+    "metroline:time_per_output_token_seconds_count",
+    "metroline:e2e_request_latency_seconds_count",
+    "metroline:request_queue_time_seconds_count",
+]
+
+
+def test_metrics_names_labels_and_movement(client):
+    before = client.get("/metrics")
+    assert before.status_code == 200
+    assert before.headers["content-type"].startswith("text/plain")
+    prompt = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)"
+    for _ in range(2):  # the second run hits the prefix cache
+        response = client.post(
+            "/v1/completions",
+            json={"model": MODEL_NAME, "prompt": prompt, "max_tokens": 5, "ignore_eos": True},
+        )
+        assert response.status_code == 200
+    usage = response.json()["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= 16
+    after = client.get("/metrics").text
+    values = {name: metric_value(after, name, LABEL) for name in NAMES}
+    old = {name: metric_value(before.text, name, LABEL) for name in NAMES}
+    assert (
+        values["metroline:generation_tokens_total"] - old["metroline:generation_tokens_total"] == 10
+    )
+    assert values["metroline:prompt_tokens_total"] - old["metroline:prompt_tokens_total"] == (
+        2 * usage["prompt_tokens"]
+    )
+    assert values["metroline:prefix_cache_hits_total"] > old["metroline:prefix_cache_hits_total"]
+    for name in NAMES[-4:]:
+        assert values[name] - old[name] == 2, name
+    assert values["metroline:kv_cache_usage_perc"] == 0
+    length = metric_value(
+        after, "metroline:request_success_total", f'finished_reason="length",{LABEL}'
+    )
+    assert length >= 2
