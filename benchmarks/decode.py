@@ -31,6 +31,8 @@ from roofline import kv_bytes_per_token
 from shapes import SHAPES, weight_bytes, write_shape
 
 DECODE_STEPS = 128
+#: Room past the prompt: decode steps during others' prefill, plus the timed steps.
+EXTRA_LEN = 1024
 
 
 def run_case(llm: Any, batch: int, context: int, steps: int) -> dict[str, Any]:
@@ -41,8 +43,9 @@ def run_case(llm: Any, batch: int, context: int, steps: int) -> dict[str, Any]:
     core = llm.engine_core
     vocab = llm.config.model.arch.vocab_size
     rng = random.Random(batch * 100_000 + context)
-    # Requests that finish prefill early decode while the others prefill: leave them room.
-    params = SamplingParams(temperature=0, max_tokens=steps + 64, ignore_eos=True)
+    # Requests that finish prefill early decode while the others prefill: no token limit
+    # (up to max_model_len), they are aborted once the timed steps are done.
+    params = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
     ids = [f"w3-{batch}-{context}-{i}" for i in range(batch)]
     for request_id in ids:
         prompt = [rng.randrange(2, vocab) for _ in range(context)]
@@ -57,7 +60,8 @@ def run_case(llm: Any, batch: int, context: int, steps: int) -> dict[str, Any]:
         started = time.perf_counter()
         outputs = core.step()
         times.append(time.perf_counter() - started)
-        assert len(outputs) == batch, "a decode step must serve the whole batch"
+        if len(outputs) != batch:
+            raise RuntimeError(f"a decode step served {len(outputs)} of {batch} requests")
     core.abort_requests(ids)
     core.step()
     return {
@@ -141,7 +145,7 @@ def main() -> None:
             load_format="dummy",
             dtype="bfloat16",
             tensor_parallel_size=args.tp,
-            max_model_len=max(contexts) + DECODE_STEPS + 80,
+            max_model_len=max(contexts) + EXTRA_LEN,
             max_num_seqs=max(batches),
             enable_prefix_caching=False,
             enforce_eager=args.enforce_eager,
@@ -150,8 +154,22 @@ def main() -> None:
         rows = []
         weights = weight_bytes(args.model) / args.tp
         per_token = kv_bytes_per_token(args.model) / args.tp
+        kv_tokens = llm.engine_core.num_blocks * llm.config.cache.block_size
+        budget = llm.config.scheduler.max_num_batched_tokens
         for context in contexts:
             for batch in batches:
+                prefill_steps = -(-batch * context // max(1, budget - batch)) + 1
+                needed = batch * (context + prefill_steps + DECODE_STEPS)
+                if needed > kv_tokens:
+                    rows.append(
+                        {
+                            "batch": batch,
+                            "context": context,
+                            "skipped": f"needs {needed} KV tokens, pool holds {kv_tokens}",
+                        }
+                    )
+                    print(f"skip B={batch} C={context}: {rows[-1]['skipped']}", flush=True)
+                    continue
                 result = run_case(llm, batch, context, DECODE_STEPS)
                 mean_context = context + DECODE_STEPS / 2
                 step_bytes = weights + batch * mean_context * per_token
@@ -166,6 +184,11 @@ def main() -> None:
                     "tokens_per_s": batch / step,
                 }
                 rows.append(result)
+                print(
+                    f"B={batch} C={context}: {step * 1e3:.2f} ms/step, "
+                    f"{result['bandwidth_fraction']:.0%} of copy bandwidth",
+                    flush=True,
+                )
         profile = profile_steps(llm, args.out) if args.profile else None
         llm.shutdown()
     record = {
@@ -202,6 +225,9 @@ def main() -> None:
         f"{'TB/s':>6s} {'of copy':>8s}"
     )
     for r in rows:
+        if "skipped" in r:
+            print(f"{r['batch']:4d} {r['context']:5d}  skipped: {r['skipped']}")
+            continue
         print(
             f"{r['batch']:4d} {r['context']:5d} {r['step_s_median'] * 1e3:8.2f} "
             f"{r['step_s_median'] / r['weight_floor_s']:8.2f} {r['tokens_per_s']:8.0f} "
