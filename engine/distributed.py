@@ -9,10 +9,14 @@ ports, no files): two engines on one machine never collide.
 from __future__ import annotations
 
 import datetime
+import logging
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
 
 #: Longest a collective may wait before the group is declared dead.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
@@ -100,8 +104,21 @@ def init_distributed(
     return _group
 
 
+#: Longest the group's teardown may take before this process moves on without it.
+DESTROY_TIMEOUT_S = 30.0
+
+
 def destroy_distributed() -> None:
+    """Leave the group. Teardown runs in a helper thread so that a peer that died first can
+    never hang this process; after ``DESTROY_TIMEOUT_S`` it is abandoned with a warning."""
     global _group
-    if dist.is_initialized():
-        dist.destroy_process_group()
     _group = TensorParallelGroup()
+    if not dist.is_initialized():
+        return
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    teardown = threading.Thread(target=dist.destroy_process_group, daemon=True)
+    teardown.start()
+    teardown.join(DESTROY_TIMEOUT_S)
+    if teardown.is_alive():
+        logger.warning("process-group teardown did not finish in %.0f s", DESTROY_TIMEOUT_S)

@@ -171,6 +171,11 @@ class MultiprocExecutor:
         for handle in self.workers:
             with contextlib.suppress(OSError):
                 handle.commands.send_bytes(pickle.dumps(("shutdown", ())))
+        # Tear the group down on every rank at once: NCCL's teardown waits for the peers, so
+        # rank 0 must not wait for the workers to exit first. Graphs holding captured
+        # collectives go before the communicator does.
+        self.worker = None
+        destroy_distributed()
         for handle in self.workers:
             handle.process.join(SHUTDOWN_GRACE)
             if handle.process.is_alive():
@@ -180,7 +185,6 @@ class MultiprocExecutor:
                 conn.close()
         for pipe in self._death_pipes:
             pipe.close()
-        destroy_distributed()
 
 
 def create_executor(config: EngineConfig) -> UniprocExecutor | MultiprocExecutor:

@@ -52,6 +52,11 @@ def worker_main(
     ``("error", traceback)`` after which the worker exits.
     """
     _die_with_parent(death_pipe)
+    hang_dump = os.environ.get("METROLINE_HANG_DUMP_S")
+    if hang_dump:  # debugging aid: print every thread's stack if a call hangs
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(hang_dump), repeat=True)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s: %(message)s")
     from metroline.engine.distributed import destroy_distributed, init_distributed
     from metroline.engine.worker import Worker

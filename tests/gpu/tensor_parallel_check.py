@@ -55,6 +55,7 @@ def greedy_run(path: Path, tp: int, prompts: list[list[int]]) -> tuple[torch.Ten
     # A non-greedy field keeps the sampler (and so the recorder) in the path; top_k=1 is greedy.
     params = SamplingParams(temperature=1.0, top_k=1, max_tokens=64, ignore_eos=True)
     tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    del runner
     llm.shutdown()
     del llm
     gc.collect()
