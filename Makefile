@@ -5,12 +5,16 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-test
+SERVE_STAMP := $(VENV)/.installed-serve
 # torch 2.13.0 (CPU build) lies on the CI machines' disk; the project's own torch requirement
 # is a range that it satisfies, so nothing heavier is fetched.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# `make serve PORT=9000 SERVE_ARGS="--api-key secret"`
+PORT ?= 8000
+SERVE_ARGS ?=
 
-.PHONY: test lint clean
+.PHONY: test lint serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -P -m venv $(VENV)
@@ -18,6 +22,18 @@ $(STAMP): pyproject.toml
 	$(PY) -P -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -P -m pip install -q -e '.[test]'
 	touch $@
+
+# The server needs only the project itself (no test extras).
+$(SERVE_STAMP): pyproject.toml
+	$(PYTHON) -P -m venv $(VENV)
+	$(PY) -P -m pip install -q --upgrade pip
+	$(PY) -P -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -P -m pip install -q -e .
+	touch $@
+
+# The OpenAI-compatible server on the embedded demo model, on the GPU if there is one, else CPU.
+serve: $(SERVE_STAMP)
+	$(VENV)/bin/metroline serve demo --port $(PORT) $(SERVE_ARGS)
 
 lint: $(STAMP)
 	$(PY) -P -m ruff check .

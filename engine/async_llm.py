@@ -1,9 +1,9 @@
 """The API server's handle on the engine core, which runs in a process of its own.
 
-``AsyncLLM`` starts the core process (``multiprocessing`` spawn, anonymous pipes), sends it
-requests from a sender thread and reads its step results on a reader thread; results are
-handed to the event loop, detokenised there by an :class:`OutputProcessor` and put on one
-``asyncio.Queue`` per request, which :meth:`AsyncLLM.generate` turns into an async iterator.
+``AsyncLLM`` starts the core process through a :class:`CoreClient` (``multiprocessing``
+spawn, anonymous pipes); the core's step results reach the event loop, are detokenised there
+by an :class:`OutputProcessor` and put on one ``asyncio.Queue`` per request, which
+:meth:`AsyncLLM.generate` turns into an async iterator.
 
 Invariants (all state is touched on the event loop only):
 
@@ -17,26 +17,15 @@ Invariants (all state is touched on the event loop only):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import multiprocessing
-import queue
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from metroline.engine.config import EngineConfig
-from metroline.engine.core_process import (
-    AddRequests,
-    CoreFailed,
-    CoreReady,
-    CoreStep,
-    FinishRequests,
-    Shutdown,
-    run_engine_core,
-)
+from metroline.engine.core_client import CoreClient
+from metroline.engine.core_process import AddRequests, CoreReady, CoreStep, FinishRequests
 from metroline.engine.input_processor import InputProcessor, ProcessedPrompt
 from metroline.engine.output_processor import OutputProcessor
 from metroline.engine.outputs import RequestOutput
@@ -98,7 +87,6 @@ class AsyncLLM:
         self.config = config
         self.tokenizer = tokenizer
         self.observer = observer or EngineObserver()
-        self.log_setup = log_setup
         self.input_processor = InputProcessor(config, tokenizer)
         self.output_processor = OutputProcessor(tokenizer)
         self.requests: dict[str, _RequestState] = {}
@@ -107,10 +95,8 @@ class AsyncLLM:
         self.dead_reason: str | None = None
         self._parent_of: dict[str, str] = {}
         self._unscheduled: set[str] = set()
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._process: multiprocessing.process.BaseProcess | None = None
+        self._core = CoreClient(config, log_setup)
         self._ready: asyncio.Future | None = None
-        self._closing = False
         self._on_dead: list[Callable[[str], None]] = []
 
     # ---- life cycle ----------------------------------------------------------------------
@@ -120,24 +106,7 @@ class AsyncLLM:
         :class:`EngineDeadError` if it fails to start)."""
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
-        context = multiprocessing.get_context("spawn")
-        inputs_reader, inputs_writer = context.Pipe(duplex=False)
-        outputs_reader, outputs_writer = context.Pipe(duplex=False)
-        death_reader, self._death_writer = context.Pipe(duplex=False)
-        self._process = context.Process(
-            target=run_engine_core,
-            args=(self.config, inputs_reader, outputs_writer, death_reader, self.log_setup),
-            name="metroline-engine-core",
-        )
-        self._process.start()
-        for end in (inputs_reader, outputs_writer, death_reader):
-            end.close()  # the child holds these now; our copies would hide its death
-        threading.Thread(
-            target=self._send_loop, args=(inputs_writer,), name="core-sender", daemon=True
-        ).start()
-        threading.Thread(
-            target=self._read_loop, args=(outputs_reader, loop), name="core-reader", daemon=True
-        ).start()
+        self._core.start(loop, self._on_message, self._on_core_gone)
         await self._ready
 
     def on_dead(self, callback: Callable[[str], None]) -> None:
@@ -150,23 +119,13 @@ class AsyncLLM:
 
     @property
     def core_pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        return self._core.process.pid if self._core.process is not None else None
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the core in order (or by force after ``timeout``); idempotent."""
-        if self._process is None or self._closing:
-            return
-        self._closing = True
-        self.abort_all()
-        self._outbox.put(Shutdown())
-        self._outbox.put(None)
-        process = self._process
-        await asyncio.to_thread(process.join, timeout)
-        if process.is_alive():
-            logger.warning("engine core did not stop in %.0f s; killing it", timeout)
-            process.kill()
-            await asyncio.to_thread(process.join, 5)
-        self._death_writer.close()
+        if not self._core.closing:
+            self.abort_all()
+        await self._core.shutdown(timeout)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -205,7 +164,7 @@ class AsyncLLM:
             arrival_time=state.arrival_time,
             stream=stream,
         )
-        self._outbox.put(AddRequests(request_id, processed.core_requests))
+        self._core.send(AddRequests(request_id, processed.core_requests))
         try:
             while True:
                 item = await state.queue.get()
@@ -227,7 +186,7 @@ class AsyncLLM:
             return
         pending = self.output_processor.abort_request(request_id)
         if pending and self.dead_reason is None:
-            self._outbox.put(FinishRequests(pending, RequestStatus.FINISHED_ABORTED))
+            self._core.send(FinishRequests(pending, RequestStatus.FINISHED_ABORTED))
         reasons = ["abort"] * len(state.core_ids)
         self.observer.on_request_finished(state.finished(reasons, state.num_output_tokens))
         if notify:
@@ -245,29 +204,7 @@ class AsyncLLM:
                 self._parent_of.pop(core_id, None)
         return state
 
-    # ---- the two pipe threads and their hand-off to the event loop -------------------------
-
-    def _send_loop(self, connection) -> None:
-        while (message := self._outbox.get()) is not None:
-            try:
-                connection.send(message)
-            except OSError:
-                break  # the core is gone; the reader thread reports it
-        connection.close()
-
-    def _read_loop(self, connection, loop: asyncio.AbstractEventLoop) -> None:
-        reason = "the engine core process exited"
-        while True:
-            try:
-                message = connection.recv()
-            except (EOFError, OSError):
-                break
-            if isinstance(message, CoreFailed):
-                reason = f"the engine core failed: {message.message}"
-            with contextlib.suppress(RuntimeError):  # the loop may be closed at exit
-                loop.call_soon_threadsafe(self._on_message, message)
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(self._on_core_gone, reason)
+    # ---- messages from the core, on the event loop ----------------------------------------
 
     def _on_message(self, message: Any) -> None:
         if isinstance(message, CoreStep):
@@ -278,7 +215,7 @@ class AsyncLLM:
                 self._ready.set_result(None)
 
     def _on_core_gone(self, reason: str) -> None:
-        if self._closing:
+        if self._core.closing:
             return
         self.dead_reason = reason
         logger.error("%s; failing %d in-flight requests", reason, len(self.requests))
@@ -319,7 +256,7 @@ class AsyncLLM:
                 state.last_token_time = now
         processed = self.output_processor.process_outputs(step.outputs)
         if processed.stopped_core_requests:
-            self._outbox.put(
+            self._core.send(
                 FinishRequests(processed.stopped_core_requests, RequestStatus.FINISHED_STOPPED)
             )
         for request_output in processed.request_outputs:

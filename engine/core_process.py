@@ -147,6 +147,7 @@ class CoreLoop:
         self.seen_scheduled: set[str] = set()
 
     def run(self) -> None:
+        self.outputs.send(CoreStep([], self.core.stats()))  # gauges start at the real values
         while True:
             if not self.core.has_unfinished_requests():
                 self.inputs.poll(None)  # idle: sleep until a message (or EOF) arrives

@@ -66,12 +66,21 @@ def test_64_concurrent_streams_complete_correctly(server, offline_llm):
     assert results == [expected[i % 4] for i in range(64)]
 
 
+def aborted_count(client: httpx.Client) -> float:
+    text = client.get("/metrics").text
+    label = f'finished_reason="abort",model_name="{MODEL_NAME}"'
+    return metric_value(text, "metroline:request_success_total", label) if label in text else 0.0
+
+
+def wait_for_aborts(client: httpx.Client, count: float, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while aborted_count(client) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} aborted requests"
+        time.sleep(0.05)
+
+
 def test_aborted_streams_free_their_blocks(server, client):
-    before = client.get("/metrics").text
-    aborted_before = metric_value(
-        before, "metroline:request_success_total",
-        f'finished_reason="abort",model_name="{MODEL_NAME}"',
-    ) if "finished_reason=\"abort\"" in before else 0.0  # fmt: skip
+    aborted_before = aborted_count(client)
 
     async def open_and_drop(http: httpx.AsyncClient, prompt: str) -> None:
         body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 100,
@@ -86,25 +95,22 @@ def test_aborted_streams_free_their_blocks(server, client):
             await asyncio.gather(*(open_and_drop(http, PROMPTS[i % 4]) for i in range(20)))
 
     asyncio.run(run())
+    wait_for_aborts(client, aborted_before + 20, timeout=10)
     usage, busy = wait_for_idle(client, timeout=10)
     assert usage == 0 and busy == 0
-    after = client.get("/metrics").text
-    aborted = metric_value(
-        after, "metroline:request_success_total",
-        f'finished_reason="abort",model_name="{MODEL_NAME}"',
-    )  # fmt: skip
-    assert aborted - aborted_before == 20
+    assert aborted_count(client) == aborted_before + 20
 
 
 def test_non_streaming_client_that_gives_up_is_aborted(server, client):
     def generated() -> float:
         return metric_value(client.get("/metrics").text, "metroline:generation_tokens_total")
 
-    before = generated()
+    before, aborted_before = generated(), aborted_count(client)
     body = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 100, "n": 4,
             "ignore_eos": True}  # fmt: skip
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/completions", json=body, headers=HEADERS, timeout=0.1)
+    wait_for_aborts(client, aborted_before + 1, timeout=10)
     usage, busy = wait_for_idle(client, timeout=10)
     assert usage == 0 and busy == 0
     # The request was cut off well before its 4 x 100 tokens.

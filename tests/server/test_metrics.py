@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 from .conftest import MODEL_NAME, metric_value
 
 LABEL = f'model_name="{MODEL_NAME}"'
@@ -22,7 +24,21 @@ NAMES = [
 ]
 
 
+def settled_metrics(client) -> str:
+    """Metrics once nothing runs and two reads 0.3 s apart agree (earlier tests are done)."""
+    previous = None
+    for _ in range(100):
+        text = client.get("/metrics").text
+        idle = metric_value(text, "metroline:num_requests_running", LABEL) == 0
+        if idle and text == previous:
+            return text
+        previous = text
+        time.sleep(0.3)
+    raise AssertionError("metrics never settled")
+
+
 def test_metrics_names_labels_and_movement(client):
+    settled_metrics(client)
     before = client.get("/metrics")
     assert before.status_code == 200
     assert before.headers["content-type"].startswith("text/plain")

@@ -1,20 +1,19 @@
-"""On a server with a 12-block KV pool and one sequence at a time: /ready turns 503 while the
+"""On a server with a 6-block KV pool and one sequence at a time: /ready turns 503 while the
 pool is full and back to 200 once it drains; past --max-waiting-requests new requests get
 503 with Retry-After at once."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
 import httpx
 import pytest
 
-from .conftest import metric_value
-
 MODEL = "small-pool"
-#: 12 blocks of 16 tokens for the tiny llama (2 layers, 2 KV heads of 16 dims, fp32).
-KV_BYTES = 12 * 16 * 2 * 2 * 2 * 16 * 4
+#: 6 blocks of 16 tokens for the tiny llama (2 layers, 2 KV heads of 16 dims, fp32).
+KV_BYTES = 6 * 16 * 2 * 2 * 2 * 16 * 4
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +21,7 @@ def small_server(start_server, chat_checkpoint):
     return start_server(
         chat_checkpoint,
         "--served-model-name", MODEL,
-        "--max-model-len", "128",
+        "--max-model-len", "96",
         "--kv-cache-memory-bytes", str(KV_BYTES),
         "--max-num-seqs", "1",
         "--ready-kv-threshold", "0.5",
@@ -30,54 +29,51 @@ def small_server(start_server, chat_checkpoint):
     )  # fmt: skip
 
 
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_ready_flips_with_kv_usage_and_load_is_shed(small_server):
     url = small_server.url
-    ready = httpx.get(f"{url}/ready")
-    assert ready.status_code == 200 and ready.json()["status"] == "ready"
-    body = {"model": MODEL, "prompt": "def fibonacci(n):", "max_tokens": 110, "ignore_eos": True}
-    results: list[int] = []
+    assert httpx.get(f"{url}/ready").json() == {
+        "status": "ready", "reason": "ready", "kv_cache_usage": 0.0,
+        "num_requests_waiting": 0, "num_requests_running": 0,
+    }  # fmt: skip
+    seen: list[tuple[int, str]] = []
+    done = threading.Event()
 
-    def send() -> None:
-        results.append(httpx.post(f"{url}/v1/completions", json=body, timeout=120).status_code)
+    def watch_ready() -> None:
+        while not done.is_set():
+            response = httpx.get(f"{url}/ready")
+            seen.append((response.status_code, response.json()["reason"]))
+            time.sleep(0.01)
 
-    threads = [threading.Thread(target=send) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-        time.sleep(0.05)
-    # One runs (max_num_seqs=1); two wait: the next is shed at once.
-    wait_until(
-        lambda: (
-            metric_value(
-                httpx.get(f"{url}/metrics").text,
-                "metroline:num_requests_waiting",
-                f'model_name="{MODEL}"',
+    # One sequence at a time, at most two waiting: of eight requests sent at once, the ones
+    # past the queue limit are refused at once. 11 prompt + 80 output tokens fill 6 of the 6
+    # blocks, far above the 0.5 threshold.
+    body = {"model": MODEL, "prompt": "def fibonacci(n):", "max_tokens": 80, "ignore_eos": True}
+
+    async def send_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+            return await asyncio.gather(
+                *(http.post("/v1/completions", json=body) for _ in range(8))
             )
-            >= 2
-        ),
-        30,
-        "two waiting requests",
-    )
-    shed = httpx.post(f"{url}/v1/completions", json=body, timeout=5)
-    assert shed.status_code == 503
-    assert shed.headers["retry-after"] == "1"
-    assert shed.json()["error"]["code"] == "overloaded"
-    # A sequence of 11 + 110 tokens holds 8 of 12 blocks: above the 0.5 threshold.
-    unready = wait_until(
-        lambda: (r := httpx.get(f"{url}/ready")).status_code == 503 and r, 60, "/ready 503"
-    )
-    assert "KV-cache usage" in unready.json()["reason"]
-    assert httpx.get(f"{url}/health").status_code == 200
-    for thread in threads:
-        thread.join(120)
-    assert results == [200, 200, 200]
-    wait_until(lambda: httpx.get(f"{url}/ready").status_code == 200, 10, "/ready 200 again")
+
+    watcher = threading.Thread(target=watch_ready)
+    watcher.start()
+    try:
+        responses = asyncio.run(send_all())
+    finally:
+        done.set()
+        watcher.join()
+    served = [r for r in responses if r.status_code == 200]
+    shed = [r for r in responses if r.status_code != 200]
+    assert len(served) >= 2 and shed, [r.status_code for r in responses]
+    for response in shed:
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1"
+        assert response.json()["error"]["code"] == "overloaded"
+    for response in served:
+        assert response.json()["usage"]["completion_tokens"] == 80
+    reasons = [reason for status, reason in seen if status == 503]
+    assert any("KV-cache usage" in reason for reason in reasons), seen[-20:]
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{url}/ready").status_code != 200:
+        assert time.monotonic() < deadline, small_server.log()[-3000:]
+        time.sleep(0.05)

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from metroline.engine.async_llm import AsyncLLM
 from metroline.engine.input_processor import ProcessedPrompt
 from metroline.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from metroline.engine.server import serving
+from metroline.engine.server import runs, serving
 from metroline.engine.server.errors import bad_request
 from metroline.engine.server.logprobs import chat_logprobs
 from metroline.engine.server.protocol_chat import (
@@ -90,8 +90,8 @@ async def create_chat_completion(
     if body.stream:
         return StreamingResponse(_stream(state, body, processed), media_type="text/event-stream")
     try:
-        (output,) = await serving.final_outputs(engine, [processed], raw_request)
-    except serving.ClientGone:
+        (output,) = await runs.final_outputs(engine, [processed], raw_request)
+    except runs.ClientGone:
         return Response(status_code=499)
     return JSONResponse(_response(state, body, output).model_dump())
 
@@ -145,7 +145,7 @@ async def _stream(
     cursors = StreamCursors()
     final: RequestOutput | None = None
     try:
-        async for _, output in serving.merged(state.engine, [processed]):
+        async for _, output in runs.merged(state.engine, [processed]):
             choices = []
             for c in output.outputs:
                 delta = cursors.advance(c.index, c)
@@ -164,8 +164,8 @@ async def _stream(
                 yield chunk(choices)
             if output.finished:
                 final = output
-    except serving.STREAM_ERRORS as error:
-        yield serving.stream_error(error)
+    except runs.STREAM_ERRORS as error:
+        yield runs.stream_error(error)
     else:
         if body.include_usage and final is not None:
             yield chunk([], usage=serving.usage_of([final]))

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from metroline.engine.input_processor import ProcessedPrompt
 from metroline.engine.outputs import RequestOutput
-from metroline.engine.server import serving
+from metroline.engine.server import runs, serving
 from metroline.engine.server.errors import bad_request
 from metroline.engine.server.logprobs import completion_logprobs
 from metroline.engine.server.protocol import PromptTokensDetails, UsageInfo
@@ -73,8 +73,8 @@ async def create_completion(
             _stream(state, body, request_id, processed), media_type="text/event-stream"
         )
     try:
-        outputs = await serving.final_outputs(engine, processed, raw_request)
-    except serving.ClientGone:
+        outputs = await runs.final_outputs(engine, processed, raw_request)
+    except runs.ClientGone:
         return Response(status_code=499)
     return JSONResponse(_response(state, body, request_id, outputs).model_dump())
 
@@ -110,7 +110,7 @@ async def _stream(
     cursors = StreamCursors()
     usage = UsageInfo(prompt_tokens_details=PromptTokensDetails())
     try:
-        async for p, output in serving.merged(state.engine, processed):
+        async for p, output in runs.merged(state.engine, processed):
             choices = []
             for c in output.outputs:
                 index = p * body.n + c.index
@@ -141,8 +141,8 @@ async def _stream(
                 yield serving.sse(
                     CompletionResponse(id=request_id, model=body.model, choices=choices)
                 )
-    except serving.STREAM_ERRORS as error:
-        yield serving.stream_error(error)
+    except runs.STREAM_ERRORS as error:
+        yield runs.stream_error(error)
     else:
         if body.include_usage:
             usage.total_tokens = usage.prompt_tokens + usage.completion_tokens

@@ -1,0 +1,121 @@
+"""Running admitted requests: to the end (aborted if the client disconnects first), or as
+one merged stream of outputs (aborted when the stream is closed early)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+
+from fastapi import Request
+
+from metroline.engine.async_llm import (
+    AsyncLLM,
+    EngineDeadError,
+    RequestAbortedError,
+    RequestRejectedError,
+)
+from metroline.engine.input_processor import ProcessedPrompt
+from metroline.engine.outputs import RequestOutput
+from metroline.engine.server.errors import OpenAIError, bad_request, unavailable
+from metroline.engine.server.serving import sse
+
+#: Errors a request can end with once admitted; a stream reports them as an error event.
+STREAM_ERRORS = (EngineDeadError, RequestRejectedError, RequestAbortedError)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was ready."""
+
+
+def stream_error(error: Exception) -> str:
+    if isinstance(error, EngineDeadError):
+        status, kind = 503, "service_unavailable"
+    elif isinstance(error, RequestRejectedError):
+        status, kind = 400, "invalid_request_error"
+    else:
+        status, kind = 503, "service_unavailable"
+    return sse({"error": {"message": str(error), "type": kind, "param": None, "code": status}})
+
+
+def engine_error(error: Exception) -> OpenAIError:
+    if isinstance(error, RequestRejectedError):
+        return bad_request(str(error))
+    return unavailable(
+        str(error), "engine_dead" if isinstance(error, EngineDeadError) else "aborted"
+    )
+
+
+async def final_outputs(
+    engine: AsyncLLM, processed: Sequence[ProcessedPrompt], request: Request
+) -> list[RequestOutput]:
+    """Run every prompt to its end; abort all of them if the client disconnects."""
+
+    async def run_one(p: ProcessedPrompt) -> RequestOutput:
+        async with contextlib.aclosing(engine.generate(p, stream=False)) as outputs:
+            async for output in outputs:
+                if output.finished:
+                    return output
+        raise RequestAbortedError("the request ended without output")
+
+    async def run_all() -> list[RequestOutput]:
+        return list(await asyncio.gather(*(run_one(p) for p in processed)))
+
+    work = asyncio.ensure_future(run_all())
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+    if work.cancelled():
+        raise ClientGone()
+    try:
+        return work.result()
+    except STREAM_ERRORS as error:
+        raise engine_error(error) from None
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def merged(
+    engine: AsyncLLM, processed: Sequence[ProcessedPrompt]
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Stream several requests at once as ``(index, output)``; closing it aborts them all."""
+    if len(processed) == 1:
+        async with contextlib.aclosing(engine.generate(processed[0], stream=True)) as outputs:
+            async for output in outputs:
+                yield 0, output
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, p: ProcessedPrompt) -> None:
+        try:
+            async with contextlib.aclosing(engine.generate(p, stream=True)) as outputs:
+                async for output in outputs:
+                    queue.put_nowait((index, output))
+        except Exception as error:  # handed to the consumer
+            queue.put_nowait((index, error))
+
+    tasks = [asyncio.ensure_future(pump(i, p)) for i, p in enumerate(processed)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.finished:
+                remaining -= 1
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
