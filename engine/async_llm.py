@@ -17,8 +17,10 @@ Invariants (all state is touched on the event loop only):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,12 +136,12 @@ class AsyncLLM:
         """User requests accepted but not yet scheduled by the core (the queue to shed)."""
         return len(self._unscheduled)
 
-    async def generate(
-        self, processed: ProcessedPrompt, stream: bool = False
-    ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs: every step's cumulative state when ``stream``, else
-        only the final one. Raises :class:`EngineDeadError`, :class:`RequestRejectedError`
-        or :class:`RequestAbortedError`; closing the iterator early aborts the request."""
+    def generate(self, processed: ProcessedPrompt, stream: bool = False) -> RequestStream:
+        """Add the request now (it waits from this call on) and return its outputs: every
+        step's cumulative state when ``stream``, else only the final one. Raises
+        :class:`EngineDeadError` here, or :class:`RequestRejectedError` /
+        :class:`RequestAbortedError` while iterating; closing the stream, or dropping it,
+        before its last output aborts the request."""
         if self.dead_reason is not None or not self.is_ready:
             raise EngineDeadError(self.dead_reason or "the engine is not ready")
         request_id = processed.request_id
@@ -165,19 +167,7 @@ class AsyncLLM:
             stream=stream,
         )
         self._core.send(AddRequests(request_id, processed.core_requests))
-        try:
-            while True:
-                item = await state.queue.get()
-                while isinstance(item, RequestOutput) and not state.queue.empty():
-                    item = state.queue.get_nowait()  # outputs are cumulative: keep the latest
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    return
-        finally:
-            if request_id in self.requests:
-                self.abort(request_id)
+        return RequestStream(self, state)
 
     def abort(self, request_id: str, notify: bool = False) -> None:
         """End a request now; with ``notify`` its iterator raises RequestAbortedError."""
@@ -271,3 +261,50 @@ class AsyncLLM:
                 self.observer.on_request_finished(state.finished(reasons, tokens))
         self.stats = step.stats
         self.observer.on_step(step.stats, num_new_tokens)
+
+
+class RequestStream:
+    """The outputs of one added request, as an async iterator (use it once)."""
+
+    def __init__(self, engine: AsyncLLM, state: _RequestState) -> None:
+        self._engine = engine
+        self._state = state
+        # Dropped without being read to the end (e.g. a response that never started): abort.
+        weakref.finalize(
+            self, _abort_from_anywhere, engine, state.request_id, asyncio.get_running_loop()
+        )
+
+    @property
+    def request_id(self) -> str:
+        return self._state.request_id
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[RequestOutput]:
+        queue = self._state.queue
+        try:
+            while True:
+                item = await queue.get()
+                while isinstance(item, RequestOutput) and not queue.empty():
+                    item = queue.get_nowait()  # outputs are cumulative: keep the latest
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Abort the request unless it already ended."""
+        if self._state.request_id in self._engine.requests:
+            self._engine.abort(self._state.request_id)
+
+    async def aclose(self) -> None:
+        self.close()
+
+
+def _abort_from_anywhere(engine: AsyncLLM, request_id: str, loop) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to abort
+        loop.call_soon_threadsafe(engine.abort, request_id)

@@ -4,12 +4,44 @@ completions columns). A position holds the sampled token and the top ``k`` alter
 
 from __future__ import annotations
 
+import re
+
 from metroline.engine.outputs import PositionLogprobs
 from metroline.engine.server.protocol_chat import TokenLogprob, TopLogprob
 from metroline.engine.server.protocol_completions import CompletionLogprobs
 
 #: JSON has no -inf; OpenAI clients expect a finite float.
 _FLOOR = -9999.0
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, reversed: printable stand-in character -> byte."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars, extra = list(printable), 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+_BYTE_DECODER = _byte_decoder()
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def token_bytes(tokenizer, token_id: int, text: str) -> list[int]:
+    """The token's own bytes. A token that is part of a UTF-8 character decodes to U+FFFD;
+    its bytes then come from the vocabulary entry (byte-level BPE, or ``<0xNN>`` pieces)."""
+    if "\ufffd" not in text or tokenizer is None:
+        return list(text.encode())
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str):
+        if match := _BYTE_PIECE.match(piece):
+            return [int(match.group(1), 16)]
+        if piece and all(c in _BYTE_DECODER for c in piece):
+            return [_BYTE_DECODER[c] for c in piece]
+    return list(text.encode())
 
 
 def _token_text(tokenizer, token_id: int, position: PositionLogprobs) -> str:
@@ -34,7 +66,7 @@ def chat_logprobs(
             TopLogprob(
                 token=(t := _token_text(tokenizer, tid, position)),
                 logprob=lp,
-                bytes=list(t.encode()),
+                bytes=token_bytes(tokenizer, tid, t),
             )
             for tid, lp in _top(position, k)
         ]
@@ -42,7 +74,7 @@ def chat_logprobs(
             TokenLogprob(
                 token=text,
                 logprob=max(position[token_id].logprob, _FLOOR),
-                bytes=list(text.encode()),
+                bytes=token_bytes(tokenizer, token_id, text),
                 top_logprobs=top,
             )
         )

@@ -14,6 +14,7 @@ from metroline.engine.async_llm import (
     EngineDeadError,
     RequestAbortedError,
     RequestRejectedError,
+    RequestStream,
 )
 from metroline.engine.input_processor import ProcessedPrompt
 from metroline.engine.outputs import RequestOutput
@@ -46,20 +47,18 @@ def engine_error(error: Exception) -> OpenAIError:
     )
 
 
-async def final_outputs(
-    engine: AsyncLLM, processed: Sequence[ProcessedPrompt], request: Request
-) -> list[RequestOutput]:
-    """Run every prompt to its end; abort all of them if the client disconnects."""
+async def final_outputs(streams: Sequence[RequestStream], request: Request) -> list[RequestOutput]:
+    """Run every request to its end; abort all of them if the client disconnects."""
 
-    async def run_one(p: ProcessedPrompt) -> RequestOutput:
-        async with contextlib.aclosing(engine.generate(p, stream=False)) as outputs:
-            async for output in outputs:
+    async def run_one(stream: RequestStream) -> RequestOutput:
+        async with contextlib.aclosing(stream):
+            async for output in stream:
                 if output.finished:
                     return output
         raise RequestAbortedError("the request ended without output")
 
     async def run_all() -> list[RequestOutput]:
-        return list(await asyncio.gather(*(run_one(p) for p in processed)))
+        return list(await asyncio.gather(*(run_one(s) for s in streams)))
 
     work = asyncio.ensure_future(run_all())
     watcher = asyncio.ensure_future(wait_for_disconnect(request))
@@ -71,6 +70,8 @@ async def final_outputs(
             work.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await work
+        for stream in streams:
+            stream.close()
     if work.cancelled():
         raise ClientGone()
     try:
@@ -86,26 +87,24 @@ async def wait_for_disconnect(request: Request) -> None:
             return
 
 
-async def merged(
-    engine: AsyncLLM, processed: Sequence[ProcessedPrompt]
-) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Stream several requests at once as ``(index, output)``; closing it aborts them all."""
-    if len(processed) == 1:
-        async with contextlib.aclosing(engine.generate(processed[0], stream=True)) as outputs:
-            async for output in outputs:
+async def merged(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Several streams as one, as ``(index, output)``; closing it aborts them all."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]):
+            async for output in streams[0]:
                 yield 0, output
         return
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(index: int, p: ProcessedPrompt) -> None:
+    async def pump(index: int, stream: RequestStream) -> None:
         try:
-            async with contextlib.aclosing(engine.generate(p, stream=True)) as outputs:
-                async for output in outputs:
+            async with contextlib.aclosing(stream):
+                async for output in stream:
                     queue.put_nowait((index, output))
         except Exception as error:  # handed to the consumer
             queue.put_nowait((index, error))
 
-    tasks = [asyncio.ensure_future(pump(i, p)) for i, p in enumerate(processed)]
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     remaining = len(tasks)
     try:
         while remaining:
@@ -119,3 +118,18 @@ async def merged(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            stream.close()
+
+
+def start(engine: AsyncLLM, processed: Sequence[ProcessedPrompt], stream: bool):
+    """Add every prompt to the engine now, so that it counts as waiting at once."""
+    streams: list[RequestStream] = []
+    try:
+        for p in processed:
+            streams.append(engine.generate(p, stream=stream))
+    except STREAM_ERRORS as error:
+        for s in streams:
+            s.close()
+        raise engine_error(error) from None
+    return streams

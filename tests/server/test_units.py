@@ -16,6 +16,7 @@ from metroline.engine.sampling_params import SamplingParams
 from metroline.engine.scheduler import SchedulerStats
 from metroline.engine.server.args import ServerArgs
 from metroline.engine.server.errors import _validation_param
+from metroline.engine.server.logprobs import token_bytes
 from metroline.engine.server.readiness import Readiness
 from metroline.engine.server.state import ServerState
 from metroline.engine.server.streaming import ChoiceCursor
@@ -169,3 +170,12 @@ def test_drain_timeout_aborts_what_is_left_and_exits_zero(tiny_checkpoint):
 
     asyncio.run(run())
     assert state.engine.aborted and codes == [0]
+
+
+def test_logprob_token_bytes_rebuild_the_text(tiny_checkpoint):
+    tokenizer = load_tokenizer(tiny_checkpoint("llama"))
+    text = "héllo wörld ✓ → 日本"
+    ids = tokenizer(text).input_ids
+    pieces = [token_bytes(tokenizer, i, tokenizer.decode([i])) for i in ids]
+    assert any(tokenizer.decode([i]) == "\ufffd" for i in ids)  # split characters occur
+    assert b"".join(bytes(p) for p in pieces) == text.encode()

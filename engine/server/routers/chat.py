@@ -9,8 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from metroline.engine.async_llm import AsyncLLM
-from metroline.engine.input_processor import ProcessedPrompt
+from metroline.engine.async_llm import AsyncLLM, RequestStream
 from metroline.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from metroline.engine.server import runs, serving
 from metroline.engine.server.errors import bad_request
@@ -88,9 +87,13 @@ async def create_chat_completion(
     request_id = serving.new_request_id("chatcmpl")
     processed = serving.process(engine, request_id, token_ids, params, "messages", prompt)
     if body.stream:
-        return StreamingResponse(_stream(state, body, processed), media_type="text/event-stream")
+        streams = runs.start(engine, [processed], stream=True)
+        return StreamingResponse(
+            _stream(state, body, processed.request_id, streams),
+            media_type="text/event-stream",
+        )
     try:
-        (output,) = await runs.final_outputs(engine, [processed], raw_request)
+        (output,) = await runs.final_outputs(runs.start(engine, [processed], False), raw_request)
     except runs.ClientGone:
         return Response(status_code=499)
     return JSONResponse(_response(state, body, output).model_dump())
@@ -127,10 +130,8 @@ def _response(
 
 
 async def _stream(
-    state: ServerState, body: ChatCompletionRequest, processed: ProcessedPrompt
+    state: ServerState, body: ChatCompletionRequest, request_id: str, streams: list[RequestStream]
 ) -> AsyncIterator[str]:
-    request_id = processed.request_id
-
     def chunk(choices: list[ChatChunkChoice], usage=None) -> str:
         return serving.sse(
             ChatCompletionChunk(id=request_id, model=body.model, choices=choices, usage=usage)
@@ -145,7 +146,7 @@ async def _stream(
     cursors = StreamCursors()
     final: RequestOutput | None = None
     try:
-        async for _, output in runs.merged(state.engine, [processed]):
+        async for _, output in runs.merged(streams):
             choices = []
             for c in output.outputs:
                 delta = cursors.advance(c.index, c)

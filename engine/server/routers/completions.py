@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from metroline.engine.async_llm import RequestStream
 from metroline.engine.input_processor import ProcessedPrompt
 from metroline.engine.outputs import RequestOutput
 from metroline.engine.server import runs, serving
@@ -70,10 +71,11 @@ async def create_completion(
         processed.append(serving.process(engine, engine_id, token_ids, params, "prompt", text))
     if body.stream:
         return StreamingResponse(
-            _stream(state, body, request_id, processed), media_type="text/event-stream"
+            _stream(state, body, request_id, runs.start(engine, processed, stream=True)),
+            media_type="text/event-stream",
         )
     try:
-        outputs = await runs.final_outputs(engine, processed, raw_request)
+        outputs = await runs.final_outputs(runs.start(engine, processed, False), raw_request)
     except runs.ClientGone:
         return Response(status_code=499)
     return JSONResponse(_response(state, body, request_id, outputs).model_dump())
@@ -104,13 +106,13 @@ def _response(
 
 
 async def _stream(
-    state: ServerState, body: CompletionRequest, request_id: str, processed: list[ProcessedPrompt]
+    state: ServerState, body: CompletionRequest, request_id: str, streams: list[RequestStream]
 ) -> AsyncIterator[str]:
     tokenizer = state.engine.tokenizer
     cursors = StreamCursors()
     usage = UsageInfo(prompt_tokens_details=PromptTokensDetails())
     try:
-        async for p, output in runs.merged(state.engine, processed):
+        async for p, output in runs.merged(streams):
             choices = []
             for c in output.outputs:
                 index = p * body.n + c.index
