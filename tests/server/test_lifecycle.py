@@ -43,8 +43,27 @@ def get_or_none(url: str) -> httpx.Response | None:
         return None
 
 
+def test_probes_while_loading(start_server, chat_checkpoint):
+    """uvicorn answers within a second; the engine core needs seconds to import torch and
+    load: meanwhile the pod is alive but not ready, and work is refused with 503."""
+    server = start_server(chat_checkpoint, *ARGS, wait=False)
+    seen = None
+    deadline = time.monotonic() + 60
+    while seen is None and time.monotonic() < deadline:
+        seen = get_or_none(f"{server.url}/ready")
+        time.sleep(0.02)
+    assert seen is not None and seen.status_code == 503, seen and seen.text
+    assert seen.json()["reason"].startswith("loading")
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    refused = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x"})
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "loading"
+    assert refused.headers["retry-after"]
+    server.wait_ready()
+    assert server.stop() == 0
+
+
 def test_sigterm_drains_in_flight_requests_and_exits_zero(start_server, chat_checkpoint):
-    server = start_server(chat_checkpoint, *ARGS)
+    server = start_server(chat_checkpoint, *ARGS, "--log-format", "json")
     streams: list[list[str]] = [[] for _ in range(3)]
     finals: list[httpx.Response] = []
     body = {"model": MODEL, "prompt": "x = 1", "max_tokens": 60, "ignore_eos": True}
@@ -77,6 +96,15 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(start_server, chat_che
     assert finals[0].status_code == 200
     assert finals[0].json()["usage"]["completion_tokens"] == 60
     assert server.process.wait(60) == 0, server.log()
+    # Structured logs: JSON lines, one per finished request with its numbers.
+    entries = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    finished = [e for e in entries if e["message"] == "request finished"]
+    assert len(finished) == 4
+    for entry in finished:
+        assert entry["request_id"].startswith("cmpl-")
+        assert entry["output_tokens"] == 60 and entry["prompt_tokens"] > 0
+        assert 0 < entry["ttft_s"] <= entry["total_s"]
+    assert any(e["message"].startswith("draining") for e in entries)
 
 
 def child_pids(pid: int) -> list[int]:
