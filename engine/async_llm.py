@@ -2,14 +2,14 @@
 
 ``AsyncLLM`` starts the core process through a :class:`CoreClient` (``multiprocessing``
 spawn, anonymous pipes); the core's step results reach the event loop, are detokenised there
-by an :class:`OutputProcessor` and put on one ``asyncio.Queue`` per request, which
-:meth:`AsyncLLM.generate` turns into an async iterator.
+by an :class:`OutputProcessor` and put on one ``asyncio.Queue`` per request, which a
+:class:`RequestStream` (from :meth:`AsyncLLM.generate`) turns into an async iterator.
 
 Invariants (all state is touched on the event loop only):
 
 - a request is in ``requests`` from ``generate`` until its last output, its error, or its
-  abort, and nowhere after; leaving ``generate`` early (client gone, task cancelled) aborts
-  it, so its KV blocks are free before the core's next step;
+  abort, and nowhere after; closing or dropping its stream early (client gone, task
+  cancelled) aborts it, so its KV blocks are free before the core's next step;
 - once the core is gone, every waiting request gets :class:`EngineDeadError`, and so does
   every new one.
 """
@@ -22,7 +22,7 @@ import logging
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from metroline.engine.config import EngineConfig
@@ -33,6 +33,7 @@ from metroline.engine.output_processor import OutputProcessor
 from metroline.engine.outputs import RequestOutput
 from metroline.engine.request import RequestStatus
 from metroline.engine.request_events import EngineObserver, FinishedRequest
+from metroline.engine.scheduler import SchedulerStats
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,6 @@ class _RequestState:
     last_token_time: float | None = None
     num_output_tokens: int = 0
     num_token_steps: int = 0
-    finish_reasons: list[str] = field(default_factory=list)
 
     def finished(self, reasons: list[str], num_output_tokens: int) -> FinishedRequest:
         return FinishedRequest(
@@ -79,6 +79,10 @@ class _RequestState:
 
 
 class AsyncLLM:
+    """The engine for an asyncio server: ``await start()``, then ``generate()`` per request
+    (tokenised and validated beforehand by ``input_processor``), ``abort()``, and ``stats``
+    (the core's latest :class:`SchedulerStats`)."""
+
     def __init__(
         self,
         config: EngineConfig,
@@ -92,7 +96,7 @@ class AsyncLLM:
         self.input_processor = InputProcessor(config, tokenizer)
         self.output_processor = OutputProcessor(tokenizer)
         self.requests: dict[str, _RequestState] = {}
-        self.stats = None
+        self.stats: SchedulerStats | None = None
         self.num_blocks: int | None = None
         self.dead_reason: str | None = None
         self._parent_of: dict[str, str] = {}
