@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import logging
 import multiprocessing
 import pickle
@@ -175,6 +176,7 @@ class MultiprocExecutor:
         # rank 0 must not wait for the workers to exit first. Graphs holding captured
         # collectives go before the communicator does.
         self.worker = None
+        gc.collect()
         destroy_distributed()
         for handle in self.workers:
             handle.process.join(SHUTDOWN_GRACE)

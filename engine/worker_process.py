@@ -8,6 +8,7 @@ SIGTERM, SIGKILL). The main thread serves commands from rank 0 until told to sto
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import pickle
@@ -63,6 +64,7 @@ def worker_main(
 
     if backend == "gloo":
         limit_cpu_threads(world_size)
+    worker = None
     try:
         init_distributed(rank, world_size, backend, port)
         worker = Worker(config, rank=rank)
@@ -81,4 +83,7 @@ def worker_main(
             results.send(("error", traceback.format_exc()))
         raise
     finally:
+        # CUDA graphs hold captured collectives: free them before the communicator goes.
+        worker = None
+        gc.collect()
         destroy_distributed()
