@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -104,32 +104,52 @@ def chat_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
     return directory
 
 
-@pytest.fixture(scope="session")
-def start_server(tmp_path_factory) -> Iterator[Callable[..., ServerProcess]]:
-    """``start_server(model, *args)`` -> a ready server; all are stopped at session end."""
-    servers: list[ServerProcess] = []
+class ServerFactory:
+    """Starts servers; :meth:`stop_all` stops those it started."""
 
-    def start(model: Path | str, *args: str, wait: bool = True) -> ServerProcess:
-        log_path = tmp_path_factory.mktemp("server") / "server.log"
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self.tmp_path_factory = tmp_path_factory
+        self.servers: list[ServerProcess] = []
+
+    def __call__(self, model: Path | str, *args: str, wait: bool = True) -> ServerProcess:
+        log_path = self.tmp_path_factory.mktemp("server") / "server.log"
         server = ServerProcess(model, list(args), log_path)
-        servers.append(server)
+        self.servers.append(server)
         return server.wait_ready() if wait else server
 
-    yield start
-    for server in servers:
-        server.stop()
+    def stop_all(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture
+def start_server(tmp_path_factory) -> Iterator[ServerFactory]:
+    """``start_server(model, *args)`` -> a ready server, stopped when the test ends."""
+    factory = ServerFactory(tmp_path_factory)
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def start_module_server(tmp_path_factory) -> Iterator[ServerFactory]:
+    """Like ``start_server``, for servers that the tests of one module share."""
+    factory = ServerFactory(tmp_path_factory)
+    yield factory
+    factory.stop_all()
 
 
 @pytest.fixture(scope="session")
-def server(start_server, chat_checkpoint) -> ServerProcess:
+def server(tmp_path_factory, chat_checkpoint) -> Iterator[ServerProcess]:
     """The shared server: tiny llama with a chat template, an API key, max_model_len 128."""
-    return start_server(
+    factory = ServerFactory(tmp_path_factory)
+    yield factory(
         chat_checkpoint,
         "--served-model-name", MODEL_NAME,
         "--max-model-len", str(MAX_MODEL_LEN),
         "--kv-cache-memory-bytes", str(2**22),
         "--api-key", API_KEY,
     )  # fmt: skip
+    factory.stop_all()
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,8 @@ KV_BYTES = 6 * 16 * 2 * 2 * 2 * 16 * 4
 
 
 @pytest.fixture(scope="module")
-def small_server(start_server, chat_checkpoint):
-    return start_server(
+def small_server(start_module_server, chat_checkpoint):
+    return start_module_server(
         chat_checkpoint,
         "--served-model-name", MODEL,
         "--max-model-len", "96",
