@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,37 +48,45 @@ def build_step_inputs(
     block_size: int,
     device: torch.device,
 ) -> StepInputs:
-    """Flatten the scheduled requests (in scheduling order) into one varlen batch."""
+    """Flatten the scheduled requests (in scheduling order) into one varlen batch.
+
+    Per request only the token ids and the block-table row are gathered in Python; positions
+    and slots are computed for the whole step at once.
+    """
     request_ids = list(scheduled.num_scheduled_tokens)
+    step_states = [states[r] for r in request_ids]
     num_seqs = len(request_ids)
     counts = np.fromiter(
         (scheduled.num_scheduled_tokens[r] for r in request_ids), dtype=np.int64, count=num_seqs
     )
+    starts = np.fromiter(
+        (s.num_computed_tokens for s in step_states), dtype=np.int64, count=num_seqs
+    )
     cu_seqlens = np.zeros(num_seqs + 1, dtype=np.int64)
     np.cumsum(counts, out=cu_seqlens[1:])
     num_tokens = int(cu_seqlens[-1])
-    input_ids = np.empty(num_tokens, dtype=np.int64)
-    positions = np.empty(num_tokens, dtype=np.int64)
-    slot_mapping = np.empty(num_tokens, dtype=np.int64)
-    seq_lens = np.empty(num_seqs, dtype=np.int64)
-    max_blocks = max(len(states[r].block_ids) for r in request_ids)
+    seq_lens = starts + counts
+    input_ids = np.fromiter(
+        itertools.chain.from_iterable(
+            s.token_ids[start : start + count]
+            for s, start, count in zip(step_states, starts.tolist(), counts.tolist())
+        ),
+        dtype=np.int64,
+        count=num_tokens,
+    )
+    token_seq = np.repeat(np.arange(num_seqs), counts)
+    positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(starts - cu_seqlens[:-1], counts)
+    max_blocks = max(len(s.block_ids) for s in step_states)
     block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
-    logits_indices = []
-    sampled_ids = []
-    for i, request_id in enumerate(request_ids):
-        state = states[request_id]
-        start, count = state.num_computed_tokens, int(counts[i])
-        lo, hi = int(cu_seqlens[i]), int(cu_seqlens[i + 1])
-        input_ids[lo:hi] = state.token_ids[start : start + count]
-        pos = np.arange(start, start + count, dtype=np.int64)
-        positions[lo:hi] = pos
-        blocks = np.asarray(state.block_ids, dtype=np.int64)
-        slot_mapping[lo:hi] = blocks[pos // block_size] * block_size + pos % block_size
-        seq_lens[i] = start + count
-        block_tables[i, : len(blocks)] = blocks
-        if start + count == len(state.token_ids):
-            logits_indices.append(hi - 1)
-            sampled_ids.append(request_id)
+    for row, state in enumerate(step_states):
+        block_tables[row, : len(state.block_ids)] = state.block_ids
+    slot_mapping = (
+        block_tables[token_seq, positions // block_size].astype(np.int64) * block_size
+        + positions % block_size
+    )
+    totals = np.fromiter((len(s.token_ids) for s in step_states), dtype=np.int64, count=num_seqs)
+    sampled = np.nonzero(seq_lens == totals)[0]
+    logits_indices = cu_seqlens[1:][sampled] - 1
 
     def to_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(array).to(device=device, dtype=dtype, non_blocking=True)
@@ -94,8 +103,8 @@ def build_step_inputs(
         input_ids=to_device(input_ids, torch.int64),
         positions=to_device(positions, torch.int64),
         attn_metadata=metadata,
-        logits_indices=to_device(np.asarray(logits_indices, dtype=np.int64), torch.int64),
-        sampled_request_ids=sampled_ids,
+        logits_indices=to_device(logits_indices, torch.int64),
+        sampled_request_ids=[request_ids[i] for i in sampled.tolist()],
     )
 
 
