@@ -23,8 +23,9 @@ class Workload:
 
 
 def _random_prompts(rng: random.Random, lengths: list[int], vocab: int) -> list[list[int]]:
-    # Stay clear of the low ids where tokenizers keep special tokens.
-    return [[rng.randrange(100, vocab - 1000) for _ in range(n)] for n in lengths]
+    # Stay clear of the low and high ids where tokenizers keep special tokens.
+    low, high = (100, vocab - 1000) if vocab > 2000 else (2, vocab)
+    return [[rng.randrange(low, high) for _ in range(n)] for n in lengths]
 
 
 def make_workload(

@@ -1,0 +1,221 @@
+"""W5 - online serving (BENCHMARKS.md): `metroline serve` under Poisson arrivals.
+
+``python -P benchmarks/serve.py --model llama3-8b --rates 1,2,4,8,16 --num-requests 200``
+
+Starts the server on a free port with synthetic weights (or uses ``--url``), then for each
+request rate sends W1-shaped requests (prompt 64-1024 tokens, output 64-512, ignore_eos,
+greedy) as streaming completions with exponential inter-arrival times. Reports TTFT, TPOT
+and inter-token latency (p50/p90/p99), throughput, and the rate at which p99 TTFT passes 2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from shapes import SHAPES, write_shape
+from sse_client import get_status, stream_completion
+from workloads import make_workload
+
+TTFT_LIMIT_S = 2.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def run_rate(
+    host: str, port: int, model: str, rate: float, prompts, output_lens, seed: int
+) -> dict[str, Any]:
+    rng = random.Random(seed)
+    tasks = []
+    started = time.perf_counter()
+    for prompt, max_tokens in zip(prompts, output_lens):
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        tasks.append(asyncio.create_task(stream_completion(host, port, body)))
+        await asyncio.sleep(rng.expovariate(rate))
+    results = await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - started
+    ok = [r for r in results if r.error is None and r.event_times]
+    ttft = [r.event_times[0] - r.sent_at for r in ok]
+    tpot = [
+        (r.event_times[-1] - r.event_times[0]) / (len(r.event_times) - 1)
+        for r in ok
+        if len(r.event_times) > 1
+    ]
+    itl = [b - a for r in ok for a, b in zip(r.event_times, r.event_times[1:])]
+    output_tokens = sum(r.num_tokens for r in ok)
+    row: dict[str, Any] = {
+        "rate": rate,
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "elapsed_s": elapsed,
+        "output_tokens_per_s": output_tokens / elapsed,
+        "requests_per_s": len(ok) / elapsed,
+    }
+    for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", itl)):
+        for q in (50, 90, 99):
+            row[f"{name}_p{q}_s"] = percentile(values, q)
+        row[f"{name}_mean_s"] = statistics.mean(values) if values else float("nan")
+    if len(results) != len(ok):
+        row["first_error"] = next(
+            (r.error for r in results if r.error is not None), "a stream carried no tokens"
+        )
+    return row
+
+
+def rate_at_ttft_limit(rows: list[dict[str, Any]]) -> float | None:
+    """Linear interpolation of the rate where p99 TTFT crosses the limit."""
+    for before, after in itertools.pairwise(rows):
+        if before["ttft_p99_s"] <= TTFT_LIMIT_S < after["ttft_p99_s"]:
+            span = after["ttft_p99_s"] - before["ttft_p99_s"]
+            return before["rate"] + (TTFT_LIMIT_S - before["ttft_p99_s"]) / span * (
+                after["rate"] - before["rate"]
+            )
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama3-8b", choices=sorted(SHAPES))
+    parser.add_argument("--rates", default="1,2,4,8,16")
+    parser.add_argument("--num-requests", type=int, default=200)
+    parser.add_argument("--url", default=None, help="an already running server")
+    parser.add_argument("--server-args", default="", help="extra `metroline serve` flags")
+    parser.add_argument("--out", type=Path, default=Path("."))
+    args = parser.parse_args()
+    rates = [float(r) for r in args.rates.split(",")]
+    vocab = SHAPES[args.model]["vocab_size"]
+    workload = make_workload("W1", vocab, args.num_requests)
+    server = None
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.url:
+            host, port = args.url.split("//")[-1].split(":")
+            port = int(port.split("/")[0])
+        else:
+            host, port = "127.0.0.1", free_port()
+            path = write_shape(args.model, Path(tmp) / args.model)
+            command = [
+                sys.executable,
+                "-P",
+                "-m",
+                "metroline.engine.cli",
+                "serve",
+                str(path),
+                "--load-format",
+                "dummy",
+                "--port",
+                str(port),
+                "--max-model-len",
+                str(min(4096, SHAPES[args.model]["max_position_embeddings"])),
+                "--served-model-name",
+                args.model,
+                "--disable-uvicorn-access-log",
+                "--log-level",
+                "warning",
+                *args.server_args.split(),
+            ]
+            server = subprocess.Popen(command, env=os.environ.copy())
+        try:
+            deadline = time.monotonic() + 600
+            while asyncio.run(get_status(host, port, "/ready")) != 200:
+                if server is not None and server.poll() is not None:
+                    raise SystemExit(f"server exited with {server.returncode}")
+                if time.monotonic() > deadline:
+                    raise SystemExit("server not ready after 600 s")
+                time.sleep(1)
+            asyncio.run(
+                run_rate(host, port, args.model, 100.0, workload.prompts[:8], [16] * 8, seed=0)
+            )  # warm-up
+            rows = []
+            for index, rate in enumerate(rates):
+                row = asyncio.run(
+                    run_rate(
+                        host,
+                        port,
+                        args.model,
+                        rate,
+                        workload.prompts,
+                        workload.output_lens,
+                        seed=index + 1,
+                    )
+                )
+                rows.append(row)
+                print(
+                    f"rate {rate:6.2f}/s: TTFT p50 {row['ttft_p50_s']:.3f} s p99 "
+                    f"{row['ttft_p99_s']:.3f} s, TPOT p50 {row['tpot_p50_s'] * 1e3:.1f} ms, "
+                    f"{row['output_tokens_per_s']:.0f} out tok/s, errors {row['errors']}",
+                    flush=True,
+                )
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(timeout=120)
+    knee = rate_at_ttft_limit(rows)
+    record = {
+        "benchmark": "serve-W5",
+        "model": args.model,
+        "rates": rates,
+        "num_requests": args.num_requests,
+        "rows": rows,
+        "rate_where_p99_ttft_passes_2s": knee,
+    }
+    try:
+        import torch
+
+        record["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        record["gpu"] = "unknown"
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"{time.strftime('%Y-%m-%d')}-W5-{args.model}.json"
+    (args.out / name).write_text(json.dumps(record, indent=2))
+    print(f"\nW5 on {args.model} ({record['gpu']}), {args.num_requests} requests per rate")
+    print(
+        f"{'rate':>6s} {'TTFT p50':>9s} {'p90':>7s} {'p99':>7s} {'TPOT p50':>9s} {'p99':>7s} "
+        f"{'ITL p99':>8s} {'out tok/s':>10s}"
+    )
+    for r in rows:
+        print(
+            f"{r['rate']:6.2f} {r['ttft_p50_s']:9.3f} {r['ttft_p90_s']:7.3f} "
+            f"{r['ttft_p99_s']:7.3f} {r['tpot_p50_s'] * 1e3:8.1f}m {r['tpot_p99_s'] * 1e3:6.1f}m "
+            f"{r['itl_p99_s'] * 1e3:7.1f}m {r['output_tokens_per_s']:10.0f}"
+        )
+    print(
+        "p99 TTFT passes 2 s at "
+        + (f"{knee:.2f} requests/s" if knee else "no measured rate (widen --rates)")
+    )
+
+
+if __name__ == "__main__":
+    main()
