@@ -24,11 +24,14 @@ from metroline.operator.spec import LLMDeploymentSpec
 DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 MANAGED_FLAGS = frozenset({
-    "--tensor-parallel-size", "--max-model-len", "--gpu-memory-utilization", "--max-num-seqs",
-    "--max-num-batched-tokens", "--block-size", "--dtype", "--served-model-name", "--host",
-    "--port", "--ready-kv-threshold", "--enable-prefix-caching", "--no-enable-prefix-caching",
+    "--tensor-parallel-size", "-tp", "--max-model-len", "--gpu-memory-utilization",
+    "--max-num-seqs", "--max-num-batched-tokens", "--block-size", "--dtype",
+    "--served-model-name", "--host", "--port", "--ready-kv-threshold", "--enable-prefix-caching",
+    "--no-enable-prefix-caching",
 })
-"""Flags rendered from spec fields; setting them again in extraArgs would be ambiguous."""
+"""Flags (with their aliases, e.g. ``-tp``) rendered from spec fields; setting them again in
+extraArgs would be ambiguous. tests/operator/test_engine_cli.py keeps this in step with
+``metroline serve``'s parser."""
 
 RESERVED_ENV = frozenset({"HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN"})
 """Variables the operator sets in the engine or download container."""
@@ -55,13 +58,30 @@ def _pydantic_messages(error: ValidationError) -> list[str]:
     return messages
 
 
+def managed_flag(arg: str) -> str | None:
+    """The rendered flag that ``arg`` would set on the engine's command line, if any.
+
+    The engine parses with argparse, which also takes a unique prefix of a long flag
+    (``--tensor-parallel 4``) and refuses an ambiguous one; either way a prefix of a rendered
+    flag in extraArgs cannot work as the user meant.
+    """
+    flag = arg.split("=", 1)[0]
+    if flag in MANAGED_FLAGS:
+        return flag
+    if flag.startswith("--") and len(flag) > 2:
+        return next((f for f in sorted(MANAGED_FLAGS) if f.startswith(flag)), None)
+    return None
+
+
 def _flag_problems(spec: LLMDeploymentSpec) -> list[str]:
     problems = []
     for arg in spec.engine.extra_args:
-        flag = arg.split("=", 1)[0]
-        if flag in MANAGED_FLAGS:
+        flag = managed_flag(arg)
+        if flag is not None:
+            shown = arg.split("=", 1)[0]
+            what = shown if shown == flag else f"{shown} (read by the engine as {flag})"
             problems.append(
-                f"spec.engine.extraArgs sets {flag}, which the operator renders from the spec; "
+                f"spec.engine.extraArgs sets {what}, which the operator renders from the spec; "
                 "remove it and use the matching spec field"
             )
     return problems

@@ -27,6 +27,8 @@ MANAGED_BY = FIELD_MANAGER
 RESERVED_LABELS = frozenset(
     {LABEL_NAME, LABEL_INSTANCE, LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_OWNER}
 )
+ANNOTATION_CONFIG_HASH = f"{GROUP}/config-hash"
+"""On every child: a hash of the configuration the operator applied (see render.stamp)."""
 
 # The engine's HTTP contract (DESIGN.md, "Serving contracts").
 HTTP_PORT = 8000

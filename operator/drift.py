@@ -3,7 +3,9 @@
 ``covers(desired, current)`` is true when every field the operator renders is present in the
 live object with the same value. Fields the API server adds (defaults, clusterIP, status) are
 ignored; anything the operator owns that was changed or removed counts as drift and is
-re-applied. Numbers and strings compare by text, so ``"4"`` matches ``4``.
+re-applied. Numbers and strings compare by text, so ``"4"`` matches ``4``. A field the operator
+stopped rendering is not visible here; the ``config-hash`` annotation that ``render.stamp`` puts
+on every child changes with it, so such a child does not cover its new render either.
 """
 
 from __future__ import annotations

@@ -3,11 +3,16 @@
 Invariants: every child carries the same selector labels (which never change for the life of the
 LLMDeployment), is named after it, lives in its namespace and has exactly one controller owner
 reference pointing at it; so deletion cascades and server-side apply sees one owner. The rendered
-objects contain only fields the operator means to own: they are apply configurations.
+objects contain only fields the operator means to own: they are apply configurations. Each one
+carries, in annotation ``config-hash``, a hash of everything else it contains: a live object
+that merely *contains* what is rendered can still be stale (a field removed from the spec stays
+on the child until the operator applies again), and the hash tells the two apart.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -138,9 +143,23 @@ def wants_pdb(check: SpecCheck) -> bool:
     return check.spec is not None and check.spec.replicas >= PDB_MIN_REPLICAS
 
 
+def stamp(obj: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` with annotation ``config-hash`` set to a hash of the rest of ``obj``."""
+    meta = obj["metadata"]
+    annotations = {
+        k: v for k, v in (meta.get("annotations") or {}).items() if k != c.ANNOTATION_CONFIG_HASH
+    }
+    unstamped = {**obj, "metadata": {**meta, "annotations": annotations}}
+    text = json.dumps(unstamped, sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return {**obj, "metadata": {**meta, "annotations": {
+        **annotations, c.ANNOTATION_CONFIG_HASH: digest,
+    }}}
+
+
 def render_children(body: Body, check: SpecCheck, image: str) -> list[dict[str, Any]]:
     """Every child the valid spec asks for, in apply order (Service first: it is cheap)."""
     children = [render_service(body), render_deployment(body, check, image)]
     if wants_pdb(check):
         children.append(render_pdb(body))
-    return children
+    return [stamp(child) for child in children]

@@ -115,3 +115,19 @@ def test_images_run_their_entrypoint_as_non_root(image, entrypoint):
         installs = [line for line in lines if not line.startswith("#") and "torch" in line
                     and "not in sys.modules" not in line]
         assert installs == [] and "--no-deps" in text
+
+
+def test_engine_image_can_build_tritons_launcher_at_run_time():
+    """Triton compiles its CUDA driver stub with a C compiler and Python.h on first launch."""
+    text = (REPO / "images/engine/Dockerfile").read_text()
+    final_stage = text[text.rindex("\nFROM "):]
+    installs = " ".join(line for line in final_stage.splitlines() if "apt-get install" in line)
+    assert {"gcc", "libc6-dev", "python3-dev"} <= set(installs.split())
+
+
+def test_image_copy_sources_exist():
+    for image in ("engine", "operator"):
+        for line in (REPO / "images" / image / "Dockerfile").read_text().splitlines():
+            if line.startswith("COPY ") and "--from=" not in line:
+                *sources, _ = line.split()[1:]
+                assert all((REPO / source).exists() for source in sources), line

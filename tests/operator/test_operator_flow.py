@@ -170,6 +170,11 @@ async def test_invalid_spec_reports_invalid_spec_and_creates_nothing(cluster, op
     ready = conditions(cluster)["Ready"]
     assert ready[:2] == ("False", "InvalidSpec") and "--port" in ready[2]
     assert cluster.get(DEPLOYMENTS, "llama") is None and cluster.get(SERVICES, "llama") is None
+    writes = len(cluster.requests_to("PATCH", "/llmdeployments/llama/status"))
+    assert writes >= 1
+    await asyncio.sleep(0.5)  # backoff here is 0.05 s: a retry loop would write again
+    assert len(cluster.requests_to("PATCH", "/llmdeployments/llama/status")) == writes
+    assert operator.failures == {} and not cluster.requests_to("PATCH", "/deployments/")
     await patch_spec(cluster, {"engine": {"extraArgs": ["--enforce-eager"]}})
     dep = await cluster.wait_for(lambda: cluster.get(DEPLOYMENTS, "llama"))
     assert engine(dep)["args"][-1] == "--enforce-eager"
@@ -237,3 +242,14 @@ async def test_retry_after_and_conflicts_are_honoured(cluster, operator, code):
     await patch_spec(cluster, {"engine": {"tensorParallelSize": 8}})
     await cluster.wait_for(lambda: gpus(cluster.get(DEPLOYMENTS, "llama")) == "8")
     assert time.monotonic() - started >= 0.45
+
+
+async def test_removing_a_spec_field_removes_it_from_the_deployment(cluster, operator):
+    """The live Deployment still contains the shrunken render; the config hash says it is stale."""
+    await create(cluster, llmd_body(nodeSelector={"gpu": "h100"}, podAnnotations={"team": "ml"}))
+    await cluster.wait_for(lambda: cluster.get(DEPLOYMENTS, "llama"))
+    await patch_spec(cluster, {"nodeSelector": None, "podAnnotations": None})
+    await cluster.wait_for(lambda: status(cluster).get("observedGeneration") == 2)
+    template = cluster.get(DEPLOYMENTS, "llama")["spec"]["template"]
+    assert "nodeSelector" not in template["spec"]
+    assert "team" not in template["metadata"]["annotations"]

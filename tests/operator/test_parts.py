@@ -8,6 +8,7 @@ import subprocess
 import sys
 from fractions import Fraction
 
+import aiohttp.web
 import kopf
 import pytest
 
@@ -155,6 +156,33 @@ async def test_api_client_maps_errors(cluster):
         assert error.value.status == 0 and error.value.retryable
     finally:
         await client.close()
+
+
+@pytest.mark.asyncio
+async def test_api_client_turns_a_timeout_into_a_retryable_error():
+    release = asyncio.Event()
+
+    async def slow(_: aiohttp.web.Request) -> aiohttp.web.Response:
+        await release.wait()  # answers only after the client gave up
+        return aiohttp.web.json_response({})
+
+    app = aiohttp.web.Application()
+    app.router.add_route("*", "/{tail:.*}", slow)
+    runner = aiohttp.web.AppRunner(app)
+    await runner.setup()
+    site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    client = KubeClient(timeout_s=0.2)
+    client.connect(kopf.ConnectionInfo(server=f"http://127.0.0.1:{runner.addresses[0][1]}"))
+    try:
+        with pytest.raises(ApiError) as error:
+            await client.apply({"apiVersion": "v1", "kind": "Service",
+                                "metadata": {"name": "x", "namespace": "ml"}})
+        assert error.value.status == 0 and error.value.retryable
+    finally:
+        release.set()
+        await client.close()
+        await runner.cleanup()
 
 
 def test_the_operator_never_imports_torch():

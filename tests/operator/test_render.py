@@ -170,6 +170,17 @@ def test_scheduling_and_pod_metadata_pass_through():
     assert rendered["Service"]["spec"]["selector"] == selector
 
 
+def test_config_hash_changes_with_any_field_and_only_then():
+    hashes = [
+        {kind: obj["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]
+         for kind, obj in children(**spec).items()}
+        for spec in ({"nodeSelector": {"gpu": "h100"}}, {"nodeSelector": {"gpu": "h100"}}, {})
+    ]
+    assert hashes[0] == hashes[1]  # stable: no re-apply without a change
+    assert hashes[0]["Deployment"] != hashes[2]["Deployment"]  # a removal changes it
+    assert hashes[0]["Service"] == hashes[2]["Service"]  # untouched children are not re-applied
+
+
 def test_startup_probe_rounds_up():
     probe = pod(children(startupTimeoutSeconds=1801))["containers"][0]["startupProbe"]
     assert probe["failureThreshold"] == math.ceil(1801 / probe["periodSeconds"])

@@ -1,0 +1,170 @@
+"""The command lines the operator renders parse with the programs that run them: `metroline serve`
+(engine/cli.py, the real argparse parser) in the engine container and `hf download` in the init
+container, and the defaults the operator relies on are the engine's.
+
+engine/cli.py is loaded from its file, not through ``metroline.engine`` (whose package imports
+torch), so these tests stay as fast and torch-free as the rest of tests/operator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import sys
+from types import ModuleType
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from metroline.operator import constants as c
+from metroline.operator.checks import MANAGED_FLAGS, check_spec, managed_flag
+from metroline.operator.pod import download_container, engine_args
+from metroline.operator.spec import (
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    DEFAULT_MAX_NUM_SEQS,
+    Readiness,
+)
+
+from .conftest import REPO, llmd_body
+
+
+@functools.cache
+def cli() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("metroline_serve_cli", REPO / "engine/cli.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _serve(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices["serve"]
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    """The `serve` sub-command's parser."""
+    return _serve(cli().build_parser())
+
+
+def parse(args: list[str], exact: bool = True) -> argparse.Namespace:
+    """``metroline serve ARGS`` as the engine reads it; ``exact`` refuses abbreviated flags, so
+    a misspelt rendered flag cannot pass as a prefix of a real one."""
+    parser = cli().build_parser()
+    _serve(parser).allow_abbrev = not exact
+    try:
+        return parser.parse_args(["serve", *args])
+    except SystemExit as error:  # argparse reports unknown or malformed flags this way
+        raise AssertionError(f"metroline serve refuses {args}") from error
+
+
+def option_strings() -> set[str]:
+    return {flag for action in serve_parser()._actions for flag in action.option_strings}
+
+
+def test_every_managed_flag_and_its_aliases_exist_in_the_cli():
+    missing = MANAGED_FLAGS - option_strings()
+    assert not missing, sorted(missing)
+    for action in serve_parser()._actions:
+        if set(action.option_strings) & MANAGED_FLAGS:
+            assert set(action.option_strings) <= MANAGED_FLAGS, action.option_strings
+
+
+def test_no_other_engine_flag_looks_like_a_managed_one():
+    """managed_flag() refuses prefixes of rendered flags; no real flag may be such a prefix."""
+    for flag in option_strings() - MANAGED_FLAGS:
+        assert managed_flag(flag) is None, flag
+
+
+@pytest.mark.parametrize(("arg", "flag"), [
+    ("-tp", "-tp"), ("--port=9000", "--port"), ("--tensor-parallel", "--tensor-parallel-size"),
+    ("--po", "--port"), ("--no-enable-prefix", "--no-enable-prefix-caching"),
+    ("--seed", None), ("--enforce-eager", None), ("--drain-timeout=60", None), ("4", None),
+    ("--ready-kv-low-watermark", None), ("--api-key", None),
+])
+def test_extra_args_may_not_set_a_managed_flag_even_abbreviated(arg, flag):
+    assert managed_flag(arg) == flag
+    problems = check_spec("llama", llmd_body(engine={"extraArgs": [arg, "1"]})["spec"]).problems
+    assert bool(problems) is (flag is not None), problems
+
+
+def test_the_engine_takes_abbreviated_flags():
+    """Why prefixes are refused: argparse reads ``--tensor-parallel 4`` as the full flag."""
+    assert parse([".", "--tensor-parallel", "4"], exact=False).tensor_parallel_size == 4
+
+
+def test_the_operator_shares_the_engine_defaults():
+    defaults = {a.dest: a.default for a in serve_parser()._actions}
+    assert defaults["max_num_seqs"] == DEFAULT_MAX_NUM_SEQS  # used by the CEL rule
+    assert defaults["max_num_batched_tokens"] == DEFAULT_MAX_NUM_BATCHED_TOKENS
+    assert defaults["ready_kv_threshold"] == Readiness().kv_cache_threshold
+    assert defaults["drain_timeout"] == c.ENGINE_DRAIN_TIMEOUT_S  # sizes the grace period
+    assert defaults["port"] == c.HTTP_PORT
+
+
+ENGINE = st.fixed_dictionaries({}, optional={
+    "tensorParallelSize": st.sampled_from([1, 2, 4, 8]),
+    "maxModelLen": st.integers(16, 1_048_576),
+    "gpuMemoryUtilization": st.floats(0.01, 1.0),
+    "maxNumSeqs": st.integers(1, 8192),
+    "maxNumBatchedTokens": st.integers(8192, 1_048_576),
+    "blockSize": st.sampled_from([8, 16, 32]),
+    "dtype": st.sampled_from(["auto", "float16", "bfloat16", "float32"]),
+    "enablePrefixCaching": st.booleans(),
+    "extraArgs": st.sampled_from([[], ["--enforce-eager"], ["--api-key", "$(API_KEY)"],
+                                  ["--drain-timeout=60", "--log-format", "json"]]),
+})
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    engine=ENGINE, threshold=st.floats(0.01, 1.0), served=st.none() | st.just("chat"),
+    uri=st.sampled_from(["hf://org/model@v1", "pvc://claim/dir", "/models/m"]),
+)
+def test_rendered_command_line_parses_to_the_spec(engine, threshold, served, uri):
+    model: dict[str, Any] = {"uri": uri, **({"servedName": served} if served else {})}
+    check = check_spec("llama", llmd_body(
+        model=model, engine=engine, readiness={"kvCacheThreshold": threshold},
+    )["spec"])
+    assert check.spec is not None and check.location is not None, check.problems
+    args = engine_args(check.spec, check.location)
+    rendered = args[:len(args) - len(check.spec.engine.extra_args)]
+    assert {arg for arg in rendered if arg.startswith("-")} <= MANAGED_FLAGS
+    spec, parsed = check.spec.engine, parse(args)
+    assert parsed.model == check.location.local_path
+    assert parsed.served_model_name == [served or check.location.default_served_name]
+    assert (parsed.host, parsed.port) == ("0.0.0.0", c.HTTP_PORT)
+    assert parsed.tensor_parallel_size == spec.tensor_parallel_size
+    assert parsed.ready_kv_threshold == threshold
+    assert parsed.enable_prefix_caching is spec.enable_prefix_caching
+    for field in ("max_model_len", "gpu_memory_utilization", "max_num_seqs",
+                  "max_num_batched_tokens", "block_size", "dtype"):
+        if getattr(spec, field) is not None:
+            assert getattr(parsed, field) == getattr(spec, field), field
+
+
+def test_download_command_parses_with_the_hf_cli(monkeypatch):
+    download = pytest.importorskip("huggingface_hub.cli.download")
+    hf = pytest.importorskip("huggingface_hub.cli.hf")
+    if not hasattr(download, "snapshot_download"):
+        pytest.skip("this huggingface_hub lays out its CLI differently")
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_UPDATE_CHECK", True, raising=False)  # offline
+    check = check_spec("llama", llmd_body(model={"uri": "hf://meta-llama/Llama-2-7b-hf@abc"})[
+        "spec"])
+    assert check.spec is not None and check.location is not None
+    init = download_container(check.spec, check.location, "registry.test/engine:1")
+    assert init is not None and init["command"][:2] == ["hf", "download"]
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(download, "snapshot_download", lambda **kw: calls.append(kw) or "/x")
+    monkeypatch.setattr(sys, "argv", init["command"])
+    with pytest.raises(SystemExit) as done:
+        hf.main()
+    assert done.value.code in (0, None)
+    (call,) = calls
+    assert call["repo_id"] == "meta-llama/Llama-2-7b-hf" and call["revision"] == "abc"
+    assert call["local_dir"] == check.location.local_path
+    assert "*.bin" in call["ignore_patterns"] and "original/*" in call["ignore_patterns"]
