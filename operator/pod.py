@@ -4,12 +4,13 @@ Invariants of every rendered pod: the engine container requests exactly
 ``engine.tensorParallelSize`` ``nvidia.com/gpu``; ``/dev/shm`` is memory-backed; the startup probe
 on /health allows ``startupTimeoutSeconds``; liveness is /health and readiness /ready; nothing
 runs as root, escalates privileges or keeps a Linux capability; the grace period covers the
-engine's drain timeout.
+engine's drain timeout (its default, or the ``--drain-timeout`` that extraArgs set).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from metroline.operator import constants as c
@@ -19,7 +20,9 @@ from metroline.operator.spec import LLMDeploymentSpec
 PROBE_PERIOD_S = 10
 PRE_STOP_SLEEP_S = 5
 """Seconds between a pod leaving the Service's endpoints and the engine getting SIGTERM."""
-GRACE_PERIOD_S = PRE_STOP_SLEEP_S + c.ENGINE_DRAIN_TIMEOUT_S + 15
+GRACE_MARGIN_S = 15
+"""Seconds left after the drain for uvicorn and the engine core to exit."""
+DRAIN_FLAG = "--drain-timeout"
 DOWNLOAD_EXCLUDES = ("*.bin", "*.pt", "*.pth", "*.gguf", "*.onnx", "original/*")
 """Hugging Face files the engine never reads (it loads safetensors)."""
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -50,6 +53,30 @@ def engine_args(spec: LLMDeploymentSpec, location: ModelLocation) -> list[str]:
     if not engine.enable_prefix_caching:
         args.append("--no-enable-prefix-caching")
     return args + list(engine.extra_args)
+
+
+def drain_timeout_s(extra_args: Sequence[str]) -> float:
+    """The engine's drain timeout under ``extra_args`` (the last setting wins, as in argparse,
+    which also reads an unambiguous prefix such as ``--drain``)."""
+    value: float = c.ENGINE_DRAIN_TIMEOUT_S
+    for index, arg in enumerate(extra_args):
+        flag, has_value, inline = arg.partition("=")
+        if len(flag) < 4 or not DRAIN_FLAG.startswith(flag):
+            continue
+        text = inline if has_value else "".join(extra_args[index + 1:index + 2])
+        try:
+            number = float(text)
+        except ValueError:
+            continue  # the engine refuses it and says so; nothing to size here
+        if math.isfinite(number):
+            value = max(0.0, number)
+    return value
+
+
+def grace_period_s(spec: LLMDeploymentSpec) -> int:
+    """preStop sleep, then the engine's whole drain, then a margin to exit."""
+    drain = drain_timeout_s(spec.engine.extra_args)
+    return PRE_STOP_SLEEP_S + math.ceil(drain) + GRACE_MARGIN_S
 
 
 def _security_context() -> dict[str, Any]:
@@ -182,7 +209,7 @@ def pod_spec(spec: LLMDeploymentSpec, location: ModelLocation, image: str) -> di
     out: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": GRACE_PERIOD_S,
+        "terminationGracePeriodSeconds": grace_period_s(spec),
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": c.RUN_AS_USER,

@@ -250,7 +250,8 @@ class LLMDeploymentSpec(_Model):
     priority_class_name: str | None = Field(default=None, pattern=DNS_SUBDOMAIN, max_length=253)
     readiness: Readiness = Field(default_factory=Readiness, json_schema_extra={"default": {}})
     startup_timeout_seconds: int = Field(
-        default=1800, ge=60, le=86_400, description="How long loading may take before restarts."
+        default=1800, ge=60, le=86_400,
+        description="Startup probe span on /health; the rollout deadline is this plus 600 s.",
     )
     cache: Cache | None = None
     env: list[EnvVar] | None = Field(

@@ -3,9 +3,10 @@
 Inputs are the spec verdict, the observed Deployment (or None) and pods, and a KV-cache sample;
 output is the whole ``status`` as a JSON merge patch (absent values are ``None``, which removes
 them). Invariants: ``phase`` is Ready only with a ready pod, no pod problem and the latest
-template rolled out; any pod problem makes ``phase`` Degraded (or Failed when nothing is ready
-and the rollout deadline passed) and condition Degraded=True with the pod's reason; a condition's
-``lastTransitionTime`` changes only when its ``status`` does.
+template rolled out; any pod problem, or pods the API server refuses to create (the Deployment's
+``ReplicaFailure``, e.g. a GPU quota), makes ``phase`` Degraded (or Failed when nothing is ready
+and the rollout deadline passed) and condition Degraded=True with the pod's or the server's own
+reason and message; a condition's ``lastTransitionTime`` changes only when its ``status`` does.
 """
 
 from __future__ import annotations
@@ -66,6 +67,16 @@ def _deadline_exceeded(deployment: Mapping[str, Any]) -> bool:
     )
 
 
+def _replica_failure(deployment: Mapping[str, Any]) -> tuple[str, str, str] | None:
+    """Degraded=True when pods cannot even be created (quota, admission), in the server's words."""
+    for cond in deployment.get("status", {}).get("conditions") or []:
+        if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
+            name = deployment.get("metadata", {}).get("name", "?")
+            message = f"deployment {name}: {cond.get('message') or 'pods cannot be created'}"
+            return ("True", cond.get("reason") or "ReplicaFailure", message)
+    return None
+
+
 def _judge(check: SpecCheck, observed: Observed, counts: Mapping[str, int]) -> _Verdict:
     ok = ("False", "AsExpected", "")
     problems = all_problems(observed.pods)
@@ -79,6 +90,9 @@ def _judge(check: SpecCheck, observed: Observed, counts: Mapping[str, int]) -> _
     if dep is None:
         waiting = ("False", "Creating", "the engine Deployment is being created")
         return _Verdict("Pending", waiting, ("True", "Creating", waiting[2]), degraded)
+    failure = None if problems else _replica_failure(dep)
+    if failure is not None:
+        degraded = failure
     ready, updated, total = counts["ready"], counts["updated"], counts["total"]
     tally = f"{ready}/{desired} replicas ready, {updated}/{desired} updated"
     dep_generation = dep["metadata"].get("generation", 1)
@@ -91,7 +105,7 @@ def _judge(check: SpecCheck, observed: Observed, counts: Mapping[str, int]) -> _
                         degraded)
     if _deadline_exceeded(dep):
         stalled = ("False", "ProgressDeadlineExceeded", f"rollout stalled: {tally}")
-        if not problems:
+        if degraded[0] != "True":
             degraded = ("True", "ProgressDeadlineExceeded", stalled[2])
     elif rolled_out and ready >= desired:
         stalled = ("False", "RolloutComplete", tally)
@@ -100,8 +114,8 @@ def _judge(check: SpecCheck, observed: Observed, counts: Mapping[str, int]) -> _
     if ready >= 1:
         reason = "AllReplicasReady" if ready >= desired else "SomeReplicasReady"
         ready_state = ("True", reason, tally)
-    elif problems:
-        ready_state = ("False", problems[0].reason, _problem_summary(problems))
+    elif problems or failure is not None:
+        ready_state = ("False", degraded[1], degraded[2])
     else:
         ready_state = ("False", "NoReplicasReady", f"{tally}; engines are starting")
     if degraded[0] == "True":

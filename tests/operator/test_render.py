@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from metroline.operator import constants as c
 from metroline.operator.checks import check_spec
-from metroline.operator.pod import GRACE_PERIOD_S, engine_args
+from metroline.operator.pod import drain_timeout_s, engine_args
 from metroline.operator.render import render_children
 
 from .conftest import K8S_VERSIONS, live_body
@@ -84,7 +84,7 @@ def test_pod_invariants(tp, replicas, startup, threshold, scheme, prefix):
         assert hardening["capabilities"] == {"drop": ["ALL"]}
         assert hardening["runAsNonRoot"] is True and hardening["runAsUser"] != 0
         assert hardening["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert spec["terminationGracePeriodSeconds"] == GRACE_PERIOD_S > c.ENGINE_DRAIN_TIMEOUT_S
+    assert spec["terminationGracePeriodSeconds"] > 5 + c.ENGINE_DRAIN_TIMEOUT_S  # preStop + drain
     assert ("PodDisruptionBudget" in rendered) == (replicas > 1)
     assert rendered["Deployment"]["spec"]["replicas"] == replicas
     assert rendered["Deployment"]["spec"]["progressDeadlineSeconds"] > startup
@@ -179,6 +179,18 @@ def test_config_hash_changes_with_any_field_and_only_then():
     assert hashes[0] == hashes[1]  # stable: no re-apply without a change
     assert hashes[0]["Deployment"] != hashes[2]["Deployment"]  # a removal changes it
     assert hashes[0]["Service"] == hashes[2]["Service"]  # untouched children are not re-applied
+
+
+@pytest.mark.parametrize(("extra", "drain"), [
+    ([], 30), (["--drain-timeout", "120"], 120), (["--drain-timeout=90.5"], 90.5),
+    (["--drain", "200", "--drain-timeout=60"], 60), (["--seed", "7"], 30),
+    (["--drain-timeout", "soon"], 30), (["--drain-timeout=inf"], 30), (["--de", "99"], 30),
+])
+def test_grace_period_covers_the_drain_that_extra_args_set(extra, drain):
+    assert drain_timeout_s(extra) == drain
+    grace = pod(children(engine={"tensorParallelSize": 2, "extraArgs": extra}))[
+        "terminationGracePeriodSeconds"]
+    assert grace >= 5 + drain + 10  # the preStop sleep, the whole drain, time to exit
 
 
 def test_startup_probe_rounds_up():

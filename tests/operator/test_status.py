@@ -15,10 +15,19 @@ from .conftest import live_body
 T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
 
 
+QUOTA = ('pods "llama-5d8f-x" is forbidden: exceeded quota: gpus, requested: '
+         'requests.nvidia.com/gpu=2, used: requests.nvidia.com/gpu=8, limited: '
+         'requests.nvidia.com/gpu=8')
+
+
 def deployment(desired: int, ready: int, updated: int | None = None, total: int | None = None,
-               observed: bool = True, stalled: bool = False) -> dict[str, Any]:
+               observed: bool = True, stalled: bool = False,
+               refused: bool = False) -> dict[str, Any]:
     conditions = [{"type": "Progressing", "status": "False",
                    "reason": "ProgressDeadlineExceeded"}] if stalled else []
+    if refused:
+        conditions.append({"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+                           "message": QUOTA})
     return {
         "metadata": {"name": "llama", "generation": 3},
         "spec": {"replicas": desired},
@@ -108,6 +117,14 @@ CASES = [
      ("Degraded", {"Ready": ("True", "AllReplicasReady"),
                    "Progressing": ("False", "ProgressDeadlineExceeded"),
                    "Degraded": ("True", "ProgressDeadlineExceeded")})),
+    ("pods refused by a GPU quota", Observed(deployment(1, 0, refused=True)), 1,
+     ("Degraded", {"Ready": ("False", "FailedCreate"), "Progressing": WAIT,
+                   "Degraded": ("True", "FailedCreate")})),
+    ("refused, and the rollout deadline passed",
+     Observed(deployment(1, 0, refused=True, stalled=True)), 1,
+     ("Failed", {"Ready": ("False", "FailedCreate"),
+                 "Progressing": ("False", "ProgressDeadlineExceeded"),
+                 "Degraded": ("True", "FailedCreate")})),
     ("scaled to zero", Observed(deployment(0, 0)), 0,
      ("Pending", {"Ready": ("False", "ScaledToZero"), "Progressing": ("False", "ScaledToZero"),
                   "Degraded": OK})),
@@ -139,6 +156,12 @@ def test_degraded_message_carries_the_pods_own_words():
     message = next(c["message"] for c in status["conditions"] if c["type"] == "Degraded")
     assert message.startswith("pod b: CrashLoopBackOff: container engine: back-off 5m0s")
     assert "OOMKilled (exit code 137)" in message and "(and 1 more pods)" in message
+
+
+def test_replica_failure_message_is_the_servers():
+    status = compute(Observed(deployment(1, 0, refused=True)), replicas=1)
+    message = next(c["message"] for c in status["conditions"] if c["type"] == "Degraded")
+    assert message == f"deployment llama: {QUOTA}"
 
 
 def test_terminating_and_finished_pods_are_not_problems():
