@@ -1,0 +1,93 @@
+"""Plots for docs/performance.md from the JSON files in benchmarks/results/.
+
+``python -P benchmarks/plot.py`` (needs matplotlib, which the project itself does not).
+Draws every W3 decode file (time per step and bandwidth fraction against batch size) and
+every W5 serving file (latency and throughput against request rate) it finds.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+IMAGES = ROOT / "docs" / "img"
+
+
+def plot_decode(path: Path) -> Path:
+    record = json.loads(path.read_text())
+    rows = [r for r in record["rows"] if "skipped" not in r]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for context in sorted({r["context"] for r in rows}):
+        points = sorted((r["batch"], r) for r in rows if r["context"] == context)
+        batches = [b for b, _ in points]
+        left.plot(
+            batches, [r["step_s_median"] * 1e3 for _, r in points], "o-", label=f"C={context}"
+        )
+        right.plot(
+            batches, [100 * r["bandwidth_fraction"] for _, r in points], "o-", label=f"C={context}"
+        )
+    floor = rows[0]["weight_floor_s"] * 1e3
+    left.axhline(floor, color="grey", linestyle="--", label=f"weight-read floor {floor:.2f} ms")
+    right.axhline(70, color="grey", linestyle="--", label="target 70%")
+    for axis in (left, right):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("batch size (requests decoding)")
+        axis.legend()
+        axis.grid(alpha=0.3)
+    left.set_ylabel("time per decode step (ms)")
+    right.set_ylabel("% of measured copy bandwidth")
+    gpu = record["environment"]["gpu"]
+    mode = "eager" if record["parameters"].get("enforce_eager") else "CUDA graphs"
+    figure.suptitle(f"W3 decode, {record['parameters']['model']}, {gpu}, {mode}")
+    figure.tight_layout()
+    out = IMAGES / (path.stem + ".png")
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out
+
+
+def plot_serve(path: Path) -> Path:
+    record = json.loads(path.read_text())
+    rows = record["rows"]
+    rates = [r["rate"] for r in rows]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for q in (50, 99):
+        left.plot(rates, [r[f"ttft_p{q}_s"] for r in rows], "o-", label=f"TTFT p{q}")
+        left.plot(rates, [r[f"tpot_p{q}_s"] for r in rows], "s--", label=f"TPOT p{q}")
+    left.axhline(2.0, color="grey", linestyle=":", label="2 s")
+    left.set_yscale("log")
+    left.set_ylabel("seconds")
+    right.plot(rates, [r["output_tokens_per_s"] for r in rows], "o-")
+    right.set_ylabel("output tokens/s")
+    for axis in (left, right):
+        axis.set_xlabel("request rate (requests/s, Poisson)")
+        axis.grid(alpha=0.3)
+    left.legend()
+    figure.suptitle(f"W5 serving, {record['model']}, {record.get('gpu', '?')}")
+    figure.tight_layout()
+    out = IMAGES / (path.stem + ".png")
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out
+
+
+def main() -> None:
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in sorted(RESULTS.glob("*-W3-*.json")):
+        written.append(plot_decode(path))
+    for path in sorted(RESULTS.glob("*-W5-*.json")):
+        written.append(plot_serve(path))
+    sys.stdout.write("".join(f"{p.relative_to(ROOT)}\n" for p in written))
+
+
+if __name__ == "__main__":
+    main()
