@@ -104,3 +104,17 @@ def test_workers_die_with_the_engine(how, tiny_checkpoint, tmp_path):
     while any(_alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(p) for p in workers), f"orphan workers after {how}"
+
+
+def test_tp8_with_four_kv_heads(tiny_checkpoint, hf_greedy):
+    """TP above the KV-head count (issue 8's case) on CPU: 8 ranks, 4 KV heads."""
+    path = tiny_checkpoint("llama", hidden_size=64, num_attention_heads=8, num_key_value_heads=4)
+    prompts = make_prompts((5, 21))
+    llm = LLM(model=str(path), tensor_parallel_size=8, kv_cache_memory_bytes=2**20)
+    try:
+        assert llm.engine_core.executor.worker.kv_heads_per_rank == 1
+        params = SamplingParams(temperature=0, max_tokens=12)
+        tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert tokens == hf_greedy(path, prompts, 12)
+    finally:
+        llm.shutdown()
