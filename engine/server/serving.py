@@ -1,9 +1,11 @@
-"""What both generation endpoints do: admit a request, turn its fields into sampling
-parameters and a validated engine request, and run it (to the end, or as a stream) while
-watching for the client to go away."""
+"""What both generation endpoints do before running a request: admit it (404 / 503), turn
+its fields into sampling parameters and a validated engine request (400 naming the
+parameter), and the shapes shared by responses (usage, server-sent events). Running the
+request is in :mod:`metroline.engine.server.runs`."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -13,9 +15,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from pydantic import BaseModel
 
-from metroline.engine.async_llm import (
-    AsyncLLM,
-)
+from metroline.engine.async_llm import AsyncLLM
 from metroline.engine.input_processor import ProcessedPrompt
 from metroline.engine.outputs import RequestOutput
 from metroline.engine.sampling_params import SamplingParams
@@ -167,10 +167,9 @@ def usage_of(outputs: Sequence[RequestOutput]) -> UsageInfo:
 
 
 def sse(payload: BaseModel | dict | str) -> str:
+    """One server-sent event."""
     if isinstance(payload, BaseModel):
-        payload = payload.model_dump_json(exclude_unset=False)
+        payload = payload.model_dump_json()
     elif isinstance(payload, dict):
-        import json
-
         payload = json.dumps(payload)
     return f"data: {payload}\n\n"
