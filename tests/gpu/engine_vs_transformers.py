@@ -11,7 +11,6 @@ Prints a table last and writes JSON to $OUT (or the working directory).
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import sys
@@ -22,9 +21,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "gpu"), str(ROOT / "benchmarks")]
 
 from conftest import write_tiny_checkpoint  # noqa: E402
+from gpu_helpers import record_first_logits, release  # noqa: E402
 from shapes import write_shape  # noqa: E402
 
 from metroline.engine import LLM, SamplingParams  # noqa: E402
@@ -51,15 +51,6 @@ def hf_generate(model, prompt, max_new_tokens):
     return out[0, len(prompt) :].tolist()
 
 
-def free(*objects):
-    for obj in objects:
-        if hasattr(obj, "shutdown"):
-            obj.shutdown()
-    del objects
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
 def check_tiny(workdir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -70,7 +61,7 @@ def check_tiny(workdir: Path) -> None:
         path = write_tiny_checkpoint(workdir / arch, arch, **extra)
         hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).cuda()
         expected = [hf_generate(hf, p, 32) for p in prompts]
-        free(hf)
+        release(hf)
         variants = {
             "plain": dict(enable_prefix_caching=False),
             "prefix": dict(enable_prefix_caching=True),
@@ -95,20 +86,7 @@ def check_tiny(workdir: Path) -> None:
                 "preemptions": stats.num_preemptions,
                 "prefix_hits": stats.prefix_cache_hits,
             }
-            free(llm)
-
-
-class LogitsRecorder:
-    """Wraps the sampler to keep the logits of the first step."""
-
-    def __init__(self, sampler):
-        self.sampler = sampler
-        self.first: torch.Tensor | None = None
-
-    def __call__(self, logits, meta):
-        if self.first is None:
-            self.first = logits.detach().clone()
-        return self.sampler(logits, meta)
+            release(llm)
 
 
 def check_llama3_8b(workdir: Path) -> None:
@@ -126,15 +104,13 @@ def check_llama3_8b(workdir: Path) -> None:
         enable_prefix_caching=False,
     )
     RESULTS["llama3-8b/engine_init_s"] = round(time.perf_counter() - started, 1)
-    runner = llm.engine_core.executor.worker.model_runner
-    recorder = LogitsRecorder(runner.sampler)
-    runner.sampler = recorder
+    recorder = record_first_logits(llm)
     # top_k=1 is greedy but keeps the full sampler (and so the recorder) in the path.
     params = SamplingParams(temperature=1.0, top_k=1, max_tokens=64, ignore_eos=True)
     engine_tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    engine_logits = recorder.first
+    engine_logits = recorder.first.cuda()
     arch = llm.config.model.arch
-    free(llm)
+    release(llm)
 
     config = AutoConfig.from_pretrained(str(path))
     with torch.device("cuda"):
@@ -180,7 +156,7 @@ def check_llama3_8b(workdir: Path) -> None:
     RESULTS["llama3-8b/greedy_64_engine_vs_hf_bf16"] = agreement(engine_tokens, hf_bf16_tokens)
     RESULTS["llama3-8b/greedy_64_engine_vs_hf_fp32"] = agreement(engine_tokens, hf_fp32_tokens)
     RESULTS["llama3-8b/greedy_64_hf_bf16_vs_hf_fp32"] = agreement(hf_bf16_tokens, hf_fp32_tokens)
-    free(hf)
+    release(hf)
 
 
 def check_profiling(workdir: Path) -> None:
@@ -202,7 +178,7 @@ def check_profiling(workdir: Path) -> None:
     elapsed = time.perf_counter() - started
     RESULTS["smoke/output_tok_per_s_256x(512+128)"] = round(256 * 128 / elapsed)
     RESULTS["profile/peak_used_fraction"] = round(torch.cuda.max_memory_reserved() / total, 3)
-    free(llm)
+    release(llm)
 
 
 def main() -> None:

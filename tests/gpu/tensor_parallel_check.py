@@ -8,7 +8,6 @@ Prints a table last and writes JSON to $OUT (or the working directory).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -19,22 +18,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests" / "gpu")]
 
+from gpu_helpers import record_first_logits, release  # noqa: E402
 from shapes import write_shape  # noqa: E402
 
 from metroline.engine import LLM, SamplingParams  # noqa: E402
-
-
-class LogitsRecorder:
-    def __init__(self, sampler):
-        self.sampler = sampler
-        self.first: torch.Tensor | None = None
-
-    def __call__(self, logits, meta):
-        if self.first is None:
-            self.first = logits.detach().float().cpu()
-        return self.sampler(logits, meta)
 
 
 def greedy_run(path: Path, tp: int, prompts: list[list[int]]) -> tuple[torch.Tensor, list]:
@@ -49,17 +38,11 @@ def greedy_run(path: Path, tp: int, prompts: list[list[int]]) -> tuple[torch.Ten
         enable_prefix_caching=False,
     )
     init_s = time.perf_counter() - started
-    runner = llm.engine_core.executor.worker.model_runner
-    recorder = LogitsRecorder(runner.sampler)
-    runner.sampler = recorder
+    recorder = record_first_logits(llm)
     # A non-greedy field keeps the sampler (and so the recorder) in the path; top_k=1 is greedy.
     params = SamplingParams(temperature=1.0, top_k=1, max_tokens=64, ignore_eos=True)
     tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    del runner
-    llm.shutdown()
-    del llm
-    gc.collect()
-    torch.cuda.empty_cache()
+    release(llm)
     return recorder.first, tokens, init_s
 
 
@@ -78,10 +61,7 @@ def capacity(path: Path, tp: int) -> dict[str, float]:
         "kv_tokens": blocks * llm.config.cache.block_size,
         "init_s": round(time.perf_counter() - started, 1),
     }
-    llm.shutdown()
-    del llm
-    gc.collect()
-    torch.cuda.empty_cache()
+    release(llm)
     return result
 
 
