@@ -44,6 +44,9 @@ class UniprocExecutor:
     def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduled)
 
+    def load_reports(self) -> list[dict[str, float]]:
+        return [self.worker.get_load_report()]
+
     def shutdown(self) -> None:
         pass
 
@@ -157,6 +160,12 @@ class MultiprocExecutor:
         self._broadcast("initialize_cache", num_blocks)
         self.worker.initialize_cache(num_blocks)
         self._collect()
+
+    def load_reports(self) -> list[dict[str, float]]:
+        """Every rank's loading report, rank 0 first."""
+        self._broadcast("get_load_report")
+        local = self.worker.get_load_report()
+        return [local, *self._collect()]
 
     def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         self._check_workers()

@@ -30,17 +30,33 @@ class Worker:
             torch.cuda.set_device(self.device)
         torch.manual_seed(config.model.seed)
         started = time.perf_counter()
+        rss_before = current_rss_bytes()
         self.model = load_model(config.model, self.device)
+        self.load_report = {
+            "rank": rank,
+            "seconds": time.perf_counter() - started,
+            "rss_before_bytes": rss_before,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "param_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
+        }
         logger.info(
-            "loaded %s (%s, %s) in %.1f s",
+            "loaded %s (%s, %s) in %.1f s; %.0f MiB of parameters; peak host memory %.0f MiB "
+            "(%.0f MiB before loading)",
             config.model.path,
             config.model.arch.architecture,
             config.model.dtype,
-            time.perf_counter() - started,
+            self.load_report["seconds"],
+            self.load_report["param_bytes"] / 2**20,
+            self.load_report["peak_rss_bytes"] / 2**20,
+            rss_before / 2**20,
         )
         self.model_runner = ModelRunner(config, self.model, self.device, is_driver=rank == 0)
         self.key_caches: list[torch.Tensor] = []
         self.value_caches: list[torch.Tensor] = []
+
+    def get_load_report(self) -> dict[str, float]:
+        """Time, parameter bytes and host memory (before, peak) of loading this rank."""
+        return dict(self.load_report)
 
     @property
     def kv_heads_per_rank(self) -> int:
@@ -121,3 +137,26 @@ class Worker:
     def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput | None:
         """Run one step; only the driver (rank 0) returns sampled tokens."""
         return self.model_runner.execute_model(scheduled)
+
+
+def _proc_status_bytes(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (Linux) in bytes, or 0 where unknown."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now."""
+    return _proc_status_bytes("VmRSS")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process image. ``VmHWM``, not ``getrusage``: the
+    latter's maximum survives exec, so a spawned worker would report its parent's peak."""
+    return _proc_status_bytes("VmHWM")
