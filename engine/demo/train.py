@@ -3,9 +3,12 @@
 The corpus is every ``.py`` file of the running interpreter's standard library
 (``sysconfig.get_paths()["stdlib"]``), in sorted path order, minus ``site-packages`` and, by
 default, the test suites, the generated ``pydoc_data`` prose and the ``encodings`` package (mostly
-generated codec tables). About 5% of the files, chosen by
-a CRC-32 of their relative path (so the split does not depend on which other files exist), are
-held out for evaluation. The script then
+generated codec tables). Unless ``--raw`` is given, each file is normalised by a round trip
+through ``ast``: docstrings and comments are dropped and the code is re-printed by
+``ast.unparse``, so a model this small spends its capacity on code rather than on English prose
+(with docstrings, it answers ``def fibonacci(n):`` with a docstring that repeats itself). About
+5% of the files, chosen by a CRC-32 of their relative path (so the split does not depend on which
+other files exist), are held out for evaluation. The script then
 
 1. trains a byte-level BPE tokenizer (``tokenizers``: ByteLevel pre-tokenizer and decoder, so any
    text round-trips) on the training files, with ``<|endoftext|>`` as its only special token
@@ -26,6 +29,7 @@ Run from the repository root (``-P`` keeps the folder ``operator/`` from shadowi
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import logging
 import math
@@ -33,6 +37,7 @@ import os
 import pathlib
 import sysconfig
 import time
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -79,10 +84,35 @@ class Document:
     text: str
 
 
-def stdlib_documents(root: pathlib.Path, exclude: Sequence[str]) -> list[Document]:
+def strip_to_code(source: str) -> str:
+    """``source`` without comments and docstrings, re-printed by ``ast.unparse``.
+
+    Raises ``SyntaxError`` if the running Python cannot parse it.
+    """
+    with warnings.catch_warnings():  # e.g. invalid escape sequences in old string literals
+        warnings.simplefilter("ignore")
+        tree = ast.parse(source)
+    scopes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    for node in ast.walk(tree):
+        if not isinstance(node, scopes) or not node.body:
+            continue
+        first = node.body[0]
+        if (
+            isinstance(first, ast.Expr)
+            and isinstance(first.value, ast.Constant)
+            and isinstance(first.value.value, str)
+        ):
+            node.body = node.body[1:] or [ast.Pass()]
+    return ast.unparse(tree) + "\n"
+
+
+def stdlib_documents(
+    root: pathlib.Path, exclude: Sequence[str], code_only: bool = True
+) -> list[Document]:
     """Read every ``.py`` file under ``root`` whose path has no folder named in ``exclude``.
 
-    Files are returned in sorted relative-path order; files that are not valid UTF-8 are skipped.
+    Files are returned in sorted relative-path order, normalised by ``strip_to_code`` when
+    ``code_only``; files that are not UTF-8 (or, when normalising, do not parse) are skipped.
     """
     excluded = set(exclude)
     docs: list[Document] = []
@@ -93,13 +123,15 @@ def stdlib_documents(root: pathlib.Path, exclude: Sequence[str]) -> list[Documen
             continue
         try:
             text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
+            if code_only:
+                text = strip_to_code(text)
+        except (UnicodeDecodeError, SyntaxError, ValueError, RecursionError):
             skipped += 1
             continue
         if text.strip():
             docs.append(Document(rel.as_posix(), text))
     log.info(
-        "corpus: %d files, %d chars from %s (%d non-UTF-8 skipped)",
+        "corpus: %d files, %d chars from %s (%d unreadable files skipped)",
         len(docs),
         sum(len(d.text) for d in docs),
         root,
@@ -274,6 +306,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=list(DEFAULT_EXCLUDE),
         help="skip files under folders with these names",
     )
+    p.add_argument(
+        "--raw", action="store_true", help="keep comments, docstrings and layout (no ast pass)"
+    )
     p.add_argument("--heldout-per-mille", type=int, default=50, help="held-out share of files")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--hidden", type=int, default=256)
@@ -284,13 +319,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-positions", type=int, default=1024)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=8, help="windows per optimiser step")
-    p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--steps", type=int, default=3600)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=400)
+    p.add_argument("--eval-every", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
@@ -315,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.monotonic()
 
     root = args.stdlib or pathlib.Path(sysconfig.get_paths()["stdlib"])
-    docs = stdlib_documents(root, args.exclude_dir)
+    docs = stdlib_documents(root, args.exclude_dir, code_only=not args.raw)
     train_docs = [d for d in docs if not is_heldout(d, args.heldout_per_mille)]
     held_docs = [d for d in docs if is_heldout(d, args.heldout_per_mille)]
     log.info("split: %d train files, %d held-out files", len(train_docs), len(held_docs))
