@@ -9,6 +9,8 @@ from dataclasses import dataclass
 GREEDY_EPS = 1e-5
 #: Largest number of top log-probabilities a request may ask for per token.
 MAX_LOGPROBS = 20
+#: Seeds a torch generator accepts (a 64-bit value, signed or not).
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 @dataclass
@@ -65,8 +67,11 @@ class SamplingParams:
                 raise bad(name, "in [-2, 2]")
         if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise bad("repetition_penalty", "a number > 0 (1 disables it)")
-        if self.seed is not None and not _is_int(self.seed):
-            raise bad("seed", "an integer or None")
+        if self.seed is not None and (
+            not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX - (self.n - 1)
+        ):
+            # n > 1 gives sequence i the seed ``seed + i``: all of them must be valid.
+            raise bad("seed", f"an integer in [{SEED_MIN}, {SEED_MAX} - (n - 1)] or None")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad("max_tokens", "an integer >= 1 (or None: up to max_model_len)")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:

@@ -34,6 +34,9 @@ def llm(tiny_checkpoint) -> LLM:
         (dict(stop_token_ids=[-1]), "stop_token_ids"),
         (dict(logprobs=21), "logprobs must be"),
         (dict(temperature=float("nan")), "temperature"),
+        (dict(seed=2**64), "seed must be an integer in"),
+        (dict(seed=2**64 - 2, n=3), "seed must be an integer in"),
+        (dict(seed=-(2**63) - 1), "seed must be an integer in"),
     ],
 )
 def test_sampling_params_reject_out_of_range(kwargs, message):

@@ -27,7 +27,13 @@ def test_readme_starts_with_make_serve_then_make_test():
 
 def test_make_serve_installs_then_serves_the_demo_model():
     plan = subprocess.run(
-        ["make", "-n", "-B", "serve"], cwd=ROOT, capture_output=True, text=True, check=True
+        # --no-print-directory: under `make test` this runs as a sub-make, which would add
+        # "Entering/Leaving directory" lines.
+        ["make", "--no-print-directory", "-n", "-B", "serve"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "pip install -q -e ." in plan
     assert plan.strip().splitlines()[-1] == ".venv/bin/metroline serve demo --port 8000"
