@@ -194,6 +194,8 @@ class EngineConfig:
     device: torch.device
     #: Run every step eagerly (no CUDA graphs).
     enforce_eager: bool = False
+    #: Plan and launch step N+1 while step N runs (see EngineCore). None: on for CUDA.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         self.parallel.check_model(self.model.arch)

@@ -30,6 +30,7 @@ class EngineArgs:
     dtype: str | torch.dtype = "auto"
     load_format: str = "auto"
     enforce_eager: bool = False
+    async_scheduling: bool | None = None
     seed: int = 0
     device: str = "auto"
 
@@ -58,4 +59,5 @@ class EngineArgs:
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
             device=resolve_device(self.device),
             enforce_eager=self.enforce_eager,
+            async_scheduling=self.async_scheduling,
         )

@@ -1,4 +1,13 @@
-"""The engine core: one step is schedule -> execute -> update. Token ids only; no tokenizer."""
+"""The engine core: one step is schedule -> execute -> update. Token ids only; no tokenizer.
+
+With asynchronous scheduling (the default on CUDA at TP=1) the core keeps one step in
+flight: it plans and launches step N+1 while the device still runs step N, then reads back
+step N's tokens. The host's work (scheduling, building inputs, turning tokens into outputs)
+then overlaps the device's instead of leaving it idle. A request that stops at step N (EOS,
+stop token) has one extra token computed at step N+1, which is dropped. Steps fall back to
+the plain order while a request needs exact token history at sampling time (penalties,
+min_tokens).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +19,9 @@ from metroline.engine.executor import create_executor
 from metroline.engine.kv_cache_manager import KVCacheManager
 from metroline.engine.outputs import EngineCoreOutput
 from metroline.engine.request import EngineCoreRequest, Request, RequestStatus
+from metroline.engine.runner_output import StepResult
 from metroline.engine.scheduler import Scheduler, SchedulerStats
+from metroline.engine.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +49,13 @@ class EngineCore:
             num_blocks, block_size, config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
+        wanted = config.async_scheduling
+        if wanted is None:
+            wanted = config.device.type == "cuda"
+        self.async_scheduling = bool(wanted) and self.executor.supports_async
+        if wanted and not self.executor.supports_async:
+            logger.info("asynchronous scheduling is not available with this executor; off")
+        self._in_flight: tuple[SchedulerOutput, StepResult] | None = None
 
     def add_request(self, spec: EngineCoreRequest) -> None:
         validate_request(spec, self.config)
@@ -50,14 +68,31 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, status)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        """True while a request is unfinished or a step's tokens are still to be read."""
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     def step(self) -> list[EngineCoreOutput]:
+        """Advance the engine by one step; returns the tokens that became known."""
+        if not self.async_scheduling or self.scheduler.needs_exact_history():
+            if self._in_flight is not None:
+                return self._finish_in_flight()
+            scheduled = self.scheduler.schedule()
+            if scheduled.is_empty and not scheduled.finished_request_ids:
+                return []
+            runner_output = self.executor.execute_model(scheduled)
+            return self.scheduler.update_from_output(scheduled, runner_output)
         scheduled = self.scheduler.schedule()
-        if scheduled.is_empty and not scheduled.finished_request_ids:
-            return []
-        runner_output = self.executor.execute_model(scheduled)
-        return self.scheduler.update_from_output(scheduled, runner_output)
+        launched = None
+        if not scheduled.is_empty or scheduled.finished_request_ids:
+            launched = (scheduled, self.executor.execute_model_async(scheduled))
+        outputs = self._finish_in_flight() if self._in_flight is not None else []
+        self._in_flight = launched
+        return outputs
+
+    def _finish_in_flight(self) -> list[EngineCoreOutput]:
+        scheduled, result = self._in_flight
+        self._in_flight = None
+        return self.scheduler.update_from_output(scheduled, result.result())
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()

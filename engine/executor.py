@@ -20,7 +20,7 @@ from typing import Any
 
 from metroline.engine.config import EngineConfig
 from metroline.engine.distributed import create_store, destroy_distributed, init_distributed
-from metroline.engine.scheduler import ModelRunnerOutput
+from metroline.engine.runner_output import ModelRunnerOutput, StepResult
 from metroline.engine.scheduler_output import SchedulerOutput
 from metroline.engine.worker import Worker
 from metroline.engine.worker_process import limit_cpu_threads, worker_main
@@ -32,8 +32,14 @@ SHUTDOWN_GRACE = 10.0
 
 
 class UniprocExecutor:
+    #: Steps can be launched before the previous one's tokens are read back.
+    supports_async = True
+
     def __init__(self, config: EngineConfig) -> None:
         self.worker = Worker(config)
+
+    def execute_model_async(self, scheduled: SchedulerOutput) -> StepResult:
+        return self.worker.execute_model_async(scheduled)
 
     def determine_num_blocks(self) -> int:
         return self.worker.determine_num_blocks()
@@ -63,6 +69,9 @@ class _WorkerHandle:
 
 
 class MultiprocExecutor:
+    #: Workers would need the previous step's tokens on their own devices to run ahead.
+    supports_async = False
+
     def __init__(self, config: EngineConfig) -> None:
         world_size = config.parallel.tensor_parallel_size
         backend = "nccl" if config.device.type == "cuda" else "gloo"

@@ -42,16 +42,28 @@ class StepInputs:
     sampled_request_ids: list[str] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class PreviousSample:
+    """Tokens sampled by the step launched last, still on the device: a request scheduled
+    again before they reach the host takes its next input token from here."""
+
+    tokens: torch.Tensor  # [num_sampled] int64, on the device
+    rows: dict[str, int]  # request id -> row of ``tokens``
+
+
 def build_step_inputs(
     scheduled: SchedulerOutput,
     states: dict[str, CachedRequestState],
     block_size: int,
     device: torch.device,
+    previous: PreviousSample | None = None,
 ) -> StepInputs:
     """Flatten the scheduled requests (in scheduling order) into one varlen batch.
 
     Per request only the token ids and the block-table row are gathered in Python; positions
-    and slots are computed for the whole step at once.
+    and slots are computed for the whole step at once. A request whose last scheduled token
+    is not in its state yet (sampled by the step in flight) gets it from ``previous`` on the
+    device, without a host round trip.
     """
     request_ids = list(scheduled.num_scheduled_tokens)
     step_states = [states[r] for r in request_ids]
@@ -66,14 +78,18 @@ def build_step_inputs(
     np.cumsum(counts, out=cu_seqlens[1:])
     num_tokens = int(cu_seqlens[-1])
     seq_lens = starts + counts
-    input_ids = np.fromiter(
-        itertools.chain.from_iterable(
-            s.token_ids[start : start + count]
-            for s, start, count in zip(step_states, starts.tolist(), counts.tolist())
-        ),
-        dtype=np.int64,
-        count=num_tokens,
-    )
+    chunks = []
+    pending_slots, pending_rows = [], []
+    for row, (state, start, count) in enumerate(zip(step_states, starts.tolist(), counts.tolist())):
+        chunk = state.token_ids[start : start + count]
+        if len(chunk) < count:  # the last token is still being sampled
+            if previous is None or len(chunk) != count - 1:
+                raise RuntimeError(f"request {request_ids[row]} is missing input tokens")
+            pending_slots.append(int(cu_seqlens[row]) + count - 1)
+            pending_rows.append(previous.rows[request_ids[row]])
+            chunk = [*chunk, 0]
+        chunks.append(chunk)
+    input_ids = np.fromiter(itertools.chain.from_iterable(chunks), dtype=np.int64, count=num_tokens)
     token_seq = np.repeat(np.arange(num_seqs), counts)
     positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(starts - cu_seqlens[:-1], counts)
     max_blocks = max(len(s.block_ids) for s in step_states)
@@ -84,12 +100,17 @@ def build_step_inputs(
         block_tables[token_seq, positions // block_size].astype(np.int64) * block_size
         + positions % block_size
     )
-    totals = np.fromiter((len(s.token_ids) for s in step_states), dtype=np.int64, count=num_seqs)
-    sampled = np.nonzero(seq_lens == totals)[0]
+    sampling = set(scheduled.sampling_request_ids)
+    sampled = np.fromiter((i for i, r in enumerate(request_ids) if r in sampling), dtype=np.int64)
     logits_indices = cu_seqlens[1:][sampled] - 1
 
-    def to_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        return torch.from_numpy(array).to(device=device, dtype=dtype, non_blocking=True)
+    pin = device.type == "cuda"
+
+    def to_device(array: np.ndarray | list[int], dtype: torch.dtype) -> torch.Tensor:
+        # From pinned memory the copy is truly asynchronous: a copy from pageable memory may
+        # wait for the step still running on the device, which would undo the overlap.
+        host = torch.as_tensor(array, dtype=dtype)
+        return (host.pin_memory() if pin else host).to(device, non_blocking=True)
 
     metadata = AttentionMetadata(
         slot_mapping=to_device(slot_mapping, torch.int64),
@@ -99,8 +120,12 @@ def build_step_inputs(
         max_seqlen_q=int(counts.max()),
         max_seqlen_k=int(seq_lens.max()),
     )
+    device_input_ids = to_device(input_ids, torch.int64)
+    if pending_slots:
+        slots = to_device(pending_slots, torch.int64)
+        device_input_ids[slots] = previous.tokens[to_device(pending_rows, torch.int64)]
     return StepInputs(
-        input_ids=to_device(input_ids, torch.int64),
+        input_ids=device_input_ids,
         positions=to_device(positions, torch.int64),
         attn_metadata=metadata,
         logits_indices=to_device(logits_indices, torch.int64),

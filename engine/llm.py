@@ -46,6 +46,7 @@ class LLM:
         enforce_eager: bool = False,
         seed: int = 0,
         device: str = "auto",
+        async_scheduling: bool | None = None,
     ) -> None:
         args = EngineArgs(
             model=model,
@@ -62,6 +63,7 @@ class LLM:
             enforce_eager=enforce_eager,
             seed=seed,
             device=device,
+            async_scheduling=async_scheduling,
         )
         self.config = args.create_config()
         model_config = self.config.model

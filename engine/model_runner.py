@@ -11,12 +11,13 @@ from metroline.engine.config import EngineConfig
 from metroline.engine.cuda_graphs import DecodeGraphs
 from metroline.engine.input_batch import (
     CachedRequestState,
+    PreviousSample,
     build_sampling_metadata,
     build_step_inputs,
 )
 from metroline.engine.layers.sampler import Sampler
 from metroline.engine.outputs import PositionLogprobs
-from metroline.engine.scheduler import ModelRunnerOutput
+from metroline.engine.runner_output import ModelRunnerOutput, StepResult
 from metroline.engine.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class ModelRunner:
         self.vocab_size = config.model.arch.vocab_size
         self.sampler = Sampler()
         self.decode_graphs: DecodeGraphs | None = None
+        self.previous_sample: PreviousSample | None = None
         self.states: dict[str, CachedRequestState] = {}
         # Outlive preemption: a resumed request continues its random stream.
         self.generators: dict[str, torch.Generator] = {}
@@ -73,13 +75,20 @@ class ModelRunner:
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
-    @torch.inference_mode()
     def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput | None:
+        """Run one step and wait for its tokens (see :meth:`execute_model_async`)."""
+        return self.execute_model_async(scheduled).result()
+
+    @torch.inference_mode()
+    def execute_model_async(self, scheduled: SchedulerOutput) -> StepResult:
+        """Launch one step and return without waiting for the device. Only the driver
+        (rank 0) samples; other ranks' results are ``None``."""
         self.update_states(scheduled)
-        empty = ModelRunnerOutput({}, {}) if self.is_driver else None
         if scheduled.is_empty:
-            return empty
-        inputs = build_step_inputs(scheduled, self.states, self.block_size, self.device)
+            return StepResult.empty(self.is_driver)
+        inputs = build_step_inputs(
+            scheduled, self.states, self.block_size, self.device, self.previous_sample
+        )
         graphs = self.decode_graphs
         num_tokens, num_seqs = inputs.input_ids.shape[0], len(scheduled.num_scheduled_tokens)
         if graphs is not None and graphs.can_run(num_seqs, num_tokens):
@@ -87,27 +96,24 @@ class ModelRunner:
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
         if not inputs.sampled_request_ids:
-            return empty
+            return StepResult.empty(self.is_driver)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         if logits is None:
-            return None
+            return StepResult.empty(is_driver=False)
         logits = logits.float()
         states = [self.states[r] for r in inputs.sampled_request_ids]
         if all(_plain_greedy(state) for state in states):
-            tokens = logits.argmax(dim=-1).tolist()
-            return ModelRunnerOutput(dict(zip(inputs.sampled_request_ids, tokens)), {})
-        meta = build_sampling_metadata(states, self.vocab_size, self.device)
-        result = self.sampler(logits, meta)
-        tokens = result.sampled.tolist()
-        sampled = dict(zip(inputs.sampled_request_ids, tokens))
-        logprobs: dict[str, PositionLogprobs] = {}
-        for state, token, entry in zip(states, tokens, result.logprobs):
-            wanted = state.sampling_params.logprobs
-            if entry is not None and wanted is not None:
-                logprobs[state.request_id] = {
-                    tid: lp for tid, lp in entry.items() if tid == token or lp.rank <= wanted
-                }
-        return ModelRunnerOutput(sampled, logprobs)
+            tokens, logprobs = logits.argmax(dim=-1), {}
+        else:
+            meta = build_sampling_metadata(states, self.vocab_size, self.device)
+            result = self.sampler(logits, meta)
+            tokens, logprobs = result.sampled, {}
+            if meta.max_num_logprobs is not None:  # log-probs were read back already
+                logprobs = _wanted_logprobs(states, tokens.tolist(), result.logprobs)
+        self.previous_sample = PreviousSample(
+            tokens, {r: row for row, r in enumerate(inputs.sampled_request_ids)}
+        )
+        return StepResult(inputs.sampled_request_ids, tokens, logprobs)
 
     def capture_decode_graphs(self) -> float:
         """Capture decode CUDA graphs (after the KV pool is bound); returns seconds taken."""
@@ -141,3 +147,17 @@ def _plain_greedy(state: CachedRequestState) -> bool:
         and params.logprobs is None
         and len(state.token_ids) - state.num_prompt_tokens >= params.min_tokens
     )
+
+
+def _wanted_logprobs(
+    states: list[CachedRequestState], tokens: list[int], entries: list[PositionLogprobs | None]
+) -> dict[str, PositionLogprobs]:
+    """Each request's sampled token plus the top ``logprobs`` it asked for."""
+    wanted: dict[str, PositionLogprobs] = {}
+    for state, token, entry in zip(states, tokens, entries):
+        asked = state.sampling_params.logprobs
+        if entry is not None and asked is not None:
+            wanted[state.request_id] = {
+                tid: lp for tid, lp in entry.items() if tid == token or lp.rank <= asked
+            }
+    return wanted

@@ -47,8 +47,8 @@ class Request:
     """Scheduler-side state of one sequence.
 
     Invariants: ``all_token_ids == prompt_token_ids + output_token_ids``;
-    ``0 <= num_computed_tokens <= num_tokens``; the KV of the first ``num_computed_tokens``
-    tokens is in the blocks the KV cache manager holds for this request.
+    ``0 <= num_computed_tokens <= num_tokens + num_pending_samples``; the blocks the KV cache
+    manager holds for this request have a slot for each of the first ``num_computed_tokens``.
     """
 
     __slots__ = (
@@ -59,6 +59,7 @@ class Request:
         "eos_token_ids",
         "num_cached_tokens",
         "num_computed_tokens",
+        "num_pending_samples",
         "num_preemptions",
         "num_prompt_tokens",
         "output_token_ids",
@@ -80,7 +81,12 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
         self.status = RequestStatus.WAITING
+        #: Tokens scheduled for computation so far (their KV is written once the steps that
+        #: scheduled them have run).
         self.num_computed_tokens = 0
+        #: Tokens that steps already launched will sample for this request (0 or 1; the
+        #: engine keeps at most one step in flight). Their values are not known yet.
+        self.num_pending_samples = 0
         #: Prefix-cache hit length the first time the request was scheduled (-1: not yet).
         self.num_cached_tokens = -1
         self.num_preemptions = 0

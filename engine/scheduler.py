@@ -18,19 +18,12 @@ from dataclasses import dataclass
 from metroline.engine.block_pool import KVBlock
 from metroline.engine.config import SchedulerConfig
 from metroline.engine.kv_cache_manager import KVCacheManager
-from metroline.engine.outputs import EngineCoreOutput, PositionLogprobs
+from metroline.engine.outputs import EngineCoreOutput
 from metroline.engine.request import Request, RequestStatus
+from metroline.engine.runner_output import ModelRunnerOutput
 from metroline.engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class ModelRunnerOutput:
-    """Tokens sampled in one step, for the requests that finished their known tokens."""
-
-    sampled_token_ids: dict[str, int]
-    logprobs: dict[str, PositionLogprobs]
 
 
 @dataclass(slots=True)
@@ -60,6 +53,7 @@ class Scheduler:
         self._finished_since_last_step: set[str] = set()
         # How many of each request's tokens the workers already know, for diffs.
         self._sent_tokens: dict[str, int] = {}
+        self._num_exact_history = 0
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -68,6 +62,13 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        if _needs_exact_history(request):
+            self._num_exact_history += 1
+
+    def needs_exact_history(self) -> bool:
+        """Some request samples from its full token history (penalties, min_tokens): steps
+        must not run ahead of the tokens read back."""
+        return self._num_exact_history > 0
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
         """End requests from outside (abort, stop string): their blocks return at once."""
@@ -98,6 +99,9 @@ class Scheduler:
     # ---- one step ------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        """Plan the next step. ``num_computed_tokens`` advances here, so a plan may be made
+        while the previous step still runs: a request whose token is being sampled by that
+        step schedules the position of that token without knowing its value."""
         out = SchedulerOutput(finished_request_ids=self._finished_since_last_step)
         self._finished_since_last_step = set()
         budget = self.config.max_num_batched_tokens
@@ -106,7 +110,11 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self._at_limit(request):
+                index += 1  # its last token is still being sampled; it finishes then
+                continue
+            target = request.num_tokens + request.num_pending_samples
+            num_new = min(target - request.num_computed_tokens, budget)
             while (new_blocks := kv.allocate_slots(request, num_new)) is None:
                 victim = self.running.pop()
                 self._preempt(victim, out)
@@ -114,8 +122,8 @@ class Scheduler:
                     break
             if new_blocks is None:
                 break
-            out.num_scheduled_tokens[request.request_id] = num_new
             out.cached_requests.append(self._diff(request, new_blocks))
+            self._account(request, num_new, out)
             budget -= num_new
             index += 1
 
@@ -124,6 +132,7 @@ class Scheduler:
             and self.waiting
             and budget > 0
             and len(self.running) < self.config.max_num_seqs
+            and self.waiting[0].num_pending_samples == 0
         ):
             request = self.waiting[0]
             hits, num_hit_tokens = kv.get_computed_blocks(request)
@@ -136,25 +145,23 @@ class Scheduler:
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
             self.running.append(request)
-            out.num_scheduled_tokens[request.request_id] = num_new
             out.new_requests.append(self._whole(request))
+            self._account(request, num_new, out)
             budget -= num_new
         return out
 
     def update_from_output(
         self, scheduled: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
-        """Advance computed tokens, append sampled ones, finish requests that stop."""
+        """Append the tokens the step sampled and finish requests that stop."""
         outputs = []
         any_finished = False
-        for request_id, num_tokens in scheduled.num_scheduled_tokens.items():
+        for request_id in scheduled.sampling_request_ids:
             request = self.requests.get(request_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue  # finished from outside while the step ran
-            request.num_computed_tokens += num_tokens
-            token = runner_output.sampled_token_ids.get(request_id)
-            if token is None:
-                continue  # a prefill chunk that did not reach the end of the prompt
+            if request is None:
+                continue  # finished or aborted while the step ran: the token is dropped
+            request.num_pending_samples -= 1
+            token = runner_output.sampled_token_ids[request_id]
             request.append_output_token(token)
             status = self._stop_status(request, token)
             logprobs = runner_output.logprobs.get(request_id)
@@ -166,6 +173,8 @@ class Scheduler:
             )
             if status is not None:
                 any_finished = True
+                if request.status != RequestStatus.RUNNING:
+                    self.waiting.remove(request)  # preempted while its token was sampled
                 self._finish(request, status)
                 output.finish_reason = status.value
                 output.stop_reason = request.stop_reason
@@ -190,7 +199,28 @@ class Scheduler:
             return RequestStatus.FINISHED_LENGTH
         return None
 
+    def _at_limit(self, request: Request) -> bool:
+        """Tokens in flight already take the request to max_tokens or max_model_len."""
+        pending = request.num_pending_samples
+        if not pending:
+            return False
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None and request.num_output_tokens + pending >= max_tokens:
+            return True
+        return request.num_tokens + pending >= self.config.max_model_len
+
+    def _account(self, request: Request, num_new: int, out: SchedulerOutput) -> None:
+        """Record ``num_new`` scheduled tokens; mark the request as sampling if they reach
+        the end of its tokens."""
+        out.num_scheduled_tokens[request.request_id] = num_new
+        request.num_computed_tokens += num_new
+        if request.num_computed_tokens == request.num_tokens + request.num_pending_samples:
+            request.num_pending_samples += 1
+            out.sampling_request_ids.append(request.request_id)
+
     def _finish(self, request: Request, status: RequestStatus) -> None:
+        if _needs_exact_history(request):
+            self._num_exact_history -= 1
         request.status = status
         self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
@@ -212,6 +242,8 @@ class Scheduler:
         self._sent_tokens.pop(request_id, None)
 
     def _whole(self, request: Request) -> NewRequestData:
+        """A request the workers do not know (new, or resumed after preemption), sent before
+        its tokens are accounted: ``num_computed_tokens`` is where this step starts."""
         self._sent_tokens[request.request_id] = request.num_tokens
         return NewRequestData(
             request_id=request.request_id,
@@ -224,6 +256,8 @@ class Scheduler:
         )
 
     def _diff(self, request: Request, new_blocks: list[KVBlock]) -> CachedRequestData:
+        """What changed since the workers last saw the request; sent before its tokens are
+        accounted, so ``num_computed_tokens`` is where this step starts."""
         request_id = request.request_id
         sent_tokens = self._sent_tokens[request_id]
         self._sent_tokens[request_id] = request.num_tokens
@@ -233,3 +267,8 @@ class Scheduler:
             new_block_ids=[block.block_id for block in new_blocks],
             num_computed_tokens=request.num_computed_tokens,
         )
+
+
+def _needs_exact_history(request: Request) -> bool:
+    params = request.sampling_params
+    return params.uses_penalties or params.min_tokens > 0

@@ -31,6 +31,8 @@ class CachedRequestData:
     #: Tokens appended since the workers last saw the request (sampled last step).
     new_token_ids: list[int]
     new_block_ids: list[int]
+    #: Tokens computed before this step: this step computes the ones that follow. The last
+    #: of them may not be in the workers' token list yet (sampled by the step in flight).
     num_computed_tokens: int
 
 
@@ -46,6 +48,9 @@ class SchedulerOutput:
     finished_request_ids: set[str] = field(default_factory=set)
     #: Requests preempted this step: workers drop their state (they return as new).
     preempted_request_ids: set[str] = field(default_factory=set)
+    #: Requests whose last scheduled token ends their known tokens: the step samples one
+    #: token for each, in this order.
+    sampling_request_ids: list[str] = field(default_factory=list)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

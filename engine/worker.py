@@ -11,7 +11,7 @@ import torch
 from metroline.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from metroline.engine.model_loader import load_model
 from metroline.engine.model_runner import ModelRunner
-from metroline.engine.scheduler import ModelRunnerOutput
+from metroline.engine.runner_output import ModelRunnerOutput, StepResult
 from metroline.engine.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -133,6 +133,10 @@ class Worker:
             self.value_caches.append(value_cache)
         if self.device.type == "cuda" and not self.config.enforce_eager:
             self.model_runner.capture_decode_graphs()
+
+    def execute_model_async(self, scheduled: SchedulerOutput) -> StepResult:
+        """Launch one step; its tokens come from the result's ``result()``."""
+        return self.model_runner.execute_model_async(scheduled)
 
     def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput | None:
         """Run one step; only the driver (rank 0) returns sampled tokens."""

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from metroline.engine.config import SchedulerConfig
 from metroline.engine.kv_cache_manager import KVCacheManager
 from metroline.engine.request import EngineCoreRequest, Request, RequestStatus
+from metroline.engine.runner_output import ModelRunnerOutput
 from metroline.engine.sampling_params import SamplingParams
-from metroline.engine.scheduler import ModelRunnerOutput, Scheduler
+from metroline.engine.scheduler import Scheduler
 from metroline.engine.scheduler_output import SchedulerOutput
 
 BLOCK_SIZE = 4
@@ -69,20 +70,48 @@ def check_invariants(scheduler: Scheduler, kv: KVCacheManager) -> None:
         assert request.request_id not in kv.req_blocks or not kv.req_blocks[request.request_id]
 
 
-def run_step(scheduler: Scheduler, worker: MirrorWorker, rng: random.Random) -> None:
-    out = scheduler.schedule()
-    assert out.total_num_scheduled_tokens <= scheduler.config.max_num_batched_tokens
-    worker.apply(out)
-    sampled = {}
-    for request_id, count in out.num_scheduled_tokens.items():
-        request = scheduler.requests[request_id]
-        assert count > 0
-        assert worker.tokens[request_id] == request.all_token_ids
-        assert worker.blocks[request_id] == scheduler.kv_cache_manager.block_ids(request)
-        assert worker.computed[request_id] == request.num_computed_tokens
-        if request.num_computed_tokens + count == request.num_tokens:
-            sampled[request_id] = rng.choice([EOS, *range(1, 20)])
-    scheduler.update_from_output(out, ModelRunnerOutput(sampled, {}))
+class Stepper:
+    """Drives the scheduler like the engine core: plain (schedule, run, update), or
+    asynchronous (schedule and launch step N+1, then update with step N's tokens)."""
+
+    def __init__(self, scheduler: Scheduler, asynchronous: bool, rng: random.Random) -> None:
+        self.scheduler = scheduler
+        self.asynchronous = asynchronous
+        self.rng = rng
+        self.worker = MirrorWorker()
+        self.in_flight: tuple | None = None
+
+    def step(self) -> None:
+        scheduler = self.scheduler
+        out = scheduler.schedule()
+        assert out.total_num_scheduled_tokens <= scheduler.config.max_num_batched_tokens
+        self.worker.apply(out)
+        sampled = {}
+        for request_id, count in out.num_scheduled_tokens.items():
+            request = scheduler.requests[request_id]
+            assert count > 0
+            known = self.worker.tokens[request_id]
+            assert known == request.all_token_ids
+            assert self.worker.blocks[request_id] == scheduler.kv_cache_manager.block_ids(request)
+            start = self.worker.computed[request_id]
+            assert start + count == request.num_computed_tokens
+            # At most the one token being sampled by the step in flight is unknown.
+            assert start + count <= len(known) + request.num_pending_samples
+            assert request.num_pending_samples <= 1 + int(self.asynchronous)
+        for request_id in out.sampling_request_ids:
+            sampled[request_id] = self.rng.choice([EOS, *range(1, 20)])
+        if not self.asynchronous:
+            scheduler.update_from_output(out, ModelRunnerOutput(sampled, {}))
+            return
+        previous, self.in_flight = self.in_flight, (out, sampled)
+        if previous is not None:
+            scheduler.update_from_output(previous[0], ModelRunnerOutput(previous[1], {}))
+
+    def drain(self) -> None:
+        if self.in_flight is not None:
+            out, sampled = self.in_flight
+            self.in_flight = None
+            self.scheduler.update_from_output(out, ModelRunnerOutput(sampled, {}))
 
 
 operation = st.one_of(
@@ -101,10 +130,11 @@ operation = st.one_of(
     budget=st.integers(1, 64),
     max_seqs=st.integers(1, 6),
     prefix_caching=st.booleans(),
+    asynchronous=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_random_workloads_leave_nothing_behind(
-    ops, num_blocks, budget, max_seqs, prefix_caching, seed
+    ops, num_blocks, budget, max_seqs, prefix_caching, asynchronous, seed
 ):
     rng = random.Random(seed)
     kv = KVCacheManager(num_blocks, BLOCK_SIZE, prefix_caching)
@@ -112,7 +142,7 @@ def test_random_workloads_leave_nothing_behind(
         max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=MAX_MODEL_LEN
     )
     scheduler = Scheduler(config, kv)
-    worker = MirrorWorker()
+    stepper = Stepper(scheduler, asynchronous, rng)
     shared_prefix = [rng.randrange(1, 20) for _ in range(12)]
     added = []
     for op in ops:
@@ -129,7 +159,7 @@ def test_random_workloads_leave_nothing_behind(
             )
         elif op[0] == "step":
             for _ in range(op[1]):
-                run_step(scheduler, worker, rng)
+                stepper.step()
         elif added:
             target = added[op[1] % len(added)]
             status = (
@@ -142,14 +172,17 @@ def test_random_workloads_leave_nothing_behind(
     for _ in range(10_000):
         if not scheduler.has_unfinished_requests():
             break
-        run_step(scheduler, worker, rng)
+        stepper.step()
         check_invariants(scheduler, kv)
+    stepper.drain()
     assert not scheduler.has_unfinished_requests()
     assert kv.pool.num_free_blocks == num_blocks
     assert not kv.req_blocks and not kv.num_cached_blocks
     assert kv.usage == 0
     event(f"preemptions: {min(scheduler.num_preemptions, 3)}")
+    event(f"asynchronous: {asynchronous}")
     event(f"prefix hits: {kv.prefix_cache_hits > 0}")
     # Workers are told to drop every request they were sent.
-    run_step(scheduler, worker, rng)
-    assert not worker.tokens
+    stepper.step()
+    stepper.drain()
+    assert not stepper.worker.tokens

@@ -1,0 +1,54 @@
+"""What a step's execution hands back to the scheduler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from metroline.engine.outputs import PositionLogprobs
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    """Tokens sampled in one step, for the requests that finished their known tokens."""
+
+    sampled_token_ids: dict[str, int]
+    logprobs: dict[str, PositionLogprobs]
+
+
+class StepResult:
+    """A launched step's sampled tokens. On CUDA they are copied to pinned host memory as
+    soon as they are sampled (before any later step's work), and :meth:`result` waits for
+    that copy only, not for steps launched after this one."""
+
+    def __init__(
+        self,
+        request_ids: list[str],
+        tokens: Any | None,  # [num_sampled] int64 tensor (device), a list, or None
+        logprobs: dict[str, PositionLogprobs],
+    ) -> None:
+        self.request_ids = request_ids
+        self.logprobs = logprobs
+        self._ready: Any | None = None
+        if tokens is not None and not isinstance(tokens, list) and tokens.is_cuda:
+            import torch
+
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+            tokens = host
+        self._tokens = tokens
+
+    @classmethod
+    def empty(cls, is_driver: bool = True) -> StepResult:
+        """A step that sampled nothing (``result()`` is None on non-driver ranks)."""
+        return cls([], [] if is_driver else None, {})
+
+    def result(self) -> ModelRunnerOutput | None:
+        if self._tokens is None:
+            return None
+        if self._ready is not None:
+            self._ready.synchronize()
+        tokens = self._tokens if isinstance(self._tokens, list) else self._tokens.tolist()
+        return ModelRunnerOutput(dict(zip(self.request_ids, tokens)), self.logprobs)
