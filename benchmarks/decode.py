@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--contexts", default="512,2048")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--async-scheduling", action="store_true")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
@@ -149,6 +150,7 @@ def main() -> None:
             max_num_seqs=max(batches),
             enable_prefix_caching=False,
             enforce_eager=args.enforce_eager,
+            async_scheduling=args.async_scheduling,
         )
         init_s = time.perf_counter() - started
         rows = []
@@ -209,6 +211,7 @@ def main() -> None:
                 args.model,
                 f"tp{args.tp}",
                 "eager" if args.enforce_eager else "graphs",
+                *(["async"] if args.async_scheduling else []),
             ]
         )
         + ".json"

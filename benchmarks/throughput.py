@@ -46,6 +46,7 @@ def run_metroline(shape_dir: Path, workload: Workload, args: argparse.Namespace)
         max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
     )
     init_s = time.perf_counter() - started
     params = [
@@ -150,6 +151,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--async-scheduling", action="store_true")
     parser.add_argument("--hf-max-requests", type=int, default=None)
     parser.add_argument("--hf-batch-size", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("."))

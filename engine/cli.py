@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     engine.add_argument("--load-format", default="auto", help="auto, safetensors or dummy")
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    engine.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="plan and launch each step while the previous one still runs (TP=1)",
+    )
     engine.add_argument("--seed", type=int, default=0)
     engine.add_argument("--device", default="auto", help="auto, cpu or cuda")
     server = serve.add_argument_group("server")
@@ -102,6 +107,7 @@ def run_serve(ns: argparse.Namespace) -> int:
         dtype=ns.dtype,
         load_format=ns.load_format,
         enforce_eager=ns.enforce_eager,
+        async_scheduling=ns.async_scheduling,
         seed=ns.seed,
         device=ns.device,
     )

@@ -194,7 +194,7 @@ class EngineConfig:
     device: torch.device
     #: Run every step eagerly (no CUDA graphs).
     enforce_eager: bool = False
-    #: Plan and launch step N+1 while step N runs (see EngineCore). None: on for CUDA.
+    #: Plan and launch step N+1 while step N runs (see EngineCore). None: off for now.
     async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
