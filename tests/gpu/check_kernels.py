@@ -41,18 +41,38 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def record(name: str, dtype: torch.dtype, err: float, bound: float, **extra) -> None:
     ok = math.isfinite(err) and err < bound
-    RESULTS.append({"check": name, "dtype": str(dtype).removeprefix("torch."), "rel_err": err,
-                    "bound": bound, "ok": ok, **extra})
-    print(f"{'ok  ' if ok else 'FAIL'} {name:<48} {dtype!s:<15} {err:.2e} < {bound:.0e}",
-          flush=True)
+    RESULTS.append(
+        {
+            "check": name,
+            "dtype": str(dtype).removeprefix("torch."),
+            "rel_err": err,
+            "bound": bound,
+            "ok": ok,
+            **extra,
+        }
+    )
+    print(
+        f"{'ok  ' if ok else 'FAIL'} {name:<48} {dtype!s:<15} {err:.2e} < {bound:.0e}", flush=True
+    )
 
 
 def bound_for(dtype: torch.dtype) -> float:
     return 1e-5 if dtype == torch.float32 else 1e-2
 
 
-def make_batch(q_lens, seq_lens, *, num_heads, num_kv_heads, head_dim, block_size, dtype,
-               num_blocks=None, high_blocks=False, seed=0):
+def make_batch(
+    q_lens,
+    seq_lens,
+    *,
+    num_heads,
+    num_kv_heads,
+    head_dim,
+    block_size,
+    dtype,
+    num_blocks=None,
+    high_blocks=False,
+    seed=0,
+):
     """Random paged batch on the GPU; blocks are scattered at random over the pool (or, with
     ``high_blocks``, taken from its end, to exercise offsets past 2**31 elements)."""
     gen = torch.Generator(device=DEV).manual_seed(seed)
@@ -88,16 +108,44 @@ def make_batch(q_lens, seq_lens, *, num_heads, num_kv_heads, head_dim, block_siz
     return query, key_cache, value_cache, block_tables, lens, cu
 
 
-def check_attention(name, q_lens, seq_lens, *, num_heads=32, num_kv_heads=8, head_dim=128,
-                    block_size=16, dtype=torch.bfloat16, num_splits=None, **batch_kwargs):
+def check_attention(
+    name,
+    q_lens,
+    seq_lens,
+    *,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    block_size=16,
+    dtype=torch.bfloat16,
+    num_splits=None,
+    **batch_kwargs,
+):
     query, kc, vc, bt, lens, cu = make_batch(
-        q_lens, seq_lens, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-        block_size=block_size, dtype=dtype, **batch_kwargs,
+        q_lens,
+        seq_lens,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        block_size=block_size,
+        dtype=dtype,
+        **batch_kwargs,
     )
     scale = head_dim**-0.5
     out = torch.full_like(query, float("nan"))
-    paged_attention(query, kc, vc, bt, lens, cu, scale, max(q_lens), max(seq_lens), out=out,
-                    num_splits=num_splits)
+    paged_attention(
+        query,
+        kc,
+        vc,
+        bt,
+        lens,
+        cu,
+        scale,
+        max(q_lens),
+        max(seq_lens),
+        out=out,
+        num_splits=num_splits,
+    )
     ref = paged_attention_ref(query.float(), kc.float(), vc.float(), bt, lens, cu, scale)
     nan_rows = int(out.isnan().any(-1).sum())
     record(name, dtype, rel_err(out, ref), bound_for(dtype), nan_rows=nan_rows)
@@ -120,10 +168,23 @@ def check_attention_suite() -> None:
     check_attention("mixed fp32 (ieee dots)", small_q, small_ctx, dtype=torch.float32)
     check_attention("mixed fp32 split 4", small_q, small_ctx, dtype=torch.float32, num_splits=4)
     for head_dim in (64, 80, 96, 256):
-        check_attention(f"mixed MHA head_dim={head_dim} bs16", small_q, small_ctx,
-                        num_heads=16, num_kv_heads=16, head_dim=head_dim)
-    check_attention("head_dim=256 GQA4 bs32", small_q, small_ctx, num_heads=16, num_kv_heads=4,
-                    head_dim=256, block_size=32)
+        check_attention(
+            f"mixed MHA head_dim={head_dim} bs16",
+            small_q,
+            small_ctx,
+            num_heads=16,
+            num_kv_heads=16,
+            head_dim=head_dim,
+        )
+    check_attention(
+        "head_dim=256 GQA4 bs32",
+        small_q,
+        small_ctx,
+        num_heads=16,
+        num_kv_heads=4,
+        head_dim=256,
+        block_size=32,
+    )
 
 
 def check_int64_offsets() -> None:
@@ -131,15 +192,24 @@ def check_int64_offsets() -> None:
     num_blocks, block_size, hkv, d = 140_000, 16, 8, 128
     q_lens, ctx = [1, 40, 1], [3000, 40, 700]
     query, kc, vc, bt, lens, cu = make_batch(
-        q_lens, ctx, num_heads=32, num_kv_heads=hkv, head_dim=d, block_size=block_size,
-        dtype=torch.bfloat16, num_blocks=num_blocks, high_blocks=True, seed=5,
+        q_lens,
+        ctx,
+        num_heads=32,
+        num_kv_heads=hkv,
+        head_dim=d,
+        block_size=block_size,
+        dtype=torch.bfloat16,
+        num_blocks=num_blocks,
+        high_blocks=True,
+        seed=5,
     )
     assert kc.numel() > 2**31
     out = torch.full_like(query, float("nan"))
     paged_attention(query, kc, vc, bt, lens, cu, d**-0.5, 40, 3000, out=out)
     lo = int(bt.min())  # the reference gathers in fp32: convert only the used tail
-    ref = paged_attention_ref(query.float(), kc[lo:].float(), vc[lo:].float(), bt - lo, lens, cu,
-                              d**-0.5)
+    ref = paged_attention_ref(
+        query.float(), kc[lo:].float(), vc[lo:].float(), bt - lo, lens, cu, d**-0.5
+    )
     record("attention, pool > 2**31 elements", torch.bfloat16, rel_err(out, ref), 1e-2)
     # KV write into the last slots of the same pool.
     n = 1000
@@ -161,8 +231,16 @@ def check_cuda_graph_replay() -> None:
     """Capture a split decode at contexts <= 600 (max_seqlen_k=600), replay at up to 4000."""
     hkv, d, bs = 8, 128, 16
     short, long = [600, 100, 37, 512], [4000, 3333, 1025, 2048]
-    _, kc, vc, bt, _, cu = make_batch([1] * 4, long, num_heads=32, num_kv_heads=hkv,
-                                      head_dim=d, block_size=bs, dtype=torch.bfloat16, seed=7)
+    _, kc, vc, bt, _, cu = make_batch(
+        [1] * 4,
+        long,
+        num_heads=32,
+        num_kv_heads=hkv,
+        head_dim=d,
+        block_size=bs,
+        dtype=torch.bfloat16,
+        seed=7,
+    )
     query = torch.randn(4, 32, d, device=DEV, dtype=torch.bfloat16)
     lens = torch.tensor(short, dtype=torch.int32, device=DEV)
     out = torch.full_like(query, float("nan"))
@@ -185,25 +263,42 @@ def check_cuda_graph_replay() -> None:
     graph.replay()
     torch.cuda.synchronize()
     ref = paged_attention_ref(query.float(), kc.float(), vc.float(), bt, lens, cu, d**-0.5)
-    record("CUDA graph: captured at ctx<=600, replayed at 4000", torch.bfloat16,
-           rel_err(out, ref), 1e-2)
+    record(
+        "CUDA graph: captured at ctx<=600, replayed at 4000",
+        torch.bfloat16,
+        rel_err(out, ref),
+        1e-2,
+    )
 
 
 def check_elementwise(tokens: int = 8192, hidden: int = 4096) -> None:
     for dtype in (torch.bfloat16, torch.float32):
         x = torch.randn(tokens, hidden, device=DEV, dtype=dtype)
         w = 1 + 0.1 * torch.randn(hidden, device=DEV, dtype=dtype)
-        record(f"rms_norm {tokens}x{hidden}", dtype,
-               rel_err(rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5)), bound_for(dtype))
+        record(
+            f"rms_norm {tokens}x{hidden}",
+            dtype,
+            rel_err(rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5)),
+            bound_for(dtype),
+        )
         res = torch.randn_like(x)
         ref_res = res.clone()
         out = fused_add_rms_norm(x, res, w, 1e-5)
         ref = fused_add_rms_norm_ref(x, ref_res, w, 1e-5)
-        record(f"fused_add_rms_norm {tokens}x{hidden}", dtype, rel_err(out, ref),
-               bound_for(dtype), residual_equal=bool(torch.equal(res, ref_res)))
+        record(
+            f"fused_add_rms_norm {tokens}x{hidden}",
+            dtype,
+            rel_err(out, ref),
+            bound_for(dtype),
+            residual_equal=bool(torch.equal(res, ref_res)),
+        )
         g = torch.randn(tokens, 2 * 14336, device=DEV, dtype=dtype)
-        record(f"silu_and_mul {tokens}x14336", dtype,
-               rel_err(silu_and_mul(g), silu_and_mul_ref(g)), bound_for(dtype))
+        record(
+            f"silu_and_mul {tokens}x14336",
+            dtype,
+            rel_err(silu_and_mul(g), silu_and_mul_ref(g)),
+            bound_for(dtype),
+        )
         del g
         # RoPE on q/k views of a fused QKV buffer; llama3-8b heads.
         qkv = torch.randn(tokens, (32 + 16) * 128, device=DEV, dtype=dtype)
@@ -217,11 +312,18 @@ def check_elementwise(tokens: int = 8192, hidden: int = 4096) -> None:
         rotary_embedding_ref(positions, ref_q, ref_k, cos_sin)
         rotary_embedding(positions, q, k, cos_sin)
         err = max(rel_err(q, ref_q), rel_err(k, ref_k))
-        record("rotary q/k views (llama3-8b heads)", dtype, err, bound_for(dtype),
-               exact=bool(torch.equal(q, ref_q) and torch.equal(k, ref_k)))
+        record(
+            "rotary q/k views (llama3-8b heads)",
+            dtype,
+            err,
+            bound_for(dtype),
+            exact=bool(torch.equal(q, ref_q) and torch.equal(k, ref_k)),
+        )
         # KV write from views, skipped slots, into a NaN pool.
-        key, value = qkv[:, 32 * 128 : 40 * 128].view(tokens, 8, 128), qkv[:, 40 * 128 :].view(
-            tokens, 8, 128)
+        key, value = (
+            qkv[:, 32 * 128 : 40 * 128].view(tokens, 8, 128),
+            qkv[:, 40 * 128 :].view(tokens, 8, 128),
+        )
         kc = torch.full((1024, 16, 8, 128), float("nan"), device=DEV, dtype=dtype)
         vc = torch.full_like(kc, float("nan"))
         slots = torch.randperm(1024 * 16, device=DEV)[:tokens]
@@ -230,7 +332,8 @@ def check_elementwise(tokens: int = 8192, hidden: int = 4096) -> None:
         write_kv_cache_ref(key, value, rk, rv, slots)
         write_kv_cache(key, value, kc, vc, slots)
         same = torch.equal(kc.nan_to_num(7.0), rk.nan_to_num(7.0)) and torch.equal(
-            vc.nan_to_num(7.0), rv.nan_to_num(7.0))
+            vc.nan_to_num(7.0), rv.nan_to_num(7.0)
+        )
         record("write_kv_cache views, skipped slots", dtype, 0.0 if same else 1.0, 0.5)
 
 
@@ -240,13 +343,21 @@ def main() -> int:
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference stays fp32
     print(f"GPU: {torch.cuda.get_device_name(0)}", flush=True)
-    for section in (check_attention_suite, check_elementwise, check_cuda_graph_replay,
-                    check_int64_offsets):
+    for section in (
+        check_attention_suite,
+        check_elementwise,
+        check_cuda_graph_replay,
+        check_int64_offsets,
+    ):
         try:
             section()
         except Exception as exc:  # keep going: one broken section must not hide the rest
-            record(f"{section.__name__} raised {type(exc).__name__}: {exc}"[:200], torch.float32,
-                   float("nan"), 0.0)
+            record(
+                f"{section.__name__} raised {type(exc).__name__}: {exc}"[:200],
+                torch.float32,
+                float("nan"),
+                0.0,
+            )
     failed = [r for r in RESULTS if not r["ok"]]
     with open(os.path.join(args.out, "check_kernels.json"), "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(0), "results": RESULTS}, f, indent=1)

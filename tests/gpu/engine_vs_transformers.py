@@ -11,8 +11,6 @@ Prints a table last and writes JSON to $OUT (or the working directory).
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import tempfile
 import time
@@ -24,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "gpu"), str(ROOT / "benchmarks")]
 
 from conftest import write_tiny_checkpoint  # noqa: E402
-from gpu_helpers import record_first_logits, release  # noqa: E402
+from gpu_helpers import agreement, record_first_logits, release, report  # noqa: E402
 from shapes import write_shape  # noqa: E402
 
 from metroline.engine import LLM, SamplingParams  # noqa: E402
@@ -144,15 +142,6 @@ def check_llama3_8b(workdir: Path) -> None:
     RESULTS["llama3-8b/first_step_rel_error_hf_bf16_vs_fp32"] = rel(hf_logits, fp32_logits)
     hf_fp32_tokens = [hf_generate(hf, prompt, 64) for prompt in prompts]
 
-    def agreement(ours: list[list[int]], theirs: list[list[int]]) -> list[dict[str, int]]:
-        rows = []
-        for a_seq, b_seq in zip(ours, theirs):
-            prefix = next((i for i, (a, b) in enumerate(zip(a_seq, b_seq)) if a != b), 64)
-            rows.append(
-                {"before_divergence": prefix, "equal": sum(a == b for a, b in zip(a_seq, b_seq))}
-            )
-        return rows
-
     RESULTS["llama3-8b/greedy_64_engine_vs_hf_bf16"] = agreement(engine_tokens, hf_bf16_tokens)
     RESULTS["llama3-8b/greedy_64_engine_vs_hf_fp32"] = agreement(engine_tokens, hf_fp32_tokens)
     RESULTS["llama3-8b/greedy_64_hf_bf16_vs_hf_fp32"] = agreement(hf_bf16_tokens, hf_fp32_tokens)
@@ -196,11 +185,7 @@ def main() -> None:
                 traceback.print_exc()
                 RESULTS[f"{step.__name__}/error"] = repr(error)[:500]
             RESULTS[f"{step.__name__}/seconds"] = round(time.perf_counter() - started, 1)
-    out = Path(os.environ.get("OUT", "."))
-    (out / "engine_vs_transformers.json").write_text(json.dumps(RESULTS, indent=2))
-    print("\n==== engine vs transformers ====")
-    for key, value in RESULTS.items():
-        print(f"{key:55s} {value}")
+    report(RESULTS, "engine_vs_transformers", "engine vs transformers")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gc
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,3 +42,24 @@ def release(*objects: Any) -> None:
     del objects
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def agreement(ours: list[list[int]], theirs: list[list[int]]) -> list[dict[str, int]]:
+    """Per sequence pair: tokens before the first difference, and positions that agree."""
+    rows = []
+    for a_seq, b_seq in zip(ours, theirs):
+        first = next((i for i, (a, b) in enumerate(zip(a_seq, b_seq)) if a != b), len(a_seq))
+        rows.append(
+            {"before_divergence": first, "equal": sum(a == b for a, b in zip(a_seq, b_seq))}
+        )
+    return rows
+
+
+def report(results: dict[str, Any], name: str, title: str) -> None:
+    """Write ``$OUT/<name>.json`` (or ./) and print the results as a table, last."""
+    out = Path(os.environ.get("OUT", "."))
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
+    print(f"\n==== {title} ====")
+    width = max(len(key) for key in results) + 2
+    for key, value in results.items():
+        print(f"{key:{width}s} {value}")

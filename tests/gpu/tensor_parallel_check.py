@@ -8,8 +8,6 @@ Prints a table last and writes JSON to $OUT (or the working directory).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import tempfile
 import time
@@ -20,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests" / "gpu")]
 
-from gpu_helpers import record_first_logits, release  # noqa: E402
+from gpu_helpers import agreement, record_first_logits, release, report  # noqa: E402
 from shapes import write_shape  # noqa: E402
 
 from metroline.engine import LLM, SamplingParams  # noqa: E402
@@ -85,13 +83,7 @@ def main() -> None:
             (logits2 - logits1).norm() / logits1.norm()
         )
         results["llama3-8b/first_token_equal"] = (logits1.argmax(-1) == logits2.argmax(-1)).tolist()
-        results["llama3-8b/greedy_64_tp2_vs_tp1"] = [
-            {
-                "before_divergence": next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), 64),
-                "equal": sum(a == b for a, b in zip(x, y)),
-            }
-            for x, y in zip(tokens1, tokens2)
-        ]
+        results["llama3-8b/greedy_64_tp2_vs_tp1"] = agreement(tokens2, tokens1)
         for shape in args.capacity:
             shape_path = write_shape(shape, Path(tmp) / shape)
             for tp in (1, 2):
@@ -99,11 +91,7 @@ def main() -> None:
                     results[f"{shape}/capacity_tp{tp}"] = capacity(shape_path, tp)
                 except Exception as error:  # e.g. the weights alone exceed one card
                     results[f"{shape}/capacity_tp{tp}"] = {"error": repr(error)[:300]}
-    out = Path(os.environ.get("OUT", "."))
-    (out / "tensor_parallel_check.json").write_text(json.dumps(results, indent=2))
-    print("\n==== tensor parallel ====")
-    for key, value in results.items():
-        print(f"{key:50s} {value}")
+    report(results, "tensor_parallel_check", "tensor parallel")
 
 
 if __name__ == "__main__":
