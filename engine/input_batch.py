@@ -42,6 +42,18 @@ class StepInputs:
     sampled_request_ids: list[str] = field(default_factory=list)
 
 
+def host_to_device(
+    values: np.ndarray | list, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Copy host data to ``device`` without waiting for it. Through pinned memory the copy
+    is truly asynchronous; from pageable memory it may wait for the step still running on
+    the device, which would undo the overlap of asynchronous scheduling."""
+    host = torch.as_tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
 @dataclass(slots=True)
 class PreviousSample:
     """Tokens sampled by the step launched last, still on the device: a request scheduled
@@ -104,13 +116,8 @@ def build_step_inputs(
     sampled = np.fromiter((i for i, r in enumerate(request_ids) if r in sampling), dtype=np.int64)
     logits_indices = cu_seqlens[1:][sampled] - 1
 
-    pin = device.type == "cuda"
-
     def to_device(array: np.ndarray | list[int], dtype: torch.dtype) -> torch.Tensor:
-        # From pinned memory the copy is truly asynchronous: a copy from pageable memory may
-        # wait for the step still running on the device, which would undo the overlap.
-        host = torch.as_tensor(array, dtype=dtype)
-        return (host.pin_memory() if pin else host).to(device, non_blocking=True)
+        return host_to_device(array, dtype, device)
 
     metadata = AttentionMetadata(
         slot_mapping=to_device(slot_mapping, torch.int64),
@@ -140,8 +147,8 @@ def build_sampling_metadata(
     num_rows = len(states)
     greedy = [p.greedy for p in params]
 
-    def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=device)
+    def column(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return host_to_device(values, dtype, device)
 
     top_k = top_p = min_p = None
     if any(p.top_k > 0 and not p.greedy for p in params):
@@ -184,7 +191,7 @@ def build_sampling_metadata(
     asked = [p.logprobs for p in params if p.logprobs is not None]
     return SamplingMetadata(
         temperature=column([p.temperature for p in params]),
-        greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+        greedy=column(greedy, torch.bool),
         all_greedy=all(greedy),
         top_k=top_k,
         top_p=top_p,
