@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -30,6 +28,7 @@ from multiprocessing.connection import Connection
 
 from metroline.engine.config import EngineConfig
 from metroline.engine.outputs import EngineCoreOutput
+from metroline.engine.parent_watch import die_with_parent
 from metroline.engine.request import EngineCoreRequest, RequestStatus
 from metroline.engine.scheduler import SchedulerStats
 
@@ -84,15 +83,6 @@ class CoreFailed:
     message: str
 
 
-def _die_with_parent(death_pipe: Connection) -> None:
-    def watch() -> None:
-        with contextlib.suppress(EOFError, OSError):
-            death_pipe.recv_bytes()
-        os._exit(1)  # the server is gone: nobody will read our outputs, leave at once
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
 def run_engine_core(
     config: EngineConfig,
     inputs: Connection,
@@ -106,7 +96,7 @@ def run_engine_core(
     # stops us in order; the core never leaves on a signal of its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent(death_pipe)
+    die_with_parent(death_pipe)
     if log_setup is not None:
         log_setup()
     else:

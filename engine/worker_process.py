@@ -12,21 +12,13 @@ import gc
 import logging
 import os
 import pickle
-import threading
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
+from metroline.engine.parent_watch import die_with_parent
+
 logger = logging.getLogger(__name__)
-
-
-def _die_with_parent(death_pipe: Connection) -> None:
-    def watch() -> None:
-        with contextlib.suppress(EOFError, OSError):
-            death_pipe.recv_bytes()
-        os._exit(1)  # the parent is gone: no cleanup can be trusted, leave at once
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def limit_cpu_threads(world_size: int) -> None:
@@ -52,7 +44,7 @@ def worker_main(
     return value goes back on ``results`` as ``("ok", value)``, a failure as
     ``("error", traceback)`` after which the worker exits.
     """
-    _die_with_parent(death_pipe)
+    die_with_parent(death_pipe)
     hang_dump = os.environ.get("METROLINE_HANG_DUMP_S")
     if hang_dump:  # debugging aid: print every thread's stack if a call hangs
         import faulthandler
