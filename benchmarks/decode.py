@@ -54,14 +54,21 @@ def run_case(llm: Any, batch: int, context: int, steps: int) -> dict[str, Any]:
         core.step()
         if all(r.num_output_tokens >= 1 for r in core.scheduler.requests.values()):
             break
+    # A step returns once its tokens are read back (with asynchronous scheduling, those of
+    # the step before, the next one already running): the time between two returns is one
+    # steady-state step, the host's planning included. No synchronisation in between, which
+    # would hide the overlap that asynchronous scheduling buys.
+    torch.cuda.synchronize()
     times = []
+    last = time.perf_counter()
     for _ in range(steps):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
         outputs = core.step()
-        times.append(time.perf_counter() - started)
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
         if len(outputs) != batch:
             raise RuntimeError(f"a decode step served {len(outputs)} of {batch} requests")
+    times = times[1:]  # the first interval starts from an idle device
     core.abort_requests(ids)
     core.step()
     return {

@@ -57,18 +57,29 @@ def run_metroline(shape_dir: Path, workload: Workload, args: argparse.Namespace)
     llm.generate(workload.prompts[:warm], params[:warm], use_tqdm=False)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    warm_stats = llm.engine_core.stats()
     started = time.perf_counter()
     outputs = llm.generate(workload.prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - started
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert produced == workload.num_output_tokens, (produced, workload.num_output_tokens)
     core = llm.engine_core
+    stats = core.stats()
+    steps = stats.num_steps - warm_stats.num_steps
+    prefill_steps = stats.num_prefill_steps - warm_stats.num_prefill_steps
     result = {
         "init_s": init_s,
         "elapsed_s": elapsed,
+        "async_scheduling": core.async_scheduling,
         "kv_blocks": core.num_blocks,
         "kv_tokens": core.num_blocks * llm.config.cache.block_size,
-        "num_preemptions": core.stats().num_preemptions,
+        "num_preemptions": stats.num_preemptions - warm_stats.num_preemptions,
+        "num_steps": steps,
+        "num_prefill_steps": prefill_steps,
+        "num_decode_steps": steps - prefill_steps,
+        "mean_tokens_per_step": (stats.num_scheduled_tokens - warm_stats.num_scheduled_tokens)
+        / max(1, steps),
+        "mean_step_ms": elapsed / max(1, steps) * 1e3,
         "peak_gpu_memory_gib": torch.cuda.max_memory_reserved() / 2**30,
     }
     llm.shutdown()
@@ -118,9 +129,15 @@ def run_hf(shape_dir: Path, workload: Workload, args: argparse.Namespace) -> dic
             if batch == 1:
                 raise
             batch //= 2
-            logger.warning("transformers ran out of memory; batch size now %d", batch)
+            logger.warning(
+                "transformers ran out of memory; starting again with batches of %d", batch
+            )
             gc.collect()
             torch.cuda.empty_cache()
+            # The failed attempt does not count against transformers: time from scratch.
+            index = 0
+            torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
             continue
         index += len(chunk)
     elapsed = time.perf_counter() - started
@@ -227,6 +244,7 @@ def main() -> None:
                 args.model,
                 f"tp{args.tp}",
                 args.backend,
+                *(["async"] if args.async_scheduling else []),
             ]
         )
         + ".json"
@@ -254,6 +272,14 @@ def main() -> None:
             f"W1 roofline: batch {roof['batch']}, prefill {roof['prefill_s']:.1f} s + decode "
             f"{roof['decode_s']:.1f} s = {roof['total_s']:.1f} s; achieved "
             f"{roof['fraction_achieved']:.0%}"
+        )
+    if "num_steps" in record.get("metroline", {}):
+        m = record["metroline"]
+        print(
+            f"Metroline steps: {m['num_steps']} ({m['num_prefill_steps']} with a prompt chunk, "
+            f"{m['num_decode_steps']} decode only), {m['mean_tokens_per_step']:.0f} tokens and "
+            f"{m['mean_step_ms']:.1f} ms a step; asynchronous scheduling "
+            f"{'on' if m['async_scheduling'] else 'off'}"
         )
     if "matmul_fraction" in record.get("metroline", {}):
         print(f"W4 prefill: {record['metroline']['matmul_fraction']:.0%} of the bf16 matmul rate")

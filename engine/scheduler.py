@@ -34,6 +34,11 @@ class SchedulerStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    #: Steps planned so far, and those in which some request computes more than one token
+    #: (a prompt chunk): the rest are pure decode steps, the ones CUDA graphs replay.
+    num_steps: int = 0
+    num_prefill_steps: int = 0
+    num_scheduled_tokens: int = 0
 
 
 class Scheduler:
@@ -50,6 +55,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.num_steps = 0
+        self.num_prefill_steps = 0
+        self.num_scheduled_tokens = 0
         self._finished_since_last_step: set[str] = set()
         # How many of each request's tokens the workers already know, for diffs.
         self._sent_tokens: dict[str, int] = {}
@@ -94,6 +102,9 @@ class Scheduler:
             prefix_cache_queries=kv.prefix_cache_queries,
             prefix_cache_hits=kv.prefix_cache_hits,
             num_preemptions=self.num_preemptions,
+            num_steps=self.num_steps,
+            num_prefill_steps=self.num_prefill_steps,
+            num_scheduled_tokens=self.num_scheduled_tokens,
         )
 
     # ---- one step ------------------------------------------------------------------------
@@ -148,7 +159,16 @@ class Scheduler:
             out.new_requests.append(self._whole(request))
             self._account(request, num_new, out)
             budget -= num_new
+        self._count_step(out)
         return out
+
+    def _count_step(self, out: SchedulerOutput) -> None:
+        num_tokens = out.total_num_scheduled_tokens
+        if num_tokens:
+            self.num_steps += 1
+            self.num_scheduled_tokens += num_tokens
+            if num_tokens > len(out.num_scheduled_tokens):
+                self.num_prefill_steps += 1
 
     def update_from_output(
         self, scheduled: SchedulerOutput, runner_output: ModelRunnerOutput

@@ -65,13 +65,18 @@ def check_tiny(workdir: Path) -> None:
             "prefix": dict(enable_prefix_caching=True),
             "chunked": dict(max_num_batched_tokens=7),
             "preempt": dict(max_model_len=128, num_blocks=12),
+            # One step in flight: planned while the previous step still runs on the GPU.
+            "async": dict(async_scheduling=True, enable_prefix_caching=True),
+            "async-chunked-preempt": dict(
+                async_scheduling=True, max_model_len=128, num_blocks=12, max_num_batched_tokens=7
+            ),
         }
         for name, kwargs in variants.items():
             blocks = kwargs.pop("num_blocks", None)
             per_block = 2 * 2 * 16 * 2 * 64 * 4  # layers * block * kv heads * dim * fp32
             memory = blocks * per_block if blocks else 64 * 2**20
             llm = LLM(model=str(path), device="cuda", kv_cache_memory_bytes=memory, **kwargs)
-            runs = 2 if name == "prefix" else 1
+            runs = 2 if name in ("prefix", "async") else 1
             ok = True
             for _ in range(runs):
                 got = [
@@ -83,6 +88,7 @@ def check_tiny(workdir: Path) -> None:
                 "exact": ok,
                 "preemptions": stats.num_preemptions,
                 "prefix_hits": stats.prefix_cache_hits,
+                "async_scheduling": llm.engine_core.async_scheduling,
             }
             release(llm)
 
@@ -170,12 +176,15 @@ def check_profiling(workdir: Path) -> None:
     release(llm)
 
 
-def main() -> None:
+STEPS = {"tiny": check_tiny, "llama3-8b": check_llama3_8b, "profiling": check_profiling}
+
+
+def main(names: list[str] | None = None) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     RESULTS["gpu"] = torch.cuda.get_device_name(0)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        for step in (check_tiny, check_llama3_8b, check_profiling):
+        for step in (STEPS[name] for name in names or STEPS):
             started = time.perf_counter()
             try:
                 step(workdir)
@@ -189,4 +198,11 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("steps", nargs="*", help=f"some of {', '.join(STEPS)} (default: all)")
+    steps = parser.parse_args().steps
+    if unknown := set(steps) - set(STEPS):
+        parser.error(f"unknown steps {sorted(unknown)}; known: {', '.join(STEPS)}")
+    main(steps)

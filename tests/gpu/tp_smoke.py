@@ -47,4 +47,7 @@ if __name__ == "__main__":
             f"{time.perf_counter() - started:.1f} s",
             flush=True,
         )
+        started = time.perf_counter()
         llm.shutdown()
+        # Before the fix, NCCL teardown after CUDA graphs hung for the full 30 s bound.
+        print(f"shutdown {time.perf_counter() - started:.1f} s", flush=True)

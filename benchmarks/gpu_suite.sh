@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# One GPU session's checks and benchmarks, by section, in the order given:
+#   bash benchmarks/gpu_suite.sh setup correct w3 w1 ...
+# Sections:
+#   setup      install the project (and, if .whl/ exists, the server's wheels into /tmp/site)
+#   correct    tiny models' greedy tokens == transformers, also with asynchronous scheduling
+#   kcheck     the Triton kernels against their references at real sizes
+#   kernels    kernel benchmarks
+#   w3         W3 decode grid, synchronous and asynchronous scheduling, one engine each
+#   w1         W1 against transformers (same run), then Metroline with asynchronous scheduling
+#   w1async    W1 on Metroline only, asynchronous scheduling
+#   w2 / w4    W2 / W4 on Metroline (ASYNC=1 adds --async-scheduling)
+#   w5         W5 online serving (needs the server's wheels; RATES, W5_REQUESTS)
+#   tp         2 GPUs: TP smoke test, TP=2 vs TP=1, KV capacity (CAPACITY shapes)
+#   w1tp       2 GPUs: W1 at TP=2 on each of TP_MODELS
+# Results go to $RESULTS (default $OUT/results or ./suite-results), then into one tarball in
+# $OUT when $OUT is set. MODEL (default llama3-8b) picks the shape for w1-w5.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+MODEL=${MODEL:-llama3-8b}
+RESULTS=${RESULTS:-${OUT:-.}/results}
+mkdir -p "$RESULTS"
+status=0
+async_flag() { [ "${ASYNC:-0}" = 1 ] && echo --async-scheduling; }
+
+run() {  # run NAME COMMAND...: time a section, keep going after a failure
+  local name=$1
+  shift
+  local started=$SECONDS
+  echo "=== $name: $*"
+  "$@" 2>&1 | tee -a "$RESULTS/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - started)) s" | tee -a "$RESULTS/summary.txt"
+  [ "$rc" = 0 ] || status=1
+}
+
+for section in "$@"; do
+  case $section in
+    setup)
+      if [ -d .whl ]; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
+          .whl/*.whl || exit 1
+      fi
+      $PY -P -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/gpus.csv"
+      ;;
+    correct) run correct env OUT="$RESULTS" $PY -P tests/gpu/engine_vs_transformers.py tiny ;;
+    kcheck) run kcheck $PY -P tests/gpu/check_kernels.py --out "$RESULTS" ;;
+    kernels) run kernels $PY -P benchmarks/kernels.py --out "$RESULTS" ;;
+    w3)
+      run w3-sync $PY -P benchmarks/decode.py --model "$MODEL" --out "$RESULTS"
+      run w3-async $PY -P benchmarks/decode.py --model "$MODEL" --async-scheduling --profile \
+        --out "$RESULTS"
+      ;;
+    w1)
+      run w1-both $PY -P benchmarks/throughput.py --model "$MODEL" --workload W1 --backend both \
+        --hf-max-requests 128 --out "$RESULTS"
+      run w1-async $PY -P benchmarks/throughput.py --model "$MODEL" --workload W1 \
+        --async-scheduling --out "$RESULTS"
+      ;;
+    w1async)
+      run w1-async $PY -P benchmarks/throughput.py --model "$MODEL" --workload W1 \
+        --async-scheduling --out "$RESULTS"
+      ;;
+    w2) run w2 $PY -P benchmarks/throughput.py --model "$MODEL" --workload W2 $(async_flag) \
+      --out "$RESULTS" ;;
+    w4) run w4 $PY -P benchmarks/throughput.py --model "$MODEL" --workload W4 $(async_flag) \
+      --out "$RESULTS" ;;
+    w5)
+      run w5 env PYTHONPATH=/tmp/site $PY -P benchmarks/serve.py --model "$MODEL" \
+        --rates "${RATES:-4,8,12,16,20,24}" --num-requests "${W5_REQUESTS:-150}" \
+        --server-args "${SERVER_ARGS:-}" --out "$RESULTS"
+      ;;
+    tp)
+      run tp-smoke $PY -P tests/gpu/tp_smoke.py
+      run tp-check env OUT="$RESULTS" $PY -P tests/gpu/tensor_parallel_check.py \
+        --capacity ${CAPACITY:-llama3-8b qwen2.5-32b}
+      ;;
+    w1tp)
+      for model in ${TP_MODELS:-qwen2.5-32b}; do
+        run "w1-tp2-$model" $PY -P benchmarks/throughput.py --model "$model" --workload W1 \
+          --tp 2 --out "$RESULTS"
+      done
+      ;;
+    *) echo "unknown section $section" >&2; status=1 ;;
+  esac
+done
+
+echo "=== summary"
+cat "$RESULTS/summary.txt" 2>/dev/null
+if [ -n "${OUT:-}" ] && [ "$RESULTS" = "$OUT/results" ]; then
+  # One file back (the device tool returns at most 8): every JSON, table and log, no traces.
+  tar czf "$OUT/results.tgz" -C "$OUT" --exclude '*trace*' results && rm -rf "$OUT/results"
+fi
+exit $status
