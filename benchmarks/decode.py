@@ -132,7 +132,12 @@ def main() -> None:
     parser.add_argument("--contexts", default="512,2048")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--async-scheduling", action="store_true")
+    parser.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="default: the engine's (on for CUDA at TP=1)",
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
@@ -160,6 +165,7 @@ def main() -> None:
             async_scheduling=args.async_scheduling,
         )
         init_s = time.perf_counter() - started
+        asynchronous = llm.engine_core.async_scheduling
         rows = []
         weights = weight_bytes(args.model) / args.tp
         per_token = kv_bytes_per_token(args.model) / args.tp
@@ -206,6 +212,7 @@ def main() -> None:
         "parameters": vars(args) | {"out": str(args.out)},
         "ceilings": {"copy_bytes_per_s": bandwidth, "bf16_flops": matmul},
         "init_s": init_s,
+        "async_scheduling": asynchronous,
         "rows": rows,
         "profile": profile,
     }
@@ -218,7 +225,7 @@ def main() -> None:
                 args.model,
                 f"tp{args.tp}",
                 "eager" if args.enforce_eager else "graphs",
-                *(["async"] if args.async_scheduling else []),
+                "async" if asynchronous else "sync",
             ]
         )
         + ".json"
@@ -226,7 +233,8 @@ def main() -> None:
     (args.out / name).write_text(json.dumps(record, indent=2))
     print(
         f"\nW3 decode on {args.model} (TP={args.tp}, "
-        f"{'eager' if args.enforce_eager else 'CUDA graphs'}), {env['gpu']}; copy "
+        f"{'eager' if args.enforce_eager else 'CUDA graphs'}, "
+        f"{'asynchronous' if asynchronous else 'synchronous'} scheduling), {env['gpu']}; copy "
         f"{bandwidth / 1e12:.2f} TB/s; weight-read floor {weights / bandwidth * 1e3:.2f} ms; "
         f"engine start {init_s:.1f} s"
     )

@@ -7,14 +7,16 @@
 #   kcheck     the Triton kernels against their references at real sizes
 #   kernels    kernel benchmarks
 #   w3         W3 decode grid, synchronous and asynchronous scheduling, one engine each
-#   w1         W1 against transformers (same run), then Metroline with asynchronous scheduling
-#   w1async    W1 on Metroline only, asynchronous scheduling
-#   w2 / w4    W2 / W4 on Metroline (ASYNC=1 adds --async-scheduling)
+#   w1         W1 against transformers in the same run (engine defaults)
+#   w1sync     W1 on Metroline only, asynchronous scheduling off
+#   w2 / w4    W2 / W4 on Metroline (engine defaults)
 #   w5         W5 online serving (needs the server's wheels; RATES, W5_REQUESTS)
 #   tp         2 GPUs: TP smoke test, TP=2 vs TP=1, KV capacity (CAPACITY shapes)
 #   w1tp       2 GPUs: W1 at TP=2 on each of TP_MODELS
 # Results go to $RESULTS (default $OUT/results or ./suite-results), then into one tarball in
-# $OUT when $OUT is set. MODEL (default llama3-8b) picks the shape for w1-w5.
+# $OUT when $OUT is set. MODEL (default llama3-8b) picks the shape for w1-w5. BUDGET_S, if
+# set, bounds the whole script: a section still running then is stopped (and marked so), and
+# the results so far are still packed.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
@@ -22,14 +24,23 @@ MODEL=${MODEL:-llama3-8b}
 RESULTS=${RESULTS:-${OUT:-.}/results}
 mkdir -p "$RESULTS"
 status=0
-async_flag() { [ "${ASYNC:-0}" = 1 ] && echo --async-scheduling; }
 
 run() {  # run NAME COMMAND...: time a section, keep going after a failure
   local name=$1
   shift
   local started=$SECONDS
+  local limit=()
+  if [ -n "${BUDGET_S:-}" ]; then
+    local left=$((BUDGET_S - SECONDS))
+    if [ "$left" -le 5 ]; then
+      echo "=== $name: not run, budget spent" | tee -a "$RESULTS/summary.txt"
+      status=1
+      return
+    fi
+    limit=(timeout --signal=INT --kill-after=10 "$left")
+  fi
   echo "=== $name: $*"
-  "$@" 2>&1 | tee -a "$RESULTS/$name.log"
+  "${limit[@]}" "$@" 2>&1 | tee -a "$RESULTS/$name.log"
   local rc=${PIPESTATUS[0]}
   echo "=== $name: exit $rc after $((SECONDS - started)) s" | tee -a "$RESULTS/summary.txt"
   [ "$rc" = 0 ] || status=1
@@ -49,24 +60,21 @@ for section in "$@"; do
     kcheck) run kcheck $PY -P tests/gpu/check_kernels.py --out "$RESULTS" ;;
     kernels) run kernels $PY -P benchmarks/kernels.py --out "$RESULTS" ;;
     w3)
-      run w3-sync $PY -P benchmarks/decode.py --model "$MODEL" --out "$RESULTS"
+      run w3-sync $PY -P benchmarks/decode.py --model "$MODEL" --no-async-scheduling \
+        --out "$RESULTS"
       run w3-async $PY -P benchmarks/decode.py --model "$MODEL" --async-scheduling --profile \
         --out "$RESULTS"
       ;;
     w1)
       run w1-both $PY -P benchmarks/throughput.py --model "$MODEL" --workload W1 --backend both \
         --hf-max-requests 128 --out "$RESULTS"
-      run w1-async $PY -P benchmarks/throughput.py --model "$MODEL" --workload W1 \
-        --async-scheduling --out "$RESULTS"
       ;;
-    w1async)
-      run w1-async $PY -P benchmarks/throughput.py --model "$MODEL" --workload W1 \
-        --async-scheduling --out "$RESULTS"
+    w1sync)
+      run w1-sync $PY -P benchmarks/throughput.py --model "$MODEL" --workload W1 \
+        --no-async-scheduling --out "$RESULTS"
       ;;
-    w2) run w2 $PY -P benchmarks/throughput.py --model "$MODEL" --workload W2 $(async_flag) \
-      --out "$RESULTS" ;;
-    w4) run w4 $PY -P benchmarks/throughput.py --model "$MODEL" --workload W4 $(async_flag) \
-      --out "$RESULTS" ;;
+    w2) run w2 $PY -P benchmarks/throughput.py --model "$MODEL" --workload W2 --out "$RESULTS" ;;
+    w4) run w4 $PY -P benchmarks/throughput.py --model "$MODEL" --workload W4 --out "$RESULTS" ;;
     w5)
       run w5 env PYTHONPATH=/tmp/site $PY -P benchmarks/serve.py --model "$MODEL" \
         --rates "${RATES:-4,8,12,16,20,24}" --num-requests "${W5_REQUESTS:-150}" \

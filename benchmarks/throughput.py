@@ -168,7 +168,12 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--async-scheduling", action="store_true")
+    parser.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="default: the engine's (on for CUDA at TP=1)",
+    )
     parser.add_argument("--hf-max-requests", type=int, default=None)
     parser.add_argument("--hf-batch-size", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("."))
@@ -244,7 +249,11 @@ def main() -> None:
                 args.model,
                 f"tp{args.tp}",
                 args.backend,
-                *(["async"] if args.async_scheduling else []),
+                *(
+                    ["async" if record["metroline"]["async_scheduling"] else "sync"]
+                    if "metroline" in record
+                    else []
+                ),
             ]
         )
         + ".json"

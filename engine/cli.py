@@ -41,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     engine.add_argument(
         "--async-scheduling",
-        action="store_true",
-        help="plan and launch each step while the previous one still runs (TP=1)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="plan and launch each step while the previous one still runs (default: on for "
+        "CUDA at TP=1)",
     )
     engine.add_argument("--seed", type=int, default=0)
     engine.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -61,10 +61,10 @@ def check_tiny(workdir: Path) -> None:
         expected = [hf_generate(hf, p, 32) for p in prompts]
         release(hf)
         variants = {
-            "plain": dict(enable_prefix_caching=False),
-            "prefix": dict(enable_prefix_caching=True),
-            "chunked": dict(max_num_batched_tokens=7),
-            "preempt": dict(max_model_len=128, num_blocks=12),
+            "plain": dict(enable_prefix_caching=False, async_scheduling=False),
+            "prefix": dict(enable_prefix_caching=True, async_scheduling=False),
+            "chunked": dict(max_num_batched_tokens=7, async_scheduling=False),
+            "preempt": dict(max_model_len=128, num_blocks=12, async_scheduling=False),
             # One step in flight: planned while the previous step still runs on the GPU.
             "async": dict(async_scheduling=True, enable_prefix_caching=True),
             "async-chunked-preempt": dict(
