@@ -7,12 +7,13 @@
 #   kcheck     the Triton kernels against their references at real sizes
 #   kernels    kernel benchmarks
 #   w3         W3 decode grid, synchronous and asynchronous scheduling, one engine each
+#   w3d        W3 decode grid with the engine's default scheduling, and the step profile
 #   w1         W1 against transformers in the same run (engine defaults)
 #   w1sync     W1 on Metroline only, asynchronous scheduling off
 #   w2 / w4    W2 / W4 on Metroline (engine defaults)
 #   w5         W5 online serving (needs the server's wheels; RATES, W5_REQUESTS)
 #   tp         2 GPUs: TP smoke test, TP=2 vs TP=1, KV capacity (CAPACITY shapes)
-#   w1tp       2 GPUs: W1 at TP=2 on each of TP_MODELS
+#   w1runs     W1 on Metroline for each MODEL:TP pair in W1_RUNS (default qwen2.5-32b:2)
 # Results go to $RESULTS (default $OUT/results or ./suite-results), then into one tarball in
 # $OUT when $OUT is set. MODEL (default llama3-8b) picks the shape for w1-w5. BUDGET_S, if
 # set, bounds the whole script: a section still running then is stopped (and marked so), and
@@ -65,6 +66,9 @@ for section in "$@"; do
       run w3-async $PY -P benchmarks/decode.py --model "$MODEL" --async-scheduling --profile \
         --out "$RESULTS"
       ;;
+    w3d)
+      run w3-default $PY -P benchmarks/decode.py --model "$MODEL" --profile --out "$RESULTS"
+      ;;
     w1)
       run w1-both $PY -P benchmarks/throughput.py --model "$MODEL" --workload W1 --backend both \
         --hf-max-requests 128 --out "$RESULTS"
@@ -85,10 +89,10 @@ for section in "$@"; do
       run tp-check env OUT="$RESULTS" $PY -P tests/gpu/tensor_parallel_check.py \
         --capacity ${CAPACITY:-llama3-8b qwen2.5-32b}
       ;;
-    w1tp)
-      for model in ${TP_MODELS:-qwen2.5-32b}; do
-        run "w1-tp2-$model" $PY -P benchmarks/throughput.py --model "$model" --workload W1 \
-          --tp 2 --out "$RESULTS"
+    w1runs)
+      for pair in ${W1_RUNS:-qwen2.5-32b:2}; do
+        run "w1-${pair%%:*}-tp${pair##*:}" $PY -P benchmarks/throughput.py --model "${pair%%:*}" \
+          --workload W1 --tp "${pair##*:}" --out "$RESULTS"
       done
       ;;
     *) echo "unknown section $section" >&2; status=1 ;;

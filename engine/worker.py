@@ -9,6 +9,7 @@ import time
 import torch
 
 from metroline.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from metroline.engine.layers import ops
 from metroline.engine.model_loader import load_model
 from metroline.engine.model_runner import ModelRunner
 from metroline.engine.runner_output import ModelRunnerOutput, StepResult
@@ -131,8 +132,17 @@ class Worker:
             layer.bind_kv_cache(key_cache, value_cache)
             self.key_caches.append(key_cache)
             self.value_caches.append(value_cache)
-        if self.device.type == "cuda" and not self.config.enforce_eager:
-            self.model_runner.capture_decode_graphs()
+        if self.device.type == "cuda":
+            # Compile now what serving would otherwise compile at its first steps.
+            layer = next(iter(self.model.attention_layers()))
+            ops.warm_up_kernels(
+                self.key_caches[0],
+                self.value_caches[0],
+                layer.num_heads,
+                self.config.scheduler.max_num_batched_tokens,
+            )
+            if not self.config.enforce_eager:
+                self.model_runner.capture_decode_graphs()
 
     def execute_model_async(self, scheduled: SchedulerOutput) -> StepResult:
         """Launch one step; its tokens come from the result's ``result()``."""

@@ -18,8 +18,10 @@ tile is read once for the whole group. Keys are visited in ``BLOCK_N`` tiles gat
 through the block table: first the tiles every row of the query tile may see (no masks), then
 the tiles along the causal diagonal (masked). Softmax is online, in fp32, base 2.
 When the grid is too small to fill the GPU (decode of few requests with long contexts), each
-request's context is cut into ``NUM_SPLITS`` partitions computed by separate programs and
-merged by :mod:`metroline.kernels.split_kv`.
+request's context is cut into ``num_splits`` partitions computed by separate programs and
+merged by :mod:`metroline.kernels.split_kv`. Launch sizes that change every step (requests,
+splits) are runtime arguments, never specialised on: the compiled variants are fixed by the
+tile shape alone, so serving compiles nothing new once :mod:`metroline.kernels.warmup` ran.
 """
 
 from __future__ import annotations
@@ -89,7 +91,9 @@ def _attend_tile(
     return acc, l_i, m_new
 
 
-@triton.jit
+# Sizes that change from step to step are plain runtime values: Triton would otherwise compile
+# a variant for each of "equals 1", "divisible by 16" and neither, mid-serving.
+@triton.jit(do_not_specialize=["num_seqs", "tiles_per_seq", "num_splits"])
 def _paged_attention_kernel(
     query_ptr,  # [num_tokens, num_heads, head_dim]
     key_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -97,12 +101,13 @@ def _paged_attention_kernel(
     block_tables_ptr,  # [num_seqs, max_blocks] int32
     seq_lens_ptr,  # [num_seqs] int32
     cu_seqlens_q_ptr,  # [num_seqs + 1] int32
-    out_ptr,  # [num_tokens, num_heads, head_dim] (NUM_SPLITS == 1)
-    split_out_ptr,  # [num_tokens, num_heads, NUM_SPLITS, head_dim] fp32 (NUM_SPLITS > 1)
-    split_lse_ptr,  # [num_tokens, num_heads, NUM_SPLITS] fp32, base-2 (NUM_SPLITS > 1)
+    out_ptr,  # [num_tokens, num_heads, head_dim] (not SPLIT)
+    split_out_ptr,  # [num_tokens, num_heads, num_splits, head_dim] fp32 (SPLIT)
+    split_lse_ptr,  # [num_tokens, num_heads, num_splits] fp32, base-2 (SPLIT)
     scale_log2,  # softmax scale * log2(e)
     num_seqs,
     tiles_per_seq,  # SEARCH=False: query tiles per request (grid axis 0 = num_seqs * this)
+    num_splits,  # partitions of each context (grid axis 2); 1 unless SPLIT
     stride_q_tok, stride_q_head,
     stride_o_tok, stride_o_head,
     stride_cache_block, stride_cache_row, stride_cache_head,
@@ -111,15 +116,17 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_D = next power of 2 >= HEAD_DIM
     BLOCK_SIZE: tl.constexpr,  # KV-cache block size (tokens per page)
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,  # num_splits > 1: write partials for the merge kernel
     SEARCH: tl.constexpr,  # map grid axis 0 to (request, tile) by binary search of cu_seqlens_q
     DOT_PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
     if SEARCH:
+        # Programs run from the end: the last request's last tiles, which see the most keys,
+        # start first (the bound's spare tiles exit at once wherever they fall).
+        tile = tl.num_programs(0) - 1 - tl.program_id(0)
         # Request b owns tiles [cu_q[b] // BLOCK_Q + b, cu_q[b+1] // BLOCK_Q + b + 1): a
         # monotone upper bound on the tiles before it, computable without a host sync.
         lo = tile * 0
@@ -132,6 +139,7 @@ def _paged_attention_kernel(
         seq = lo
         local_tile = tile - (tl.load(cu_seqlens_q_ptr + seq) // BLOCK_Q + seq)
     else:
+        tile = tl.program_id(0)
         seq = tile // tiles_per_seq
         # Last tiles first: they see the most keys, so the long programs start early.
         local_tile = tiles_per_seq - 1 - tile % tiles_per_seq
@@ -161,11 +169,11 @@ def _paged_attention_kernel(
     q = tl.load(query_ptr + q_rows[:, None] + offs_d[None, :], mask=io_mask, other=0.0)
 
     # Keys this program covers: its split's part of [0, pos_hi], cut at the causal diagonal.
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         kv_lo = 0
         kv_hi = pos_hi + 1
     else:
-        part = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        part = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
         kv_lo = split * part
         kv_hi = tl.minimum(kv_lo + part, pos_hi + 1)
     full_hi = tl.minimum(kv_hi, pos_lo + 1)  # every row sees keys < full_hi
@@ -194,14 +202,14 @@ def _paged_attention_kernel(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only an empty split has l == 0
     result = acc / l_safe[:, None]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         o_rows = (q_start + row_tok).to(tl.int64) * stride_o_tok + row_head * stride_o_head
         o_ptrs = out_ptr + o_rows[:, None] + offs_d[None, :]
         tl.store(o_ptrs, result.to(out_ptr.dtype.element_ty), mask=io_mask)
     else:
         # Split partials are contiguous: row (token, head) then split.
         slot = ((q_start + row_tok).to(tl.int64) * (GROUP * tl.num_programs(1)) + row_head)
-        slot = slot * NUM_SPLITS + split
+        slot = slot * num_splits + split
         tl.store(split_out_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :], result, mask=io_mask)
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
         tl.store(split_lse_ptr + slot, lse, mask=row_valid)
@@ -291,12 +299,12 @@ def paged_attention(
         key_cache.dtype, head_dim, group, max(1, max_seqlen_q), num_seqs * num_kv_heads < 2 * sms
     )
 
-    # Grid axis 0: dense (every request gets the tiles of the longest) when that is no larger
-    # than the searched bound, which is always the case for uniform batches and decodes.
+    # Grid axis 0: dense (one tile per request) for decodes; for prompt chunks, a bound on the
+    # tiles the requests need, mapped to requests by binary search. The choice depends on the
+    # launch's tile shape alone, so it adds no compiled variant of its own.
     tiles_per_seq = cdiv(max(1, max_seqlen_q), cfg.block_q)
-    searched = num_tokens // cfg.block_q + num_seqs
-    search = num_seqs * tiles_per_seq > searched
-    grid_tiles = searched if search else num_seqs * tiles_per_seq
+    search = max_seqlen_q > 1
+    grid_tiles = num_tokens // cfg.block_q + num_seqs if search else num_seqs
     if num_splits is None:
         num_splits = choose_num_splits(grid_tiles * num_kv_heads, max_seqlen_k, sms, cfg.block_n)
     if num_splits > 1:
@@ -311,12 +319,12 @@ def paged_attention(
     _paged_attention_kernel[(grid_tiles, num_kv_heads, num_splits)](
         query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,
         out, split_out, split_lse,
-        scale * LOG2E, num_seqs, tiles_per_seq,
+        scale * LOG2E, num_seqs, tiles_per_seq, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
         BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n,
-        NUM_SPLITS=num_splits, SEARCH=search, DOT_PRECISION=dot_precision(key_cache.dtype),
+        SPLIT=num_splits > 1, SEARCH=search, DOT_PRECISION=dot_precision(key_cache.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:

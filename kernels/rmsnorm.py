@@ -18,7 +18,7 @@ import triton.language as tl
 from metroline.kernels.utils import next_power_of_2, row_major_last_dim
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # one variant for any token count
 def _rms_norm_kernel(
     x_ptr,  # [num_rows, hidden], last dim contiguous
     residual_ptr,  # [num_rows, hidden], updated in place to x + residual (HAS_RESIDUAL)

@@ -1,6 +1,6 @@
 """Merge split-KV partials of paged attention into the final output.
 
-Each (token, head) row of a split launch leaves ``NUM_SPLITS`` partial results, each the
+Each (token, head) row of a split launch leaves ``num_splits`` partial results, each the
 softmax-weighted mean over one partition of the context (fp32) with its log-sum-exp in base 2
 (``-inf`` for a partition the row sees no key of). The merge rescales them by
 ``2**(lse_s - max_s lse_s)`` and divides by the sum of the weights.
@@ -15,16 +15,17 @@ import triton.language as tl
 from metroline.kernels.utils import next_power_of_2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
 def _merge_splits_kernel(
-    split_out_ptr,  # [num_tokens, num_heads, NUM_SPLITS, HEAD_DIM] fp32, contiguous
-    split_lse_ptr,  # [num_tokens, num_heads, NUM_SPLITS] fp32, contiguous
+    split_out_ptr,  # [num_tokens, num_heads, num_splits, HEAD_DIM] fp32, contiguous
+    split_lse_ptr,  # [num_tokens, num_heads, num_splits] fp32, contiguous
     out_ptr,  # [num_tokens, num_heads, HEAD_DIM]
     cu_seqlens_q_ptr,  # [num_seqs + 1] int32: tokens at or past cu_seqlens_q[num_seqs] are padding
     num_seqs,
+    num_splits,  # <= BLOCK_S
     stride_o_tok, stride_o_head,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     token = tl.program_id(0)
     head = tl.program_id(1)
@@ -33,12 +34,12 @@ def _merge_splits_kernel(
     row = token.to(tl.int64) * tl.num_programs(1) + head
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_valid = offs_s < NUM_SPLITS
-    lse = tl.load(split_lse_ptr + row * NUM_SPLITS + offs_s, mask=s_valid, other=float("-inf"))
+    s_valid = offs_s < num_splits
+    lse = tl.load(split_lse_ptr + row * num_splits + offs_s, mask=s_valid, other=float("-inf"))
     lse_max = tl.max(lse, 0)  # finite: split 0 always holds key 0, which every row sees
     weight = tl.exp2(lse - lse_max)  # [BLOCK_S]; 0 for empty splits
     parts = tl.load(
-        split_out_ptr + (row * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+        split_out_ptr + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
         mask=s_valid[:, None] & (offs_d < HEAD_DIM)[None, :],
         other=0.0,
     )  # [BLOCK_S, BLOCK_D]
@@ -55,9 +56,10 @@ def merge_splits(
     num_seqs: int,
 ) -> None:
     num_tokens, num_heads, num_splits, head_dim = split_out.shape
+    block_s = next_power_of_2(num_splits)  # the only size that selects a compiled variant
     _merge_splits_kernel[(num_tokens, num_heads)](
-        split_out, split_lse, out, cu_seqlens_q, num_seqs, out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
-        NUM_SPLITS=num_splits, BLOCK_S=next_power_of_2(num_splits),
-        num_warps=4 if head_dim * num_splits >= 2048 else 2,
+        split_out, split_lse, out, cu_seqlens_q, num_seqs, num_splits,
+        out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), BLOCK_S=block_s,
+        num_warps=4 if head_dim * block_s >= 2048 else 2,
     )

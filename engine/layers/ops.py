@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from metroline.kernels import activation, kv_cache, rmsnorm, rotary
+from metroline.kernels import activation, kv_cache, rmsnorm, rotary, warmup
 from metroline.kernels import paged_attention as attention
 
 
@@ -85,3 +85,16 @@ def paged_attention(
     return attention.paged_attention_ref(
         query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, out=out
     )
+
+
+def warm_up_kernels(
+    key_cache: torch.Tensor, value_cache: torch.Tensor, num_heads: int, max_query_len: int
+) -> None:
+    """Compile every attention variant serving can meet (CUDA; nothing to do on the CPU)."""
+    if key_cache.is_cuda:
+        warmup.warm_up_attention(key_cache, value_cache, num_heads, max_query_len)
+
+
+def compiled_kernel_variants() -> int:
+    """Kernel variants compiled in this process so far (0 on the CPU)."""
+    return warmup.compiled_variants()
