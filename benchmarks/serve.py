@@ -76,6 +76,17 @@ async def run_rate(
     ]
     itl = [b - a for r in ok for a, b in zip(r.event_times, r.event_times[1:])]
     output_tokens = sum(r.num_tokens for r in ok)
+    # Per request: when it was sent (s from the first), time to first token, prompt length,
+    # tokens streamed. Kept so that a tail can be traced to the requests that made it.
+    per_request = [
+        [
+            round(r.sent_at - started, 4),
+            round(r.event_times[0] - r.sent_at, 4) if r.event_times else None,
+            len(prompt),
+            r.num_tokens,
+        ]
+        for r, prompt in zip(results, prompts)
+    ]
     row: dict[str, Any] = {
         "rate": rate,
         "requests": len(results),
@@ -88,6 +99,7 @@ async def run_rate(
         for q in (50, 90, 99):
             row[f"{name}_p{q}_s"] = percentile(values, q)
         row[f"{name}_mean_s"] = statistics.mean(values) if values else float("nan")
+    row["per_request"] = per_request
     if len(results) != len(ok):
         row["first_error"] = next(
             (r.error for r in results if r.error is not None), "a stream carried no tokens"
@@ -142,11 +154,17 @@ def main() -> None:
                 "--served-model-name",
                 args.model,
                 "--disable-uvicorn-access-log",
-                "--log-level",
-                "warning",
+                "--log-format",
+                "json",
                 *args.server_args.split(),
             ]
-            server = subprocess.Popen(command, env=os.environ.copy())
+            # The server's log (one JSON line per finished request: server-side TTFT and
+            # queue time) goes to a file beside the results.
+            args.out.mkdir(parents=True, exist_ok=True)
+            server_log = open(args.out / f"W5-{args.model}-server.log", "w")  # noqa: SIM115
+            server = subprocess.Popen(
+                command, env=os.environ.copy(), stdout=server_log, stderr=subprocess.STDOUT
+            )
         try:
             deadline = time.monotonic() + 600
             while asyncio.run(get_status(host, port, "/ready")) != 200:
@@ -172,6 +190,14 @@ def main() -> None:
                     )
                 )
                 rows.append(row)
+                slowest = sorted(
+                    (r for r in row["per_request"] if r[1] is not None), key=lambda r: -r[1]
+                )[:5]
+                print(
+                    "  slowest first tokens (sent at s, TTFT s, prompt, tokens):",
+                    slowest,
+                    flush=True,
+                )
                 print(
                     f"rate {rate:6.2f}/s: TTFT p50 {row['ttft_p50_s']:.3f} s p99 "
                     f"{row['ttft_p99_s']:.3f} s, TPOT p50 {row['tpot_p50_s'] * 1e3:.1f} ms, "
@@ -182,6 +208,7 @@ def main() -> None:
             if server is not None:
                 server.terminate()
                 server.wait(timeout=120)
+                server_log.close()
     knee = rate_at_ttft_limit(rows)
     record = {
         "benchmark": "serve-W5",

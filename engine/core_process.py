@@ -18,6 +18,7 @@ the parent's end of a private pipe close.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -114,6 +115,11 @@ def run_engine_core(
         with contextlib.suppress(OSError):
             outputs.send(CoreFailed(f"{type(error).__name__}: {error}"))
         raise SystemExit(1) from None
+    # The model, the block pool and the graphs live as long as the process: keep the
+    # collector from walking them again and again while it serves (each full pass over them
+    # would stall a step).
+    gc.collect()
+    gc.freeze()
     outputs.send(CoreReady(core.num_blocks, config.cache.block_size))
     logger.info("engine core ready: %d KV blocks", core.num_blocks)
     code = 0

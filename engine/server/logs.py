@@ -70,6 +70,7 @@ def log_finished_request(request: FinishedRequest) -> None:
                 "prompt_tokens": request.num_prompt_tokens,
                 "output_tokens": request.num_output_tokens,
                 "ttft_s": round(ttft, 4) if ttft is not None else None,
+                "queue_s": round(queue, 4) if (queue := request.queue_time) is not None else None,
                 "total_s": round(request.e2e_latency, 4),
             }
         },
