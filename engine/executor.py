@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import gc
 import logging
 import multiprocessing
 import pickle
@@ -54,7 +53,8 @@ class UniprocExecutor:
         return [self.worker.get_load_report()]
 
     def shutdown(self) -> None:
-        pass
+        """Free the device memory now (the engine object may live on). Idempotent."""
+        self.worker.shutdown()
 
 
 class WorkerFailedError(RuntimeError):
@@ -193,8 +193,9 @@ class MultiprocExecutor:
         # Tear the group down on every rank at once: NCCL's teardown waits for the peers, so
         # rank 0 must not wait for the workers to exit first. Graphs holding captured
         # collectives go before the communicator does.
+        if self.worker is not None:
+            self.worker.shutdown()
         self.worker = None
-        gc.collect()
         destroy_distributed()
         for handle in self.workers:
             handle.process.join(SHUTDOWN_GRACE)

@@ -76,7 +76,9 @@ class LLM:
         return self.tokenizer
 
     def shutdown(self) -> None:
-        """Stop worker processes (TP > 1) and release the process group. Idempotent."""
+        """Free the device memory (weights, KV pool, CUDA graphs) at once, stop worker
+        processes (TP > 1) and release the process group. Idempotent; the engine serves no
+        request afterwards."""
         core = getattr(self, "engine_core", None)
         if core is not None:
             core.shutdown()

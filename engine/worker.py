@@ -3,6 +3,7 @@ runs steps through its model runner."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
@@ -29,6 +30,10 @@ class Worker:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", rank)
             torch.cuda.set_device(self.device)
+            # An engine that failed or was dropped earlier in this process may still hold
+            # the card through reference cycles: collect them before loading.
+            gc.collect()
+            torch.cuda.empty_cache()
         torch.manual_seed(config.model.seed)
         started = time.perf_counter()
         rss_before = current_rss_bytes()
@@ -54,6 +59,17 @@ class Worker:
         self.model_runner = ModelRunner(config, self.model, self.device, is_driver=rank == 0)
         self.key_caches: list[torch.Tensor] = []
         self.value_caches: list[torch.Tensor] = []
+
+    def shutdown(self) -> None:
+        """Give this rank's device memory back at once, not whenever the collector gets to
+        it: CUDA graphs first (they hold captured collectives), then the KV pool and the
+        weights. The worker runs no step afterwards. Idempotent."""
+        self.model_runner = None
+        self.key_caches, self.value_caches = [], []
+        self.model = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def get_load_report(self) -> dict[str, float]:
         """Time, parameter bytes and host memory (before, peak) of loading this rank."""
@@ -95,6 +111,9 @@ class Worker:
         return num_blocks
 
     def _profile_free_bytes(self) -> int:
+        # Memory of engines dropped earlier in this process (reference cycles included)
+        # must be back with the driver before free memory is read.
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         self.model_runner.profile_run()

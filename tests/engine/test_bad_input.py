@@ -114,3 +114,14 @@ def test_missing_model_directory(tmp_path):
         LLM(model=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match=r"no config\.json"):
         LLM(model=str(tmp_path))
+
+
+def test_shutdown_frees_the_model_while_the_engine_object_lives(tiny_checkpoint):
+    import weakref
+
+    llm = LLM(model=str(tiny_checkpoint("llama")), kv_cache_memory_bytes=2**20)
+    worker = llm.engine_core.executor.worker
+    model, caches = weakref.ref(worker.model), [weakref.ref(t) for t in worker.key_caches]
+    llm.shutdown()
+    assert model() is None and all(ref() is None for ref in caches)
+    llm.shutdown()  # idempotent
