@@ -34,6 +34,13 @@ class TensorParallelGroup:
             dist.all_reduce(x, group=self.group)
         return x
 
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``x`` into every rank's ``x`` (same shape and dtype), in place; on CUDA
+        ordered on the current stream, no host synchronisation."""
+        if self.world_size > 1:
+            dist.broadcast(x, src=0, group=self.group)
+        return x
+
     def gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
         """Concatenate every rank's ``x`` along ``dim`` on rank 0; other ranks get None."""
         if self.world_size == 1:

@@ -1,16 +1,18 @@
 """The engine core: one step is schedule -> execute -> update. Token ids only; no tokenizer.
 
-With asynchronous scheduling (``async_scheduling=True``, TP=1) the core keeps one step in
-flight: it plans and launches step N+1 while the device still runs step N, then reads back
-step N's tokens. The host's work (scheduling, building inputs, turning tokens into outputs)
-then overlaps the device's instead of leaving it idle. A request that stops at step N (EOS,
-stop token) has one extra token computed at step N+1, which is dropped. Steps fall back to
-the plain order while a request needs exact token history at sampling time (penalties,
-min_tokens).
+With asynchronous scheduling (``async_scheduling``, on by default for CUDA) the core keeps
+one step in flight: it plans and launches step N+1 while the device still runs step N, then
+reads back step N's tokens. The host's work (scheduling, building inputs, turning tokens into
+outputs) then overlaps the device's instead of leaving it idle. With TP, every rank gets the
+tokens of step N on its device from rank 0 (a broadcast), so the plan of step N+1 can go out
+before they reach the host. A request that stops at step N (EOS, stop token) has one extra
+token computed at step N+1, which is dropped. Steps fall back to the plain order while a
+request needs exact token history at sampling time (penalties, min_tokens).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 
@@ -32,6 +34,10 @@ class EngineCore:
     from :meth:`add_request`) leaves the engine unchanged."""
 
     def __init__(self, config: EngineConfig) -> None:
+        # Decided before the workers start: with TP they must know whether to expect each
+        # step's sampled tokens from rank 0.
+        self.async_scheduling = use_async_scheduling(config.async_scheduling, config.device.type)
+        config = dataclasses.replace(config, async_scheduling=self.async_scheduling)
         self.config = config
         self.executor = create_executor(config)
         num_blocks = self.executor.determine_num_blocks()
@@ -49,9 +55,6 @@ class EngineCore:
             num_blocks, block_size, config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
-        self.async_scheduling = use_async_scheduling(
-            config.async_scheduling, config.device.type, self.executor.supports_async
-        )
         self._in_flight: tuple[SchedulerOutput, StepResult] | None = None
 
     def add_request(self, spec: EngineCoreRequest) -> None:
@@ -102,15 +105,13 @@ class EngineCore:
         self.executor.shutdown()
 
 
-def use_async_scheduling(wanted: bool | None, device_type: str, supported: bool) -> bool:
-    """Whether the core keeps a step in flight. Unset means on for CUDA where the executor
-    supports it (measured on an H100: W1 +31% output tokens/s, W3 batch 1 -6% per token);
-    on the CPU the model runs inline, so there is nothing to overlap."""
+def use_async_scheduling(wanted: bool | None, device_type: str) -> bool:
+    """Whether the core keeps a step in flight. Unset means on for CUDA (measured on an
+    H100 at TP=1: W1 +31% output tokens/s, W3 batch 1 -6% per token); on the CPU the model
+    runs inline, so there is nothing to overlap."""
     if wanted is None:
-        return device_type == "cuda" and supported
-    if wanted and not supported:
-        logger.info("asynchronous scheduling is not available with this executor; off")
-    return wanted and supported
+        return device_type == "cuda"
+    return wanted
 
 
 def validate_request(spec: EngineCoreRequest, config: EngineConfig) -> None:

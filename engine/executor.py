@@ -31,8 +31,7 @@ SHUTDOWN_GRACE = 10.0
 
 
 class UniprocExecutor:
-    #: Steps can be launched before the previous one's tokens are read back.
-    supports_async = True
+    """Rank 0 alone, in this process."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.worker = Worker(config)
@@ -69,8 +68,9 @@ class _WorkerHandle:
 
 
 class MultiprocExecutor:
-    #: Workers would need the previous step's tokens on their own devices to run ahead.
-    supports_async = False
+    """Rank 0 in this process, ranks 1..N-1 in worker processes. With asynchronous
+    scheduling every rank receives each step's sampled tokens by a device-side broadcast
+    from rank 0 (see ModelRunner), so plans may run ahead of the tokens."""
 
     def __init__(self, config: EngineConfig) -> None:
         world_size = config.parallel.tensor_parallel_size
@@ -177,11 +177,15 @@ class MultiprocExecutor:
         return [local, *self._collect()]
 
     def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
-        self._check_workers()
-        self._broadcast("execute_model", scheduled)
-        output = self.worker.execute_model(scheduled)
+        output = self.execute_model_async(scheduled).result()
         assert output is not None  # rank 0 is the driver
         return output
+
+    def execute_model_async(self, scheduled: SchedulerOutput) -> StepResult:
+        """Send the plan to every worker, launch rank 0's part, return without waiting."""
+        self._check_workers()
+        self._broadcast("execute_model", scheduled)
+        return self.worker.execute_model_async(scheduled)
 
     def shutdown(self) -> None:
         if self._closed:

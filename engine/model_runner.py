@@ -9,9 +9,11 @@ from torch import nn
 
 from metroline.engine.config import EngineConfig
 from metroline.engine.cuda_graphs import DecodeGraphs
+from metroline.engine.distributed import get_tp_group
 from metroline.engine.input_batch import (
     CachedRequestState,
     PreviousSample,
+    StepInputs,
     build_sampling_metadata,
     build_step_inputs,
 )
@@ -42,6 +44,10 @@ class ModelRunner:
         self.sampler = Sampler()
         self.decode_graphs: DecodeGraphs | None = None
         self.previous_sample: PreviousSample | None = None
+        # Asynchronous scheduling with TP: plans reach the workers before the tokens they
+        # continue from, so every step's sampled tokens go from the driver to all ranks on
+        # the device (one small broadcast, no host synchronisation).
+        self.share_samples = bool(config.async_scheduling) and get_tp_group().world_size > 1
         self.states: dict[str, CachedRequestState] = {}
         # Outlive preemption: a resumed request continues its random stream.
         self.generators: dict[str, torch.Generator] = {}
@@ -98,7 +104,12 @@ class ModelRunner:
         if not inputs.sampled_request_ids:
             return StepResult.empty(self.is_driver)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        if logits is None:
+        if logits is None:  # a worker rank: the driver samples
+            if self.share_samples:
+                tokens = torch.empty(
+                    len(inputs.sampled_request_ids), dtype=torch.int64, device=self.device
+                )
+                self._remember_sample(get_tp_group().broadcast(tokens), inputs)
             return StepResult.empty(is_driver=False)
         logits = logits.float()
         states = [self.states[r] for r in inputs.sampled_request_ids]
@@ -110,10 +121,15 @@ class ModelRunner:
             tokens, logprobs = result.sampled, {}
             if meta.max_num_logprobs is not None:  # log-probs were read back already
                 logprobs = _wanted_logprobs(states, tokens.tolist(), result.logprobs)
+        if self.share_samples:
+            tokens = get_tp_group().broadcast(tokens.to(torch.int64).contiguous())
+        self._remember_sample(tokens, inputs)
+        return StepResult(inputs.sampled_request_ids, tokens, logprobs)
+
+    def _remember_sample(self, tokens: torch.Tensor, inputs: StepInputs) -> None:
         self.previous_sample = PreviousSample(
             tokens, {r: row for row, r in enumerate(inputs.sampled_request_ids)}
         )
-        return StepResult(inputs.sampled_request_ids, tokens, logprobs)
 
     def capture_decode_graphs(self) -> float:
         """Capture decode CUDA graphs (after the KV pool is bound); returns seconds taken."""

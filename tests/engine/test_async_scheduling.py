@@ -87,12 +87,10 @@ def test_penalties_fall_back_to_the_plain_order(tiny_checkpoint):
 def test_async_scheduling_default_is_on_for_cuda_only():
     from metroline.engine.engine_core import use_async_scheduling
 
-    assert use_async_scheduling(None, "cuda", supported=True)
-    assert not use_async_scheduling(None, "cuda", supported=False)  # TP > 1
-    assert not use_async_scheduling(None, "cpu", supported=True)
-    assert use_async_scheduling(True, "cpu", supported=True)
-    assert not use_async_scheduling(True, "cuda", supported=False)
-    assert not use_async_scheduling(False, "cuda", supported=True)
+    assert use_async_scheduling(None, "cuda")
+    assert not use_async_scheduling(None, "cpu")
+    assert use_async_scheduling(True, "cpu")
+    assert not use_async_scheduling(False, "cuda")
 
 
 def test_cpu_engine_runs_in_the_plain_order_by_default(tiny_checkpoint):

@@ -40,6 +40,37 @@ def test_tp2_matches_tp1_and_transformers(arch, tiny_checkpoint, hf_greedy):
     assert tp2 == tp1 == hf_greedy(path, prompts)
 
 
+def test_tp2_async_scheduling_matches_transformers_under_pressure(tiny_checkpoint, hf_greedy):
+    """Plans run one step ahead of the tokens; workers take them from rank 0's broadcast.
+    Preemption, chunked prefill and prefix hits all happen while a step is in flight."""
+    path = tiny_checkpoint("llama")
+    prompts = make_prompts() + shared_prefix_prompts()[:3]
+    probe = LLM(model=str(path), max_model_len=128, kv_cache_memory_bytes=2**20)
+    per_block_tp1 = probe.engine_core.executor.worker.bytes_per_block()
+    probe.shutdown()
+    llm = LLM(
+        model=str(path),
+        tensor_parallel_size=2,
+        async_scheduling=True,
+        max_model_len=128,
+        kv_cache_memory_bytes=7 * per_block_tp1,  # 14 blocks of half the bytes per rank
+        max_num_batched_tokens=24,
+        enable_prefix_caching=True,
+    )
+    try:
+        assert llm.engine_core.async_scheduling and llm.engine_core.num_blocks == 14
+        greedy = _tokens(llm, prompts)
+        stats = llm.engine_core.stats()
+        assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+        seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=12)
+        sampled = [o.outputs[0].token_ids for o in llm.generate(prompts[:4], seeded)]
+    finally:
+        llm.shutdown()
+    assert greedy == hf_greedy(path, prompts)
+    reference = LLM(model=str(path), max_model_len=128, async_scheduling=False)
+    assert sampled == [o.outputs[0].token_ids for o in reference.generate(prompts[:4], seeded)]
+
+
 def test_tp4_replicates_kv_heads(tiny_checkpoint, hf_greedy):
     path = tiny_checkpoint("llama")  # 4 query heads, 2 KV heads: each KV head on 2 ranks
     prompts = make_prompts((3, 17, 40))
