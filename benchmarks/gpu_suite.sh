@@ -13,6 +13,9 @@
 #   w2 / w4    W2 / W4 on Metroline (engine defaults)
 #   w5         W5 online serving (needs the server's wheels; RATES, W5_REQUESTS)
 #   tp         2 GPUs: TP smoke test, TP=2 vs TP=1, KV capacity (CAPACITY shapes)
+#   tpscale    TP_SIZES (default 1,2,4): logits and greedy agreement against the smallest TP
+#              for SCALE_SHAPES, and a replicated-KV-head model at the largest TP
+#   w3tp       W3 at batch 1, context 512, at each of TP_SIZES
 #   w1runs     W1 on Metroline for each MODEL:TP pair in W1_RUNS (default qwen2.5-32b:2)
 # Results go to $RESULTS (default $OUT/results or ./suite-results), then into one tarball in
 # $OUT when $OUT is set. MODEL (default llama3-8b) picks the shape for w1-w5. BUDGET_S, if
@@ -88,6 +91,16 @@ for section in "$@"; do
       run tp-smoke $PY -P tests/gpu/tp_smoke.py
       run tp-check env OUT="$RESULTS" $PY -P tests/gpu/tensor_parallel_check.py \
         --capacity ${CAPACITY:-llama3-8b qwen2.5-32b}
+      ;;
+    tpscale)
+      run tp-scale env OUT="$RESULTS" $PY -P tests/gpu/tp_scaling_check.py \
+        --tp-sizes "${TP_SIZES:-1,2,4}" --shapes ${SCALE_SHAPES:-llama3-8b llama3-70b:8}
+      ;;
+    w3tp)
+      for tp in ${TP_SIZES//,/ }; do
+        run "w3-b1-tp$tp" $PY -P benchmarks/decode.py --model "$MODEL" --tp "$tp" --batches 1 \
+          --contexts 512 --out "$RESULTS"
+      done
       ;;
     w1runs)
       for pair in ${W1_RUNS:-qwen2.5-32b:2}; do

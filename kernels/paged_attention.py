@@ -91,9 +91,13 @@ def _attend_tile(
     return acc, l_i, m_new
 
 
-# Sizes that change from step to step are plain runtime values: Triton would otherwise compile
-# a variant for each of "equals 1", "divisible by 16" and neither, mid-serving.
-@triton.jit(do_not_specialize=["num_seqs", "tiles_per_seq", "num_splits"])
+# Sizes that change from step to step (the block table's width included) are plain runtime
+# values: Triton would otherwise compile a variant for each of "equals 1", "divisible by 16"
+# and neither, mid-serving.
+_STEP_SIZES = ["num_seqs", "tiles_per_seq", "num_splits", "stride_bt_seq"]
+
+
+@triton.jit(do_not_specialize=_STEP_SIZES)
 def _paged_attention_kernel(
     query_ptr,  # [num_tokens, num_heads, head_dim]
     key_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
