@@ -11,6 +11,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from metroline.engine.bench import BENCHMARKS, run_benchmark
+
 logger = logging.getLogger("metroline.cli")
 
 
@@ -23,6 +25,14 @@ def _demo_path() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metroline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    bench = commands.add_parser(
+        "bench",
+        help="run a benchmark (metroline bench NAME --help for its options)",
+        description="Benchmarks: "
+        + "; ".join(f"{name}: {what}" for name, what in BENCHMARKS.items()),
+    )
+    bench.add_argument("benchmark", choices=list(BENCHMARKS))
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
     serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible API")
     serve.add_argument("model", help="checkpoint directory, or 'demo' for the embedded model")
     engine = serve.add_argument_group("engine")
@@ -150,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "serve":
             return run_serve(ns)
+        if ns.command == "bench":
+            return run_benchmark(ns.benchmark, ns.args)
     except KeyboardInterrupt:
         return 130
     return 2

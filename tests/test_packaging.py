@@ -12,6 +12,7 @@ FOLDERS = {
     "engine": "metroline.engine",
     "kernels": "metroline.kernels",
     "operator": "metroline.operator",
+    "benchmarks": "metroline.benchmarks",
 }
 
 

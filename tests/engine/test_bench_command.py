@@ -1,0 +1,27 @@
+"""``metroline bench NAME ...`` runs the packaged benchmark scripts with their own options."""
+
+from __future__ import annotations
+
+import pytest
+
+from metroline.engine.bench import BENCHMARKS, benchmarks_dir
+from metroline.engine.cli import main
+
+
+def test_every_listed_benchmark_is_a_packaged_script():
+    for name in BENCHMARKS:
+        assert (benchmarks_dir() / f"{name}.py").is_file()
+
+
+@pytest.mark.parametrize("name", ["throughput", "decode", "serve"])
+def test_bench_passes_its_arguments_to_the_script(name, capsys):
+    assert main(["bench", name, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert f"usage: {name}.py" in out and "--model" in out
+
+
+def test_bench_rejects_an_unknown_benchmark(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "nope"])
+    assert stop.value.code == 2
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
