@@ -48,7 +48,7 @@ def plot_decode(path: Path) -> Path:
     mode = "eager" if record["parameters"].get("enforce_eager") else "CUDA graphs"
     figure.suptitle(f"W3 decode, {record['parameters']['model']}, {gpu}, {mode}")
     figure.tight_layout()
-    out = IMAGES / (path.stem + ".png")
+    out = IMAGES / image_name(path)
     figure.savefig(out, dpi=110)
     plt.close(figure)
     return out
@@ -73,18 +73,26 @@ def plot_serve(path: Path) -> Path:
     left.legend()
     figure.suptitle(f"W5 serving, {record['model']}, {record.get('gpu', '?')}")
     figure.tight_layout()
-    out = IMAGES / (path.stem + ".png")
+    out = IMAGES / image_name(path)
     figure.savefig(out, dpi=110)
     plt.close(figure)
     return out
 
 
+def image_name(path: Path) -> str:
+    """``<file>.png``, prefixed with its run folder's name when it sits in one (the same file
+    name recurs across leases)."""
+    folder = path.parent.relative_to(RESULTS)
+    return "-".join([*folder.parts, path.stem]) + ".png" if folder.parts else path.stem + ".png"
+
+
 def main() -> None:
     IMAGES.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in sorted(RESULTS.glob("*-W3-*.json")):
-        written.append(plot_decode(path))
-    for path in sorted(RESULTS.glob("*-W5-*.json")):
+    for path in sorted(RESULTS.glob("**/*-W3-*.json")):
+        if sum("skipped" not in r for r in json.loads(path.read_text())["rows"]) > 1:
+            written.append(plot_decode(path))
+    for path in sorted(RESULTS.glob("**/*-W5-*.json")):
         written.append(plot_serve(path))
     sys.stdout.write("".join(f"{p.relative_to(ROOT)}\n" for p in written))
 
