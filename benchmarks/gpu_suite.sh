@@ -11,7 +11,7 @@
 #   w1         W1 against transformers in the same run (engine defaults)
 #   w1sync     W1 on Metroline only, asynchronous scheduling off
 #   w2 / w4    W2 / W4 on Metroline (engine defaults)
-#   w5         W5 online serving (needs the server's wheels; RATES, W5_REQUESTS)
+#   w5         W5 online serving (needs the server's wheels; RATES, W5_REQUESTS, W5_SECONDS)
 #   tp         2 GPUs: TP smoke test, TP=2 vs TP=1, KV capacity (CAPACITY shapes)
 #   tpscale    TP_SIZES (default 1,2,4): logits and greedy agreement against the smallest TP
 #              for SCALE_SHAPES, and a replicated-KV-head model at the largest TP
@@ -85,6 +85,7 @@ for section in "$@"; do
     w5)
       run w5 env PYTHONPATH=/tmp/site $PY -P benchmarks/serve.py --model "$MODEL" \
         --rates "${RATES:-4,8,12,16,20,24}" --num-requests "${W5_REQUESTS:-150}" \
+        --min-seconds "${W5_SECONDS:-0}" \
         --server-args "${SERVER_ARGS:-}" --out "$RESULTS"
       ;;
     tp)

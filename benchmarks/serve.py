@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import math
 import os
 import random
 import socket
@@ -123,13 +124,20 @@ def main() -> None:
     parser.add_argument("--model", default="llama3-8b", choices=sorted(SHAPES))
     parser.add_argument("--rates", default="1,2,4,8,16")
     parser.add_argument("--num-requests", type=int, default=200)
+    parser.add_argument(
+        "--min-seconds",
+        type=float,
+        default=0.0,
+        help="send for at least this long at each rate (more requests at high rates), so a "
+        "rate above capacity builds a queue instead of a burst the running slots absorb",
+    )
     parser.add_argument("--url", default=None, help="an already running server")
     parser.add_argument("--server-args", default="", help="extra `metroline serve` flags")
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
     vocab = SHAPES[args.model]["vocab_size"]
-    workload = make_workload("W1", vocab, args.num_requests)
+    warm_up = make_workload("W1", vocab, 8, seed=0)
     server = None
     with tempfile.TemporaryDirectory() as tmp:
         if args.url:
@@ -174,10 +182,14 @@ def main() -> None:
                     raise SystemExit("server not ready after 600 s")
                 time.sleep(1)
             asyncio.run(
-                run_rate(host, port, args.model, 100.0, workload.prompts[:8], [16] * 8, seed=0)
+                run_rate(host, port, args.model, 100.0, warm_up.prompts, [16] * 8, seed=0)
             )  # warm-up
             rows = []
             for index, rate in enumerate(rates):
+                # Fresh prompts at every rate: the prefix cache must not serve one rate's
+                # prompts from another's.
+                count = max(args.num_requests, math.ceil(rate * args.min_seconds))
+                workload = make_workload("W1", vocab, count, seed=index + 1)
                 row = asyncio.run(
                     run_rate(
                         host,
@@ -215,6 +227,7 @@ def main() -> None:
         "model": args.model,
         "rates": rates,
         "num_requests": args.num_requests,
+        "min_seconds": args.min_seconds,
         "rows": rows,
         "rate_where_p99_ttft_passes_2s": knee,
     }
@@ -227,7 +240,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"{time.strftime('%Y-%m-%d')}-W5-{args.model}.json"
     (args.out / name).write_text(json.dumps(record, indent=2))
-    print(f"\nW5 on {args.model} ({record['gpu']}), {args.num_requests} requests per rate")
+    print(
+        f"\nW5 on {args.model} ({record['gpu']}), at least {args.num_requests} requests and "
+        f"{args.min_seconds:.0f} s per rate"
+    )
     print(
         f"{'rate':>6s} {'TTFT p50':>9s} {'p90':>7s} {'p99':>7s} {'TPOT p50':>9s} {'p99':>7s} "
         f"{'ITL p99':>8s} {'out tok/s':>10s}"
