@@ -136,7 +136,7 @@ def main() -> None:
         "--async-scheduling",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="default: the engine's (on for CUDA at TP=1)",
+        help="default: the engine's (on for CUDA)",
     )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("."))

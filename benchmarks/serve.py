@@ -169,15 +169,18 @@ def main() -> None:
             # The server's log (one JSON line per finished request: server-side TTFT and
             # queue time) goes to a file beside the results.
             args.out.mkdir(parents=True, exist_ok=True)
-            server_log = open(args.out / f"W5-{args.model}-server.log", "w")  # noqa: SIM115
-            server = subprocess.Popen(
-                command, env=os.environ.copy(), stdout=server_log, stderr=subprocess.STDOUT
-            )
+            log_path = args.out / f"W5-{args.model}-server.log"
+            with open(log_path, "w") as server_log:
+                server = subprocess.Popen(
+                    command, env=os.environ.copy(), stdout=server_log, stderr=subprocess.STDOUT
+                )  # the child keeps its own copy of the file; ours closes here
         try:
             deadline = time.monotonic() + 600
             while asyncio.run(get_status(host, port, "/ready")) != 200:
                 if server is not None and server.poll() is not None:
-                    raise SystemExit(f"server exited with {server.returncode}")
+                    raise SystemExit(
+                        f"server exited with {server.returncode}; its log: {log_path}"
+                    )
                 if time.monotonic() > deadline:
                     raise SystemExit("server not ready after 600 s")
                 time.sleep(1)
@@ -219,8 +222,11 @@ def main() -> None:
         finally:
             if server is not None:
                 server.terminate()
-                server.wait(timeout=120)
-                server_log.close()
+                try:
+                    server.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait()
     knee = rate_at_ttft_limit(rows)
     record = {
         "benchmark": "serve-W5",

@@ -119,6 +119,7 @@ def run_hf(shape_dir: Path, workload: Workload, args: argparse.Namespace) -> dic
         for row, prompt in enumerate(chunk):  # left padding
             ids[row, width - len(prompt) :] = torch.tensor(prompt)
             mask[row, width - len(prompt) :] = 1
+        out_of_memory = False
         try:
             with torch.no_grad():
                 model.generate(
@@ -134,6 +135,9 @@ def run_hf(shape_dir: Path, workload: Workload, args: argparse.Namespace) -> dic
         except torch.OutOfMemoryError:
             if batch == 1:
                 raise
+            out_of_memory = True
+        if out_of_memory:
+            # Outside the handler: its traceback no longer holds the failed batch's tensors.
             batch //= 2
             logger.warning(
                 "transformers ran out of memory; starting again with batches of %d", batch
@@ -178,7 +182,7 @@ def main() -> None:
         "--async-scheduling",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="default: the engine's (on for CUDA at TP=1)",
+        help="default: the engine's (on for CUDA)",
     )
     parser.add_argument("--hf-max-requests", type=int, default=None)
     parser.add_argument("--hf-batch-size", type=int, default=128)

@@ -38,7 +38,10 @@ def run_benchmark(name: str, args: Sequence[str]) -> int:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as stop:
         code = stop.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
+        if code is None or isinstance(code, int):
+            return code or 0
+        sys.stderr.write(f"{code}\n")  # a message, as the interpreter would show it
+        return 1
     finally:
         sys.argv = saved
     return 0

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="plan and launch each step while the previous one still runs (default: on for "
-        "CUDA at TP=1)",
+        "CUDA)",
     )
     engine.add_argument("--seed", type=int, default=0)
     engine.add_argument("--device", default="auto", help="auto, cpu or cuda")

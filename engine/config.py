@@ -194,9 +194,8 @@ class EngineConfig:
     device: torch.device
     #: Run every step eagerly (no CUDA graphs).
     enforce_eager: bool = False
-    #: Plan and launch step N+1 while step N runs (see EngineCore). None: on where it pays,
-    #: a CUDA device with the single-process executor (TP=1); on the CPU the device work
-    #: runs inline, so there is nothing to overlap.
+    #: Plan and launch step N+1 while step N runs (see EngineCore). None: on for CUDA (any TP
+    #: size); on the CPU the device work runs inline, so there is nothing to overlap.
     async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:

@@ -120,10 +120,10 @@ def run_engine_core(
     # would stall a step).
     gc.collect()
     gc.freeze()
-    outputs.send(CoreReady(core.num_blocks, config.cache.block_size))
-    logger.info("engine core ready: %d KV blocks", core.num_blocks)
     code = 0
     try:
+        outputs.send(CoreReady(core.num_blocks, config.cache.block_size))
+        logger.info("engine core ready: %d KV blocks", core.num_blocks)
         CoreLoop(core, inputs, outputs).run()
     except BaseException:
         message = traceback.format_exc()
@@ -131,8 +131,11 @@ def run_engine_core(
         with contextlib.suppress(OSError):
             outputs.send(CoreFailed(message.strip().splitlines()[-1]))
         code = 1
-    finally:
+    try:
         core.shutdown()
+    except BaseException:
+        logger.exception("engine core shutdown failed")
+        code = 1
     # Everything this process owes the server went out through the pipe synchronously. The
     # interpreter's own teardown of a CUDA process (graphs, pools, context) took over 10 s on
     # an H100 after a serving run and got the process killed; it frees nothing the OS does

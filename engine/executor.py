@@ -197,8 +197,10 @@ class MultiprocExecutor:
         # Tear the group down on every rank at once: NCCL's teardown waits for the peers, so
         # rank 0 must not wait for the workers to exit first. Graphs holding captured
         # collectives go before the communicator does.
-        if self.worker is not None:
-            self.worker.shutdown()
+        # Absent when start-up failed before rank 0's worker existed.
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.shutdown()
         self.worker = None
         destroy_distributed()
         for handle in self.workers:

@@ -25,3 +25,12 @@ def test_bench_rejects_an_unknown_benchmark(capsys):
         main(["bench", "nope"])
     assert stop.value.code == 2
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_a_benchmark_stopping_with_a_message_shows_it(tmp_path, monkeypatch, capsys):
+    from metroline.engine import bench
+
+    (tmp_path / "serve.py").write_text("raise SystemExit('server exited with 3')\n")
+    monkeypatch.setattr(bench, "benchmarks_dir", lambda: tmp_path)
+    assert main(["bench", "serve"]) == 1
+    assert "server exited with 3" in capsys.readouterr().err

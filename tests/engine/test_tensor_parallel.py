@@ -149,3 +149,17 @@ def test_tp8_with_four_kv_heads(tiny_checkpoint, hf_greedy):
         assert tokens == hf_greedy(path, prompts, 12)
     finally:
         llm.shutdown()
+
+
+def test_failed_start_raises_the_real_error_and_leaves_no_worker(tiny_checkpoint, monkeypatch):
+    import multiprocessing
+
+    from metroline.engine import executor
+
+    def broken_worker(*args, **kwargs):
+        raise RuntimeError("rank 0 could not load")
+
+    monkeypatch.setattr(executor, "Worker", broken_worker)
+    with pytest.raises(RuntimeError, match="rank 0 could not load"):
+        LLM(model=str(tiny_checkpoint("llama")), tensor_parallel_size=2)
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("metroline-tp")]
