@@ -78,13 +78,14 @@ async def run_rate(
     itl = [b - a for r in ok for a, b in zip(r.event_times, r.event_times[1:])]
     output_tokens = sum(r.num_tokens for r in ok)
     # Per request: when it was sent (s from the first), time to first token, prompt length,
-    # tokens streamed. Kept so that a tail can be traced to the requests that made it.
+    # tokens streamed, the server's id. Kept so that a tail can be traced to its requests.
     per_request = [
         [
             round(r.sent_at - started, 4),
             round(r.event_times[0] - r.sent_at, 4) if r.event_times else None,
             len(prompt),
             r.num_tokens,
+            r.response_id,
         ]
         for r, prompt in zip(results, prompts)
     ]
@@ -106,6 +107,33 @@ async def run_rate(
             (r.error for r in results if r.error is not None), "a stream carried no tokens"
         )
     return row
+
+
+def server_timings(log_path: Path) -> dict[str, tuple[float | None, float | None]]:
+    """Response id -> (server-side TTFT, queue time) from the server's JSON request log."""
+    timings = {}
+    for line in log_path.read_text().splitlines():
+        if '"request finished"' not in line:
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        timings[entry.get("request_id")] = (entry.get("ttft_s"), entry.get("queue_s"))
+    return timings
+
+
+def add_server_side(row: dict[str, Any], timings: dict) -> None:
+    """Server-side TTFT and queue-time percentiles of the row's requests: a client-side tail
+    that the server does not see lies in the network or the client, not the engine."""
+    matched = [timings[r[4]] for r in row["per_request"] if r[4] in timings]
+    row["server_matched"] = len(matched)
+    for name, values in (
+        ("server_ttft", [t for t, _ in matched if t is not None]),
+        ("server_queue", [q for _, q in matched if q is not None]),
+    ):
+        for q in (50, 99):
+            row[f"{name}_p{q}_s"] = percentile(values, q)
 
 
 def rate_at_ttft_limit(rows: list[dict[str, Any]]) -> float | None:
@@ -174,6 +202,7 @@ def main() -> None:
                 server = subprocess.Popen(
                     command, env=os.environ.copy(), stdout=server_log, stderr=subprocess.STDOUT
                 )  # the child keeps its own copy of the file; ours closes here
+        rows: list[dict[str, Any]] = []
         try:
             deadline = time.monotonic() + 600
             while asyncio.run(get_status(host, port, "/ready")) != 200:
@@ -187,7 +216,6 @@ def main() -> None:
             asyncio.run(
                 run_rate(host, port, args.model, 100.0, warm_up.prompts, [16] * 8, seed=0)
             )  # warm-up
-            rows = []
             for index, rate in enumerate(rates):
                 # Fresh prompts at every rate: the prefix cache must not serve one rate's
                 # prompts from another's.
@@ -206,7 +234,7 @@ def main() -> None:
                 )
                 rows.append(row)
                 slowest = sorted(
-                    (r for r in row["per_request"] if r[1] is not None), key=lambda r: -r[1]
+                    (r[:4] for r in row["per_request"] if r[1] is not None), key=lambda r: -r[1]
                 )[:5]
                 print(
                     "  slowest first tokens (sent at s, TTFT s, prompt, tokens):",
@@ -227,6 +255,9 @@ def main() -> None:
                 except subprocess.TimeoutExpired:
                     server.kill()
                     server.wait()
+                timings = server_timings(log_path)
+                for row in rows:
+                    add_server_side(row, timings)
     knee = rate_at_ttft_limit(rows)
     record = {
         "benchmark": "serve-W5",
@@ -252,13 +283,15 @@ def main() -> None:
     )
     print(
         f"{'rate':>6s} {'TTFT p50':>9s} {'p90':>7s} {'p99':>7s} {'TPOT p50':>9s} {'p99':>7s} "
-        f"{'ITL p99':>8s} {'out tok/s':>10s}"
+        f"{'ITL p99':>8s} {'out tok/s':>10s} {'server TTFT p99':>16s} {'queue p99':>10s}"
     )
     for r in rows:
         print(
             f"{r['rate']:6.2f} {r['ttft_p50_s']:9.3f} {r['ttft_p90_s']:7.3f} "
             f"{r['ttft_p99_s']:7.3f} {r['tpot_p50_s'] * 1e3:8.1f}m {r['tpot_p99_s'] * 1e3:6.1f}m "
-            f"{r['itl_p99_s'] * 1e3:7.1f}m {r['output_tokens_per_s']:10.0f}"
+            f"{r['itl_p99_s'] * 1e3:7.1f}m {r['output_tokens_per_s']:10.0f} "
+            f"{r.get('server_ttft_p99_s', float('nan')):16.3f} "
+            f"{r.get('server_queue_p99_s', float('nan')):10.3f}"
         )
     print(
         "p99 TTFT passes 2 s at "

@@ -20,6 +20,8 @@ class StreamResult:
     event_times: list[float] = field(default_factory=list)
     num_tokens: int = 0
     error: str | None = None
+    #: The server's id for the request (``id`` of its events), to match its request log.
+    response_id: str | None = None
 
 
 async def _read_chunked(reader: asyncio.StreamReader):
@@ -64,6 +66,7 @@ async def stream_completion(host: str, port: int, body: dict[str, Any]) -> Strea
                 if not event.startswith(b"data: ") or event == b"data: [DONE]":
                     continue
                 message = json.loads(event[6:])
+                result.response_id = result.response_id or message.get("id")
                 tokens = sum(len(c.get("token_ids") or []) or 1 for c in message.get("choices", []))
                 if message.get("choices"):
                     result.event_times.append(time.perf_counter())
