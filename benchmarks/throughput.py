@@ -70,6 +70,8 @@ def run_metroline(shape_dir: Path, workload: Workload, args: argparse.Namespace)
     assert produced == workload.num_output_tokens, (produced, workload.num_output_tokens)
     core = llm.engine_core
     stats = core.stats()
+    # Host time by phase on every rank, when METROLINE_HOST_TIMING=1 (warm-up included).
+    host_timings = core.host_timings()
     steps = stats.num_steps - warm_stats.num_steps
     prefill_steps = stats.num_prefill_steps - warm_stats.num_prefill_steps
     result = {
@@ -77,6 +79,7 @@ def run_metroline(shape_dir: Path, workload: Workload, args: argparse.Namespace)
         "elapsed_s": elapsed,
         "async_scheduling": core.async_scheduling,
         "kernels_compiled_after_start": variants,
+        "host_timings": host_timings,
         "kv_blocks": core.num_blocks,
         "kv_tokens": core.num_blocks * llm.config.cache.block_size,
         "num_preemptions": stats.num_preemptions - warm_stats.num_preemptions,
@@ -301,6 +304,12 @@ def main() -> None:
             f"{'on' if m['async_scheduling'] else 'off'}; kernels compiled after start-up: "
             f"{m['kernels_compiled_after_start']}"
         )
+    for rank, phases in enumerate(record.get("metroline", {}).get("host_timings") or []):
+        if phases:
+            print(
+                f"host time on rank {rank}: "
+                + ", ".join(f"{name} {p['total_s']:.2f} s" for name, p in phases.items())
+            )
     if "matmul_fraction" in record.get("metroline", {}):
         print(f"W4 prefill: {record['metroline']['matmul_fraction']:.0%} of the bf16 matmul rate")
     if "speedup_output_tokens_per_s" in record:

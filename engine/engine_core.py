@@ -18,6 +18,7 @@ from collections.abc import Iterable
 
 from metroline.engine.config import EngineConfig
 from metroline.engine.executor import create_executor
+from metroline.engine.host_timing import HostTimer, merge_reports
 from metroline.engine.kv_cache_manager import KVCacheManager
 from metroline.engine.outputs import EngineCoreOutput
 from metroline.engine.request import EngineCoreRequest, Request, RequestStatus
@@ -56,6 +57,7 @@ class EngineCore:
         )
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
         self._in_flight: tuple[SchedulerOutput, StepResult] | None = None
+        self.host_timer = HostTimer()
 
     def add_request(self, spec: EngineCoreRequest) -> None:
         validate_request(spec, self.config)
@@ -73,18 +75,29 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         """Advance the engine by one step; returns the tokens that became known."""
+        timer = self.host_timer
         if not self.async_scheduling or self.scheduler.needs_exact_history():
             if self._in_flight is not None:
                 return self._finish_in_flight()
+            started = timer.start()
             scheduled = self.scheduler.schedule()
+            started = timer.stop("core.schedule", started)
             if scheduled.is_empty and not scheduled.finished_request_ids:
                 return []
-            runner_output = self.executor.execute_model(scheduled)
-            return self.scheduler.update_from_output(scheduled, runner_output)
+            launched = self.executor.execute_model_async(scheduled)
+            started = timer.stop("core.launch", started)
+            runner_output = launched.result()
+            started = timer.stop("core.wait_for_device", started)
+            outputs = self.scheduler.update_from_output(scheduled, runner_output)
+            timer.stop("core.update", started)
+            return outputs
+        started = timer.start()
         scheduled = self.scheduler.schedule()
+        started = timer.stop("core.schedule", started)
         launched = None
         if not scheduled.is_empty or scheduled.finished_request_ids:
             launched = (scheduled, self.executor.execute_model_async(scheduled))
+            timer.stop("core.launch", started)
         outputs = self._finish_in_flight() if self._in_flight is not None else []
         self._in_flight = launched
         return outputs
@@ -92,7 +105,19 @@ class EngineCore:
     def _finish_in_flight(self) -> list[EngineCoreOutput]:
         scheduled, result = self._in_flight
         self._in_flight = None
-        return self.scheduler.update_from_output(scheduled, result.result())
+        started = self.host_timer.start()
+        runner_output = result.result()
+        started = self.host_timer.stop("core.wait_for_device", started)
+        outputs = self.scheduler.update_from_output(scheduled, runner_output)
+        self.host_timer.stop("core.update", started)
+        return outputs
+
+    def host_timings(self) -> list[dict[str, dict[str, float]]]:
+        """Per rank (rank 0 first), host time by phase; empty phases unless
+        METROLINE_HOST_TIMING=1 (see :mod:`metroline.engine.host_timing`)."""
+        ranks = self.executor.host_timings()
+        ranks[0] = merge_reports(self.host_timer.report(), ranks[0])
+        return ranks
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()

@@ -51,6 +51,9 @@ class UniprocExecutor:
     def load_reports(self) -> list[dict[str, float]]:
         return [self.worker.get_load_report()]
 
+    def host_timings(self) -> list[dict[str, dict[str, float]]]:
+        return [self.worker.get_host_timing()]
+
     def shutdown(self) -> None:
         """Free the device memory now (the engine object may live on). Idempotent."""
         self.worker.shutdown()
@@ -174,6 +177,12 @@ class MultiprocExecutor:
         """Every rank's loading report, rank 0 first."""
         self._broadcast("get_load_report")
         local = self.worker.get_load_report()
+        return [local, *self._collect()]
+
+    def host_timings(self) -> list[dict[str, dict[str, float]]]:
+        """Every rank's host time by phase, rank 0 first (see engine/host_timing.py)."""
+        self._broadcast("get_host_timing")
+        local = self.worker.get_host_timing()
         return [local, *self._collect()]
 
     def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:

@@ -128,8 +128,12 @@ class LLM:
             with tqdm(
                 total=len(processed), desc="generate", unit="req", disable=not use_tqdm
             ) as progress:
+                timer = core.host_timer
                 while outputs.has_unfinished_requests():
-                    step = outputs.process_outputs(core.step())
+                    core_outputs = core.step()
+                    started = timer.start()
+                    step = outputs.process_outputs(core_outputs)
+                    timer.stop("llm.process_outputs", started)
                     if step.stopped_core_requests:
                         core.finish_requests(
                             step.stopped_core_requests, RequestStatus.FINISHED_STOPPED

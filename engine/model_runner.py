@@ -10,6 +10,7 @@ from torch import nn
 from metroline.engine.config import EngineConfig
 from metroline.engine.cuda_graphs import DecodeGraphs
 from metroline.engine.distributed import get_tp_group
+from metroline.engine.host_timing import HostTimer
 from metroline.engine.input_batch import (
     CachedRequestState,
     PreviousSample,
@@ -48,6 +49,7 @@ class ModelRunner:
         # continue from, so every step's sampled tokens go from the driver to all ranks on
         # the device (one small broadcast, no host synchronisation).
         self.share_samples = bool(config.async_scheduling) and get_tp_group().world_size > 1
+        self.host_timer = HostTimer()
         self.states: dict[str, CachedRequestState] = {}
         # Outlive preemption: a resumed request continues its random stream.
         self.generators: dict[str, torch.Generator] = {}
@@ -89,20 +91,33 @@ class ModelRunner:
     def execute_model_async(self, scheduled: SchedulerOutput) -> StepResult:
         """Launch one step and return without waiting for the device. Only the driver
         (rank 0) samples; other ranks' results are ``None``."""
+        timer = self.host_timer
+        started = timer.start()
         self.update_states(scheduled)
         if scheduled.is_empty:
             return StepResult.empty(self.is_driver)
         inputs = build_step_inputs(
             scheduled, self.states, self.block_size, self.device, self.previous_sample
         )
+        started = timer.stop("runner.build_inputs", started)
         graphs = self.decode_graphs
         num_tokens, num_seqs = inputs.input_ids.shape[0], len(scheduled.num_scheduled_tokens)
         if graphs is not None and graphs.can_run(num_seqs, num_tokens):
             hidden = graphs.run(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+            started = timer.stop("runner.forward_graph", started)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+            started = timer.stop("runner.forward_eager", started)
         if not inputs.sampled_request_ids:
             return StepResult.empty(self.is_driver)
+        try:
+            return self._sample(hidden, inputs)
+        finally:
+            timer.stop("runner.logits_and_sampling", started)
+
+    def _sample(self, hidden: torch.Tensor, inputs: StepInputs) -> StepResult:
+        """Logits of the sampling rows, gathered to the driver, which samples (and with
+        asynchronous TP broadcasts the tokens)."""
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         if logits is None:  # a worker rank: the driver samples
             if self.share_samples:

@@ -10,6 +10,7 @@ import time
 import torch
 
 from metroline.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from metroline.engine.host_timing import HostTimer, merge_reports
 from metroline.engine.layers import ops
 from metroline.engine.model_loader import load_model
 from metroline.engine.model_runner import ModelRunner
@@ -57,6 +58,8 @@ class Worker:
             rss_before / 2**20,
         )
         self.model_runner = ModelRunner(config, self.model, self.device, is_driver=rank == 0)
+        #: The worker process's own phases (receiving plans); unused on rank 0.
+        self.host_timer = HostTimer()
         self.key_caches: list[torch.Tensor] = []
         self.value_caches: list[torch.Tensor] = []
 
@@ -70,6 +73,11 @@ class Worker:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def get_host_timing(self) -> dict[str, dict[str, float]]:
+        """This rank's host time by phase: the model runner's, and the worker loop's (set
+        by the worker process) on ranks > 0."""
+        return merge_reports(self.host_timer.report(), self.model_runner.host_timer.report())
 
     def get_load_report(self) -> dict[str, float]:
         """Time, parameter bytes and host memory (before, peak) of loading this rank."""

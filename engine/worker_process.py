@@ -61,8 +61,13 @@ def worker_main(
         init_distributed(rank, world_size, backend, port)
         worker = Worker(config, rank=rank)
         results.send(("ok", None))
+        timer = worker.host_timer
         while True:
-            method, args = pickle.loads(commands.recv_bytes())
+            started = timer.start()
+            data = commands.recv_bytes()
+            started = timer.stop("worker.wait_for_plan", started)
+            method, args = pickle.loads(data)
+            timer.stop("worker.unpickle", started)
             if method == "shutdown":
                 break
             value = getattr(worker, method)(*args)
