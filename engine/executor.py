@@ -13,6 +13,7 @@ import contextlib
 import logging
 import multiprocessing
 import pickle
+import time
 import weakref
 from multiprocessing.connection import Connection
 from typing import Any
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds a worker gets to exit after "shutdown" before it is killed.
 SHUTDOWN_GRACE = 10.0
+#: Seconds a spawned worker may take to import its modules and report in.
+START_TIMEOUT_S = 300.0
 
 
 class UniprocExecutor:
@@ -117,6 +120,7 @@ class MultiprocExecutor:
                 death_reader.close()
                 self._death_pipes.append(death_writer)
                 self.workers.append(_WorkerHandle(process, command_writer, result_reader))
+            self._wait_until_started()
             if backend == "gloo":
                 limit_cpu_threads(world_size)
             init_distributed(0, world_size, backend, port, store=store)
@@ -132,6 +136,36 @@ class MultiprocExecutor:
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
             self.shutdown()
+
+    def _wait_until_started(self) -> None:
+        """Every worker reports in before rank 0 joins the group, so a worker that dies
+        while starting (an import error, a bad environment) fails the engine at once rather
+        than leaving rank 0 in the rendezvous until the collective timeout."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        pending = dict(enumerate(self.workers, start=1))
+        while pending:
+            for rank, handle in list(pending.items()):
+                if handle.results.poll(0.05):
+                    try:
+                        status, value = handle.results.recv()
+                    except EOFError:
+                        status, value = "exited", None
+                    if status == "started":
+                        del pending[rank]
+                        continue
+                    if status == "error":
+                        raise WorkerFailedError(f"tensor-parallel worker {rank} failed:\n{value}")
+                if not handle.process.is_alive():
+                    handle.process.join()
+                    raise WorkerFailedError(
+                        f"tensor-parallel worker {rank} exited while starting (code "
+                        f"{handle.process.exitcode}); its error is in the log above"
+                    )
+            if pending and time.monotonic() > deadline:
+                raise WorkerFailedError(
+                    f"tensor-parallel workers {sorted(pending)} did not start in "
+                    f"{START_TIMEOUT_S:.0f} s"
+                )
 
     def _broadcast(self, method: str, *args: Any) -> None:
         payload = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)

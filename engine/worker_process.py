@@ -58,6 +58,7 @@ def worker_main(
         limit_cpu_threads(world_size)
     worker = None
     try:
+        results.send(("started", None))  # rank 0 joins the group only once every rank is up
         init_distributed(rank, world_size, backend, port)
         worker = Worker(config, rank=rank)
         results.send(("ok", None))

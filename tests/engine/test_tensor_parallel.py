@@ -163,3 +163,16 @@ def test_failed_start_raises_the_real_error_and_leaves_no_worker(tiny_checkpoint
     with pytest.raises(RuntimeError, match="rank 0 could not load"):
         LLM(model=str(tiny_checkpoint("llama")), tensor_parallel_size=2)
     assert not [p for p in multiprocessing.active_children() if p.name.startswith("metroline-tp")]
+
+
+def test_a_worker_dying_at_start_fails_the_engine_at_once(tiny_checkpoint, monkeypatch):
+    """Before, rank 0 waited in the rendezvous for the collective timeout (10 minutes)."""
+    from metroline.engine.executor import WorkerFailedError
+
+    # Only worker processes read this variable, before they join the group: a bad value
+    # makes rank 1 die while starting.
+    monkeypatch.setenv("METROLINE_HANG_DUMP_S", "not-a-number")
+    started = time.monotonic()
+    with pytest.raises(WorkerFailedError, match="worker 1 exited while starting"):
+        LLM(model=str(tiny_checkpoint("llama")), tensor_parallel_size=2)
+    assert time.monotonic() - started < 60
