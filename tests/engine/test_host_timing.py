@@ -33,9 +33,13 @@ def test_every_rank_reports_its_phases(tiny_checkpoint, monkeypatch):
         llm.shutdown()
     steps = rank0["core.schedule"]["calls"]
     assert steps >= 6
-    for phase in ("core.launch", "core.wait_for_device", "core.update", "llm.process_outputs",
-                  "runner.build_inputs", "runner.forward_eager"):  # fmt: skip
-        assert rank0[phase]["total_s"] > 0, phase
+    launched = rank0["core.launch"]["calls"]  # the last plans may be empty, never launched
+    assert steps - 2 <= launched <= steps
+    for phase in ("core.wait_for_device", "core.update", "runner.build_inputs",
+                  "runner.forward_eager", "runner.logits_and_sampling"):  # fmt: skip
+        assert rank0[phase]["calls"] == launched, phase  # totals may round to 0 on the CPU
+    assert rank0["llm.process_outputs"]["calls"] >= launched
+    assert rank0["runner.forward_eager"]["total_s"] > 0
     assert rank1["worker.wait_for_plan"]["calls"] >= steps
     assert rank1["runner.build_inputs"]["calls"] == rank0["runner.build_inputs"]["calls"]
     assert "core.schedule" not in rank1
