@@ -17,7 +17,7 @@
 #              for SCALE_SHAPES, and a replicated-KV-head model at the largest TP
 #   w3tp       W3 at batch 1, context 512, at each of TP_SIZES
 #   w1runs     W1 on Metroline for each MODEL:TP pair in W1_RUNS (default qwen2.5-32b:2)
-# Results go to $RESULTS (default $OUT/results or ./suite-results), then into one tarball in
+# Results go to $RESULTS (default $OUT/results, or ./results), then into one tarball in
 # $OUT when $OUT is set. MODEL (default llama3-8b) picks the shape for w1-w5. BUDGET_S, if
 # set, bounds the whole script: a section still running then is stopped (and marked so), and
 # the results so far are still packed.
