@@ -12,7 +12,6 @@ steps (batch 64, context 512) by kernel family.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import statistics
@@ -27,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import copy_bandwidth, environment, gpu_slug, matmul_flops
+from records import save_record
 from roofline import kv_bytes_per_token
 from shapes import SHAPES, weight_bytes, write_shape
 
@@ -216,21 +216,18 @@ def main() -> None:
         "rows": rows,
         "profile": profile,
     }
-    name = (
-        "-".join(
-            [
-                time.strftime("%Y-%m-%d"),
-                gpu_slug(env["gpu"]),
-                "W3",
-                args.model,
-                f"tp{args.tp}",
-                "eager" if args.enforce_eager else "graphs",
-                "async" if asynchronous else "sync",
-            ]
-        )
-        + ".json"
+    save_record(
+        args.out,
+        [
+            gpu_slug(env["gpu"]),
+            "W3",
+            args.model,
+            f"tp{args.tp}",
+            "eager" if args.enforce_eager else "graphs",
+            "async" if asynchronous else "sync",
+        ],
+        record,
     )
-    (args.out / name).write_text(json.dumps(record, indent=2))
     print(
         f"\nW3 decode on {args.model} (TP={args.tp}, "
         f"{'eager' if args.enforce_eager else 'CUDA graphs'}, "

@@ -15,13 +15,14 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from records import save_record
 
 from metroline.engine import LLM
 from metroline.engine.hf_config import parse_arch_config
@@ -101,9 +102,7 @@ def main() -> None:
         "checkpoint_bytes": checkpoint_bytes,
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = f"{time.strftime('%Y-%m-%d')}-load-memory-{args.device}.json"
-    (args.out / name).write_text(json.dumps(record, indent=2))
+    save_record(args.out, ["load-memory", args.device], record)
     print(
         f"\ncheckpoint {checkpoint_bytes / 2**30:.2f} GiB (bf16, several files), device "
         f"{args.device}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -47,11 +48,7 @@ def plot_decode(path: Path) -> Path:
     gpu = record["environment"]["gpu"]
     mode = "eager" if record["parameters"].get("enforce_eager") else "CUDA graphs"
     figure.suptitle(f"W3 decode, {record['parameters']['model']}, {gpu}, {mode}")
-    figure.tight_layout()
-    out = IMAGES / image_name(path)
-    figure.savefig(out, dpi=110)
-    plt.close(figure)
-    return out
+    return save_figure(figure, path)
 
 
 def plot_serve(path: Path) -> Path:
@@ -72,6 +69,11 @@ def plot_serve(path: Path) -> Path:
         axis.grid(alpha=0.3)
     left.legend()
     figure.suptitle(f"W5 serving, {record['model']}, {record.get('gpu', '?')}")
+    return save_figure(figure, path)
+
+
+def save_figure(figure: Any, path: Path) -> Path:
+    """Save the plot of result file ``path`` under docs/img/ and close it."""
     figure.tight_layout()
     out = IMAGES / image_name(path)
     figure.savefig(out, dpi=110)

@@ -28,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from records import save_record
 from shapes import SHAPES, write_shape
 from sse_client import get_status, stream_completion
 from workloads import make_workload
@@ -274,9 +275,7 @@ def main() -> None:
         record["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     except ImportError:
         record["gpu"] = "unknown"
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = f"{time.strftime('%Y-%m-%d')}-W5-{args.model}.json"
-    (args.out / name).write_text(json.dumps(record, indent=2))
+    save_record(args.out, ["W5", args.model], record)
     print(
         f"\nW5 on {args.model} ({record['gpu']}), at least {args.num_requests} requests and "
         f"{args.min_seconds:.0f} s per rate"

@@ -110,12 +110,13 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-def write_shape(name: str, directory: Path) -> Path:
-    """Write ``directory/config.json`` for the named shape; returns ``directory``."""
+def write_shape(name: str, directory: Path, **overrides: Any) -> Path:
+    """Write ``directory/config.json`` for the named shape, with ``overrides`` of its fields
+    (e.g. fewer ``num_hidden_layers``); returns ``directory``."""
     if name not in SHAPES:
         raise ValueError(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(SHAPES[name], indent=2))
+    (directory / "config.json").write_text(json.dumps(SHAPES[name] | overrides, indent=2))
     return directory
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import copy_bandwidth, environment, gpu_slug, matmul_flops
+from records import save_record
 from roofline import prefill_flops, w1_roofline_seconds
 from shapes import SHAPES, weight_bytes, write_shape
 from workloads import Workload, make_workload
@@ -253,26 +253,10 @@ def main() -> None:
         record["speedup_output_tokens_per_s"] = (
             record["metroline"]["output_tokens_per_s"] / record["hf"]["output_tokens_per_s"]
         )
-    name = (
-        "-".join(
-            [
-                time.strftime("%Y-%m-%d"),
-                gpu_slug(env["gpu"]),
-                args.workload,
-                args.model,
-                f"tp{args.tp}",
-                args.backend,
-                *(
-                    ["async" if record["metroline"]["async_scheduling"] else "sync"]
-                    if "metroline" in record
-                    else []
-                ),
-            ]
-        )
-        + ".json"
-    )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / name).write_text(json.dumps(record, indent=2))
+    parts = [gpu_slug(env["gpu"]), args.workload, args.model, f"tp{args.tp}", args.backend]
+    if "metroline" in record:
+        parts.append("async" if record["metroline"]["async_scheduling"] else "sync")
+    save_record(args.out, parts, record)
 
     print(
         f"\n{workload.name} on {args.model} (TP={args.tp}), {env['gpu']}; copy "

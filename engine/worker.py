@@ -119,9 +119,7 @@ class Worker:
         return num_blocks
 
     def _profile_free_bytes(self) -> int:
-        # Memory of engines dropped earlier in this process (reference cycles included)
-        # must be back with the driver before free memory is read.
-        gc.collect()
+        # Engines dropped earlier in this process were collected before loading (__init__).
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         self.model_runner.profile_run()

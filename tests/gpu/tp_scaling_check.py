@@ -13,7 +13,6 @@ exactly. Prints a table last and writes JSON to $OUT (or the working directory).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -26,24 +25,16 @@ sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests"), str(ROOT / "tests
 from conftest import write_tiny_checkpoint  # noqa: E402
 from engine_vs_transformers import hf_generate, prompts_of  # noqa: E402
 from gpu_helpers import agreement, release, report  # noqa: E402
-from shapes import SHAPES  # noqa: E402
+from shapes import write_shape  # noqa: E402
 from tensor_parallel_check import greedy_run  # noqa: E402
 
 from metroline.engine import LLM, SamplingParams  # noqa: E402
 
 
-def write_shape_with_layers(name: str, layers: int | None, directory: Path) -> Path:
-    config = dict(SHAPES[name])
-    if layers is not None:
-        config["num_hidden_layers"] = layers
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    return directory
-
-
 def check_shape(spec: str, tp_sizes: list[int], workdir: Path, results: dict) -> None:
     name, _, layers = spec.partition(":")
-    path = write_shape_with_layers(name, int(layers) if layers else None, workdir / spec)
+    overrides = {"num_hidden_layers": int(layers)} if layers else {}
+    path = write_shape(name, workdir / spec, **overrides)
     generator = torch.Generator().manual_seed(1)
     prompts = [
         torch.randint(100, 128000, (n,), generator=generator).tolist() for n in (17, 100, 500, 1000)
