@@ -3,7 +3,8 @@
 ``python -P tests/gpu/tp_scaling_check.py --tp-sizes 1,2,4 --shapes llama3-8b llama3-70b:8``
 
 For each shape (``NAME`` or ``NAME:LAYERS``, the latter keeping the shape's widths with fewer
-layers so that TP=1 fits one card as the reference): first-step logits of every TP size
+layers so that TP=1 fits one card as the reference; ``@2,4`` after either runs only those TP
+sizes, e.g. ``llama3-70b@2,4`` at full depth, where TP=1 does not fit): first-step logits of every TP size
 against the smallest (relative Frobenius error, bf16, same synthetic weights) and greedy
 agreement over 64 tokens. Then the replicated-KV-head case: a tiny fp32 Llama with 2 KV heads
 at the largest TP size (each KV head on several ranks) must give transformers' greedy tokens
@@ -32,6 +33,9 @@ from metroline.engine import LLM, SamplingParams  # noqa: E402
 
 
 def check_shape(spec: str, tp_sizes: list[int], workdir: Path, results: dict) -> None:
+    spec, _, only = spec.partition("@")
+    if only:
+        tp_sizes = [tp for tp in map(int, only.split(",")) if tp in tp_sizes]
     name, _, layers = spec.partition(":")
     overrides = {"num_hidden_layers": int(layers)} if layers else {}
     path = write_shape(name, workdir / spec, **overrides)
