@@ -4,11 +4,11 @@
 
 For each shape (``NAME`` or ``NAME:LAYERS``, the latter keeping the shape's widths with fewer
 layers so that TP=1 fits one card as the reference; ``@2,4`` after either runs only those TP
-sizes, e.g. ``llama3-70b@2,4`` at full depth, where TP=1 does not fit): first-step logits of every TP size
-against the smallest (relative Frobenius error, bf16, same synthetic weights) and greedy
-agreement over 64 tokens. Then the replicated-KV-head case: a tiny fp32 Llama with 2 KV heads
-at the largest TP size (each KV head on several ranks) must give transformers' greedy tokens
-exactly. Prints a table last and writes JSON to $OUT (or the working directory).
+sizes, e.g. ``llama3-70b@2,4`` at full depth, where TP=1 does not fit): first-step logits of
+every TP size against the smallest (relative Frobenius error, bf16, same synthetic weights)
+and greedy agreement over 64 tokens. Then the replicated-KV-head case: a tiny fp32 Llama with
+2 KV heads at the largest TP size (each KV head on several ranks) must give transformers'
+greedy tokens exactly. Prints a table last and writes JSON to $OUT (or the working directory).
 """
 
 from __future__ import annotations
