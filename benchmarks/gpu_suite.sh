@@ -15,8 +15,10 @@
 #   tp         2 GPUs: TP smoke test, TP=2 vs TP=1, KV capacity (CAPACITY shapes)
 #   tpscale    TP_SIZES (default 1,2,4): logits and greedy agreement against the smallest TP
 #              for SCALE_SHAPES, and a replicated-KV-head model at the largest TP
+#              (FP32_REFERENCE=1: also each shape in fp32 at its largest TP, the noise floor)
 #   w3tp       W3 at batch 1, context 512, at each of TP_SIZES
-#   w1runs     W1 on Metroline for each MODEL:TP pair in W1_RUNS (default qwen2.5-32b:2)
+#   w1runs     W1 on Metroline for each MODEL:TP[:FLAG] in W1_RUNS (default qwen2.5-32b:2),
+#              FLAG one throughput.py option, e.g. llama3-8b:1:--mixed-step-graphs
 # Results go to $RESULTS (default $OUT/results, or ./results), then into one tarball in
 # $OUT when $OUT is set. MODEL (default llama3-8b) picks the shape for w1-w5. BUDGET_S, if
 # set, bounds the whole script: a section still running then is stopped (and marked so), and
@@ -95,7 +97,8 @@ for section in "$@"; do
       ;;
     tpscale)
       run tp-scale env OUT="$RESULTS" $PY -P tests/gpu/tp_scaling_check.py \
-        --tp-sizes "${TP_SIZES:-1,2,4}" --shapes ${SCALE_SHAPES:-llama3-8b llama3-70b:8}
+        --tp-sizes "${TP_SIZES:-1,2,4}" --shapes ${SCALE_SHAPES:-llama3-8b llama3-70b:8} \
+        ${FP32_REFERENCE:+--fp32-reference}
       ;;
     w3tp)
       for tp in ${TP_SIZES//,/ }; do
@@ -104,9 +107,10 @@ for section in "$@"; do
       done
       ;;
     w1runs)
-      for pair in ${W1_RUNS:-qwen2.5-32b:2}; do
-        run "w1-${pair%%:*}-tp${pair##*:}" $PY -P benchmarks/throughput.py --model "${pair%%:*}" \
-          --workload W1 --tp "${pair##*:}" --out "$RESULTS"
+      for spec in ${W1_RUNS:-qwen2.5-32b:2}; do
+        IFS=: read -r model tp flag <<< "$spec"
+        run "w1-$model-tp$tp${flag:+-${flag#--}}" $PY -P benchmarks/throughput.py \
+          --model "$model" --workload W1 --tp "$tp" ${flag:+"$flag"} --out "$RESULTS"
       done
       ;;
     *) echo "unknown section $section" >&2; status=1 ;;

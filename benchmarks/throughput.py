@@ -48,6 +48,7 @@ def run_metroline(shape_dir: Path, workload: Workload, args: argparse.Namespace)
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
+        mixed_step_graphs=args.mixed_step_graphs,
     )
     init_s = time.perf_counter() - started
     variants = compiled_kernel_variants()
@@ -72,12 +73,14 @@ def run_metroline(shape_dir: Path, workload: Workload, args: argparse.Namespace)
     stats = core.stats()
     # Host time by phase on every rank, when METROLINE_HOST_TIMING=1 (warm-up included).
     host_timings = core.host_timings()
+    graphs = core.executor.worker.model_runner.step_graphs
     steps = stats.num_steps - warm_stats.num_steps
     prefill_steps = stats.num_prefill_steps - warm_stats.num_prefill_steps
     result = {
         "init_s": init_s,
         "elapsed_s": elapsed,
         "async_scheduling": core.async_scheduling,
+        "mixed_step_graphs": bool(graphs and graphs.mixed_buckets),
         "kernels_compiled_after_start": variants,
         "host_timings": host_timings,
         "kv_blocks": core.num_blocks,
@@ -187,6 +190,12 @@ def main() -> None:
         default=None,
         help="default: the engine's (on for CUDA)",
     )
+    parser.add_argument(
+        "--mixed-step-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CUDA graphs for steps with prompt chunks (default: the engine's, on at TP >= 2)",
+    )
     parser.add_argument("--hf-max-requests", type=int, default=None)
     parser.add_argument("--hf-batch-size", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("."))
@@ -256,6 +265,8 @@ def main() -> None:
     parts = [gpu_slug(env["gpu"]), args.workload, args.model, f"tp{args.tp}", args.backend]
     if "metroline" in record:
         parts.append("async" if record["metroline"]["async_scheduling"] else "sync")
+        if record["metroline"]["mixed_step_graphs"]:
+            parts.append("mixedgraphs")
     save_record(args.out, parts, record)
 
     print(
@@ -285,7 +296,8 @@ def main() -> None:
             f"Metroline steps: {m['num_steps']} ({m['num_prefill_steps']} with a prompt chunk, "
             f"{m['num_decode_steps']} decode only), {m['mean_tokens_per_step']:.0f} tokens and "
             f"{m['mean_step_ms']:.1f} ms a step; asynchronous scheduling "
-            f"{'on' if m['async_scheduling'] else 'off'}; kernels compiled after start-up: "
+            f"{'on' if m['async_scheduling'] else 'off'}; mixed-step graphs "
+            f"{'on' if m['mixed_step_graphs'] else 'off'}; kernels compiled after start-up: "
             f"{m['kernels_compiled_after_start']}"
         )
     for rank, phases in enumerate(record.get("metroline", {}).get("host_timings") or []):

@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="plan and launch each step while the previous one still runs (default: on for "
         "CUDA)",
     )
+    engine.add_argument(
+        "--mixed-step-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CUDA graphs also for steps with prompt chunks, up to 4096 tokens (default: on "
+        "at tensor-parallel size 2 or more)",
+    )
     engine.add_argument("--seed", type=int, default=0)
     engine.add_argument("--device", default="auto", help="auto, cpu or cuda")
     server = serve.add_argument_group("server")
@@ -120,6 +127,7 @@ def run_serve(ns: argparse.Namespace) -> int:
         load_format=ns.load_format,
         enforce_eager=ns.enforce_eager,
         async_scheduling=ns.async_scheduling,
+        mixed_step_graphs=ns.mixed_step_graphs,
         seed=ns.seed,
         device=ns.device,
     )

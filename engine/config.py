@@ -197,6 +197,9 @@ class EngineConfig:
     #: Plan and launch step N+1 while step N runs (see EngineCore). None: on for CUDA (any TP
     #: size); on the CPU the device work runs inline, so there is nothing to overlap.
     async_scheduling: bool | None = None
+    #: CUDA graphs also for steps with prompt chunks, up to 4096 tokens (see cuda_graphs.py).
+    #: None: on at TP >= 2, where the host bounds those steps. Ignored with enforce_eager.
+    mixed_step_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         self.parallel.check_model(self.model.arch)

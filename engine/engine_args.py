@@ -31,6 +31,7 @@ class EngineArgs:
     load_format: str = "auto"
     enforce_eager: bool = False
     async_scheduling: bool | None = None
+    mixed_step_graphs: bool | None = None
     seed: int = 0
     device: str = "auto"
 
@@ -60,4 +61,5 @@ class EngineArgs:
             device=resolve_device(self.device),
             enforce_eager=self.enforce_eager,
             async_scheduling=self.async_scheduling,
+            mixed_step_graphs=self.mixed_step_graphs,
         )

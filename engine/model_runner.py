@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from metroline.engine.config import EngineConfig
-from metroline.engine.cuda_graphs import DecodeGraphs
+from metroline.engine.cuda_graphs import StepGraphs, use_mixed_step_graphs
 from metroline.engine.distributed import get_tp_group
 from metroline.engine.host_timing import HostTimer
 from metroline.engine.input_batch import (
@@ -43,7 +43,7 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.vocab_size = config.model.arch.vocab_size
         self.sampler = Sampler()
-        self.decode_graphs: DecodeGraphs | None = None
+        self.step_graphs: StepGraphs | None = None
         self.previous_sample: PreviousSample | None = None
         # Asynchronous scheduling with TP: plans reach the workers before the tokens they
         # continue from, so every step's sampled tokens go from the driver to all ranks on
@@ -100,11 +100,12 @@ class ModelRunner:
             scheduled, self.states, self.block_size, self.device, self.previous_sample
         )
         started = timer.stop("runner.build_inputs", started)
-        graphs = self.decode_graphs
+        graphs = self.step_graphs
         num_tokens, num_seqs = inputs.input_ids.shape[0], len(scheduled.num_scheduled_tokens)
-        if graphs is not None and graphs.can_run(num_seqs, num_tokens):
-            hidden = graphs.run(inputs.input_ids, inputs.positions, inputs.attn_metadata)
-            started = timer.stop("runner.forward_graph", started)
+        key = graphs.key_for(num_seqs, num_tokens) if graphs is not None else None
+        if key is not None:
+            hidden = graphs.run(key, inputs.input_ids, inputs.positions, inputs.attn_metadata)
+            started = timer.stop(f"runner.forward_graph_{key[0]}", started)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
             started = timer.stop("runner.forward_eager", started)
@@ -146,13 +147,20 @@ class ModelRunner:
             tokens, {r: row for row, r in enumerate(inputs.sampled_request_ids)}
         )
 
-    def capture_decode_graphs(self) -> float:
-        """Capture decode CUDA graphs (after the KV pool is bound); returns seconds taken."""
+    def capture_cuda_graphs(self) -> float:
+        """Capture the step CUDA graphs (after the KV pool is bound); returns seconds taken."""
         sched = self.config.scheduler
-        self.decode_graphs = DecodeGraphs(
-            self.model, sched.max_num_seqs, sched.max_model_len, self.block_size, self.device
+        mixed = use_mixed_step_graphs(self.config.mixed_step_graphs, get_tp_group().world_size)
+        self.step_graphs = StepGraphs(
+            self.model,
+            sched.max_num_seqs,
+            sched.max_num_batched_tokens,
+            sched.max_model_len,
+            self.block_size,
+            self.device,
+            mixed=mixed,
         )
-        return self.decode_graphs.capture()
+        return self.step_graphs.capture()
 
     @torch.inference_mode()
     def profile_run(self) -> None:

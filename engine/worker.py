@@ -167,7 +167,7 @@ class Worker:
                 self.config.scheduler.max_num_batched_tokens,
             )
             if not self.config.enforce_eager:
-                self.model_runner.capture_decode_graphs()
+                self.model_runner.capture_cuda_graphs()
 
     def execute_model_async(self, scheduled: SchedulerOutput) -> StepResult:
         """Launch one step; its tokens come from the result's ``result()``."""

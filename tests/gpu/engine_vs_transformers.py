@@ -70,13 +70,18 @@ def check_tiny(workdir: Path) -> None:
             "async-chunked-preempt": dict(
                 async_scheduling=True, max_model_len=128, num_blocks=12, max_num_batched_tokens=7
             ),
+            # CUDA graphs also for steps with prompt chunks (the default at TP >= 2 only).
+            "mixed-graphs": dict(mixed_step_graphs=True, enable_prefix_caching=True),
+            "mixed-graphs-chunked-preempt": dict(
+                mixed_step_graphs=True, max_model_len=128, num_blocks=12, max_num_batched_tokens=40
+            ),
         }
         for name, kwargs in variants.items():
             blocks = kwargs.pop("num_blocks", None)
             per_block = 2 * 2 * 16 * 2 * 64 * 4  # layers * block * kv heads * dim * fp32
             memory = blocks * per_block if blocks else 64 * 2**20
             llm = LLM(model=str(path), device="cuda", kv_cache_memory_bytes=memory, **kwargs)
-            runs = 2 if name in ("prefix", "async") else 1
+            runs = 2 if name in ("prefix", "async", "mixed-graphs") else 1
             ok = True
             for _ in range(runs):
                 got = [
@@ -84,7 +89,11 @@ def check_tiny(workdir: Path) -> None:
                 ]
                 ok = ok and got == expected
             stats = llm.engine_core.stats()
+            graphs = llm.engine_core.executor.worker.model_runner.step_graphs
+            if kwargs.get("mixed_step_graphs"):  # the variant must have used them
+                ok = ok and graphs is not None and graphs.replays["mixed"] > 0
             RESULTS[f"tiny/{arch}/{name}"] = {
+                "graph_steps": dict(graphs.replays) if graphs else {},
                 "exact": ok,
                 "preemptions": stats.num_preemptions,
                 "prefix_hits": stats.prefix_cache_hits,
@@ -195,6 +204,9 @@ def main(names: list[str] | None = None) -> None:
                 RESULTS[f"{step.__name__}/error"] = repr(error)[:500]
             RESULTS[f"{step.__name__}/seconds"] = round(time.perf_counter() - started, 1)
     report(RESULTS, "engine_vs_transformers", "engine vs transformers")
+    failed = [k for k, v in RESULTS.items() if isinstance(v, dict) and v.get("exact") is False]
+    failed += [k for k in RESULTS if k.endswith("/error")]
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,14 @@ from shapes import write_shape  # noqa: E402
 from metroline.engine import LLM, SamplingParams  # noqa: E402
 
 
-def greedy_run(path: Path, tp: int, prompts: list[list[int]]) -> tuple[torch.Tensor, list]:
+def greedy_run(
+    path: Path, tp: int, prompts: list[list[int]], dtype: str = "bfloat16"
+) -> tuple[torch.Tensor, list, float]:
     started = time.perf_counter()
     llm = LLM(
         model=str(path),
         load_format="dummy",
-        dtype="bfloat16",
+        dtype=dtype,
         tensor_parallel_size=tp,
         max_model_len=2048,
         kv_cache_memory_bytes=8 * 2**30,

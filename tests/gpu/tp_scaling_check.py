@@ -8,7 +8,10 @@ sizes, e.g. ``llama3-70b@2,4`` at full depth, where TP=1 does not fit): first-st
 every TP size against the smallest (relative Frobenius error, bf16, same synthetic weights)
 and greedy agreement over 64 tokens. Then the replicated-KV-head case: a tiny fp32 Llama with
 2 KV heads at the largest TP size (each KV head on several ranks) must give transformers'
-greedy tokens exactly. Prints a table last and writes JSON to $OUT (or the working directory).
+greedy tokens exactly. With ``--fp32-reference``, each shape also runs in fp32 at its largest
+TP size: the bf16 runs' distance from it is the noise floor the TP comparison sits on (random
+weights through many layers amplify bf16 rounding). Prints a table last and writes JSON to
+$OUT (or the working directory).
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from tensor_parallel_check import greedy_run  # noqa: E402
 from metroline.engine import LLM, SamplingParams  # noqa: E402
 
 
-def check_shape(spec: str, tp_sizes: list[int], workdir: Path, results: dict) -> None:
+def check_shape(
+    spec: str, tp_sizes: list[int], workdir: Path, results: dict, fp32_reference: bool
+) -> None:
     spec, _, only = spec.partition("@")
     if only:
         tp_sizes = [tp for tp in map(int, only.split(",")) if tp in tp_sizes]
@@ -64,6 +69,19 @@ def check_shape(spec: str, tp_sizes: list[int], workdir: Path, results: dict) ->
             logits.argmax(-1) == logits0.argmax(-1)
         ).tolist()
         results[f"{spec}/tp{tp}_vs_tp{base}/greedy_64"] = agreement(tokens, tokens0)
+    if fp32_reference:
+        top = max(runs)
+        try:
+            ref_logits, ref_tokens, _ = greedy_run(path, top, prompts, dtype="float32")
+        except Exception as error:
+            results[f"{spec}/fp32_tp{top}/error"] = repr(error)[:300]
+            return
+        for tp, (logits, tokens, _) in sorted(runs.items()):
+            key = f"{spec}/tp{tp}_bf16_vs_fp32_tp{top}"
+            results[f"{key}/first_step_logits_rel_error"] = float(
+                (logits.float() - ref_logits).norm() / ref_logits.norm()
+            )
+            results[f"{key}/greedy_64"] = agreement(tokens, ref_tokens)
 
 
 def check_replicated_kv_heads(tp: int, workdir: Path, results: dict) -> None:
@@ -101,6 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tp-sizes", default="1,2,4")
     parser.add_argument("--shapes", nargs="*", default=["llama3-8b", "llama3-70b:8"])
+    parser.add_argument("--fp32-reference", action="store_true")
     args = parser.parse_args()
     count = torch.cuda.device_count()
     tp_sizes = [tp for tp in map(int, args.tp_sizes.split(",")) if tp <= count]
@@ -113,7 +132,7 @@ def main() -> None:
             except Exception as error:
                 results["tiny-kv2/error"] = repr(error)[:300]
         for spec in args.shapes:
-            check_shape(spec, tp_sizes, workdir, results)
+            check_shape(spec, tp_sizes, workdir, results, args.fp32_reference)
     report(results, "tp_scaling_check", "tensor parallel scaling")
     inexact = [k for k, v in results.items() if k.endswith("exact_vs_transformers") and not v]
     sys.exit(1 if inexact else 0)

@@ -147,3 +147,35 @@ def test_allocates_output_when_none_given():
     ref = paged_attention_ref(query, key_cache, value_cache, block_tables, seq_lens_t, cu, 0.1)
     out = paged_attention(query, key_cache, value_cache, block_tables, seq_lens_t, cu, 0.1, 3, 10)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_mixed_step_graph_padding(dtype, num_splits):
+    """A mixed-step CUDA graph's launch: request rows past the real ones own no tokens (their
+    cu_seqlens_q entries repeat the total), tokens past the real ones belong to no request,
+    and the host bounds are the graph's (the token bucket, max_model_len). Real rows equal
+    the reference; padding rows are never written."""
+    q_lens, seq_lens = [1, 37, 1, 5], [33, 50, 16, 5]
+    query, key_cache, value_cache, block_tables, seq_lens_t, cu = make_batch(
+        q_lens, seq_lens, num_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+        dtype=dtype, seed=5,
+    )
+    num_tokens, bucket, rows = query.shape[0], query.shape[0] + 11, len(q_lens) + 5
+    padded_query = torch.randn(bucket, 8, 64).to(dtype)
+    padded_query[:num_tokens] = query
+    padded_cu = torch.full((rows + 1,), num_tokens, dtype=torch.int32)
+    padded_cu[: len(cu)] = cu
+    padded_lens = torch.ones(rows, dtype=torch.int32)
+    padded_lens[: len(seq_lens)] = seq_lens_t
+    padded_tables = torch.full((rows, block_tables.shape[1]), int(block_tables[0, -1]),
+                               dtype=torch.int32)
+    padded_tables[: len(q_lens)] = block_tables
+    ref = paged_attention_ref(query, key_cache, value_cache, block_tables, seq_lens_t, cu, 0.125)
+    out = torch.full_like(padded_query, float("nan"))
+    paged_attention(padded_query, key_cache, value_cache, padded_tables, padded_lens, padded_cu,
+                    0.125, bucket, 4096, out=out, num_splits=num_splits)
+    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    err = ((out[:num_tokens].float() - ref.float()).norm() / ref.float().norm()).item()
+    assert err < bound, f"relative error {err:.2e}"
+    assert out[num_tokens:].isnan().all()

@@ -1,0 +1,85 @@
+"""Step CUDA graphs: bucket rules, and the padded inputs a graph replays on.
+
+CUDA graphs cannot be captured on the CPU, so these tests install a ``StepGraphs`` whose
+replay runs the captured computation eagerly on the persistent, padded buffers: everything
+a graph would compute (padding requests, padding tokens, the graph's attention bounds) is
+exercised; only the capture itself is left to the GPU checks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metroline.engine import LLM, SamplingParams
+from metroline.engine.cuda_graphs import (
+    MIXED_MAX_TOKENS,
+    StepGraphs,
+    token_buckets,
+    use_mixed_step_graphs,
+)
+
+from .conftest import MAX_NEW_TOKENS, make_prompts, shared_prefix_prompts
+
+
+class EagerReplayGraphs(StepGraphs):
+    """Replays by running the captured computation on the buffers."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.graphs = dict.fromkeys(self.keys())  # "captured": key_for() may pick any
+
+    def replay(self, key) -> None:
+        self.outputs[key] = self.forward(key)
+
+
+def test_token_buckets():
+    buckets = token_buckets(MIXED_MAX_TOKENS)
+    assert buckets == sorted(set(buckets)) and buckets[-1] == MIXED_MAX_TOKENS
+    for tokens in range(2, MIXED_MAX_TOKENS + 1):
+        bucket = next(b for b in buckets if b >= tokens)
+        assert bucket - tokens < (64 if tokens <= 1024 else 128)
+    assert token_buckets(7) == [7] and token_buckets(1) == []
+    assert use_mixed_step_graphs(None, 1) is False and use_mixed_step_graphs(None, 2) is True
+    assert use_mixed_step_graphs(True, 1) is True and use_mixed_step_graphs(False, 4) is False
+
+
+def test_key_for_picks_the_smallest_bucket():
+    graphs = EagerReplayGraphs(torch.nn.Identity(), 20, 300, 64, 16, torch.device("cpu"), True)
+    assert graphs.key_for(5, 5) == ("decode", 8)
+    assert graphs.key_for(20, 20) == ("decode", 20)
+    assert graphs.key_for(3, 70) == ("mixed", 128)
+    assert graphs.key_for(3, 300) == ("mixed", 300)
+    assert graphs.key_for(3, 301) is None  # larger than any bucket: eager
+    plain = EagerReplayGraphs(torch.nn.Identity(), 20, 300, 64, 16, torch.device("cpu"), False)
+    assert plain.key_for(3, 70) is None and plain.key_for(4, 4) == ("decode", 4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_padded_graph_inputs_give_transformers_tokens(arch, tiny_checkpoint, hf_greedy):
+    """Prompt chunks beside decodes, prefix hits and preemption, every step through the
+    padded buffers (decode and mixed-step graphs): greedy tokens equal transformers'."""
+    path = tiny_checkpoint(arch)
+    prompts = make_prompts() + shared_prefix_prompts()[:3]
+    probe = LLM(model=str(path), max_model_len=128, kv_cache_memory_bytes=4 * 2**20)
+    per_block = probe.engine_core.executor.worker.bytes_per_block()
+    probe.shutdown()
+    llm = LLM(
+        model=str(path),
+        max_model_len=128,
+        kv_cache_memory_bytes=14 * per_block,
+        max_num_seqs=6,
+        max_num_batched_tokens=40,
+        enable_prefix_caching=True,
+    )
+    runner = llm.engine_core.executor.worker.model_runner
+    graphs = EagerReplayGraphs(runner.model, 6, 40, 128, 16, torch.device("cpu"), mixed=True)
+    runner.step_graphs = graphs
+    greedy = SamplingParams(temperature=0, max_tokens=MAX_NEW_TOKENS)
+    outputs = llm.generate(prompts, greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(path, prompts)
+    stats = llm.engine_core.stats()
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+    assert graphs.replays["mixed"] > 0 and graphs.replays["decode"] > 0
+    # Every step went through a graph: none is larger than the biggest bucket.
+    assert sum(graphs.replays.values()) == stats.num_steps
