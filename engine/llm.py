@@ -47,6 +47,7 @@ class LLM:
         seed: int = 0,
         device: str = "auto",
         async_scheduling: bool | None = None,
+        mixed_step_graphs: bool | None = None,
     ) -> None:
         args = EngineArgs(
             model=model,
@@ -64,6 +65,7 @@ class LLM:
             seed=seed,
             device=device,
             async_scheduling=async_scheduling,
+            mixed_step_graphs=mixed_step_graphs,
         )
         self.config = args.create_config()
         model_config = self.config.model
