@@ -73,14 +73,15 @@ def run_metroline(shape_dir: Path, workload: Workload, args: argparse.Namespace)
     stats = core.stats()
     # Host time by phase on every rank, when METROLINE_HOST_TIMING=1 (warm-up included).
     host_timings = core.host_timings()
-    graphs = core.executor.worker.model_runner.step_graphs
+    # A bool, not the graphs: nothing may keep them alive past shutdown.
+    mixed_graphs = bool(getattr(core.executor.worker.model_runner.step_graphs, "mixed_buckets", 0))
     steps = stats.num_steps - warm_stats.num_steps
     prefill_steps = stats.num_prefill_steps - warm_stats.num_prefill_steps
     result = {
         "init_s": init_s,
         "elapsed_s": elapsed,
         "async_scheduling": core.async_scheduling,
-        "mixed_step_graphs": bool(graphs and graphs.mixed_buckets),
+        "mixed_step_graphs": mixed_graphs,
         "kernels_compiled_after_start": variants,
         "host_timings": host_timings,
         "kv_blocks": core.num_blocks,

@@ -210,3 +210,10 @@ class StepGraphs:
 
     def replay(self, key: GraphKey) -> None:
         self.graphs[key].replay()
+
+    def release(self) -> None:
+        """Drop every graph and output now. Graphs hold captured collectives: destroyed
+        after the process group (say, by a caller still referencing this object), they
+        abort the process at exit."""
+        self.graphs.clear()
+        self.outputs.clear()

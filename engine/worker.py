@@ -67,6 +67,8 @@ class Worker:
         """Give this rank's device memory back at once, not whenever the collector gets to
         it: CUDA graphs first (they hold captured collectives), then the KV pool and the
         weights. The worker runs no step afterwards. Idempotent."""
+        if self.model_runner is not None and self.model_runner.step_graphs is not None:
+            self.model_runner.step_graphs.release()
         self.model_runner = None
         self.key_caches, self.value_caches = [], []
         self.model = None
