@@ -1,8 +1,9 @@
 """Plots for docs/performance.md from the JSON files in benchmarks/results/.
 
 ``python -P benchmarks/plot.py`` (needs matplotlib, which the project itself does not).
-Draws every W3 decode file (time per step and bandwidth fraction against batch size) and
-every W5 serving file (latency and throughput against request rate) it finds.
+Draws every W3 decode file (time per step and bandwidth fraction against batch size), every
+W5 serving file (latency and throughput against request rate) and, for each run folder with
+W1 runs at several TP sizes, W1 output throughput against TP size.
 """
 
 from __future__ import annotations
@@ -72,6 +73,36 @@ def plot_serve(path: Path) -> Path:
     return save_figure(figure, path)
 
 
+def plot_w1_scaling(folder: Path) -> Path | None:
+    """W1 output tok/s against TP size, one line per (shape, mixed-step graphs on/off)."""
+    lines: dict[str, list[tuple[int, float]]] = {}
+    gpu = "?"
+    for path in sorted(folder.glob("*-W1-*-metroline*.json")):
+        record = json.loads(path.read_text())
+        run, params = record["metroline"], record["parameters"]
+        gpu = record["environment"]["gpu"]
+        graphs = "mixed-step graphs" if run.get("mixed_step_graphs") else "eager mixed steps"
+        label = f"{params['model']}, {graphs}"
+        lines.setdefault(label, []).append((params["tp"], run["output_tokens_per_s"]))
+    if len({tp for points in lines.values() for tp, _ in points}) < 2:
+        return None
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for index, (label, points) in enumerate(sorted(lines.items())):
+        points.sort()
+        axis.plot([tp for tp, _ in points], [v for _, v in points], "o-", label=label)
+        offset = (6, 4) if index % 2 == 0 else (6, -12)  # lines meeting at TP=1 stay legible
+        for tp, value in points:
+            axis.annotate(f"{value:,.0f}", (tp, value), textcoords="offset points", xytext=offset)
+    axis.set_xscale("log", base=2)
+    axis.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+    axis.set_xlabel("tensor-parallel size")
+    axis.set_ylabel("W1 output tokens/s")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.suptitle(f"W1 throughput by TP size, {gpu} ({folder.name})", fontsize=10)
+    return save_figure(figure, folder / "W1-tp-scaling.json")
+
+
 def save_figure(figure: Any, path: Path) -> Path:
     """Save the plot of result file ``path`` under docs/img/ and close it."""
     figure.tight_layout()
@@ -96,6 +127,9 @@ def main() -> None:
             written.append(plot_decode(path))
     for path in sorted(RESULTS.glob("**/*-W5-*.json")):
         written.append(plot_serve(path))
+    for folder in sorted(p for p in RESULTS.iterdir() if p.is_dir()):
+        if (image := plot_w1_scaling(folder)) is not None:
+            written.append(image)
     sys.stdout.write("".join(f"{p.relative_to(ROOT)}\n" for p in written))
 
 
