@@ -12,8 +12,9 @@ Two families share one memory pool and one set of persistent input buffers:
   ``cu_seqlens_q`` entries repeat the real token count), so their programs exit at once;
   tokens past the real ones belong to no request: their KV writes are skipped, their
   attention rows are never written and their outputs are ignored. Rows are independent in
-  every other layer, so padding never reaches a real token. Captured with the prefill tile
-  shape (``max_seqlen_q`` = the bucket), the one an eager step with a prompt chunk takes.
+  every other layer, so padding never reaches a real token. Captured with ``max_seqlen_q`` =
+  the bucket, i.e. the largest prefill tile; an eager step of short chunks may take a smaller
+  one, which computes the same values up to floating-point rounding.
 
 Attention is captured with ``max_seqlen_k = max_model_len``, so the split-KV layout fixed in
 a graph is valid for any context the engine can hold. Mixed-step graphs remove the host's
@@ -64,12 +65,21 @@ def use_mixed_step_graphs(wanted: bool | None, tp_size: int) -> bool:
     return tp_size >= 2 if wanted is None else wanted
 
 
+def mixed_pool_bytes(activation_bytes: int, max_num_batched_tokens: int) -> int:
+    """What the mixed-step graphs' pool will hold, to set aside before sizing the KV pool: the
+    working set of their largest step, scaled from the profiled one at
+    ``max_num_batched_tokens`` (activations grow with the token count; the profile's logits
+    make this a slight overestimate)."""
+    return int(activation_bytes * min(1.0, MIXED_MAX_TOKENS / max(1, max_num_batched_tokens)))
+
+
 class StepGraphs:
     """Invariants: decode graph ``b`` reads the first ``b`` rows of the token and request
     buffers with ``cu_decode = arange``; mixed graph ``t`` reads the first ``t`` token rows
-    and all ``max_num_seqs`` request rows with ``cu_mixed``. Every graph writes hidden states
-    to ``outputs[key]``; graphs share one pool, so a replay may overwrite another graph's
-    output (the runner reads each output, in stream order, before the next replay)."""
+    and all ``max_num_seqs`` request rows with ``cu_mixed``. Every graph copies its hidden
+    states into the first rows of ``hidden`` (one buffer outside the graphs' pool, so no
+    graph keeps an output of its own alive); the runner reads them, in stream order, before
+    the next replay overwrites them."""
 
     def __init__(
         self,
@@ -98,7 +108,7 @@ class StepGraphs:
             self.cu_decode = torch.arange(max_num_seqs + 1, dtype=torch.int32)
             self.cu_mixed = torch.zeros(max_num_seqs + 1, dtype=torch.int32)
         self.graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[GraphKey, torch.Tensor] = {}
+        self.hidden: torch.Tensor | None = None  # [max tokens, hidden], set at capture
         self.replays: Counter[str] = Counter()  # steps run per family ("decode", "mixed")
 
     def keys(self) -> list[GraphKey]:
@@ -147,11 +157,15 @@ class StepGraphs:
             if size_class not in warmed:
                 warmed.add(size_class)
                 with torch.cuda.stream(stream):
-                    self.forward(key)
+                    sample = self.forward(key)
                 torch.cuda.current_stream().wait_stream(stream)
+                if self.hidden is None:
+                    rows = self.input_ids.shape[0]
+                    self.hidden = sample.new_empty((rows, sample.shape[1]))
+                del sample
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.outputs[key] = self.forward(key)
+                self.hidden[: key[1]].copy_(self.forward(key))
             self.graphs[key] = graph
         torch.cuda.synchronize()
         seconds = time.perf_counter() - started
@@ -206,14 +220,15 @@ class StepGraphs:
             self.cu_mixed[num_seqs + 1 :].fill_(num_tokens)
         self.replay(key)
         self.replays[kind] += 1
-        return self.outputs[key][:num_tokens]
+        return self.hidden[:num_tokens]
 
     def replay(self, key: GraphKey) -> None:
         self.graphs[key].replay()
 
     def release(self) -> None:
-        """Drop every graph and output now. Graphs hold captured collectives: destroyed
-        after the process group (say, by a caller still referencing this object), they
-        abort the process at exit."""
+        """Drop every graph, the output buffer and the model now. Graphs hold captured
+        collectives: destroyed after the process group (say, by a caller still referencing
+        this object), they abort the process at exit."""
         self.graphs.clear()
-        self.outputs.clear()
+        self.hidden = None
+        self.model = None

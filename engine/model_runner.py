@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from metroline.engine.config import EngineConfig
-from metroline.engine.cuda_graphs import StepGraphs, use_mixed_step_graphs
+from metroline.engine.cuda_graphs import StepGraphs, mixed_pool_bytes, use_mixed_step_graphs
 from metroline.engine.distributed import get_tp_group
 from metroline.engine.host_timing import HostTimer
 from metroline.engine.input_batch import (
@@ -147,10 +147,24 @@ class ModelRunner:
             tokens, {r: row for row, r in enumerate(inputs.sampled_request_ids)}
         )
 
+    def wants_mixed_step_graphs(self) -> bool:
+        return (
+            self.device.type == "cuda"
+            and not self.config.enforce_eager
+            and use_mixed_step_graphs(self.config.mixed_step_graphs, get_tp_group().world_size)
+        )
+
+    def graph_pool_reserve(self, activation_bytes: int) -> int:
+        """Bytes to keep out of the KV pool for the mixed-step graphs (0 without them)."""
+        if not self.wants_mixed_step_graphs():
+            return 0
+        return mixed_pool_bytes(activation_bytes, self.config.scheduler.max_num_batched_tokens)
+
     def capture_cuda_graphs(self) -> float:
         """Capture the step CUDA graphs (after the KV pool is bound); returns seconds taken."""
         sched = self.config.scheduler
-        mixed = use_mixed_step_graphs(self.config.mixed_step_graphs, get_tp_group().world_size)
+        mixed = self.wants_mixed_step_graphs()
+        reserved = torch.cuda.memory_reserved(self.device)
         self.step_graphs = StepGraphs(
             self.model,
             sched.max_num_seqs,
@@ -160,7 +174,12 @@ class ModelRunner:
             self.device,
             mixed=mixed,
         )
-        return self.step_graphs.capture()
+        seconds = self.step_graphs.capture()
+        logger.info(
+            "CUDA graphs hold %.2f GiB",
+            (torch.cuda.memory_reserved(self.device) - reserved) / 2**30,
+        )
+        return seconds
 
     @torch.inference_mode()
     def profile_run(self) -> None:

@@ -124,18 +124,22 @@ class Worker:
         # Engines dropped earlier in this process were collected before loading (__init__).
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
         self.model_runner.profile_run()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
+        graphs = self.model_runner.graph_pool_reserve(peak - before)
         free, total = torch.cuda.mem_get_info()
         non_torch = (total - free) - torch.cuda.memory_reserved()
         budget = int(total * self.config.cache.gpu_memory_utilization) - peak - max(non_torch, 0)
+        budget -= graphs
         logger.info(
-            "memory profile: total %.2f GiB, peak torch %.2f GiB, other %.2f GiB, KV budget "
-            "%.2f GiB",
+            "memory profile: total %.2f GiB, peak torch %.2f GiB, other %.2f GiB, mixed-step "
+            "graphs %.2f GiB, KV budget %.2f GiB",
             total / 1024**3,
             peak / 1024**3,
             non_torch / 1024**3,
+            graphs / 1024**3,
             budget / 1024**3,
         )
         torch.cuda.empty_cache()

@@ -15,6 +15,7 @@ from metroline.engine import LLM, SamplingParams
 from metroline.engine.cuda_graphs import (
     MIXED_MAX_TOKENS,
     StepGraphs,
+    mixed_pool_bytes,
     token_buckets,
     use_mixed_step_graphs,
 )
@@ -30,7 +31,10 @@ class EagerReplayGraphs(StepGraphs):
         self.graphs = dict.fromkeys(self.keys())  # "captured": key_for() may pick any
 
     def replay(self, key) -> None:
-        self.outputs[key] = self.forward(key)
+        hidden = self.forward(key)
+        if self.hidden is None:
+            self.hidden = hidden.new_empty((self.input_ids.shape[0], hidden.shape[1]))
+        self.hidden[: key[1]].copy_(hidden)
 
 
 def test_token_buckets():
@@ -42,6 +46,11 @@ def test_token_buckets():
     assert token_buckets(7) == [7] and token_buckets(1) == []
     assert use_mixed_step_graphs(None, 1) is False and use_mixed_step_graphs(None, 2) is True
     assert use_mixed_step_graphs(True, 1) is True and use_mixed_step_graphs(False, 4) is False
+
+
+def test_mixed_pool_reserve_scales_the_profiled_activations():
+    assert mixed_pool_bytes(1000, 8192) == 1000 * MIXED_MAX_TOKENS // 8192
+    assert mixed_pool_bytes(1000, 2048) == 1000  # the largest graph is the whole budget
 
 
 def test_key_for_picks_the_smallest_bucket():
