@@ -92,3 +92,16 @@ def test_padded_graph_inputs_give_transformers_tokens(arch, tiny_checkpoint, hf_
     assert graphs.replays["mixed"] > 0 and graphs.replays["decode"] > 0
     # Every step went through a graph: none is larger than the biggest bucket.
     assert sum(graphs.replays.values()) == stats.num_steps
+
+
+def test_shutdown_releases_graphs_a_caller_still_holds(tiny_checkpoint):
+    """Graphs hold captured collectives and the model: shutdown drops them even while some
+    other object still references the StepGraphs (a TP process aborted at exit otherwise)."""
+    llm = LLM(model=str(tiny_checkpoint("llama")), kv_cache_memory_bytes=2**20)
+    runner = llm.engine_core.executor.worker.model_runner
+    graphs = EagerReplayGraphs(runner.model, 4, 64, 64, 16, torch.device("cpu"), mixed=True)
+    runner.step_graphs = graphs
+    llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    assert graphs.graphs and graphs.hidden is not None
+    llm.shutdown()
+    assert not graphs.graphs and graphs.hidden is None and graphs.model is None
