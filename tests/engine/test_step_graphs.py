@@ -32,8 +32,7 @@ class EagerReplayGraphs(StepGraphs):
 
     def replay(self, key) -> None:
         hidden = self.forward(key)
-        if self.hidden is None:
-            self.hidden = hidden.new_empty((self.input_ids.shape[0], hidden.shape[1]))
+        self.allocate_output(hidden)
         self.hidden[: key[1]].copy_(hidden)
 
 
