@@ -43,6 +43,15 @@ def get_or_none(url: str) -> httpx.Response | None:
         return None
 
 
+def requests_in_engine(url: str) -> int:
+    """Running plus waiting requests as ``/ready`` reports them after the latest engine step."""
+    response = get_or_none(f"{url}/ready")
+    if response is None:
+        return 0
+    body = response.json()
+    return body.get("num_requests_running", 0) + body.get("num_requests_waiting", 0)
+
+
 def test_probes_while_loading(start_server, chat_checkpoint):
     """uvicorn answers within a second; the engine core needs seconds to import torch and
     load: meanwhile the pod is alive but not ready, and work is refused with 503."""
@@ -79,6 +88,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(start_server, chat_che
     for thread in threads:
         thread.start()
     wait_for(lambda: all(len(events) >= 2 for events in streams), 30, "streams to start")
+    # The non-streaming request shows no events: SIGTERM only once the engine holds all four.
+    wait_for(lambda: requests_in_engine(server.url) >= 4, 30, "all four requests in the engine")
     server.process.send_signal(signal.SIGTERM)
     wait_for(lambda: (r := get_or_none(f"{server.url}/ready")) is None or r.status_code == 503,
              2, "/ready 503")  # fmt: skip
