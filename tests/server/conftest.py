@@ -112,10 +112,20 @@ class ServerFactory:
         self.servers: list[ServerProcess] = []
 
     def __call__(self, model: Path | str, *args: str, wait: bool = True) -> ServerProcess:
-        log_path = self.tmp_path_factory.mktemp("server") / "server.log"
-        server = ServerProcess(model, list(args), log_path)
-        self.servers.append(server)
-        return server.wait_ready() if wait else server
+        """Start a server; if another process took its free port before it bound (the port
+        is only picked, not held), start it again on a new one."""
+        for attempt in range(3):
+            log_path = self.tmp_path_factory.mktemp("server") / "server.log"
+            server = ServerProcess(model, list(args), log_path)
+            self.servers.append(server)
+            if not wait:
+                return server
+            try:
+                return server.wait_ready()
+            except RuntimeError:
+                if attempt == 2 or "address already in use" not in server.log().lower():
+                    raise
+        raise AssertionError("unreachable")
 
     def stop_all(self) -> None:
         for server in self.servers:

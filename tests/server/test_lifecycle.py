@@ -71,13 +71,20 @@ def test_probes_while_loading(start_server, chat_checkpoint):
     assert server.stop() == 0
 
 
+#: Long enough (~0.6 s of steps on a 2-core CPU) that all four drained requests are in the
+#: engine together even when the client threads start late on a loaded machine.
+DRAIN_TOKENS = 400
+
+
 def test_sigterm_drains_in_flight_requests_and_exits_zero(start_server, chat_checkpoint):
-    server = start_server(chat_checkpoint, *ARGS, "--log-format", "json")
+    server = start_server(chat_checkpoint, "--served-model-name", MODEL, "--max-model-len",
+                          "512", "--log-format", "json")  # fmt: skip
     streams: list[list[str]] = [[] for _ in range(3)]
     finals: list[httpx.Response] = []
-    body = {"model": MODEL, "prompt": "x = 1", "max_tokens": 60, "ignore_eos": True}
+    body = {"model": MODEL, "prompt": "x = 1", "max_tokens": DRAIN_TOKENS, "ignore_eos": True}
     threads = [
-        threading.Thread(target=stream_text, args=(server.url, 60, events)) for events in streams
+        threading.Thread(target=stream_text, args=(server.url, DRAIN_TOKENS, events))
+        for events in streams
     ] + [
         threading.Thread(
             target=lambda: finals.append(
@@ -105,7 +112,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(start_server, chat_che
         chunks = [json.loads(e) for e in events[1:-1]]
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert finals[0].status_code == 200
-    assert finals[0].json()["usage"]["completion_tokens"] == 60
+    assert finals[0].json()["usage"]["completion_tokens"] == DRAIN_TOKENS
     assert server.process.wait(60) == 0, server.log()
     # Structured logs: JSON lines, one per finished request with its numbers.
     entries = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
@@ -113,7 +120,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(start_server, chat_che
     assert len(finished) == 4
     for entry in finished:
         assert entry["request_id"].startswith("cmpl-")
-        assert entry["output_tokens"] == 60 and entry["prompt_tokens"] > 0
+        assert entry["output_tokens"] == DRAIN_TOKENS and entry["prompt_tokens"] > 0
         assert 0 < entry["ttft_s"] <= entry["total_s"]
     assert any(e["message"].startswith("draining") for e in entries)
 
@@ -132,9 +139,10 @@ def alive(pid: int) -> bool:
 
 
 def test_dead_engine_core_fails_health_and_exits_nonzero(start_server, chat_checkpoint):
-    server = start_server(chat_checkpoint, *ARGS)
+    server = start_server(chat_checkpoint, "--served-model-name", MODEL, "--max-model-len", "512")
     events: list[str] = []
-    streaming = threading.Thread(target=stream_text, args=(server.url, 110, events))
+    # Long enough to be mid-stream when the core is killed, however late this thread runs.
+    streaming = threading.Thread(target=stream_text, args=(server.url, DRAIN_TOKENS, events))
     streaming.start()
     wait_for(lambda: len(events) >= 2, 30, "the stream to start")
     os.kill(server.core_pid(), signal.SIGKILL)

@@ -71,8 +71,12 @@ def test_ready_flips_with_kv_usage_and_load_is_shed(small_server):
         assert response.json()["error"]["code"] == "overloaded"
     for response in served:
         assert response.json()["usage"]["completion_tokens"] == 80
+    # /ready answers 503 only while the pool is full (~40 steps a request): a watcher starved
+    # by a loaded machine may poll past it, so the server's own record decides; whatever 503s
+    # the watcher did see must give the KV reason.
+    assert "not ready: KV-cache usage" in small_server.log(), small_server.log()[-3000:]
     reasons = [reason for status, reason in seen if status == 503]
-    assert any("KV-cache usage" in reason for reason in reasons), seen[-20:]
+    assert all("KV-cache usage" in r or "wait, more than" in r for r in reasons), reasons
     deadline = time.monotonic() + 10
     while httpx.get(f"{url}/ready").status_code != 200:
         assert time.monotonic() < deadline, small_server.log()[-3000:]
