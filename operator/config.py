@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -20,6 +21,8 @@ class OperatorConfig:
     workers: int = 2
     health_port: int = 8080
     backoff: Backoff = field(default_factory=Backoff)
+    instance: str = field(default_factory=socket.gethostname)
+    """Names this process in the Events it writes (a pod's hostname is its name)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> OperatorConfig:

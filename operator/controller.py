@@ -3,7 +3,9 @@
 Kopf's event handlers feed ``ClusterCache`` and enqueue the owning LLMDeployment; workers take
 keys from a deduplicating ``WorkQueue`` (one worker per key at a time) and run ``reconcile``:
 judge the spec, server-side apply the children that are missing or drifted, delete a PDB that is
-no longer wanted, then patch ``status`` only if it changed. Failures are retried with
+no longer wanted, then patch ``status`` only if it changed. Each write to a child and each
+condition change is also recorded as a Kubernetes Event (best effort: a refused event is logged,
+never retried, and never fails the reconcile). Failures are retried with
 exponential backoff per key (``Retry-After`` honoured); a spec the API server refuses (422)
 becomes InvalidSpec and waits for the next spec change instead of retrying.
 """
@@ -21,6 +23,7 @@ from metroline.operator.cache import ClusterCache, Key
 from metroline.operator.checks import SpecCheck, check_spec
 from metroline.operator.config import OperatorConfig
 from metroline.operator.drift import covers
+from metroline.operator.events import EventNote, condition_events, event_body
 from metroline.operator.kube import ApiError, KubeClient
 from metroline.operator.kvmetrics import KvScraper
 from metroline.operator.podhealth import is_ready
@@ -160,6 +163,19 @@ class Controller:
             except ApiError as error:
                 if error.status != 404:  # 404: deleted meanwhile, nothing to report on
                     raise
+                return
+            for note in condition_events(current, status):
+                await self.record(body, note)
+
+    async def record(self, body: Mapping[str, Any], note: EventNote) -> None:
+        """Write one Event about LLMDeployment ``body``; failures are logged, not raised."""
+        event = event_body(body, note, self.clock(), self.config.instance)
+        try:
+            await self.client.create_event(event)
+        except ApiError as error:
+            meta = body["metadata"]
+            logger.info("could not record event %s for %s/%s: %s",
+                        note.reason, meta["namespace"], meta["name"], error)
 
     async def _apply_children(
         self, key: Key, body: Mapping[str, Any], check: SpecCheck
@@ -177,6 +193,9 @@ class Controller:
                 raise
             logger.info("applied %s %s/%s", desired["kind"], *key)
             self.cache.put_child(applied, desired["kind"])
+            verb = "Created" if live is None else "Updated"
+            what = f"{desired['kind']} {desired['metadata']['name']}"
+            await self.record(body, EventNote("Normal", verb, f"{verb.lower()} {what}"))
         if not wants_pdb(check) and self.cache.child(key, "PodDisruptionBudget") is not None:
             await self.client.delete("policy/v1", "PodDisruptionBudget", *key)
             self.cache.put_child(
@@ -184,6 +203,8 @@ class Controller:
                 deleted=True,
             )
             logger.info("deleted PodDisruptionBudget %s/%s (replicas < 2)", *key)
+            why = f"deleted PodDisruptionBudget {key[1]} (replicas < 2)"
+            await self.record(body, EventNote("Normal", "Deleted", why))
         return check
 
 

@@ -1,4 +1,5 @@
-"""A small asynchronous Kubernetes API client: server-side apply, status patches, deletes.
+"""A small asynchronous Kubernetes API client: server-side apply, status patches, deletes,
+events.
 
 Kopf watches; this client writes. It authenticates with the same ``kopf.ConnectionInfo`` that
 the operator's login handler produced, and turns every failure into ``ApiError`` whose
@@ -156,6 +157,11 @@ class KubeClient:
             "PATCH", path, params={"fieldManager": c.FIELD_MANAGER},
             body={"status": status}, content_type="application/merge-patch+json",
         )
+
+    async def create_event(self, event: Mapping[str, Any]) -> dict[str, Any]:
+        """Create a ``v1`` Event (see ``events.event_body``)."""
+        namespace = event["metadata"]["namespace"]
+        return await self.request("POST", f"/api/v1/namespaces/{namespace}/events", body=event)
 
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         """Delete one object; an already absent object is fine."""
