@@ -3,11 +3,11 @@
 Kopf's event handlers feed ``ClusterCache`` and enqueue the owning LLMDeployment; workers take
 keys from a deduplicating ``WorkQueue`` (one worker per key at a time) and run ``reconcile``:
 judge the spec, server-side apply the children that are missing or drifted, delete a PDB that is
-no longer wanted, then patch ``status`` only if it changed. Each write to a child and each
-condition change is also recorded as a Kubernetes Event (best effort: a refused event is logged,
-never retried, and never fails the reconcile). Failures are retried with
-exponential backoff per key (``Retry-After`` honoured); a spec the API server refuses (422)
-becomes InvalidSpec and waits for the next spec change instead of retrying.
+no longer wanted, then patch ``status`` only if it changed. Each child the operator creates,
+updates or deletes and each condition change is also recorded as a Kubernetes Event, handed to
+``EventRecorder`` (its own task: an Event never delays or fails a reconcile). Failures are
+retried with exponential backoff per key (``Retry-After`` honoured); a spec the API server
+refuses (422) becomes InvalidSpec and waits for the next spec change instead of retrying.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from metroline.operator.cache import ClusterCache, Key
 from metroline.operator.checks import SpecCheck, check_spec
 from metroline.operator.config import OperatorConfig
 from metroline.operator.drift import covers
-from metroline.operator.events import EventNote, condition_events, event_body
+from metroline.operator.events import EventNote, condition_events
 from metroline.operator.kube import ApiError, KubeClient
 from metroline.operator.kvmetrics import KvScraper
 from metroline.operator.podhealth import is_ready
+from metroline.operator.recorder import EventRecorder
 from metroline.operator.render import render_children, wants_pdb
 from metroline.operator.status import Observed, compute_status, status_changed
 from metroline.operator.workqueue import WorkQueue
@@ -45,6 +46,7 @@ class Controller:
         self.client, self.config, self.clock = client, config, clock
         self.cache = ClusterCache()
         self.scraper = KvScraper(port=config.metrics_port)
+        self.events = EventRecorder(client, clock, config.instance)
         self.kv: dict[Key, float | None] = {}
         self.failures: dict[Key, int] = {}
         self.refused: dict[Key, tuple[int, SpecCheck]] = {}
@@ -81,6 +83,7 @@ class Controller:
         self._queue = WorkQueue()
         for key in self.cache.llmd_keys():
             self._queue.add(key)
+        self.events.start()
         self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.config.workers)]
         self._tasks.append(asyncio.create_task(self._kv_loop()))
 
@@ -93,6 +96,7 @@ class Controller:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        await self.events.stop()
         await self.scraper.close()
         await self.client.close()
 
@@ -165,17 +169,7 @@ class Controller:
                     raise
                 return
             for note in condition_events(current, status):
-                await self.record(body, note)
-
-    async def record(self, body: Mapping[str, Any], note: EventNote) -> None:
-        """Write one Event about LLMDeployment ``body``; failures are logged, not raised."""
-        event = event_body(body, note, self.clock(), self.config.instance)
-        try:
-            await self.client.create_event(event)
-        except ApiError as error:
-            meta = body["metadata"]
-            logger.info("could not record event %s for %s/%s: %s",
-                        note.reason, meta["namespace"], meta["name"], error)
+                self.events.record(body, note)
 
     async def _apply_children(
         self, key: Key, body: Mapping[str, Any], check: SpecCheck
@@ -185,7 +179,7 @@ class Controller:
             if live is not None and covers(desired, live):
                 continue
             try:
-                applied = await self.client.apply(desired)
+                applied, created = await self.client.apply(desired)
             except ApiError as error:
                 if error.status in (400, 422):
                     problem = f"the API server refused the {desired['kind']}: {error.message}"
@@ -193,9 +187,12 @@ class Controller:
                 raise
             logger.info("applied %s %s/%s", desired["kind"], *key)
             self.cache.put_child(applied, desired["kind"])
-            verb = "Created" if live is None else "Updated"
-            what = f"{desired['kind']} {desired['metadata']['name']}"
-            await self.record(body, EventNote("Normal", verb, f"{verb.lower()} {what}"))
+            # Not in the cache and not created: it existed (the cache is still filling after a
+            # restart); re-applying it changed nothing worth an Event.
+            if created or live is not None:
+                verb = "Created" if created else "Updated"
+                what = f"{desired['kind']} {desired['metadata']['name']}"
+                self.events.record(body, EventNote("Normal", verb, f"{verb.lower()} {what}"))
         if not wants_pdb(check) and self.cache.child(key, "PodDisruptionBudget") is not None:
             await self.client.delete("policy/v1", "PodDisruptionBudget", *key)
             self.cache.put_child(
@@ -204,7 +201,7 @@ class Controller:
             )
             logger.info("deleted PodDisruptionBudget %s/%s (replicas < 2)", *key)
             why = f"deleted PodDisruptionBudget {key[1]} (replicas < 2)"
-            await self.record(body, EventNote("Normal", "Deleted", why))
+            self.events.record(body, EventNote("Normal", "Deleted", why))
         return check
 
 

@@ -1,31 +1,31 @@
 """Kubernetes Events for an LLMDeployment (pure functions): what ``kubectl describe llmd`` and
-``kubectl get events`` show.
+``kubectl get events`` show. ``recorder.py`` writes them.
 
-The operator records a transition, never a state: an event is written when a condition's
+The operator records transitions, never states: an event is due when a condition's
 ``(status, reason)`` changes between the status the cluster held and the one just patched,
-and when the operator writes a child (apply, delete). Reconciling an unchanged object
-therefore writes no event, and a retried reconcile writes each transition once (events are
-derived from the status actually patched).
+and when the operator creates, updates or deletes a child. Reconciling an unchanged object
+therefore yields no event.
 
-Event type: ``Warning`` when the new state is a problem (Degraded=True, an invalid spec, a
-stalled rollout), otherwise ``Normal``. Conditions that share a reason and message (an invalid
-spec makes Ready and Progressing say the same) give one event.
+Event type: ``Warning`` when the new state is a problem — Degraded=True, a condition that gives
+the same reason as a Degraded=True one (a crash loop makes Ready=False/CrashLoopBackOff), Ready
+turning False after it was True (an outage, whatever the reason), an invalid spec, a stalled
+rollout — otherwise ``Normal``. ``Recovered`` is said only when Degraded clears while Ready is
+True. Conditions that change with the same reason and message give one event.
 """
 
 from __future__ import annotations
 
-import itertools
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from metroline.operator import constants as c
 
-#: Kubernetes stores longer messages but ``kubectl describe`` is unreadable past this.
-MAX_EVENT_MESSAGE = 1024
+#: The API server's limit on an event's message for ``events.k8s.io``; kept for core events
+#: too (``kubectl describe`` is unreadable past it).
+MAX_EVENT_MESSAGE_BYTES = 1024
+MAX_NAME = 253
 WARNING_REASONS = frozenset({"InvalidSpec", "ProgressDeadlineExceeded"})
-_sequence = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,15 @@ class EventNote:
     message: str
 
 
-def _state(conditions: Sequence[Mapping[str, Any]], kind: str) -> Mapping[str, Any] | None:
+def _find(conditions: Sequence[Mapping[str, Any]], kind: str) -> Mapping[str, Any] | None:
     return next((cond for cond in conditions if cond.get("type") == kind), None)
+
+
+def _cut(message: str) -> str:
+    data = message.encode()
+    return message if len(data) <= MAX_EVENT_MESSAGE_BYTES else (
+        data[:MAX_EVENT_MESSAGE_BYTES].decode(errors="ignore")
+    )
 
 
 def condition_events(
@@ -48,39 +55,52 @@ def condition_events(
 
     A condition that appears for the first time is reported unless it says all is well
     (Degraded=False on a new object is not news). Changes with the same reason and message
-    give one event, worded by the first condition and a Warning if any of them is a problem
-    (a crash loop makes Ready=False and Degraded=True with the same words)."""
+    give one event, worded by the first condition and a Warning if any of them is a problem."""
     old = (previous or {}).get("conditions") or []
+    new_all = current.get("conditions") or []
+    degraded = _find(new_all, "Degraded")
+    degraded_reason = degraded["reason"] if degraded and degraded["status"] == "True" else None
+    ready_now = _find(new_all, "Ready")
+    ready_before = _find(old, "Ready")
     notes: dict[tuple[str, str], EventNote] = {}  # by (reason, condition message)
-    for new in current.get("conditions") or []:
+    for new in new_all:
         kind, status, reason = new["type"], new["status"], new["reason"]
-        before = _state(old, kind)
+        before = _find(old, kind)
         if before is not None and (before.get("status"), before.get("reason")) == (status, reason):
             continue
-        problem = (kind == "Degraded" and status == "True") or reason in WARNING_REASONS
-        if before is None and kind == "Degraded" and not problem:
-            continue
+        outage = kind == "Ready" and status == "False" and reason != "ScaledToZero" and (
+            ready_before is not None and ready_before.get("status") == "True"
+        )
+        problem = reason in WARNING_REASONS or outage or reason == degraded_reason
         detail = new.get("message") or ""
         message = f"{kind} is {status}" + (f": {detail}" if detail else "")
-        if kind == "Degraded" and not problem:
-            reason, message = "Recovered", "Degraded is False: no pod problem remains"
-        kind_of_event = "Warning" if problem else "Normal"
+        if kind == "Degraded" and status == "False":
+            if before is None or ready_now is None or ready_now["status"] != "True":
+                continue  # not news on a new object; not a recovery while nothing serves
+            was = before.get("reason") or "a problem"
+            reason, message = "Recovered", f"Degraded is False (was {was})"
         first = notes.get((reason, detail))
         if first is not None:
             if problem:
                 notes[(reason, detail)] = EventNote("Warning", first.reason, first.message)
             continue
-        notes[(reason, detail)] = EventNote(kind_of_event, reason, message[:MAX_EVENT_MESSAGE])
+        kind_of_event = "Warning" if problem else "Normal"
+        notes[(reason, detail)] = EventNote(kind_of_event, reason, _cut(message))
     return list(notes.values())
 
 
+def event_name(owner: str, suffix: str) -> str:
+    """``<owner>.<suffix>``, the owner cut so the whole fits a DNS subdomain (253)."""
+    keep = MAX_NAME - len(suffix) - 1
+    return f"{owner[:keep].rstrip('.-')}.{suffix}"
+
+
 def event_body(
-    llmd: Mapping[str, Any], note: EventNote, now: str, instance: str
+    llmd: Mapping[str, Any], note: EventNote, now: str, instance: str, suffix: str
 ) -> dict[str, Any]:
-    """A ``v1`` Event about ``llmd``; the name is unique per operator process (the owner's
-    name plus a hexadecimal time and sequence number, as client-go's recorder does)."""
+    """A ``v1`` Event about ``llmd``, first seen ``now``, named ``event_name(name, suffix)``
+    (the caller makes ``suffix`` unique, e.g. a hexadecimal time as client-go does)."""
     meta = llmd["metadata"]
-    suffix = f"{time.time_ns():x}{next(_sequence):04x}"
     involved = {"apiVersion": c.API_VERSION, "kind": c.KIND, "name": meta["name"],
                 "namespace": meta["namespace"]}  # fmt: skip
     if meta.get("uid"):
@@ -90,7 +110,7 @@ def event_body(
     return {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"name": f"{meta['name']}.{suffix}", "namespace": meta["namespace"]},
+        "metadata": {"name": event_name(meta["name"], suffix), "namespace": meta["namespace"]},
         "involvedObject": involved,
         "type": note.type,
         "reason": note.reason,
@@ -100,5 +120,5 @@ def event_body(
         "count": 1,
         "source": {"component": c.FIELD_MANAGER},
         "reportingComponent": c.FIELD_MANAGER,
-        "reportingInstance": instance,
+        "reportingInstance": instance[:128],
     }

@@ -102,6 +102,13 @@ class KubeClient:
         body: Any = None, content_type: str = "application/json",
     ) -> dict[str, Any]:
         """One API call; the decoded JSON answer, or ApiError."""
+        return (await self._call(method, path, params, body, content_type))[1]
+
+    async def _call(
+        self, method: str, path: str, params: Mapping[str, str] | None, body: Any,
+        content_type: str,
+    ) -> tuple[int, dict[str, Any]]:
+        """One API call; (HTTP status, decoded JSON answer), or ApiError."""
         await self._connected.wait()
         data = None if body is None else json.dumps(body)
         headers = {"Content-Type": content_type, "Accept": "application/json"}
@@ -118,7 +125,7 @@ class KubeClient:
                         continue
                     if response.status >= 400:
                         raise self._error(response.status, text, response.headers)
-                    return json.loads(text) if text else {}
+                    return response.status, json.loads(text) if text else {}
             except (TimeoutError, aiohttp.ClientError, OSError) as error:
                 raise ApiError(0, type(error).__name__, str(error) or "no answer") from error
         raise ApiError(401, "Unauthorized", "credentials were refused twice")
@@ -139,14 +146,17 @@ class KubeClient:
             reason, message = "", text
         return ApiError(status, reason or "Error", message[:2000], _retry_after(headers))
 
-    async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        """Server-side apply ``obj`` under the operator's field manager, taking over conflicts."""
+    async def apply(self, obj: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Server-side apply ``obj`` under the operator's field manager, taking over conflicts.
+        Returns the live object and whether this call created it (the API server answers 201
+        Created then, 200 OK otherwise)."""
         meta = obj["metadata"]
         path = object_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
-        return await self.request(
-            "PATCH", path, params={"fieldManager": c.FIELD_MANAGER, "force": "true"},
-            body=obj, content_type="application/apply-patch+yaml",
+        code, live = await self._call(
+            "PATCH", path, {"fieldManager": c.FIELD_MANAGER, "force": "true"}, obj,
+            "application/apply-patch+yaml",
         )
+        return live, code == 201
 
     async def patch_status(
         self, namespace: str, name: str, status: Mapping[str, Any]
@@ -162,6 +172,15 @@ class KubeClient:
         """Create a ``v1`` Event (see ``events.event_body``)."""
         namespace = event["metadata"]["namespace"]
         return await self.request("POST", f"/api/v1/namespaces/{namespace}/events", body=event)
+
+    async def patch_event(
+        self, namespace: str, name: str, patch: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Merge-patch a ``v1`` Event (a repeat: its ``count`` and ``lastTimestamp``)."""
+        return await self.request(
+            "PATCH", f"/api/v1/namespaces/{namespace}/events/{name}", body=patch,
+            content_type="application/merge-patch+json",
+        )
 
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         """Delete one object; an already absent object is fine."""

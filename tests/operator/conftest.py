@@ -4,6 +4,7 @@ against KMock's Kubernetes emulator over HTTP (see ``emulator.py`` for what was 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import threading
@@ -162,6 +163,15 @@ async def operator(
     cluster: Cluster, fake_engine: FakeEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Controller]:
     """The real operator (kopf + controller) logged in through a kubeconfig to the emulator."""
+    async with run_operator(cluster, fake_engine, tmp_path, monkeypatch) as controller:
+        yield controller
+
+
+@contextlib.asynccontextmanager
+async def run_operator(
+    cluster: Cluster, fake_engine: FakeEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Controller]:
+    """Run one operator process's worth (kopf + a fresh controller) until the block ends."""
     kubeconfig = {
         "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
         "clusters": [{"name": "kmock", "cluster": {"server": str(cluster.server.url)}}],
@@ -185,7 +195,9 @@ async def operator(
     thread = threading.Thread(target=asyncio.run, args=(coro,), name="operator", daemon=True)
     thread.start()
     assert await asyncio.to_thread(ready.wait, 10), "operator did not start"
-    yield controller
-    stop.set()
-    await asyncio.to_thread(thread.join, 10)
+    try:
+        yield controller
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join, 10)
     assert not thread.is_alive(), "operator did not stop"

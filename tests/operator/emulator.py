@@ -97,7 +97,9 @@ class MetrolineEmulator(kmock.KubernetesEmulator):
             if request.action == enums.action.CREATE:
                 obj, code = await self._create(request, self._payload(request)), 201
             elif request.action == enums.action.UPDATE:
-                obj, code = await self._update(request), 200
+                # As the API server: 201 when a server-side apply created the object.
+                existed = self._live(self._key(request)) is not None
+                obj, code = await self._update(request), 200 if existed else 201
             else:
                 obj, code = await self._delete(request), 200
         return aiohttp.web.json_response(obj, status=code)

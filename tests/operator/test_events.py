@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
+import re
+from collections import Counter
 from typing import Any
 
 import kmock
@@ -13,10 +16,12 @@ import pytest
 
 from metroline.operator import constants as c
 from metroline.operator.checks import check_spec
-from metroline.operator.events import EventNote, condition_events, event_body
+from metroline.operator.events import EventNote, condition_events, event_body, event_name
+from metroline.operator.kube import ApiError
+from metroline.operator.recorder import EventRecorder
 from metroline.operator.status import Observed, compute_status
 
-from .conftest import K8S_VERSIONS, LLMD, NS, Cluster, live_body, llmd_body
+from .conftest import K8S_VERSIONS, LLMD, NS, Cluster, live_body, llmd_body, run_operator
 from .test_operator_flow import create, patch_spec, play_deployment_controller, status
 
 EVENTS = kmock.resource("", "v1", "events")
@@ -71,7 +76,44 @@ def test_problems_are_warnings_and_recovery_is_normal():
     notes = condition_events(healthy, only_degraded)
     assert notes == [EventNote("Warning", "OOMKilled", "Degraded is True: pod llama-0: OOMKilled")]
     notes = condition_events(only_degraded, healthy)
-    assert notes == [EventNote("Normal", "Recovered", "Degraded is False: no pod problem remains")]
+    assert notes == [EventNote("Normal", "Recovered", "Degraded is False (was OOMKilled)")]
+
+
+def test_the_last_ready_pod_crashing_while_already_degraded_is_a_warning():
+    """Two replicas, one crash-looping (Degraded unchanged); then the other crashes too."""
+    before = conditions(
+        cond("Ready", "True", "SomeReplicasReady", "1/2"),
+        cond("Degraded", "True", "CrashLoopBackOff", "pod llama-1: CrashLoopBackOff"),
+    )
+    after = conditions(
+        cond("Ready", "False", "CrashLoopBackOff", "pod llama-0: CrashLoopBackOff (and 1 more)"),
+        cond("Degraded", "True", "CrashLoopBackOff", "pod llama-0: CrashLoopBackOff (and 1 more)"),
+    )
+    assert [(n.type, n.reason) for n in condition_events(before, after)] == [
+        ("Warning", "CrashLoopBackOff")
+    ]
+
+
+def test_an_outage_is_a_warning_but_scaling_to_zero_is_not():
+    ready = conditions(cond("Ready", "True", "AllReplicasReady", "2/2"))
+    unready = conditions(cond("Ready", "False", "NoReplicasReady", "0/2; engines are starting"))
+    assert [n.type for n in condition_events(ready, unready)] == ["Warning"]
+    # A new object whose engines are still starting is not an outage.
+    assert [n.type for n in condition_events(None, unready)] == ["Normal"]
+    zero = conditions(cond("Ready", "False", "ScaledToZero", "spec.replicas is 0"))
+    assert [n.type for n in condition_events(ready, zero)] == ["Normal"]
+
+
+def test_recovered_is_said_only_when_something_serves():
+    """A crash loop's container runs between back-offs: Degraded clears while nothing is
+    ready. That is not a recovery."""
+    crashing = conditions(
+        cond("Ready", "False", "CrashLoopBackOff", "pod llama-0: CrashLoopBackOff"),
+        cond("Degraded", "True", "CrashLoopBackOff", "pod llama-0: CrashLoopBackOff"),
+    )
+    between = conditions(cond("Ready", "False", "NoReplicasReady", "0/1; engines are starting"),
+                         cond("Degraded", "False", "AsExpected"))  # fmt: skip
+    assert [n.reason for n in condition_events(crashing, between)] == ["NoReplicasReady"]
 
 
 def test_invalid_spec_and_stalled_rollouts_are_warnings():
@@ -86,9 +128,10 @@ def test_invalid_spec_and_stalled_rollouts_are_warnings():
     assert [n.type for n in condition_events(rolling, stalled)] == ["Warning"]
 
 
-def test_long_messages_are_cut():
-    new = conditions(cond("Ready", "False", "InvalidSpec", "x" * 5000))
-    assert len(condition_events(None, new)[0].message) == 1024
+def test_long_messages_are_cut_to_1024_bytes():
+    new = conditions(cond("Ready", "False", "InvalidSpec", "é" * 5000))
+    message = condition_events(None, new)[0].message
+    assert len(message.encode()) <= 1024 and len(message.encode()) > 1000
 
 
 def test_statuses_from_compute_status_give_the_expected_story():
@@ -111,60 +154,204 @@ def test_statuses_from_compute_status_give_the_expected_story():
     ]
 
 
+DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_event_bodies_pass_the_real_schema(version):
     note = EventNote("Warning", "InvalidSpec", "Ready is False: bad")
-    event = event_body(live_body(), note, NOW, "metroline-operator-7d9f-abcde")
+    event = event_body(live_body(), note, NOW, "metroline-operator-7d9f-abcde", "18a2b3c4d5e6f000")
     assert kubernetes_validate.validate(event, version, strict=True)
     assert event["involvedObject"] == {
         "apiVersion": c.API_VERSION, "kind": c.KIND, "name": "llama", "namespace": NS,
         "uid": "uid-llama", "resourceVersion": "1",
     }  # fmt: skip
-    other = event_body(live_body(), note, NOW, "x")
-    assert other["metadata"]["name"] != event["metadata"]["name"]
-    assert event["metadata"]["name"].startswith("llama.")
+    assert event["metadata"] == {"name": "llama.18a2b3c4d5e6f000", "namespace": NS}
+    assert (event["type"], event["reason"], event["count"]) == ("Warning", "InvalidSpec", 1)
+
+
+def test_event_names_fit_a_dns_subdomain_for_any_owner_name():
+    for owner in ("llama", "a" * 253, "x-" * 120 + "y", "a.b-" * 60):
+        name = event_name(owner, "18a2b3c4d5e6f0001")
+        assert len(name) <= 253 and DNS_SUBDOMAIN.fullmatch(name), name
+        assert name.endswith(".18a2b3c4d5e6f0001")
+
+
+# The recorder, against a fake events API.
+
+
+class FakeEventsApi:
+    """Records creates and patches; can refuse, stall or forget events."""
+
+    def __init__(self) -> None:
+        self.created: list[dict[str, Any]] = []
+        self.patched: list[tuple[str, dict[str, Any]]] = []
+        self.fail_with: ApiError | None = None
+        self.stall_s = 0.0
+        self.expired: set[str] = set()
+
+    async def create_event(self, event: dict[str, Any]) -> dict[str, Any]:
+        await asyncio.sleep(self.stall_s)
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.created.append(event)
+        return event
+
+    async def patch_event(self, namespace: str, name: str, patch: dict[str, Any]) -> dict:
+        if name in self.expired:
+            raise ApiError(404, "NotFound", "events not found")
+        self.patched.append((name, patch))
+        return patch
+
+
+def recorder_with(api: FakeEventsApi, **knobs: Any) -> tuple[EventRecorder, list[float]]:
+    now = [1000.0]
+    recorder = EventRecorder(api, lambda: NOW, "op-0", monotonic=lambda: now[0], **knobs)  # type: ignore[arg-type]
+    return recorder, now
+
+
+CRASH = EventNote("Warning", "CrashLoopBackOff", "Ready is False: pod llama-0: CrashLoopBackOff")
+
+
+@pytest.mark.asyncio
+async def test_repeats_fold_into_one_event_within_the_window():
+    api = FakeEventsApi()
+    recorder, now = recorder_with(api, window_s=600)
+    recorder.start()
+    for _ in range(3):
+        recorder.record(live_body(), CRASH)
+        await recorder.idle()
+        now[0] += 100
+    assert len(api.created) == 1
+    name = api.created[0]["metadata"]["name"]
+    assert api.patched == [(name, {"count": 2, "lastTimestamp": NOW}),
+                           (name, {"count": 3, "lastTimestamp": NOW})]  # fmt: skip
+    now[0] += 601  # quiet for longer than the window: a new Event
+    recorder.record(live_body(), CRASH)
+    api.expired.add(name)
+    recorder.record(live_body(), CRASH)  # the new one is fresh: patched, not expired
+    other = EventNote("Normal", "Recovered", "Degraded is False (was CrashLoopBackOff)")
+    recorder.record(live_body(), other)
+    await recorder.idle()
+    assert [e["reason"] for e in api.created] == ["CrashLoopBackOff", "CrashLoopBackOff",
+                                                  "Recovered"]  # fmt: skip
+    assert api.patched[-1] == (api.created[1]["metadata"]["name"],
+                               {"count": 2, "lastTimestamp": NOW})  # fmt: skip
+    await recorder.stop()
+
+
+@pytest.mark.asyncio
+async def test_an_expired_event_is_written_again():
+    api = FakeEventsApi()
+    recorder, _ = recorder_with(api)
+    recorder.start()
+    recorder.record(live_body(), CRASH)
+    await recorder.idle()
+    api.expired.add(api.created[0]["metadata"]["name"])
+    recorder.record(live_body(), CRASH)
+    await recorder.idle()
+    assert len(api.created) == 2 and api.patched == []
+    assert api.created[0]["metadata"]["name"] != api.created[1]["metadata"]["name"]
+    await recorder.stop()
+
+
+@pytest.mark.asyncio
+async def test_refused_stalled_or_overflowing_events_never_block_or_raise():
+    api = FakeEventsApi()
+    recorder, _ = recorder_with(api, timeout_s=0.05, queue_size=2)
+    recorder.start()
+    api.fail_with = ApiError(403, "Forbidden", "events is forbidden")
+    recorder.record(live_body(), CRASH)
+    await recorder.idle()
+    assert api.created == []
+    api.fail_with, api.stall_s = None, 10.0
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for index in range(5):  # one in flight, two queued, two dropped
+        recorder.record(live_body(), EventNote("Normal", "Created", f"created thing {index}"))
+    assert loop.time() - started < 0.05  # record() returned at once every time
+    assert recorder.dropped >= 2
+    await asyncio.wait_for(recorder.idle(), 5)  # each stalled write timed out
+    api.stall_s = 0.0
+    recorder.record(live_body(), CRASH)
+    await recorder.idle()
+    assert [e["reason"] for e in api.created] == ["CrashLoopBackOff"]  # still working
+    await recorder.stop()
 
 
 # Over HTTP, with the real operator.
 
 
-def ours(cluster: Cluster, name: str = "llama") -> list[tuple[str, str, str]]:
-    """(type, reason, message) of the operator's events about ``name``, oldest first."""
+def ours(cluster: Cluster, name: str = "llama") -> list[dict[str, Any]]:
+    """The operator's Events about ``name``, oldest first."""
     found = [
         obj.raw for (resource, _, _), obj in list(cluster.emulator.objects.items())
         if resource == EVENTS and not obj.deleted
         and obj.raw["involvedObject"]["name"] == name
         and obj.raw["source"]["component"] == c.FIELD_MANAGER
     ]  # fmt: skip
-    found.sort(key=lambda event: event["metadata"]["name"])
-    return [(event["type"], event["reason"], event["message"]) for event in found]
+    return sorted(found, key=lambda event: event["metadata"]["name"])
+
+
+def story(cluster: Cluster) -> Counter[tuple[str, str, str]]:
+    return Counter((e["type"], e["reason"], e["message"]) for e in ours(cluster))
+
+
+async def settle(controller) -> None:
+    """Let the operator's queued Events reach the API server."""
+    await asyncio.sleep(0.3)
+    await asyncio.wrap_future(
+        asyncio.run_coroutine_threadsafe(controller.events.idle(), controller_loop(controller))
+    )
+
+
+def controller_loop(controller) -> asyncio.AbstractEventLoop:
+    assert controller.events._task is not None
+    return controller.events._task.get_loop()
+
+
+CREATED = {
+    ("Normal", "Created", "created Deployment llama"),
+    ("Normal", "Created", "created Service llama"),
+    ("Normal", "Created", "created PodDisruptionBudget llama"),
+}
 
 
 @pytest.mark.asyncio
-async def test_the_operator_records_writes_and_transitions_once(cluster, operator):
-    await create(cluster, llmd_body(replicas=2))
-    await cluster.wait_for(lambda: ("Normal", "Created", "created PodDisruptionBudget llama")
-                           in ours(cluster))  # fmt: skip
-    await play_deployment_controller(cluster, ready=2)
-    await cluster.wait_for(lambda: status(cluster).get("phase") == "Ready")
-    await cluster.wait_for(lambda: any(e[1] == "RolloutComplete" for e in ours(cluster)))
-    events = ours(cluster)
-    reasons = [reason for _, reason, _ in events]
-    for expected in ("Created", "AllReplicasReady", "RolloutComplete"):
-        assert expected in reasons, events
-    assert {m for _, r, m in events if r == "Created"} == {
-        "created Deployment llama", "created Service llama", "created PodDisruptionBudget llama",
-    }
-    assert all(kind == "Normal" for kind, _, _ in events), events
-    # Resyncs and unrelated watch events change nothing: no new events.
-    await asyncio.sleep(0.5)
-    assert ours(cluster) == events
-    # Scaling to 1 deletes the PDB and updates the Deployment.
-    await patch_spec(cluster, {"replicas": 1})
-    await cluster.wait_for(lambda: ("Normal", "Deleted",
-                                    "deleted PodDisruptionBudget llama (replicas < 2)")
-                           in ours(cluster))  # fmt: skip
-    assert ("Normal", "Updated", "updated Deployment llama") in ours(cluster)
+async def test_the_operator_records_writes_and_transitions_once(
+    cluster, fake_engine, tmp_path, monkeypatch
+):
+    async with run_operator(cluster, fake_engine, tmp_path, monkeypatch) as operator:
+        await create(cluster, llmd_body(replicas=2))
+        await cluster.wait_for(lambda: set(story(cluster)) >= CREATED)
+        await play_deployment_controller(cluster, ready=2)
+        await cluster.wait_for(lambda: status(cluster).get("phase") == "Ready")
+        await cluster.wait_for(lambda: any(r == "RolloutComplete" for _, r, _ in story(cluster)))
+        await settle(operator)
+        events = story(cluster)
+        assert all(count == 1 for count in events.values()), events
+        assert all(e["count"] == 1 for e in ours(cluster))
+        # Which intermediate states the operator saw depends on timing; these it always sees.
+        assert {"Created", "AllReplicasReady", "RolloutComplete"} <= {r for _, r, _ in events}
+        assert all(kind == "Normal" for kind, _, _ in events), events
+        # Resyncs and unrelated watch events change nothing: no new events.
+        await cluster.call("PATCH", cluster.path(LLMD, "llama"),
+                           {"metadata": {"labels": {"team": "ml"}}})  # fmt: skip
+        await settle(operator)
+        assert story(cluster) == events
+    # A restarted operator starts with an empty cache: it re-applies what exists, which is not
+    # news (the API server answers 200, not 201).
+    async with run_operator(cluster, fake_engine, tmp_path, monkeypatch) as operator:
+        await cluster.wait_for(lambda: len(cluster.requests_to("PATCH", "/deployments/llama")) > 1
+                               or operator.cache.child(("ml", "llama"), "Deployment"))
+        await asyncio.sleep(0.5)
+        await settle(operator)
+        assert story(cluster) == events
+        # Scaling to 1 deletes the PDB and updates the Deployment.
+        await patch_spec(cluster, {"replicas": 1})
+        deleted = ("Normal", "Deleted", "deleted PodDisruptionBudget llama (replicas < 2)")
+        await cluster.wait_for(lambda: deleted in story(cluster))
+        assert ("Normal", "Updated", "updated Deployment llama") in story(cluster)
 
 
 @pytest.mark.asyncio
@@ -173,18 +360,25 @@ async def test_an_invalid_spec_is_one_warning(cluster, operator):
                                             "extraArgs": ["--port", "9000"]}))  # fmt: skip
     await cluster.wait_for(lambda: status(cluster).get("phase") == "Failed")
     await cluster.wait_for(lambda: ours(cluster))
-    await asyncio.sleep(0.3)
+    await settle(operator)
     events = ours(cluster)
-    assert len(events) == 1 and events[0][:2] == ("Warning", "InvalidSpec"), events
-    assert "--port" in events[0][2]
+    assert len(events) == 1 and events[0]["type"] == "Warning", events
+    assert events[0]["reason"] == "InvalidSpec" and "--port" in events[0]["message"]
 
 
 @pytest.mark.asyncio
-async def test_a_refused_event_does_not_stop_reconciling(cluster, operator):
+async def test_a_refused_event_does_not_stop_or_repeat_reconciling(cluster, operator, caplog):
+    caplog.set_level(logging.INFO, logger="metroline.operator")
     cluster.emulator.fail("POST", "/events$", 403, times=1000)
     await create(cluster, llmd_body())
     await cluster.wait_for(lambda: status(cluster).get("phase") == "Pending")
     await play_deployment_controller(cluster, ready=1)
     await cluster.wait_for(lambda: status(cluster).get("phase") == "Ready")
-    assert ours(cluster) == [] and operator.failures == {}
-    assert cluster.get(LLMD, "llama") is not None
+    await settle(operator)
+    assert ours(cluster) == []
+    assert any("could not record event" in r.getMessage() for r in caplog.records)
+    assert not any("reconcile ml/llama failed" in r.getMessage() for r in caplog.records)
+    # Each child was applied once: no reconcile failed and retried over a refused Event.
+    for child in ("/deployments/llama", "/services/llama"):
+        applies = [r for r in cluster.requests_to("PATCH", child) if r.url.path.endswith(child)]
+        assert len(applies) == 1, child

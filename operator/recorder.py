@@ -1,0 +1,115 @@
+"""Writes Events off the reconcile path, repeats folded into one Event as client-go does.
+
+``record`` never blocks and never raises: it puts the note on a bounded queue (a full queue
+drops it, logged) that one background task drains in order. Each write has its own short
+timeout and any failure is logged and dropped, so a slow or refusing events API delays and
+fails nothing else. An Event with the same involved object, type, reason and message as one
+written in the last ``window_s`` seconds is not written again: the earlier one's ``count`` goes
+up and its ``lastTimestamp`` moves (a crash loop shows as one Event seen N times, not N Events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from metroline.operator.events import EventNote, event_body
+from metroline.operator.kube import ApiError, KubeClient
+
+logger = logging.getLogger(__name__)
+
+_Key = tuple[str, str, str, str, str]  # namespace, owner uid or name, type, reason, message
+
+
+@dataclass
+class _Written:
+    name: str
+    count: int
+    last: float  # monotonic seconds of the latest occurrence
+
+
+class EventRecorder:
+    def __init__(
+        self, client: KubeClient, clock: Callable[[], str], instance: str, *,
+        queue_size: int = 256, timeout_s: float = 5.0, window_s: float = 600.0,
+        remember: int = 4096, monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
+        self.client, self.clock, self.instance = client, clock, instance
+        self.queue_size, self.timeout_s, self.window_s = queue_size, timeout_s, window_s
+        self.remember, self.monotonic = remember, monotonic
+        self._written: OrderedDict[_Key, _Written] = OrderedDict()
+        self._queue: asyncio.Queue[tuple[Mapping[str, Any], EventNote]] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._sequence = itertools.count()
+        self.dropped = 0
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue(self.queue_size)
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._task = self._queue = None
+
+    def record(self, llmd: Mapping[str, Any], note: EventNote) -> None:
+        """Queue an Event about LLMDeployment ``llmd``; returns at once."""
+        if self._queue is None:
+            return
+        try:
+            self._queue.put_nowait((llmd, note))
+        except asyncio.QueueFull:
+            self.dropped += 1
+            logger.warning("event queue full, dropped %s %s for %s", note.type, note.reason,
+                           llmd["metadata"]["name"])  # fmt: skip
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        while True:
+            llmd, note = await self._queue.get()
+            try:
+                await asyncio.wait_for(self._write(llmd, note), self.timeout_s)
+            except Exception as error:  # an Event is never worth failing anything for
+                meta = llmd["metadata"]
+                logger.info("could not record event %s for %s/%s: %s",
+                            note.reason, meta["namespace"], meta["name"], error)  # fmt: skip
+            finally:
+                self._queue.task_done()
+
+    async def idle(self) -> None:
+        """Wait until every queued Event has been written or dropped."""
+        if self._queue is not None:
+            await self._queue.join()
+
+    async def _write(self, llmd: Mapping[str, Any], note: EventNote) -> None:
+        meta = llmd["metadata"]
+        namespace = meta["namespace"]
+        key = (namespace, meta.get("uid") or meta["name"], note.type, note.reason, note.message)
+        now, seen = self.monotonic(), self._written.get(key)
+        if seen is not None and now - seen.last <= self.window_s:
+            try:
+                await self.client.patch_event(
+                    namespace, seen.name, {"count": seen.count + 1, "lastTimestamp": self.clock()}
+                )
+                seen.count, seen.last = seen.count + 1, now
+                self._written.move_to_end(key)
+                return
+            except ApiError as error:
+                if error.status != 404:  # 404: expired (the API server keeps Events ~1 h)
+                    raise
+        suffix = f"{time.time_ns():x}{next(self._sequence) % 4096:03x}"
+        event = event_body(llmd, note, self.clock(), self.instance, suffix)
+        await self.client.create_event(event)
+        self._written[key] = _Written(event["metadata"]["name"], 1, now)
+        self._written.move_to_end(key)
+        while len(self._written) > self.remember:
+            self._written.popitem(last=False)
