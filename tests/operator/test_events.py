@@ -269,7 +269,7 @@ async def test_refused_stalled_or_overflowing_events_never_block_or_raise():
     started = loop.time()
     for index in range(5):  # one in flight, two queued, two dropped
         recorder.record(live_body(), EventNote("Normal", "Created", f"created thing {index}"))
-    assert loop.time() - started < 0.05  # record() returned at once every time
+    assert loop.time() - started < 1.0  # record() returned at once, not after a 10 s write
     assert recorder.dropped >= 2
     await asyncio.wait_for(recorder.idle(), 5)  # each stalled write timed out
     api.stall_s = 0.0
