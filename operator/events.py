@@ -15,11 +15,12 @@ True. Conditions that change with the same reason and message give one event.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from metroline.operator import constants as c
+from metroline.operator.status import find_condition
 
 #: The API server's limit on an event's message for ``events.k8s.io``; kept for core events
 #: too (``kubectl describe`` is unreadable past it).
@@ -35,10 +36,6 @@ class EventNote:
     type: str  # "Normal" or "Warning"
     reason: str  # UpperCamelCase, as Kubernetes reasons are
     message: str
-
-
-def _find(conditions: Sequence[Mapping[str, Any]], kind: str) -> Mapping[str, Any] | None:
-    return next((cond for cond in conditions if cond.get("type") == kind), None)
 
 
 def _cut(message: str) -> str:
@@ -58,14 +55,14 @@ def condition_events(
     give one event, worded by the first condition and a Warning if any of them is a problem."""
     old = (previous or {}).get("conditions") or []
     new_all = current.get("conditions") or []
-    degraded = _find(new_all, "Degraded")
+    degraded = find_condition(new_all, "Degraded")
     degraded_reason = degraded["reason"] if degraded and degraded["status"] == "True" else None
-    ready_now = _find(new_all, "Ready")
-    ready_before = _find(old, "Ready")
+    ready_now = find_condition(new_all, "Ready")
+    ready_before = find_condition(old, "Ready")
     notes: dict[tuple[str, str], EventNote] = {}  # by (reason, condition message)
     for new in new_all:
         kind, status, reason = new["type"], new["status"], new["reason"]
-        before = _find(old, kind)
+        before = find_condition(old, kind)
         if before is not None and (before.get("status"), before.get("reason")) == (status, reason):
             continue
         outage = kind == "Ready" and status == "False" and reason != "ScaledToZero" and (

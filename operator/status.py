@@ -40,13 +40,20 @@ class _Verdict:
     degraded: tuple[str, str, str]
 
 
+def find_condition(
+    conditions: Sequence[Mapping[str, Any]], kind: str
+) -> Mapping[str, Any] | None:
+    """The condition of type ``kind`` in ``conditions``, or None."""
+    return next((cond for cond in conditions if cond.get("type") == kind), None)
+
+
 def condition(
     previous: Sequence[Mapping[str, Any]], kind: str, state: tuple[str, str, str],
     generation: int, now: str,
 ) -> dict[str, Any]:
     """A metav1.Condition; keeps the old lastTransitionTime while ``status`` is unchanged."""
     status, reason, message = state
-    old = next((cond for cond in previous if cond.get("type") == kind), None)
+    old = find_condition(previous, kind)
     since = old["lastTransitionTime"] if old and old.get("status") == status else now
     return {
         "type": kind, "status": status, "reason": reason, "message": message[:MAX_MESSAGE],
