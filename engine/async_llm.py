@@ -50,6 +50,11 @@ class RequestAbortedError(RuntimeError):
     """The server ended the request (e.g. the drain timeout passed)."""
 
 
+class RequestFailedError(RuntimeError):
+    """Serving this request raised inside the engine (a bug, met by this request alone:
+    the engine goes on serving the others)."""
+
+
 @dataclass(slots=True)
 class _RequestState:
     request_id: str
@@ -253,11 +258,19 @@ class AsyncLLM:
             self._core.send(
                 FinishRequests(processed.stopped_core_requests, RequestStatus.FINISHED_STOPPED)
             )
+        if processed.aborted_core_requests:
+            self._core.send(
+                FinishRequests(processed.aborted_core_requests, RequestStatus.FINISHED_ABORTED)
+            )
         for request_output in processed.request_outputs:
             state = self.requests.get(request_output.request_id)
             if state is None:
                 continue
-            state.queue.put_nowait(request_output)
+            if request_output.error is not None:
+                logger.error("request %s failed: %s", state.request_id, request_output.error)
+                state.queue.put_nowait(RequestFailedError(request_output.error))
+            else:
+                state.queue.put_nowait(request_output)
             if request_output.finished:
                 self._forget(state.request_id)
                 reasons = [c.finish_reason or "abort" for c in request_output.outputs]

@@ -91,12 +91,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer 503 + Retry-After once this many requests wait (default: no limit)",
     )
     server.add_argument("--drain-timeout", type=float, default=30.0)
+    limits = serve.add_argument_group("limits (defaults in docs/serving.md)")
+    limits.add_argument(
+        "--max-request-bytes", type=int, default=None, help="largest request body (413 beyond)"
+    )
+    limits.add_argument(
+        "--max-sequences-per-request",
+        type=int,
+        default=None,
+        help="largest prompts x n of one request (400 beyond)",
+    )
+    limits.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="open connections at most; idle ones are closed first, then 503",
+    )
+    limits.add_argument(
+        "--header-timeout", type=float, default=None, help="seconds to send a request's headers"
+    )
+    limits.add_argument(
+        "--keep-alive-timeout", type=float, default=None, help="seconds an idle connection lives"
+    )
+    limits.add_argument(
+        "--body-timeout", type=float, default=None, help="seconds to send a request's body"
+    )
     server.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     server.add_argument("--log-format", default="text", choices=["text", "json"])
     server.add_argument("--disable-uvicorn-access-log", action="store_true")
     return parser
+
+
+#: Server limits whose defaults live in ServerArgs (a flag left out keeps that default).
+_LIMIT_FLAGS = (
+    "max_request_bytes",
+    "max_sequences_per_request",
+    "max_connections",
+    "header_timeout",
+    "keep_alive_timeout",
+    "body_timeout",
+)
 
 
 def _model_path(model: str) -> str:
@@ -144,6 +180,7 @@ def run_serve(ns: argparse.Namespace) -> int:
             max_waiting_requests=ns.max_waiting_requests,
             drain_timeout=ns.drain_timeout,
             log_level=level,
+            **{name: value for name in _LIMIT_FLAGS if (value := getattr(ns, name)) is not None},
             log_format=ns.log_format,
             access_log=not ns.disable_uvicorn_access_log,
         )
@@ -164,6 +201,10 @@ def run_serve(ns: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # OpenMP threads (torch's CPU ops) sleep when idle instead of spinning: under CPU
+    # contention (a throttled pod, tokenizer threads, a busy CI machine) spinning threads
+    # made CPU steps ten times slower. Set before torch loads, here and in every child.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     ns = build_parser().parse_args(argv)
     try:
         if ns.command == "serve":

@@ -23,6 +23,7 @@ from metroline.engine.kv_cache_manager import KVCacheManager
 from metroline.engine.outputs import EngineCoreOutput
 from metroline.engine.request import EngineCoreRequest, Request, RequestStatus
 from metroline.engine.runner_output import StepResult
+from metroline.engine.sampling_params import shown
 from metroline.engine.scheduler import Scheduler, SchedulerStats
 from metroline.engine.scheduler_output import SchedulerOutput
 
@@ -153,4 +154,7 @@ def validate_request(spec: EngineCoreRequest, config: EngineConfig) -> None:
         )
     bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
     if bad:
-        raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {shown(bad[:5])}")
+    bad = [t for t in spec.sampling_params.stop_token_ids if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"stop_token_ids must be token ids in [0, {vocab}); got {shown(bad[:5])}")

@@ -151,8 +151,11 @@ def build_sampling_metadata(
         return host_to_device(values, dtype, device)
 
     top_k = top_p = min_p = None
-    if any(p.top_k > 0 and not p.greedy for p in params):
-        top_k = column([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64)
+    # A top_k of the vocabulary size or more keeps every token: it is no filter.
+    if any(0 < p.top_k < vocab_size and not p.greedy for p in params):
+        top_k = column(
+            [min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params], torch.int64
+        )
     if any(p.top_p < 1 and not p.greedy for p in params):
         top_p = column([p.top_p for p in params])
     if any(p.min_p > 0 and not p.greedy for p in params):

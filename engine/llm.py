@@ -27,7 +27,9 @@ class LLM:
 
     ``generate`` adds every prompt, runs engine steps until all are done, and returns one
     :class:`RequestOutput` per prompt in input order. A bad prompt or parameter raises
-    ``ValueError`` before anything is queued.
+    ``ValueError`` before anything is queued. A request that fails while it runs (a bug met
+    by that request alone) comes back with ``error`` set and a sequence finished with
+    reason "error"; the others are unaffected.
     """
 
     def __init__(
@@ -140,7 +142,11 @@ class LLM:
                         core.finish_requests(
                             step.stopped_core_requests, RequestStatus.FINISHED_STOPPED
                         )
+                    if step.aborted_core_requests:
+                        core.abort_requests(step.aborted_core_requests)
                     for result in step.request_outputs:
+                        if result.error is not None:
+                            logger.error("request %s failed: %s", result.request_id, result.error)
                         results[order[result.request_id]] = result
                         progress.update(1)
         except BaseException:

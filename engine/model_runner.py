@@ -1,4 +1,10 @@
-"""Runs one engine step on one device: step inputs -> model -> logits -> sampled tokens."""
+"""Runs one engine step on one device: step inputs -> model -> logits -> sampled tokens.
+
+A request whose inputs cannot be built, or whose sampling raises, fails alone: the step
+runs without it (inputs) or gives it a placeholder token (sampling), and the step's result
+names it with the reason, so the scheduler finishes it with an error. Faults that
+:func:`~metroline.engine.faults.poisons_engine` still stop the engine.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import logging
 import torch
 from torch import nn
 
+from metroline.engine import faults
 from metroline.engine.config import EngineConfig
 from metroline.engine.cuda_graphs import StepGraphs, mixed_pool_bytes, use_mixed_step_graphs
 from metroline.engine.distributed import get_tp_group
@@ -96,10 +103,10 @@ class ModelRunner:
         self.update_states(scheduled)
         if scheduled.is_empty:
             return StepResult.empty(self.is_driver)
-        inputs = build_step_inputs(
-            scheduled, self.states, self.block_size, self.device, self.previous_sample
-        )
+        inputs, failed = self._build_inputs(scheduled)
         started = timer.stop("runner.build_inputs", started)
+        if inputs is None:  # every request of the step failed
+            return StepResult.empty(self.is_driver, failed)
         graphs = self.step_graphs
         num_tokens, num_seqs = inputs.input_ids.shape[0], len(scheduled.num_scheduled_tokens)
         key = graphs.key_for(num_seqs, num_tokens) if graphs is not None else None
@@ -110,15 +117,52 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
             started = timer.stop("runner.forward_eager", started)
         if not inputs.sampled_request_ids:
-            return StepResult.empty(self.is_driver)
+            return StepResult.empty(self.is_driver, failed)
         try:
-            return self._sample(hidden, inputs)
+            return self._sample(hidden, inputs, failed)
         finally:
             timer.stop("runner.logits_and_sampling", started)
 
-    def _sample(self, hidden: torch.Tensor, inputs: StepInputs) -> StepResult:
+    def _build_inputs(self, scheduled: SchedulerOutput) -> tuple[StepInputs | None, dict[str, str]]:
+        """The step's inputs, and the requests left out because theirs could not be built.
+        Only when the whole step fails is each request tried alone, to find the culprits;
+        every rank finds the same ones (their states and plans are alike)."""
+        try:
+            return self._build_inputs_of(scheduled), {}
+        except Exception as error:
+            if faults.poisons_engine(error):
+                raise
+            whole_step_error = error
+        failed: dict[str, str] = {}
+        for request_id in scheduled.num_scheduled_tokens:
+            try:
+                self._build_inputs_of(scheduled.without(_others(scheduled, request_id)))
+            except Exception as error:
+                if faults.poisons_engine(error):
+                    raise
+                failed[request_id] = f"building its inputs failed: {_describe(error)}"
+        if not failed:  # no single request explains it
+            raise whole_step_error
+        logger.error("step inputs failed for %d request(s): %s", len(failed), failed)
+        remaining = scheduled.without(failed)
+        if remaining.is_empty:
+            return None, failed
+        return self._build_inputs_of(remaining), failed
+
+    def _build_inputs_of(self, scheduled: SchedulerOutput) -> StepInputs:
+        if faults.ACTIVE:
+            for request_id in scheduled.num_scheduled_tokens:
+                faults.inject("inputs", request_id)
+        return build_step_inputs(
+            scheduled, self.states, self.block_size, self.device, self.previous_sample
+        )
+
+    def _sample(
+        self, hidden: torch.Tensor, inputs: StepInputs, failed: dict[str, str]
+    ) -> StepResult:
         """Logits of the sampling rows, gathered to the driver, which samples (and with
-        asynchronous TP broadcasts the tokens)."""
+        asynchronous TP broadcasts the tokens). ``failed`` (requests whose inputs failed)
+        gains the requests whose sampling fails."""
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         if logits is None:  # a worker rank: the driver samples
             if self.share_samples:
@@ -126,21 +170,59 @@ class ModelRunner:
                     len(inputs.sampled_request_ids), dtype=torch.int64, device=self.device
                 )
                 self._remember_sample(get_tp_group().broadcast(tokens), inputs)
-            return StepResult.empty(is_driver=False)
+            return StepResult.empty(is_driver=False, failed=failed)
         logits = logits.float()
         states = [self.states[r] for r in inputs.sampled_request_ids]
-        if all(_plain_greedy(state) for state in states):
-            tokens, logprobs = logits.argmax(dim=-1), {}
-        else:
-            meta = build_sampling_metadata(states, self.vocab_size, self.device)
-            result = self.sampler(logits, meta)
-            tokens, logprobs = result.sampled, {}
-            if meta.max_num_logprobs is not None:  # log-probs were read back already
-                logprobs = _wanted_logprobs(states, tokens.tolist(), result.logprobs)
+        generators = [s.generator for s in states if s.generator is not None]
+        saved = [g.get_state() for g in generators]
+        try:
+            tokens, logprobs = self._sample_rows(logits, states)
+        except Exception as error:
+            if faults.poisons_engine(error):
+                raise
+            for generator, state in zip(generators, saved):
+                generator.set_state(state)  # the retry draws what the batch would have
+            tokens, logprobs = self._sample_each_row(logits, states, failed)
         if self.share_samples:
             tokens = get_tp_group().broadcast(tokens.to(torch.int64).contiguous())
         self._remember_sample(tokens, inputs)
-        return StepResult(inputs.sampled_request_ids, tokens, logprobs)
+        return StepResult(inputs.sampled_request_ids, tokens, logprobs, failed)
+
+    def _sample_rows(
+        self, logits: torch.Tensor, states: list[CachedRequestState]
+    ) -> tuple[torch.Tensor, dict[str, PositionLogprobs]]:
+        """One token per row of ``logits`` (``[rows, vocab]`` fp32) and the log-probs asked."""
+        if faults.ACTIVE:
+            for state in states:
+                faults.inject("sampling", state.request_id)
+        if all(_plain_greedy(state) for state in states):
+            return logits.argmax(dim=-1), {}
+        meta = build_sampling_metadata(states, self.vocab_size, self.device)
+        result = self.sampler(logits, meta)
+        logprobs = {}
+        if meta.max_num_logprobs is not None:  # log-probs were read back already
+            logprobs = _wanted_logprobs(states, result.sampled.tolist(), result.logprobs)
+        return result.sampled, logprobs
+
+    def _sample_each_row(
+        self, logits: torch.Tensor, states: list[CachedRequestState], failed: dict[str, str]
+    ) -> tuple[torch.Tensor, dict[str, PositionLogprobs]]:
+        """After a batch failed: each row alone (a row draws the same as in the batch, its
+        transforms being per row); a row that fails gets token 0 and joins ``failed``."""
+        rows: list[torch.Tensor] = []
+        logprobs: dict[str, PositionLogprobs] = {}
+        for row, state in enumerate(states):
+            try:
+                tokens, row_logprobs = self._sample_rows(logits[row : row + 1], [state])
+            except Exception as error:
+                if faults.poisons_engine(error):
+                    raise
+                failed[state.request_id] = f"sampling failed: {_describe(error)}"
+                tokens = torch.zeros(1, dtype=torch.int64, device=logits.device)
+            rows.append(tokens.to(torch.int64))
+            logprobs.update(row_logprobs)
+        logger.error("sampling failed for %d request(s): %s", len(failed), failed)
+        return torch.cat(rows), logprobs
 
     def _remember_sample(self, tokens: torch.Tensor, inputs: StepInputs) -> None:
         self.previous_sample = PreviousSample(
@@ -194,6 +276,15 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[:rows])
         if logits is not None:
             torch.softmax(logits.float(), dim=-1).sort(dim=-1)
+
+
+def _others(scheduled: SchedulerOutput, request_id: str) -> set[str]:
+    return {r for r in scheduled.num_scheduled_tokens if r != request_id}
+
+
+def _describe(error: Exception) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= 500 else text[:497] + "..."
 
 
 def _plain_greedy(state: CachedRequestState) -> bool:

@@ -2,14 +2,20 @@
 
 Detokenises incrementally, ends sequences on stop strings (telling the caller which core
 requests to finish), and gathers the ``n`` sequences of a request into one output.
+
+A request fails alone: when one of its sequences finishes with an error in the core, or
+processing one of its outputs here raises, the request ends at once with ``error`` set,
+its other sequences are aborted (the caller tells the core), and other requests go on.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from metroline.engine import faults
 from metroline.engine.detokenizer import IncrementalDetokenizer
 from metroline.engine.outputs import (
     CompletionOutput,
@@ -18,6 +24,8 @@ from metroline.engine.outputs import (
     RequestOutput,
 )
 from metroline.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,6 +39,8 @@ class _Sequence:
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    #: Why this sequence failed (finish_reason "error").
+    error: str | None = None
 
     @property
     def text(self) -> str:
@@ -62,12 +72,19 @@ class _Request:
     def finished(self) -> bool:
         return all(s.finish_reason is not None for s in self.sequences)
 
+    @property
+    def error(self) -> str | None:
+        return next((s.error for s in self.sequences if s.error is not None), None)
+
 
 @dataclass
 class ProcessedOutputs:
     request_outputs: list[RequestOutput]
     #: Core requests that a stop string ended: the caller finishes them in the core.
     stopped_core_requests: list[str]
+    #: Core requests to abort in the core: siblings of a failed sequence, and sequences
+    #: whose output could not be processed here.
+    aborted_core_requests: list[str] = field(default_factory=list)
 
 
 class OutputProcessor:
@@ -134,7 +151,8 @@ class OutputProcessor:
 
     def process_outputs(self, core_outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
         changed: dict[str, _Request] = {}
-        stopped = []
+        stopped: list[str] = []
+        aborted: list[str] = []
         now = time.monotonic()
         for output in core_outputs:
             sequence = self.sequence_of.get(output.request_id)
@@ -144,8 +162,19 @@ class OutputProcessor:
             if request.first_token_time is None:
                 request.first_token_time = now
             request.num_cached_tokens = max(request.num_cached_tokens, output.num_cached_tokens)
-            if self._append(sequence, output):
-                stopped.append(output.request_id)
+            try:
+                if faults.ACTIVE:
+                    faults.inject("detokenize", output.request_id)
+                if self._append(sequence, output):
+                    stopped.append(output.request_id)
+            except Exception as error:  # this request's output alone
+                logger.exception("processing an output of %s failed", output.request_id)
+                sequence.finish_reason = "error"
+                sequence.error = f"processing its output failed: {type(error).__name__}: {error}"
+                if not output.finished:
+                    aborted.append(output.request_id)
+            if sequence.error is not None:
+                aborted.extend(_abort_siblings(request))
             changed[request.request_id] = request
         results = []
         for request in changed.values():
@@ -157,7 +186,7 @@ class OutputProcessor:
                     self.request_of.pop(sequence.core_request_id, None)
             if request.stream or finished:
                 results.append(self._request_output(request, finished))
-        return ProcessedOutputs(results, stopped)
+        return ProcessedOutputs(results, stopped, aborted)
 
     def _append(self, sequence: _Sequence, output: EngineCoreOutput) -> bool:
         """Add one step's tokens; True when a stop string ended the sequence here."""
@@ -176,7 +205,8 @@ class OutputProcessor:
             return not output.finished
         if output.finished:
             sequence.finish_reason, sequence.stop_reason = output.finish_reason, output.stop_reason
-            if sequence.detokenizer is not None:
+            sequence.error = output.error
+            if sequence.detokenizer is not None and output.error is None:
                 sequence.detokenizer.flush()
         return False
 
@@ -210,4 +240,15 @@ class OutputProcessor:
             finished=finished,
             num_cached_tokens=request.num_cached_tokens,
             metrics=metrics,
+            error=request.error,
         )
+
+
+def _abort_siblings(request: _Request) -> list[str]:
+    """End the unfinished sequences of a failed request; their core ids, to abort."""
+    pending = []
+    for sibling in request.sequences:
+        if sibling.finish_reason is None:
+            sibling.finish_reason = "abort"
+            pending.append(sibling.core_request_id)
+    return pending

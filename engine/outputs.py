@@ -26,9 +26,11 @@ class EngineCoreOutput:
     request_id: str
     new_token_ids: list[int]
     new_logprobs: list[PositionLogprobs] | None = None
-    finish_reason: str | None = None  # "stop", "length" or "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    #: Why serving this request failed (with finish_reason "error").
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -64,3 +66,6 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    #: Set when serving the request failed: one sequence finished with reason "error" and
+    #: its siblings were aborted. Other requests are not affected.
+    error: str | None = None

@@ -16,6 +16,8 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    #: An exception while serving this request alone (its inputs, sampling, detokenising).
+    FINISHED_ERROR = "error"
 
     @property
     def finished(self) -> bool:
@@ -26,6 +28,7 @@ _FINISHED = {
     RequestStatus.FINISHED_STOPPED,
     RequestStatus.FINISHED_LENGTH,
     RequestStatus.FINISHED_ABORTED,
+    RequestStatus.FINISHED_ERROR,
 }
 
 

@@ -15,7 +15,7 @@ class FinishedRequest:
     request_id: str
     num_prompt_tokens: int
     num_output_tokens: int
-    #: One per sequence: "stop", "length" or "abort".
+    #: One per sequence: "stop", "length", "abort" or "error".
     finish_reasons: list[str]
     arrival_time: float
     scheduled_time: float | None
@@ -27,8 +27,12 @@ class FinishedRequest:
 
     @property
     def finish_reason(self) -> str:
-        """The request's reason: "abort" if any sequence was aborted, else the first's."""
-        return "abort" if "abort" in self.finish_reasons else self.finish_reasons[0]
+        """The request's reason: "error" if any sequence failed, else "abort" if any was
+        aborted, else the first's."""
+        for reason in ("error", "abort"):
+            if reason in self.finish_reasons:
+                return reason
+        return self.finish_reasons[0]
 
     @property
     def ttft(self) -> float | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from metroline.engine.outputs import PositionLogprobs
@@ -10,10 +10,13 @@ from metroline.engine.outputs import PositionLogprobs
 
 @dataclass(slots=True)
 class ModelRunnerOutput:
-    """Tokens sampled in one step, for the requests that finished their known tokens."""
+    """Tokens sampled in one step, for the requests that finished their known tokens, and
+    the requests the step failed (building their inputs, or sampling) with the reason.
+    A failed request has no token here."""
 
     sampled_token_ids: dict[str, int]
     logprobs: dict[str, PositionLogprobs]
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 class StepResult:
@@ -26,9 +29,12 @@ class StepResult:
         request_ids: list[str],
         tokens: Any | None,  # [num_sampled] int64 tensor (device), a list, or None
         logprobs: dict[str, PositionLogprobs],
+        failed: dict[str, str] | None = None,
     ) -> None:
         self.request_ids = request_ids
         self.logprobs = logprobs
+        #: Request id -> why the step failed it (its row of ``tokens`` is a placeholder).
+        self.failed = failed or {}
         self._ready: Any | None = None
         if tokens is not None and not isinstance(tokens, list) and tokens.is_cuda:
             import torch
@@ -41,9 +47,9 @@ class StepResult:
         self._tokens = tokens
 
     @classmethod
-    def empty(cls, is_driver: bool = True) -> StepResult:
+    def empty(cls, is_driver: bool = True, failed: dict[str, str] | None = None) -> StepResult:
         """A step that sampled nothing (``result()`` is None on non-driver ranks)."""
-        return cls([], [] if is_driver else None, {})
+        return cls([], [] if is_driver else None, {}, failed)
 
     def result(self) -> ModelRunnerOutput | None:
         if self._tokens is None:
@@ -51,4 +57,5 @@ class StepResult:
         if self._ready is not None:
             self._ready.synchronize()
         tokens = self._tokens if isinstance(self._tokens, list) else self._tokens.tolist()
-        return ModelRunnerOutput(dict(zip(self.request_ids, tokens)), self.logprobs)
+        sampled = {r: t for r, t in zip(self.request_ids, tokens) if r not in self.failed}
+        return ModelRunnerOutput(sampled, self.logprobs, self.failed)

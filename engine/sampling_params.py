@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 #: Temperatures below this are treated as greedy decoding.
@@ -11,15 +12,30 @@ GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
 #: Seeds a torch generator accepts (a 64-bit value, signed or not).
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+#: Most sequences one request may ask for (OpenAI's limit on ``n``).
+MAX_N = 128
+#: Largest count a request may give (``top_k``, ``max_tokens``, ``min_tokens``, token ids):
+#: every count fits the int32 and int64 tensors it ends up in.
+MAX_COUNT = 2**31 - 1
+#: Most stop strings per request, and the longest one (characters): each new piece of text
+#: is searched for every stop string, so together they bound that work per token.
+MAX_STOP_STRINGS = 32
+MAX_STOP_STRING_CHARS = 256
+#: Most stop token ids per request.
+MAX_STOP_TOKEN_IDS = 256
 
 
 @dataclass
 class SamplingParams:
     """How to pick each next token, and when to stop (the vLLM field set).
 
-    Invariant after construction: every field is within its documented range, ``stop`` is a
-    tuple of non-empty strings and ``stop_token_ids`` a tuple of non-negative ints. A bad value
-    raises ``ValueError`` naming the field and what is allowed.
+    Invariant after construction: every field is within its documented range (numbers are
+    finite, counts at most :data:`MAX_COUNT`), ``stop`` is a tuple of at most
+    :data:`MAX_STOP_STRINGS` non-empty strings of at most :data:`MAX_STOP_STRING_CHARS`
+    characters and ``stop_token_ids`` a tuple of at most :data:`MAX_STOP_TOKEN_IDS` ints in
+    ``[0, MAX_COUNT]`` (the engine checks them against the vocabulary). A bad value raises
+    ``ValueError`` naming the field and what is allowed. A ``top_k`` above the vocabulary
+    size keeps every token, as ``-1`` does.
     """
 
     n: int = 1
@@ -43,22 +59,25 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
-        self.stop = tuple(self.stop or ())
-        self.stop_token_ids = tuple(self.stop_token_ids or ())
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise ValueError(f"{name} must be a list, got {type(value).__name__}")
+            setattr(self, name, tuple(value or ()))
         self._validate()
 
     def _validate(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
-            return ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+            return ValueError(f"{name} must be {allowed}, got {shown(getattr(self, name))}")
 
-        if not _is_int(self.n) or self.n < 1:
-            raise bad("n", "an integer >= 1")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise bad("n", f"an integer in [1, {MAX_N}]")
         if not _is_number(self.temperature) or self.temperature < 0:
-            raise bad("temperature", "a number >= 0 (0 means greedy)")
+            raise bad("temperature", "a finite number >= 0 (0 means greedy)")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", "in (0, 1]")
-        if not _is_int(self.top_k) or (self.top_k < 1 and self.top_k not in (-1, 0)):
-            raise bad("top_k", "-1 or 0 (disabled) or an integer >= 1")
+        if not _is_int(self.top_k) or not (self.top_k in (-1, 0) or 1 <= self.top_k <= MAX_COUNT):
+            raise bad("top_k", f"-1 or 0 (disabled) or an integer in [1, {MAX_COUNT}]")
         if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad("min_p", "in [0, 1]")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -66,24 +85,36 @@ class SamplingParams:
             if not _is_number(value) or not -2 <= value <= 2:
                 raise bad(name, "in [-2, 2]")
         if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "a number > 0 (1 disables it)")
+            raise bad("repetition_penalty", "a finite number > 0 (1 disables it)")
         if self.seed is not None and (
             not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX - (self.n - 1)
         ):
             # n > 1 gives sequence i the seed ``seed + i``: all of them must be valid.
             raise bad("seed", f"an integer in [{SEED_MIN}, {SEED_MAX} - (n - 1)] or None")
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            raise bad("max_tokens", "an integer >= 1 (or None: up to max_model_len)")
-        if not _is_int(self.min_tokens) or self.min_tokens < 0:
-            raise bad("min_tokens", "an integer >= 0")
+        if self.max_tokens is not None and not _is_count(self.max_tokens, 1):
+            raise bad(
+                "max_tokens", f"an integer in [1, {MAX_COUNT}] (or None: up to max_model_len)"
+            )
+        if not _is_count(self.min_tokens, 0):
+            raise bad("min_tokens", f"an integer in [0, {MAX_COUNT}]")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
             )
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise bad("stop", "a non-empty string or a list of non-empty strings")
-        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
-            raise bad("stop_token_ids", "a list of token ids >= 0")
+        if len(self.stop) > MAX_STOP_STRINGS or any(
+            not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_STRING_CHARS for s in self.stop
+        ):
+            raise ValueError(
+                f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings, each "
+                f"of 1 to {MAX_STOP_STRING_CHARS} characters"
+            )
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS or any(
+            not _is_count(t, 0) for t in self.stop_token_ids
+        ):
+            raise ValueError(
+                f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} token ids in "
+                f"[0, {MAX_COUNT}]"
+            )
         if self.logprobs is not None and (
             not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
@@ -110,5 +141,26 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def shown(value: object) -> str:
+    """A value for an error message, cut short (a client may send a huge one)."""
+    if _is_int(value) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    if isinstance(value, (list, tuple)):
+        text = "[" + ", ".join(shown(item) for item in value[:5])
+        return text + (", ...]" if len(value) > 5 else "]")
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_count(value: object, lowest: int) -> bool:
+    return _is_int(value) and lowest <= value <= MAX_COUNT
+
+
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    """A finite int or float (NaN and infinities are not numbers here)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False

@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from metroline.engine import faults
 from metroline.engine.block_pool import KVBlock
 from metroline.engine.config import SchedulerConfig
 from metroline.engine.kv_cache_manager import KVCacheManager
@@ -173,35 +174,71 @@ class Scheduler:
     def update_from_output(
         self, scheduled: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
-        """Append the tokens the step sampled and finish requests that stop."""
+        """Append the tokens the step sampled and finish requests that stop; finish with an
+        error the requests the step failed, and any whose token cannot be taken (the others
+        go on)."""
         outputs = []
         any_finished = False
+        for request_id, message in runner_output.failed.items():
+            request = self.requests.get(request_id)
+            if request is not None:
+                outputs.append(self._fail(request, message))
+                any_finished = True
         for request_id in scheduled.sampling_request_ids:
             request = self.requests.get(request_id)
             if request is None:
-                continue  # finished or aborted while the step ran: the token is dropped
-            request.num_pending_samples -= 1
-            token = runner_output.sampled_token_ids[request_id]
-            request.append_output_token(token)
-            status = self._stop_status(request, token)
-            logprobs = runner_output.logprobs.get(request_id)
-            output = EngineCoreOutput(
-                request_id=request_id,
-                new_token_ids=[token],
-                new_logprobs=[logprobs] if logprobs is not None else None,
-                num_cached_tokens=max(request.num_cached_tokens, 0),
-            )
-            if status is not None:
-                any_finished = True
-                if request.status != RequestStatus.RUNNING:
-                    self.waiting.remove(request)  # preempted while its token was sampled
-                self._finish(request, status)
-                output.finish_reason = status.value
-                output.stop_reason = request.stop_reason
+                continue  # finished, aborted or failed while the step ran: no token
+            try:
+                output = self._take_token(request, runner_output)
+            except Exception as error:
+                if faults.poisons_engine(error):
+                    raise
+                logger.exception("taking the sampled token of %s failed", request_id)
+                output = self._fail(request, f"taking its token failed: {error}")
+            any_finished = any_finished or output.finished
             outputs.append(output)
         if any_finished:
             self.running = [r for r in self.running if r.status == RequestStatus.RUNNING]
         return outputs
+
+    def _take_token(self, request: Request, runner_output: ModelRunnerOutput) -> EngineCoreOutput:
+        request_id = request.request_id
+        if faults.ACTIVE:
+            faults.inject("update", request_id)
+        request.num_pending_samples -= 1
+        token = runner_output.sampled_token_ids[request_id]
+        request.append_output_token(token)
+        status = self._stop_status(request, token)
+        logprobs = runner_output.logprobs.get(request_id)
+        output = EngineCoreOutput(
+            request_id=request_id,
+            new_token_ids=[token],
+            new_logprobs=[logprobs] if logprobs is not None else None,
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+        )
+        if status is not None:
+            self._finish_anywhere(request, status)
+            output.finish_reason = status.value
+            output.stop_reason = request.stop_reason
+        return output
+
+    def _fail(self, request: Request, message: str) -> EngineCoreOutput:
+        """Finish ``request`` with an error (its blocks return at once)."""
+        self._finish_anywhere(request, RequestStatus.FINISHED_ERROR)
+        return EngineCoreOutput(
+            request_id=request.request_id,
+            new_token_ids=[],
+            finish_reason=RequestStatus.FINISHED_ERROR.value,
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+            error=message,
+        )
+
+    def _finish_anywhere(self, request: Request, status: RequestStatus) -> None:
+        """Finish a request that may be running or, preempted while its step ran, waiting;
+        the caller drops finished requests from ``running``."""
+        if request.status != RequestStatus.RUNNING:
+            self.waiting.remove(request)
+        self._finish(request, status)
 
     # ---- internals -----------------------------------------------------------------------
 

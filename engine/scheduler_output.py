@@ -52,6 +52,20 @@ class SchedulerOutput:
     #: token for each, in this order.
     sampling_request_ids: list[str] = field(default_factory=list)
 
+    def without(self, request_ids: set[str] | dict[str, str]) -> SchedulerOutput:
+        """This plan less some requests (whose inputs could not be built); every rank drops
+        the same ones, so their batches stay alike."""
+        return SchedulerOutput(
+            new_requests=[r for r in self.new_requests if r.request_id not in request_ids],
+            cached_requests=[r for r in self.cached_requests if r.request_id not in request_ids],
+            num_scheduled_tokens={
+                r: n for r, n in self.num_scheduled_tokens.items() if r not in request_ids
+            },
+            finished_request_ids=self.finished_request_ids,
+            preempted_request_ids=self.preempted_request_ids,
+            sampling_request_ids=[r for r in self.sampling_request_ids if r not in request_ids],
+        )
+
     @property
     def total_num_scheduled_tokens(self) -> int:
         return sum(self.num_scheduled_tokens.values())

@@ -16,6 +16,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# As `metroline serve` does: idle OpenMP threads sleep, so a loaded machine does not turn
+# each CPU step into a spin-wait contest (ten times slower, seen with both cores busy).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 VOCAB_SIZE = 512
 EOS_ID = 0

@@ -1,19 +1,21 @@
-"""The FastAPI application: routers per area, OpenAI error bodies, auth on ``/v1/*``, an
-in-flight counter that also refuses new work while draining, and a lifespan that loads the
-model in the background (probes answer while it loads) and stops the engine core at exit."""
+"""The FastAPI application: routers per area, OpenAI error bodies, a gate on ``/v1/*`` (API
+key, content type, body limits: :mod:`~metroline.engine.server.gate`), an in-flight counter
+that also refuses new work while draining, and a lifespan that loads the model in the
+background (probes answer while it loads) and stops the engine core at exit."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from metroline.engine.config import EngineConfig
 from metroline.engine.server.args import ServerArgs
-from metroline.engine.server.auth import require_api_key
+from metroline.engine.server.auth import SECURITY_SCHEME
 from metroline.engine.server.errors import install_error_handlers, unavailable
+from metroline.engine.server.gate import RequestGate
 from metroline.engine.server.routers import chat, completions, health, models
 from metroline.engine.server.state import ServerState
 
@@ -67,11 +69,11 @@ def build_app(
     app.state.server = state
     install_error_handlers(app)
     app.add_middleware(InFlightMiddleware, state=state)
+    app.add_middleware(RequestGate, args=args)  # added last: runs first
     app.include_router(health.router, tags=["probes"])
-    protected = [Depends(require_api_key)] if args.api_key else []
-    app.include_router(models.router, dependencies=protected, tags=["openai"])
-    app.include_router(completions.router, dependencies=protected, tags=["openai"])
-    app.include_router(chat.router, dependencies=protected, tags=["openai"])
+    app.include_router(models.router, tags=["openai"])
+    app.include_router(completions.router, tags=["openai"])
+    app.include_router(chat.router, tags=["openai"])
     app.openapi = lambda: _openapi(app)
     return app
 
@@ -82,9 +84,14 @@ def _openapi(app: FastAPI) -> dict:
         schema = get_openapi(
             title=app.title, version=app.version, summary=app.summary, routes=app.routes
         )
-        for path in schema.get("paths", {}).values():
+        api_key = app.state.server.args.api_key
+        for route, path in schema.get("paths", {}).items():
             for operation in path.values():
                 operation.get("responses", {}).pop("422", None)
+                if api_key and route.startswith("/v1/"):
+                    operation["security"] = [{"bearer": []}]
+        if api_key:
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": SECURITY_SCHEME}
         components = schema.get("components", {}).get("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)

@@ -28,6 +28,20 @@ class ServerArgs:
     #: ``None``: never shed load; otherwise 503 once this many requests wait unscheduled.
     max_waiting_requests: int | None = None
     drain_timeout: float = 30.0
+    #: Largest request body in bytes; a larger one is answered 413 before it is read whole.
+    max_request_bytes: int = 16 * 2**20
+    #: Largest number of sequences (prompts x ``n``) one request may ask for (400 beyond).
+    max_sequences_per_request: int = 256
+    #: Open client connections at most (lowered at start to fit the file-descriptor limit);
+    #: past it, the longest-idle connection is closed, or the new one answered 503.
+    max_connections: int = 4096
+    #: Seconds a connection may take to send a request's headers (from its first byte, or
+    #: from the connection's start for the first request).
+    header_timeout: float = 10.0
+    #: Seconds an idle keep-alive connection stays open between requests.
+    keep_alive_timeout: float = 5.0
+    #: Seconds a client may take to send a request's body (408 beyond).
+    body_timeout: float = 60.0
     log_level: int = logging.INFO
     log_format: str = "text"
     access_log: bool = True
@@ -48,8 +62,14 @@ class ServerArgs:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0; got {value}")
-        if self.drain_timeout < 0:
-            raise ValueError(f"--drain-timeout must be >= 0; got {self.drain_timeout}")
+        for name in ("drain_timeout", "header_timeout", "keep_alive_timeout", "body_timeout"):
+            value = getattr(self, name)
+            if not value >= 0 or value == float("inf"):  # NaN fails the first test
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 and finite; got {value}")
+        for name in ("max_request_bytes", "max_sequences_per_request", "max_connections"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {value}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in [0, 65535]; got {self.port}")
         if self.log_format not in ("text", "json"):

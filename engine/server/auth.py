@@ -1,35 +1,29 @@
-"""Bearer-token auth for ``/v1/*`` (probes and metrics stay open)."""
+"""Bearer-token auth for ``/v1/*`` (probes and metrics stay open), checked from the headers
+alone by :class:`~metroline.engine.server.gate.RequestGate`, before any byte of the body is
+read: a client without the key costs the server nothing but its headers."""
 
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
-
-from fastapi import Request, Security
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from metroline.engine.server.errors import OpenAIError
 
-#: Declares the scheme in the OpenAPI schema; the check itself is ours (OpenAI error body).
-bearer = HTTPBearer(auto_error=False, description="The server's --api-key")
+#: The OpenAPI security scheme the schema declares for ``/v1/*`` when a key is set.
+SECURITY_SCHEME = {"type": "http", "scheme": "bearer", "description": "The server's --api-key"}
 
 
-async def require_api_key(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
-) -> None:
-    """``Authorization: Bearer <key>`` must match the configured key (compared in constant
-    time); otherwise a 401 in OpenAI's shape. Only installed when a key is configured."""
-    expected = request.app.state.server.args.api_key
-    token = credentials.credentials if credentials is not None else ""
-    if (
-        credentials is None
-        or credentials.scheme.lower() != "bearer"
-        or not hmac.compare_digest(token.encode(), expected.encode())
-    ):
-        raise OpenAIError(
-            401,
-            "missing or incorrect API key: send 'Authorization: Bearer <key>'",
-            code="invalid_api_key",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+def api_key_matches(authorization: str | None, expected: str) -> bool:
+    """``Authorization: Bearer <key>`` carries ``expected`` (compared in constant time)."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(token.strip().encode(), expected.encode())
+
+
+def missing_api_key() -> OpenAIError:
+    return OpenAIError(
+        401,
+        "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+        code="invalid_api_key",
+        headers={"WWW-Authenticate": "Bearer"},
+    )

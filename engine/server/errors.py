@@ -21,8 +21,9 @@ logger = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
 
 
-class OpenAIError(Exception):
-    """An error to answer with an OpenAI error body."""
+class OpenAIError(StarletteHTTPException):
+    """An error to answer with an OpenAI error body. An HTTP exception, so that one raised
+    while FastAPI reads the body (by the body limits) reaches its handler unchanged."""
 
     def __init__(
         self,
@@ -33,7 +34,7 @@ class OpenAIError(Exception):
         error_type: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(status_code=status, detail=message, headers=headers)
         self.status = status
         self.message = message
         self.param = param
@@ -41,13 +42,14 @@ class OpenAIError(Exception):
         self.error_type = error_type or _default_type(status)
         self.headers = headers
 
-    def response(self) -> JSONResponse:
-        body = ErrorResponse(
-            error=ErrorInfo(
-                message=self.message, type=self.error_type, param=self.param, code=self.code
-            )
+    def body(self) -> dict:
+        info = ErrorInfo(
+            message=self.message, type=self.error_type, param=self.param, code=self.code
         )
-        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
+        return ErrorResponse(error=info).model_dump()
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:

@@ -24,6 +24,9 @@ _TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 
 _LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                     50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
 
+_LOOP_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                     30.0)  # fmt: skip
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -82,6 +85,11 @@ class ServerMetrics:
         ).labels(**name)
         self.queue_time = histogram(
             "request_queue_time_seconds", "Arrival to first scheduling.", _LATENCY_BUCKETS
+        ).labels(**name)
+        self.loop_lag = histogram(
+            "event_loop_lag_seconds",
+            "How late the API server's event loop ran a 0.1 s timer (time it was busy).",
+            _LOOP_LAG_BUCKETS,
         ).labels(**name)
         self._last: SchedulerStats | None = None
 

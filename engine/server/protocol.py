@@ -1,30 +1,84 @@
 """OpenAI protocol models shared by every endpoint: errors, usage, models, sampling fields.
 
 Request models reject out-of-range values themselves (pydantic constraints), so a bad
-parameter is a 400 naming that parameter before anything reaches the engine. Unknown fields
-are ignored, as the OpenAI API tolerates newer clients.
+parameter is a 400 naming that parameter before anything reaches the engine: every number
+has a range, every list a length (the body as a whole has a byte limit, checked before it
+is parsed). Fields that take one of several JSON shapes pick their member by the shape of
+the value (a callable discriminator), so an error names the real problem (``prompt.0``:
+"greater than or equal to 0") rather than every alternative. Unknown fields are ignored, as
+the OpenAI API tolerates newer clients.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from metroline.engine.sampling_params import MAX_LOGPROBS
+from metroline.engine.sampling_params import (
+    MAX_COUNT,
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+)
 
-#: OpenAI's own limit on ``n``.
-MAX_N = 128
 #: Seeds must fit a 64-bit generator seed, also after adding a sibling index (n > 1); powers
 #: of two, so that the bounds survive JSON Schema's floating-point numbers exactly.
 SEED_MIN, SEED_MAX = -(2**62), 2**62
+#: Most messages in one chat request (OpenAI's limit), and content parts in one message.
+MAX_MESSAGES = 2048
+MAX_CONTENT_PARTS = 2048
 
-
-#: Non-empty text (a prompt, a stop string).
+#: A count (tokens to generate, ``top_k``): fits the engine's int32 tensors.
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+#: Non-empty text (a prompt).
 NonEmptyStr = Annotated[str, Field(min_length=1)]
+#: A token id (checked against the vocabulary by the engine).
+TokenId = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 #: A non-empty list of token ids.
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+#: One stop string.
+StopStr = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+
+
+def by_shape(name: str, choices: str, **members: Any) -> Any:
+    """A union whose member is chosen by the JSON shape of the value: ``members`` maps a
+    shape (``str``, ``list``, ``list_of_str``, ``list_of_list``, ``list_of_other``) to its
+    type; a value of any other shape fails with "``name`` must be ``choices``". Member tags
+    are not identifiers, so error locations skip them (see errors._validation_param)."""
+
+    def shape(value: Any) -> str | None:
+        if isinstance(value, str):
+            key = "str"
+        elif isinstance(value, list):
+            first = value[0] if value else None
+            key = "list"
+            if "list" not in members:
+                key = {str: "list_of_str", list: "list_of_list"}.get(type(first), "list_of_other")
+        else:
+            return None
+        return f"<{key}>" if key in members else None
+
+    tagged = tuple(Annotated[kind, Tag(f"<{key}>")] for key, kind in members.items())
+    return Annotated[
+        Union[tagged],  # noqa: UP007 - a runtime tuple of members
+        Discriminator(
+            shape,
+            custom_error_type="invalid_shape",
+            custom_error_message=f"{name} must be {choices}",
+        ),
+    ]
+
+
+Stop = by_shape(
+    "stop",
+    f"a string or a list of at most {MAX_STOP_STRINGS} strings",
+    str=StopStr,
+    list=Annotated[list[StopStr], Field(max_length=MAX_STOP_STRINGS)],
+)
 
 
 class RequestModel(BaseModel):
@@ -80,7 +134,7 @@ class SamplingFields(RequestModel):
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    stop: NonEmptyStr | list[NonEmptyStr] | None = None
+    stop: Stop | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
@@ -89,12 +143,12 @@ class SamplingFields(RequestModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # Extras beyond OpenAI (as in vLLM).
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=MAX_COUNT)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    min_tokens: Count = 0
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     skip_special_tokens: bool = True
 
     @property

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
 from metroline.engine.server.protocol import (
+    MAX_CONTENT_PARTS,
+    MAX_MESSAGES,
+    Count,
     RequestModel,
     SamplingFields,
     UsageInfo,
+    by_shape,
     logprobs_field,
 )
 
@@ -20,9 +24,18 @@ class TextContentPart(RequestModel):
     text: str
 
 
+#: A message's text, or its text content parts.
+Content = by_shape(
+    "content",
+    f"a string or a list of at most {MAX_CONTENT_PARTS} text content parts",
+    str=str,
+    list=Annotated[list[TextContentPart], Field(max_length=MAX_CONTENT_PARTS)],
+)
+
+
 class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextContentPart] | None = None
+    content: Content | None = None
     name: str | None = None
 
     def text(self) -> str:
@@ -34,9 +47,11 @@ class ChatMessage(RequestModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="Deprecated alias of the next.")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: Annotated[Count, Field(ge=1)] | None = Field(
+        None, description="Deprecated alias of the next."
+    )
+    max_completion_tokens: Annotated[Count, Field(ge=1)] | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = logprobs_field("Alternatives per position (needs logprobs).")
     tools: list[dict[str, Any]] | None = None

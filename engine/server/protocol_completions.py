@@ -7,27 +7,35 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
+from metroline.engine.sampling_params import MAX_N
 from metroline.engine.server.protocol import (
+    Count,
     NonEmptyStr,
     SamplingFields,
     TokenIds,
     UsageInfo,
+    by_shape,
     logprobs_field,
+)
+
+#: A string, a list of strings, token ids, or a list of token-id lists (how many prompts one
+#: request may carry is the server's --max-sequences-per-request, with ``n``).
+Prompt = by_shape(
+    "prompt",
+    "a string, a list of strings, a list of token ids or a list of token-id lists",
+    str=NonEmptyStr,
+    list_of_str=Annotated[list[NonEmptyStr], Field(min_length=1)],
+    list_of_list=Annotated[list[TokenIds], Field(min_length=1)],
+    list_of_other=TokenIds,
 )
 
 
 class CompletionRequest(SamplingFields):
-    #: A string, a list of strings, token ids, or a list of token-id lists.
-    prompt: (
-        NonEmptyStr
-        | Annotated[list[NonEmptyStr], Field(min_length=1)]
-        | TokenIds
-        | Annotated[list[TokenIds], Field(min_length=1)]
-    )
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: Prompt
+    max_tokens: Annotated[Count, Field(ge=1)] | None = 16
     logprobs: int | None = logprobs_field("Log-probabilities of the top N tokens per position.")
     echo: bool | None = False
-    best_of: int | None = Field(None, ge=1)
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
     suffix: str | None = None
 
 

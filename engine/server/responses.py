@@ -16,6 +16,9 @@ GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {**_ERROR, "description": "Malformed request or out-of-range parameter."},
     401: {**_ERROR, "description": "Missing or wrong API key."},
     404: {**_ERROR, "description": "Unknown model."},
+    408: {**_ERROR, "description": "The body did not arrive within --body-timeout."},
+    413: {**_ERROR, "description": "The body is larger than --max-request-bytes."},
+    415: {**_ERROR, "description": "The body is not JSON."},
     503: {**_ERROR, "description": "Loading, draining or overloaded; see Retry-After."},
 }
 

@@ -13,6 +13,7 @@ from metroline.engine.async_llm import (
     AsyncLLM,
     EngineDeadError,
     RequestAbortedError,
+    RequestFailedError,
     RequestRejectedError,
     RequestStream,
 )
@@ -22,7 +23,7 @@ from metroline.engine.server.errors import OpenAIError, bad_request, unavailable
 from metroline.engine.server.serving import sse
 
 #: Errors a request can end with once admitted; a stream reports them as an error event.
-STREAM_ERRORS = (EngineDeadError, RequestRejectedError, RequestAbortedError)
+STREAM_ERRORS = (EngineDeadError, RequestRejectedError, RequestAbortedError, RequestFailedError)
 
 
 class ClientGone(Exception):
@@ -30,18 +31,16 @@ class ClientGone(Exception):
 
 
 def stream_error(error: Exception) -> str:
-    if isinstance(error, EngineDeadError):
-        status, kind = 503, "service_unavailable"
-    elif isinstance(error, RequestRejectedError):
-        status, kind = 400, "invalid_request_error"
-    else:
-        status, kind = 503, "service_unavailable"
-    return sse({"error": {"message": str(error), "type": kind, "param": None, "code": status}})
+    """The error event a stream ends with: the body the same error has when not streamed."""
+    return sse(engine_error(error).body())
 
 
 def engine_error(error: Exception) -> OpenAIError:
     if isinstance(error, RequestRejectedError):
         return bad_request(str(error))
+    if isinstance(error, RequestFailedError):
+        # A bug met by this request alone; the server goes on serving the others.
+        return OpenAIError(500, f"the engine failed this request: {error}", code="engine_error")
     return unavailable(
         str(error), "engine_dead" if isinstance(error, EngineDeadError) else "aborted"
     )

@@ -9,8 +9,8 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Sequence
-from typing import Annotated
+from collections.abc import Callable, Sequence
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 from pydantic import BaseModel
@@ -23,6 +23,7 @@ from metroline.engine.server.errors import OpenAIError, bad_request, unavailable
 from metroline.engine.server.protocol import PromptTokensDetails, SamplingFields, UsageInfo
 from metroline.engine.server.state import ServerState
 
+T = TypeVar("T")
 _FIELD = re.compile(r"^(\w+)")
 _SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__)
 
@@ -57,13 +58,36 @@ def admit(state: ServerState, model: str) -> AsyncLLM:
     if not readiness.loaded or state.engine is None:
         raise unavailable("the model is still loading; retry shortly", "loading")
     limit = state.args.max_waiting_requests
-    if limit is not None and state.engine.num_unscheduled >= limit:
+    waiting = state.engine.num_unscheduled + state.num_preparing
+    if limit is not None and waiting >= limit:
         raise unavailable(
-            f"the server is overloaded: {state.engine.num_unscheduled} requests are waiting "
-            f"(limit {limit}); retry shortly",
+            f"the server is overloaded: {waiting} requests are waiting (limit {limit}); "
+            "retry shortly",
             "overloaded",
         )
     return state.engine
+
+
+async def prepare(state: ServerState, function: Callable[..., T], *args: object) -> T:
+    """Run a request's preparation (tokenising, validating) off the event loop; meanwhile
+    the request counts as waiting, for load shedding. The caller adds the result to the
+    engine before its next ``await``, so the request is never uncounted in between."""
+    state.num_preparing += 1
+    try:
+        return await state.off_loop(function, *args)
+    finally:
+        state.num_preparing -= 1
+
+
+def check_sequences(state: ServerState, num_prompts: int, n: int) -> None:
+    """400 unless the request's prompts times ``n`` fit --max-sequences-per-request."""
+    limit = state.args.max_sequences_per_request
+    if num_prompts * n > limit:
+        raise bad_request(
+            f"this request asks for {num_prompts * n} sequences ({num_prompts} prompts x n={n}); "
+            f"this server allows at most {limit} per request (--max-sequences-per-request)",
+            param="n" if num_prompts == 1 else "prompt",
+        )
 
 
 def reject_unsupported(body: SamplingFields) -> None:

@@ -9,6 +9,8 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from metroline.engine.async_llm import AsyncLLM
 from metroline.engine.config import EngineConfig
@@ -16,6 +18,7 @@ from metroline.engine.request_events import EngineObserver, FinishedRequest
 from metroline.engine.scheduler import SchedulerStats
 from metroline.engine.server.args import ServerArgs
 from metroline.engine.server.logs import configure_logging, log_finished_request
+from metroline.engine.server.loop_lag import watch_loop_lag
 from metroline.engine.server.metrics import ServerMetrics
 from metroline.engine.server.readiness import Readiness
 from metroline.engine.tokenizer import load_tokenizer
@@ -24,6 +27,12 @@ logger = logging.getLogger(__name__)
 
 #: After the engine core dies, keep answering /health with 503 this long before exiting.
 DEAD_EXIT_DELAY_S = 1.0
+#: Threads that tokenise, render chat templates and build long responses off the event loop
+#: (the tokenizer's Rust code runs without the GIL; more threads would take CPU from the
+#: engine core's step loop).
+PREPARE_THREADS = 4
+
+T = TypeVar("T")
 
 
 class ServerState(EngineObserver):
@@ -47,9 +56,18 @@ class ServerState(EngineObserver):
             max_waiting=args.ready_max_waiting,
         )
         self.in_flight = 0
+        #: Admitted requests still being tokenised and validated (not in the engine yet).
+        self.num_preparing = 0
         self.started_at = time.time()
         self._request_exit = request_exit or (lambda code: logger.info("exit %d requested", code))
         self._tasks: set[asyncio.Task] = set()
+        self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="prepare")
+
+    async def off_loop(self, function: Callable[..., T], *args: object) -> T:
+        """``function(*args)`` on a worker thread: for CPU work that grows with a request
+        (tokenising, templates, long responses), which must never hold up the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._prepare_pool, functools.partial(function, *args))
 
     # ---- engine observer -------------------------------------------------------------------
 
@@ -66,13 +84,17 @@ class ServerState(EngineObserver):
     def start(self) -> None:
         """Load in the background: probes answer while the model loads."""
         self._spawn(self._load())
+        self._spawn(watch_loop_lag(self.metrics.loop_lag.observe))
 
     async def _load(self) -> None:
         started = time.monotonic()
         try:
             tokenizer = None
             if self.config.model.has_tokenizer:
-                tokenizer = await asyncio.to_thread(load_tokenizer, self.config.model.path)
+                tokenizer = await self.off_loop(load_tokenizer, self.config.model.path)
+                # One call settles the tokenizer's truncation and padding state, which a
+                # call may otherwise change while another thread encodes.
+                await self.off_loop(tokenizer, "warm-up")
             log_setup = functools.partial(
                 configure_logging, self.args.log_level, self.args.log_format
             )
@@ -130,6 +152,7 @@ class ServerState(EngineObserver):
             task.cancel()
         if self.engine is not None:
             await self.engine.shutdown()
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

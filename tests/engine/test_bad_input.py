@@ -20,15 +20,32 @@ def llm(tiny_checkpoint) -> LLM:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(max_tokens=0), "max_tokens must be an integer >= 1"),
-        (dict(temperature=-0.5), "temperature must be a number >= 0"),
+        (dict(max_tokens=0), r"max_tokens must be an integer in \[1, 2147483647\]"),
+        (dict(max_tokens=2**31), r"max_tokens must be an integer in \[1, 2147483647\]"),
+        (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
+        (dict(temperature=float("inf")), "temperature must be a finite number"),
+        (dict(temperature=10**400), "an integer of 1329 bits"),
+        (dict(top_p=float("nan")), r"top_p must be in \(0, 1\]"),
+        (
+            dict(top_k=2**63),
+            r"top_k must be -1 or 0 \(disabled\) or an integer in \[1, 2147483647\]",
+        ),
+        (dict(min_tokens=2**31, max_tokens=None), r"min_tokens must be an integer in \[0,"),
+        (dict(n=129), r"n must be an integer in \[1, 128\]"),
+        (dict(stop=["x"] * 33), "at most 32 strings"),
+        (dict(stop="x" * 257), "each of 1 to 256 characters"),
+        (dict(stop=5), "stop must be a list"),
+        (dict(stop_token_ids=list(range(257))), "at most 256 token ids"),
+        (dict(stop_token_ids=[2**40]), r"token ids in \[0, 2147483647\]"),
+        (dict(frequency_penalty=float("-inf")), r"frequency_penalty must be in \[-2, 2\]"),
         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(top_k=-3), "top_k must be"),
         (dict(min_p=2.0), r"min_p must be in \[0, 1\]"),
-        (dict(n=0), "n must be an integer >= 1"),
+        (dict(n=0), r"n must be an integer in \[1, 128\]"),
         (dict(presence_penalty=3.0), r"presence_penalty must be in \[-2, 2\]"),
-        (dict(repetition_penalty=0.0), "repetition_penalty must be a number > 0"),
+        (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0"),
+        (dict(repetition_penalty=float("inf")), "repetition_penalty must be a finite number"),
         (dict(min_tokens=5, max_tokens=2), "min_tokens"),
         (dict(stop=[""]), "stop must be"),
         (dict(stop_token_ids=[-1]), "stop_token_ids"),
@@ -54,6 +71,12 @@ def test_bad_prompts_are_rejected_and_the_engine_keeps_serving(llm):
         llm.generate([good[0], []], params, use_tqdm=False)
     with pytest.raises(ValueError, match=r"token ids must be integers in \[0, 512\)"):
         llm.generate([[5, 9999]], params, use_tqdm=False)
+    with pytest.raises(
+        ValueError, match=r"token ids must be integers in \[0, 512\); got \[an integer"
+    ):
+        llm.generate([[5, 10**5000]], params, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"stop_token_ids must be token ids in \[0, 512\)"):
+        llm.generate([good[0]], params.clone(stop_token_ids=[600]), use_tqdm=False)
     with pytest.raises(ValueError, match="2 sampling params for 1 prompts"):
         llm.generate([good[0]], [params, params], use_tqdm=False)
     with pytest.raises(ValueError, match="a prompt must be a string or a list of token ids"):
@@ -61,6 +84,17 @@ def test_bad_prompts_are_rejected_and_the_engine_keeps_serving(llm):
     assert not llm.engine_core.has_unfinished_requests()
     again = [o.outputs[0].token_ids for o in llm.generate(good, params, use_tqdm=False)]
     assert again == expected
+
+
+def test_top_k_above_the_vocabulary_keeps_every_token(llm):
+    """A top_k of the vocabulary size or more is no filter: the same draws as top_k=-1."""
+    prompt = make_prompts([9], seed=3)
+    outputs = [
+        llm.generate(prompt, SamplingParams(top_k=k, seed=7, max_tokens=8), use_tqdm=False)
+        for k in (-1, 512, 2**31 - 1)
+    ]
+    tokens = [o[0].outputs[0].token_ids for o in outputs]
+    assert tokens[0] == tokens[1] == tokens[2]
 
 
 def test_generation_stops_at_max_model_len(llm):

@@ -44,7 +44,7 @@ CASES = [
     (completion(min_p=1.5), 400, "min_p"),
     (completion(repetition_penalty=0), 400, "repetition_penalty"),
     (completion(min_tokens=10, max_tokens=2), 400, "min_tokens"),
-    (completion(stop=[""]), 400, "stop"),
+    (completion(stop=[""]), 400, "stop.0"),
     (completion(seed=2**80), 400, "seed"),
     (completion(logit_bias={"5": 1.0}), 400, "logit_bias"),
     (completion(echo=True), 400, "echo"),

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from metroline.engine.async_llm import AsyncLLM, RequestStream
+from metroline.engine.input_processor import ProcessedPrompt
 from metroline.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from metroline.engine.server import runs, serving
 from metroline.engine.server.errors import bad_request
@@ -70,6 +71,24 @@ async def create_chat_completion(
 ) -> Response:
     engine = serving.admit(state, body.model)
     _check(body)
+    serving.check_sequences(state, 1, body.n)
+    processed = await serving.prepare(state, _process, state, engine, body)
+    if body.stream:
+        streams = runs.start(engine, [processed], stream=True)
+        return StreamingResponse(
+            _stream(state, body, processed.request_id, streams),
+            media_type="text/event-stream",
+        )
+    try:
+        (output,) = await runs.final_outputs(runs.start(engine, [processed], False), raw_request)
+    except runs.ClientGone:
+        return Response(status_code=499)
+    return await state.off_loop(lambda: JSONResponse(_response(state, body, output).model_dump()))
+
+
+def _process(state: ServerState, engine: AsyncLLM, body: ChatCompletionRequest) -> ProcessedPrompt:
+    """Render the template, tokenise and validate (a worker thread: this grows with the
+    input)."""
     prompt = render_prompt(engine, body)
     try:
         token_ids = list(engine.tokenizer(prompt, add_special_tokens=False).input_ids)
@@ -85,18 +104,7 @@ async def create_chat_completion(
         body, max_tokens, num_logprobs, {"max_tokens": param, "logprobs": "top_logprobs"}
     )
     request_id = serving.new_request_id("chatcmpl")
-    processed = serving.process(engine, request_id, token_ids, params, "messages", prompt)
-    if body.stream:
-        streams = runs.start(engine, [processed], stream=True)
-        return StreamingResponse(
-            _stream(state, body, processed.request_id, streams),
-            media_type="text/event-stream",
-        )
-    try:
-        (output,) = await runs.final_outputs(runs.start(engine, [processed], False), raw_request)
-    except runs.ClientGone:
-        return Response(status_code=499)
-    return JSONResponse(_response(state, body, output).model_dump())
+    return serving.process(engine, request_id, token_ids, params, "messages", prompt)
 
 
 def _logprobs(

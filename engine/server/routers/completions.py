@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from metroline.engine.async_llm import RequestStream
+from metroline.engine.async_llm import AsyncLLM, RequestStream
 from metroline.engine.input_processor import ProcessedPrompt
 from metroline.engine.outputs import RequestOutput
 from metroline.engine.server import runs, serving
@@ -56,19 +56,10 @@ async def create_completion(
         raise bad_request("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise bad_request("best_of must equal n (or be left out)", param="best_of")
-    request_id = serving.new_request_id("cmpl")
-    max_len = state.config.model.max_model_len
-    processed: list[ProcessedPrompt] = []
     prompts = _prompts(body.prompt)
-    for index, prompt in enumerate(prompts):
-        token_ids = serving.tokenize(engine, prompt, "prompt")
-        max_tokens = serving.resolve_max_tokens(
-            body.max_tokens, len(token_ids), max_len, "max_tokens"
-        )
-        params = serving.sampling_params(body, max_tokens, body.logprobs, {})
-        text = prompt if isinstance(prompt, str) else None
-        engine_id = request_id if len(prompts) == 1 else f"{request_id}-{index}"
-        processed.append(serving.process(engine, engine_id, token_ids, params, "prompt", text))
+    serving.check_sequences(state, len(prompts), body.n)
+    request_id = serving.new_request_id("cmpl")
+    processed = await serving.prepare(state, _process, state, engine, body, request_id, prompts)
     if body.stream:
         return StreamingResponse(
             _stream(state, body, request_id, runs.start(engine, processed, stream=True)),
@@ -78,7 +69,31 @@ async def create_completion(
         outputs = await runs.final_outputs(runs.start(engine, processed, False), raw_request)
     except runs.ClientGone:
         return Response(status_code=499)
-    return JSONResponse(_response(state, body, request_id, outputs).model_dump())
+    return await state.off_loop(
+        lambda: JSONResponse(_response(state, body, request_id, outputs).model_dump())
+    )
+
+
+def _process(
+    state: ServerState,
+    engine: AsyncLLM,
+    body: CompletionRequest,
+    request_id: str,
+    prompts: list[str | list[int]],
+) -> list[ProcessedPrompt]:
+    """Tokenise and validate every prompt (a worker thread: this grows with the input)."""
+    max_len = state.config.model.max_model_len
+    processed = []
+    for index, prompt in enumerate(prompts):
+        token_ids = serving.tokenize(engine, prompt, "prompt")
+        max_tokens = serving.resolve_max_tokens(
+            body.max_tokens, len(token_ids), max_len, "max_tokens"
+        )
+        params = serving.sampling_params(body, max_tokens, body.logprobs, {})
+        text = prompt if isinstance(prompt, str) else None
+        engine_id = request_id if len(prompts) == 1 else f"{request_id}-{index}"
+        processed.append(serving.process(engine, engine_id, token_ids, params, "prompt", text))
+    return processed
 
 
 def _response(
