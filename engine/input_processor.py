@@ -9,6 +9,7 @@ from metroline.engine.config import EngineConfig
 from metroline.engine.engine_core import validate_request
 from metroline.engine.request import EngineCoreRequest
 from metroline.engine.sampling_params import SamplingParams
+from metroline.engine.tokenizer import make_encoder
 
 #: A prompt: text, token ids, or a dict with "prompt" or "prompt_token_ids".
 PromptType = str | list[int] | dict[str, Any]
@@ -33,6 +34,7 @@ class InputProcessor:
         if tokenizer_eos is not None and tokenizer_eos not in eos:
             eos.append(tokenizer_eos)
         self.eos_token_ids = tuple(eos)
+        self.encode = make_encoder(tokenizer) if tokenizer is not None else None
 
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -47,7 +49,7 @@ class InputProcessor:
                 raise ValueError(
                     "this model has no tokenizer files: give prompts as token id lists"
                 )
-            return prompt, list(self.tokenizer(prompt).input_ids)
+            return prompt, self.encode(prompt, True)
         if isinstance(prompt, (list, tuple)):
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
                 raise ValueError("a token-id prompt must be a list of integers")

@@ -36,7 +36,7 @@ class ServerArgs:
     #: past it, the longest-idle connection is closed, or the new one answered 503.
     max_connections: int = 4096
     #: Seconds a connection may take to send a request's headers (from its first byte, or
-    #: from the connection's start for the first request).
+    #: from the connection's start for the first request); 0: no limit.
     header_timeout: float = 10.0
     #: Seconds an idle keep-alive connection stays open between requests.
     keep_alive_timeout: float = 5.0

@@ -138,3 +138,28 @@ def test_sampling_fault_after_the_draws_keeps_seeded_tokens(llm, monkeypatch):
             for position, reference in zip(got, want):
                 for token, logprob in reference.items():
                     assert position[token].logprob == pytest.approx(logprob.logprob, abs=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["inputs", "sampling"])
+def test_fault_fails_one_request_alone_with_tensor_parallelism(tiny_checkpoint, monkeypatch, stage):
+    """TP=2 with asynchronous scheduling: every rank leaves the same request out of a step
+    (inputs), or the driver alone fails it and broadcasts a placeholder (sampling); the other
+    requests get exactly the tokens of the fault-free run."""
+    path = str(tiny_checkpoint("llama"))
+    kwargs = dict(max_model_len=128, kv_cache_memory_bytes=2**21, async_scheduling=True)
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    reference = LLM(model=path, **kwargs)
+    expected = [o.outputs[0].token_ids for o in reference.generate(PROMPTS, greedy)]
+    reference.shutdown()
+    monkeypatch.setenv(faults.ENV_VAR, f"{stage}:2")  # the worker processes read it at start
+    inject(monkeypatch, stage, "2")  # requests "0".."3" of a fresh engine: the third
+    llm = LLM(model=path, tensor_parallel_size=2, **kwargs)
+    try:
+        outputs = llm.generate(PROMPTS, greedy, use_tqdm=False)
+        assert not llm.engine_core.has_unfinished_requests()
+    finally:
+        llm.shutdown()
+    assert outputs[2].error is not None and f"injected fault at {stage}" in outputs[2].error
+    for index in (0, 1, 3):
+        assert outputs[index].error is None
+        assert outputs[index].outputs[0].token_ids == expected[index]

@@ -91,7 +91,7 @@ def _process(state: ServerState, engine: AsyncLLM, body: ChatCompletionRequest) 
     input)."""
     prompt = render_prompt(engine, body)
     try:
-        token_ids = list(engine.tokenizer(prompt, add_special_tokens=False).input_ids)
+        token_ids = engine.input_processor.encode(prompt, False)
     except Exception as error:
         raise bad_request(f"could not tokenise the messages: {error}", "messages") from None
     requested, param = body.max_completion_tokens, "max_completion_tokens"
