@@ -99,6 +99,9 @@ class OutputProcessor:
         self.requests: dict[str, _Request] = {}
         self.sequence_of: dict[str, _Sequence] = {}
         self.request_of: dict[str, _Request] = {}
+        #: Token id -> its text alone, for log-probs (at most the vocabulary; a position's
+        #: 20 alternatives would otherwise cost 20 decodes on the event loop every step).
+        self._token_texts: dict[int, str] = {}
 
     def add_request(
         self,
@@ -213,8 +216,12 @@ class OutputProcessor:
     def _decode_logprobs(self, position: PositionLogprobs) -> None:
         if self.tokenizer is None:
             return
+        texts = self._token_texts
         for token_id, logprob in position.items():
-            logprob.decoded_token = self.tokenizer.decode([token_id])
+            text = texts.get(token_id)
+            if text is None:
+                text = texts[token_id] = self.tokenizer.decode([token_id])
+            logprob.decoded_token = text
 
     def _request_output(self, request: _Request, finished: bool) -> RequestOutput:
         outputs = [

@@ -7,10 +7,22 @@ from typing import Any
 from metroline.engine.server.protocol import ErrorResponse
 
 _ERROR = {"model": ErrorResponse}
+#: One server-sent event of a stream (OpenAPI 3.1 describes ``text/event-stream`` per event).
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "A chunk of the response (JSON), an error body ending a failed "
+            'stream (`{"error": {...}}`), or `[DONE]`.',
+        }
+    },
+    "required": ["data"],
+}
 
 GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {"text/event-stream": {"schema": _SSE_EVENT}},
         "description": "JSON, or server-sent events ending in `data: [DONE]` when streaming.",
     },
     400: {**_ERROR, "description": "Malformed request or out-of-range parameter."},

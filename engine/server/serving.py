@@ -158,8 +158,8 @@ def process(
 ) -> ProcessedPrompt:
     try:
         processed = engine.input_processor.process(request_id, token_ids, params, time.monotonic())
-    except ValueError as error:
-        raise bad_request(str(error), param=prompt_param) from None
+    except ValueError as error:  # about the prompt, unless it names a sampling field
+        raise bad_request(str(error), param=_param_of(str(error), {}) or prompt_param) from None
     processed.prompt = prompt_text
     return processed
 

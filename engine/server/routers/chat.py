@@ -14,6 +14,7 @@ from metroline.engine.input_processor import ProcessedPrompt
 from metroline.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from metroline.engine.server import runs, serving
 from metroline.engine.server.errors import bad_request
+from metroline.engine.server.json_body import StrictJSONRoute
 from metroline.engine.server.logprobs import chat_logprobs
 from metroline.engine.server.protocol_chat import (
     ChatChoice,
@@ -29,7 +30,7 @@ from metroline.engine.server.responses import GENERATION_RESPONSES
 from metroline.engine.server.state import ServerState
 from metroline.engine.server.streaming import StreamCursors
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 def render_prompt(engine: AsyncLLM, body: ChatCompletionRequest) -> str:

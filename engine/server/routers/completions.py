@@ -13,6 +13,7 @@ from metroline.engine.input_processor import ProcessedPrompt
 from metroline.engine.outputs import RequestOutput
 from metroline.engine.server import runs, serving
 from metroline.engine.server.errors import bad_request
+from metroline.engine.server.json_body import StrictJSONRoute
 from metroline.engine.server.logprobs import completion_logprobs
 from metroline.engine.server.protocol import PromptTokensDetails, UsageInfo
 from metroline.engine.server.protocol_completions import (
@@ -24,7 +25,7 @@ from metroline.engine.server.responses import GENERATION_RESPONSES
 from metroline.engine.server.state import ServerState
 from metroline.engine.server.streaming import StreamCursors
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 def _prompts(prompt: str | list) -> list[str | list[int]]:
