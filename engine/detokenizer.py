@@ -16,7 +16,12 @@ _PROMPT_CONTEXT = 5
 
 
 class IncrementalDetokenizer:
-    """Invariant: ``text`` is the decoded output, cut before the first stop string found."""
+    """Invariant: ``text`` is the decoded output, cut before the first stop string found.
+
+    The text is kept as pieces (joined when read, and cached), and stop strings are looked
+    for in the new piece plus the tail before it that a stop string could start in, so the
+    work per token does not grow with the length of the output.
+    """
 
     def __init__(
         self,
@@ -31,7 +36,20 @@ class IncrementalDetokenizer:
         self.token_ids = list(prompt_token_ids[-_PROMPT_CONTEXT:])
         self.prefix_offset = 0
         self.read_offset = len(self.token_ids)
-        self.text = ""
+        #: Characters before a new piece in which a stop string may start.
+        self._overlap = max((len(s) for s in stop), default=1) - 1
+        self._pieces: list[str] = []
+        self._length = 0
+        self._joined: str | None = ""
+        #: The last ``_overlap`` characters of the text.
+        self._tail = ""
+
+    @property
+    def text(self) -> str:
+        if self._joined is None:
+            self._joined = "".join(self._pieces)
+            self._pieces = [self._joined]
+        return self._joined
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(
@@ -47,14 +65,11 @@ class IncrementalDetokenizer:
             prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
             full_text = self._decode(self.token_ids[self.prefix_offset :])
             if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
-                before = len(self.text)
-                self.text += full_text[len(prefix_text) :]
                 self.prefix_offset = self.read_offset
                 self.read_offset = len(self.token_ids)
-                if check_stop and self.stop:
-                    hit = self._find_stop(before)
-                    if hit is not None:
-                        return hit
+                hit = self._append(full_text[len(prefix_text) :], check_stop and bool(self.stop))
+                if hit is not None:
+                    return hit
         return None
 
     def flush(self) -> None:
@@ -63,26 +78,36 @@ class IncrementalDetokenizer:
             prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
             full_text = self._decode(self.token_ids[self.prefix_offset :])
             if len(full_text) > len(prefix_text):
-                self.text += full_text[len(prefix_text) :]
+                self._append(full_text[len(prefix_text) :], check_stop=False)
             self.read_offset = len(self.token_ids)
 
-    def _find_stop(self, new_text_start: int) -> str | None:
-        """Earliest stop string that ends in the new text (it may start in older text)."""
-        longest = max(len(s) for s in self.stop)
-        search_from = max(0, new_text_start - longest + 1)
+    def _append(self, piece: str, check_stop: bool) -> str | None:
+        """Add ``piece``; with ``check_stop``, cut the text before the earliest stop string
+        that ends in it (it may start in the tail before) and return that stop string."""
+        window = self._tail + piece
+        window_start = self._length - len(self._tail)
+        self._pieces.append(piece)
+        self._length += len(piece)
+        self._joined = None
+        self._tail = window[-self._overlap :] if self._overlap else ""
+        if not check_stop:
+            return None
         best: tuple[int, str] | None = None
         for stop in self.stop:
-            index = self.text.find(stop, search_from)
+            index = window.find(stop)
             if index != -1 and (best is None or index < best[0]):
                 best = (index, stop)
         if best is None:
             return None
-        self.text = self.text[: best[0]]
+        cut = window_start + best[0]
+        text = self.text[:cut]
+        self._pieces, self._joined, self._length = [text], text, cut
+        self._tail = text[-self._overlap :] if self._overlap else ""
         return best[1]
 
     def stream_safe_length(self, finished: bool) -> int:
         """How much of ``text`` can be streamed now: text that might still become the start
         of a stop string is held back until the request finishes."""
         if finished or not self.stop:
-            return len(self.text)
-        return max(0, len(self.text) - (max(len(s) for s in self.stop) - 1))
+            return self._length
+        return max(0, self._length - self._overlap)
