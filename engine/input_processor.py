@@ -9,7 +9,9 @@ from metroline.engine.config import EngineConfig
 from metroline.engine.engine_core import validate_request
 from metroline.engine.request import EngineCoreRequest
 from metroline.engine.sampling_params import SamplingParams
-from metroline.engine.tokenizer import make_encoder
+from metroline.engine.tokenizer import PromptTooLongError, make_encoder
+
+__all__ = ["InputProcessor", "ProcessedPrompt", "PromptTooLongError", "PromptType"]
 
 #: A prompt: text, token ids, or a dict with "prompt" or "prompt_token_ids".
 PromptType = str | list[int] | dict[str, Any]
@@ -37,6 +39,8 @@ class InputProcessor:
         self.encode = make_encoder(tokenizer) if tokenizer is not None else None
 
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """The prompt's text (if given as text) and token ids. Raises ``ValueError``; for a
+        text too long for ``max_model_len``, :class:`PromptTooLongError`."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 prompt = list(prompt["prompt_token_ids"])
@@ -49,7 +53,8 @@ class InputProcessor:
                 raise ValueError(
                     "this model has no tokenizer files: give prompts as token id lists"
                 )
-            return prompt, self.encode(prompt, True)
+            # A prompt must leave room for one generated token.
+            return prompt, self.encode(prompt, True, self.config.model.max_model_len - 1)
         if isinstance(prompt, (list, tuple)):
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
                 raise ValueError("a token-id prompt must be a list of integers")

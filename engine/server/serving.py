@@ -16,7 +16,7 @@ from fastapi import Depends, Request
 from pydantic import BaseModel
 
 from metroline.engine.async_llm import AsyncLLM
-from metroline.engine.input_processor import ProcessedPrompt
+from metroline.engine.input_processor import ProcessedPrompt, PromptTooLongError
 from metroline.engine.outputs import RequestOutput
 from metroline.engine.sampling_params import SamplingParams
 from metroline.engine.server.errors import OpenAIError, bad_request, unavailable
@@ -95,18 +95,24 @@ def reject_unsupported(body: SamplingFields) -> None:
         raise bad_request("logit_bias is not supported", param="logit_bias")
 
 
+def prompt_too_long(prompt_len: int, max_model_len: int, prompt_param: str) -> OpenAIError:
+    """400 ``context_length_exceeded``: the prompt leaves no room for a generated token."""
+    return bad_request(
+        f"this model's maximum context length is {max_model_len} tokens, but the prompt "
+        f"has {prompt_len} tokens: the prompt plus at least one generated token must fit",
+        param=prompt_param,
+        code="context_length_exceeded",
+    )
+
+
 def resolve_max_tokens(
-    requested: int | None, prompt_len: int, max_model_len: int, param: str
+    requested: int | None, prompt_len: int, max_model_len: int, param: str, prompt_param: str
 ) -> int:
-    """Tokens the request may generate; 400 when the prompt and ``requested`` do not fit."""
+    """Tokens the request may generate; 400 when the prompt and ``requested`` (the field
+    ``param``) do not fit."""
     room = max_model_len - prompt_len
     if room < 1:
-        raise bad_request(
-            f"this model's maximum context length is {max_model_len} tokens, but the prompt "
-            f"has {prompt_len} tokens: the prompt plus at least one generated token must fit",
-            param="prompt" if param == "max_tokens" else "messages",
-            code="context_length_exceeded",
-        )
+        raise prompt_too_long(prompt_len, max_model_len, prompt_param)
     if requested is None:
         return room
     if requested > room:
@@ -167,6 +173,9 @@ def process(
 def tokenize(engine: AsyncLLM, prompt: str | list[int], param: str) -> list[int]:
     try:
         return engine.input_processor.tokenize(prompt)[1]
+    except PromptTooLongError as error:
+        max_len = engine.config.model.max_model_len
+        raise prompt_too_long(error.num_tokens, max_len, param) from None
     except ValueError as error:
         raise bad_request(str(error), param=param) from None
 

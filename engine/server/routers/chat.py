@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from metroline.engine.async_llm import AsyncLLM, RequestStream
-from metroline.engine.input_processor import ProcessedPrompt
+from metroline.engine.input_processor import ProcessedPrompt, PromptTooLongError
 from metroline.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from metroline.engine.server import runs, serving
 from metroline.engine.server.errors import bad_request
@@ -91,15 +91,17 @@ def _process(state: ServerState, engine: AsyncLLM, body: ChatCompletionRequest) 
     """Render the template, tokenise and validate (a worker thread: this grows with the
     input)."""
     prompt = render_prompt(engine, body)
-    try:
-        token_ids = engine.input_processor.encode(prompt, False)
-    except Exception as error:
-        raise bad_request(f"could not tokenise the messages: {error}", "messages") from None
     requested, param = body.max_completion_tokens, "max_completion_tokens"
     if requested is None and body.max_tokens is not None:
         requested, param = body.max_tokens, "max_tokens"
     max_len = state.config.model.max_model_len
-    max_tokens = serving.resolve_max_tokens(requested, len(token_ids), max_len, param)
+    try:
+        token_ids = engine.input_processor.encode(prompt, False, max_len - 1)
+    except PromptTooLongError as error:
+        raise serving.prompt_too_long(error.num_tokens, max_len, "messages") from None
+    except Exception as error:
+        raise bad_request(f"could not tokenise the messages: {error}", "messages") from None
+    max_tokens = serving.resolve_max_tokens(requested, len(token_ids), max_len, param, "messages")
     num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = serving.sampling_params(
         body, max_tokens, num_logprobs, {"max_tokens": param, "logprobs": "top_logprobs"}

@@ -88,7 +88,7 @@ def _process(
     for index, prompt in enumerate(prompts):
         token_ids = serving.tokenize(engine, prompt, "prompt")
         max_tokens = serving.resolve_max_tokens(
-            body.max_tokens, len(token_ids), max_len, "max_tokens"
+            body.max_tokens, len(token_ids), max_len, "max_tokens", "prompt"
         )
         params = serving.sampling_params(body, max_tokens, body.logprobs, {})
         text = prompt if isinstance(prompt, str) else None
