@@ -102,6 +102,13 @@ class BlockPool:
         block.token_ids = token_ids
         self.cached[block_hash] = block
 
+    def uncache(self, block: KVBlock) -> None:
+        """Forget what a held block caches (its KV was never written): nobody may hit it."""
+        if block.block_hash is not None and self.cached.get(block.block_hash) is block:
+            del self.cached[block.block_hash]
+        block.block_hash = None
+        block.token_ids = None
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block (only when no request holds any block)."""
         if len(self._free) != self.num_blocks:

@@ -119,6 +119,20 @@ class KVCacheManager:
         self.num_cached_blocks.pop(request.request_id, None)
         self.pool.release(reversed(blocks))
 
+    def forget_unwritten(self, request: Request, from_token: int) -> list[KVBlock]:
+        """The request's KV from token ``from_token`` on was never written (its step ran
+        without it): take those blocks out of the prefix cache so that no later request hits
+        them. Returns them, for the caller to find other requests already holding them."""
+        blocks = self.req_blocks.get(request.request_id, [])[from_token // self.block_size :]
+        for block in blocks:
+            self.pool.uncache(block)
+        return blocks
+
+    def holders(self, blocks: Sequence[KVBlock]) -> list[str]:
+        """Requests that hold any of ``blocks`` (a scan of every request: a rare path)."""
+        wanted = {id(block) for block in blocks}
+        return [r for r, held in self.req_blocks.items() if any(id(b) in wanted for b in held)]
+
     def block_ids(self, request: Request) -> list[int]:
         return [block.block_id for block in self.req_blocks.get(request.request_id, ())]
 

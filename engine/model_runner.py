@@ -104,9 +104,10 @@ class ModelRunner:
         if scheduled.is_empty:
             return StepResult.empty(self.is_driver)
         inputs, failed = self._build_inputs(scheduled)
+        unwritten = frozenset(failed)
         started = timer.stop("runner.build_inputs", started)
         if inputs is None:  # every request of the step failed
-            return StepResult.empty(self.is_driver, failed)
+            return StepResult.empty(self.is_driver, failed, unwritten)
         graphs = self.step_graphs
         num_tokens, num_seqs = inputs.input_ids.shape[0], len(scheduled.num_scheduled_tokens)
         key = graphs.key_for(num_seqs, num_tokens) if graphs is not None else None
@@ -117,9 +118,9 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
             started = timer.stop("runner.forward_eager", started)
         if not inputs.sampled_request_ids:
-            return StepResult.empty(self.is_driver, failed)
+            return StepResult.empty(self.is_driver, failed, unwritten)
         try:
-            return self._sample(hidden, inputs, failed)
+            return self._sample(hidden, inputs, failed, unwritten)
         finally:
             timer.stop("runner.logits_and_sampling", started)
 
@@ -158,7 +159,11 @@ class ModelRunner:
         )
 
     def _sample(
-        self, hidden: torch.Tensor, inputs: StepInputs, failed: dict[str, str]
+        self,
+        hidden: torch.Tensor,
+        inputs: StepInputs,
+        failed: dict[str, str],
+        unwritten: frozenset[str],
     ) -> StepResult:
         """Logits of the sampling rows, gathered to the driver, which samples (and with
         asynchronous TP broadcasts the tokens). ``failed`` (requests whose inputs failed)
@@ -170,7 +175,7 @@ class ModelRunner:
                     len(inputs.sampled_request_ids), dtype=torch.int64, device=self.device
                 )
                 self._remember_sample(get_tp_group().broadcast(tokens), inputs)
-            return StepResult.empty(is_driver=False, failed=failed)
+            return StepResult.empty(False, failed, unwritten)
         logits = logits.float()
         states = [self.states[r] for r in inputs.sampled_request_ids]
         generators = [s.generator for s in states if s.generator is not None]
@@ -182,11 +187,11 @@ class ModelRunner:
                 raise
             for generator, state in zip(generators, saved):
                 generator.set_state(state)  # the retry draws what the batch would have
-            tokens, logprobs = self._sample_each_row(logits, states, failed)
+            tokens, logprobs = self._sample_each_row(logits, states, failed, error)
         if self.share_samples:
             tokens = get_tp_group().broadcast(tokens.to(torch.int64).contiguous())
         self._remember_sample(tokens, inputs)
-        return StepResult(inputs.sampled_request_ids, tokens, logprobs, failed)
+        return StepResult(inputs.sampled_request_ids, tokens, logprobs, failed, unwritten)
 
     def _sample_rows(
         self, logits: torch.Tensor, states: list[CachedRequestState]
@@ -205,23 +210,32 @@ class ModelRunner:
         return result.sampled, logprobs
 
     def _sample_each_row(
-        self, logits: torch.Tensor, states: list[CachedRequestState], failed: dict[str, str]
+        self,
+        logits: torch.Tensor,
+        states: list[CachedRequestState],
+        failed: dict[str, str],
+        batch_error: Exception,
     ) -> tuple[torch.Tensor, dict[str, PositionLogprobs]]:
         """After a batch failed: each row alone (a row draws the same as in the batch, its
-        transforms being per row); a row that fails gets token 0 and joins ``failed``."""
+        transforms being per row); a row that fails gets token 0 and joins ``failed``. If no
+        row fails alone, nothing explains ``batch_error``: it is raised."""
         rows: list[torch.Tensor] = []
         logprobs: dict[str, PositionLogprobs] = {}
+        newly_failed: dict[str, str] = {}
         for row, state in enumerate(states):
             try:
                 tokens, row_logprobs = self._sample_rows(logits[row : row + 1], [state])
             except Exception as error:
                 if faults.poisons_engine(error):
                     raise
-                failed[state.request_id] = f"sampling failed: {_describe(error)}"
-                tokens = torch.zeros(1, dtype=torch.int64, device=logits.device)
+                newly_failed[state.request_id] = f"sampling failed: {_describe(error)}"
+                tokens, row_logprobs = torch.zeros(1, dtype=torch.int64, device=logits.device), {}
             rows.append(tokens.to(torch.int64))
             logprobs.update(row_logprobs)
-        logger.error("sampling failed for %d request(s): %s", len(failed), failed)
+        if not newly_failed:
+            raise batch_error
+        logger.error("sampling failed for %d request(s): %s", len(newly_failed), newly_failed)
+        failed.update(newly_failed)
         return torch.cat(rows), logprobs
 
     def _remember_sample(self, tokens: torch.Tensor, inputs: StepInputs) -> None:

@@ -17,6 +17,9 @@ class ModelRunnerOutput:
     sampled_token_ids: dict[str, int]
     logprobs: dict[str, PositionLogprobs]
     failed: dict[str, str] = field(default_factory=dict)
+    #: Failed requests that the step ran without (their inputs failed): it wrote no KV for
+    #: them, so blocks they were given for it hold nothing.
+    unwritten: frozenset[str] = frozenset()
 
 
 class StepResult:
@@ -30,11 +33,14 @@ class StepResult:
         tokens: Any | None,  # [num_sampled] int64 tensor (device), a list, or None
         logprobs: dict[str, PositionLogprobs],
         failed: dict[str, str] | None = None,
+        unwritten: frozenset[str] = frozenset(),
     ) -> None:
         self.request_ids = request_ids
         self.logprobs = logprobs
         #: Request id -> why the step failed it (its row of ``tokens`` is a placeholder).
         self.failed = failed or {}
+        #: The failed requests the step ran without (see ModelRunnerOutput).
+        self.unwritten = unwritten
         self._ready: Any | None = None
         if tokens is not None and not isinstance(tokens, list) and tokens.is_cuda:
             import torch
@@ -47,9 +53,14 @@ class StepResult:
         self._tokens = tokens
 
     @classmethod
-    def empty(cls, is_driver: bool = True, failed: dict[str, str] | None = None) -> StepResult:
+    def empty(
+        cls,
+        is_driver: bool = True,
+        failed: dict[str, str] | None = None,
+        unwritten: frozenset[str] = frozenset(),
+    ) -> StepResult:
         """A step that sampled nothing (``result()`` is None on non-driver ranks)."""
-        return cls([], [] if is_driver else None, {}, failed)
+        return cls([], [] if is_driver else None, {}, failed, unwritten)
 
     def result(self) -> ModelRunnerOutput | None:
         if self._tokens is None:
@@ -58,4 +69,4 @@ class StepResult:
             self._ready.synchronize()
         tokens = self._tokens if isinstance(self._tokens, list) else self._tokens.tolist()
         sampled = {r: t for r, t in zip(self.request_ids, tokens) if r not in self.failed}
-        return ModelRunnerOutput(sampled, self.logprobs, self.failed)
+        return ModelRunnerOutput(sampled, self.logprobs, self.failed, self.unwritten)

@@ -179,7 +179,10 @@ class Scheduler:
         go on)."""
         outputs = []
         any_finished = False
-        for request_id, message in runner_output.failed.items():
+        failed = dict(runner_output.failed)
+        if runner_output.unwritten:
+            failed.update(self._forget_unwritten(scheduled, runner_output.unwritten, failed))
+        for request_id, message in failed.items():
             request = self.requests.get(request_id)
             if request is not None:
                 outputs.append(self._fail(request, message))
@@ -221,6 +224,27 @@ class Scheduler:
             output.finish_reason = status.value
             output.stop_reason = request.stop_reason
         return output
+
+    def _forget_unwritten(
+        self, scheduled: SchedulerOutput, unwritten: frozenset[str], failed: dict[str, str]
+    ) -> dict[str, str]:
+        """The step ran without ``unwritten`` requests, so the blocks they were given from
+        its first token on hold no KV: take them out of the prefix cache. Requests that hit
+        those blocks already (in this step or one planned since) read them: they fail too.
+        Returns those, with the reason."""
+        starts = {r.request_id: r.num_computed_tokens for r in scheduled.new_requests}
+        starts.update({r.request_id: r.num_computed_tokens for r in scheduled.cached_requests})
+        blocks = []
+        for request_id in unwritten:
+            request = self.requests.get(request_id)
+            if request is not None and request_id in starts:
+                blocks += self.kv_cache_manager.forget_unwritten(request, starts[request_id])
+        reason = "its prompt shared KV-cache blocks with a request that failed before writing them"
+        return {
+            holder: reason
+            for holder in self.kv_cache_manager.holders(blocks)
+            if holder not in failed and holder in self.requests
+        }
 
     def _fail(self, request: Request, message: str) -> EngineCoreOutput:
         """Finish ``request`` with an error (its blocks return at once)."""

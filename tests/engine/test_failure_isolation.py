@@ -163,3 +163,21 @@ def test_fault_fails_one_request_alone_with_tensor_parallelism(tiny_checkpoint, 
     for index in (0, 1, 3):
         assert outputs[index].error is None
         assert outputs[index].outputs[0].token_ids == expected[index]
+
+
+def test_a_request_failing_before_its_kv_is_written_leaves_no_cache_behind(llm, monkeypatch):
+    """Inputs failure: the step ran without the request, so its freshly cached blocks hold
+    nothing. They leave the prefix cache, a request that already hit them in the same step
+    fails too (it read them), and a later identical prompt gets the right tokens."""
+    prompt = make_prompts((40,), seed=9)[0]  # two full blocks
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    expected = llm.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    assert llm.engine_core.kv_cache_manager.pool.reset_prefix_cache()
+    inject(monkeypatch, "inputs", str(next_request_id(llm)))  # the first of two copies
+    first, second = llm.generate([prompt, prompt], greedy, use_tqdm=False)
+    assert first.error is not None and "injected fault" in first.error
+    assert second.error is not None and "shared KV-cache blocks" in second.error
+    monkeypatch.setattr(faults, "ACTIVE", False)
+    (again,) = llm.generate([prompt], greedy, use_tqdm=False)
+    assert again.error is None and again.outputs[0].token_ids == expected
+    assert llm.engine_core.kv_cache_manager.usage == 0
