@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from metroline.engine.server.protocol import MAX_PROMPTS
+
 
 @dataclass(frozen=True)
 class ServerArgs:
@@ -70,6 +72,11 @@ class ServerArgs:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {value}")
+        if self.max_sequences_per_request > MAX_PROMPTS:
+            raise ValueError(
+                f"--max-sequences-per-request must be at most {MAX_PROMPTS}; "
+                f"got {self.max_sequences_per_request}"
+            )
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in [0, 65535]; got {self.port}")
         if self.log_format not in ("text", "json"):

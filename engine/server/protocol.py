@@ -30,7 +30,10 @@ from metroline.engine.sampling_params import (
 SEED_MIN, SEED_MAX = -(2**62), 2**62
 #: Most messages in one chat request (OpenAI's limit), and content parts in one message.
 MAX_MESSAGES = 2048
-MAX_CONTENT_PARTS = 2048
+MAX_CONTENT_PARTS = 64
+#: Most prompts in one completion request (--max-sequences-per-request bounds prompts x n
+#: further, and may not exceed this).
+MAX_PROMPTS = 4096
 
 #: A count (tokens to generate, ``top_k``): fits the engine's int32 tensors.
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
@@ -38,8 +41,9 @@ Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 #: A token id (checked against the vocabulary by the engine).
 TokenId = Annotated[int, Field(ge=0, le=MAX_COUNT)]
-#: A non-empty list of token ids.
-TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+#: A non-empty list of token ids. Lists stop at their first bad item (``fail_fast``): a
+#: million bad ids are one error, not a million.
+TokenIds = Annotated[list[TokenId], Field(fail_fast=True, min_length=1)]
 #: One stop string.
 StopStr = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 
@@ -77,7 +81,7 @@ Stop = by_shape(
     "stop",
     f"a string or a list of at most {MAX_STOP_STRINGS} strings",
     str=StopStr,
-    list=Annotated[list[StopStr], Field(max_length=MAX_STOP_STRINGS)],
+    list=Annotated[list[StopStr], Field(fail_fast=True, max_length=MAX_STOP_STRINGS)],
 )
 
 
@@ -148,7 +152,9 @@ class SamplingFields(RequestModel):
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     ignore_eos: bool = False
     min_tokens: Count = 0
-    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    stop_token_ids: (
+        Annotated[list[TokenId], Field(fail_fast=True, max_length=MAX_STOP_TOKEN_IDS)] | None
+    ) = None
     skip_special_tokens: bool = True
 
     @property

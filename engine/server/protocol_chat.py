@@ -29,7 +29,7 @@ Content = by_shape(
     "content",
     f"a string or a list of at most {MAX_CONTENT_PARTS} text content parts",
     str=str,
-    list=Annotated[list[TextContentPart], Field(max_length=MAX_CONTENT_PARTS)],
+    list=Annotated[list[TextContentPart], Field(fail_fast=True, max_length=MAX_CONTENT_PARTS)],
 )
 
 
@@ -47,7 +47,9 @@ class ChatMessage(RequestModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    messages: Annotated[list[ChatMessage], Field(fail_fast=True)] = Field(
+        min_length=1, max_length=MAX_MESSAGES
+    )
     max_tokens: Annotated[Count, Field(ge=1)] | None = Field(
         None, description="Deprecated alias of the next."
     )

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from metroline.engine.sampling_params import MAX_N
 from metroline.engine.server.protocol import (
+    MAX_PROMPTS,
     Count,
     NonEmptyStr,
     SamplingFields,
@@ -24,8 +25,12 @@ Prompt = by_shape(
     "prompt",
     "a string, a list of strings, a list of token ids or a list of token-id lists",
     str=NonEmptyStr,
-    list_of_str=Annotated[list[NonEmptyStr], Field(min_length=1)],
-    list_of_list=Annotated[list[TokenIds], Field(min_length=1)],
+    list_of_str=Annotated[
+        list[NonEmptyStr], Field(fail_fast=True, min_length=1, max_length=MAX_PROMPTS)
+    ],
+    list_of_list=Annotated[
+        list[TokenIds], Field(fail_fast=True, min_length=1, max_length=MAX_PROMPTS)
+    ],
     list_of_other=TokenIds,
 )
 

@@ -17,6 +17,7 @@ from metroline.engine.config import EngineConfig
 from metroline.engine.request_events import EngineObserver, FinishedRequest
 from metroline.engine.scheduler import SchedulerStats
 from metroline.engine.server.args import ServerArgs
+from metroline.engine.server.json_body import JSONBudget
 from metroline.engine.server.logs import configure_logging, log_finished_request
 from metroline.engine.server.loop_lag import watch_loop_lag
 from metroline.engine.server.metrics import ServerMetrics
@@ -56,6 +57,9 @@ class ServerState(EngineObserver):
             max_waiting=args.ready_max_waiting,
         )
         self.in_flight = 0
+        self.json_budget = JSONBudget.for_server(
+            args.max_sequences_per_request, config.model.max_model_len
+        )
         #: Admitted requests still being tokenised and validated (not in the engine yet).
         self.num_preparing = 0
         self.started_at = time.time()

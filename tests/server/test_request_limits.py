@@ -135,3 +135,63 @@ def test_unauthenticated_and_oversized_bodies_cost_no_memory(server):
     growth = peak_rss_bytes(server.process.pid) - before
     assert growth < 50 * 2**20, f"peak memory grew by {growth / 2**20:.0f} MiB"
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def keys(prefix: str, limit: int) -> bytes:
+    """``prefix`` followed by as many distinct unknown keys as fit in ``limit`` bytes."""
+    parts, size, index = [prefix], len(prefix) + 1, 0
+    while size < limit - 20:
+        part = f', "k{index}": 0'
+        parts.append(part)
+        size, index = size + len(part), index + 1
+    return ("".join(parts) + "}").encode()
+
+
+def pathological_bodies() -> list[tuple[str, bytes]]:
+    """~16 MiB bodies whose parsing or validation once held the loop for seconds each:
+    millions of bad ids (one error each), of one-id lists, of content parts, of keys."""
+    limit = 16 * 2**20 - 1024
+
+    def fill(prefix: str, item: str, suffix: str) -> bytes:
+        count = (limit - len(prefix) - len(suffix)) // (len(item) + 1)
+        return (prefix + ",".join([item] * count) + suffix).encode()
+
+    model = f'"model": "{MODEL_NAME}"'
+    return [
+        ("/v1/completions", fill(f'{{{model}, "prompt": [', "-1", "]}")),
+        ("/v1/completions", fill(f'{{{model}, "prompt": [', "[1]", "]}")),
+        ("/v1/chat/completions", fill(
+            f'{{{model}, "messages": [{{"role": "user", "content": [',
+            '{"type": "text", "text": ""}', "]}]}")),
+        ("/v1/completions", keys(f'{{{model}, "prompt": "x"', limit)),
+    ]  # fmt: skip
+
+
+def test_pathological_json_is_refused_without_stalling_the_loop(server):
+    probes: list[float] = []
+    done = threading.Event()
+
+    def probe_health() -> None:
+        with httpx.Client(timeout=30) as http:
+            while not done.is_set():
+                started = time.monotonic()
+                assert http.get(f"{server.url}/health").status_code == 200
+                probes.append(time.monotonic() - started)
+                time.sleep(0.1)
+
+    def send(path_body) -> httpx.Response:
+        path, body = path_body
+        headers = {**AUTH, "Content-Type": "application/json"}
+        return httpx.post(f"{server.url}{path}", content=body, headers=headers, timeout=120)
+
+    prober = threading.Thread(target=probe_health)
+    prober.start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(send, pathological_bodies()))
+    finally:
+        done.set()
+        prober.join()
+    for response in responses:
+        assert response.status_code == 400, response.text[:300]
+    assert probes and max(probes) < 5, max(probes)
