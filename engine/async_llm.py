@@ -68,6 +68,14 @@ class _RequestState:
     num_output_tokens: int = 0
     num_token_steps: int = 0
 
+    def deliver(self, output: RequestOutput) -> None:
+        """Queue ``output``, dropping outputs not read yet: they are cumulative, so only the
+        latest matters, and a client that reads nothing holds one output, not one per step.
+        (Errors come last: nothing is delivered after one.)"""
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(output)
+
     def finished(self, reasons: list[str], num_output_tokens: int) -> FinishedRequest:
         return FinishedRequest(
             request_id=self.request_id,
@@ -270,7 +278,7 @@ class AsyncLLM:
                 logger.error("request %s failed: %s", state.request_id, request_output.error)
                 state.queue.put_nowait(RequestFailedError(request_output.error))
             else:
-                state.queue.put_nowait(request_output)
+                state.deliver(request_output)
             if request_output.finished:
                 self._forget(state.request_id)
                 reasons = [c.finish_reason or "abort" for c in request_output.outputs]

@@ -53,8 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--async-scheduling",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="plan and launch each step while the previous one still runs (default: on for "
-        "CUDA)",
+        help="plan and launch each step while the previous one still runs (default: on for CUDA)",
     )
     engine.add_argument(
         "--mixed-step-graphs",
@@ -116,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument(
         "--body-timeout", type=float, default=None, help="seconds to send a request's body"
     )
+    limits.add_argument(
+        "--send-timeout",
+        type=float,
+        default=None,
+        help="seconds a response waits for a client that reads nothing",
+    )
+    limits.add_argument(
+        "--max-preparing-bytes",
+        type=int,
+        default=None,
+        help="bytes of request bodies being tokenised at once (503 beyond)",
+    )
     server.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
@@ -132,6 +143,8 @@ _LIMIT_FLAGS = (
     "header_timeout",
     "keep_alive_timeout",
     "body_timeout",
+    "send_timeout",
+    "max_preparing_bytes",
 )
 
 

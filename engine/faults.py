@@ -7,7 +7,7 @@ errors, out of memory, a lost tensor-parallel peer) must end the engine.
 
 Tests prove the isolation by injecting a fault: ``METROLINE_INJECT_FAULT="STAGE:TEXT"``
 (read once, at import, in every process) makes :func:`inject` raise :class:`InjectedFault`
-at ``STAGE`` for every request whose id contains ``TEXT``. Stages: ``inputs`` (building a
+at ``STAGE`` for every request whose id ends with ``TEXT``. Stages: ``inputs`` (building a
 step's inputs on a worker), ``sampling`` (the driver's sampling), ``update`` (the
 scheduler taking a sampled token), ``detokenize`` (the API server's output processing).
 Unset, :data:`ACTIVE` is False and callers skip the hook entirely.
@@ -57,7 +57,7 @@ ACTIVE = bool(_FAULTS)
 def inject(stage: str, request_id: str) -> None:
     """Raise :class:`InjectedFault` if a test asked for one at ``stage`` for this request."""
     text = _FAULTS.get(stage)
-    if text is not None and text in request_id:
+    if text is not None and request_id.endswith(text):
         raise InjectedFault(f"injected fault at {stage} for request {request_id}")
 
 

@@ -28,6 +28,7 @@ from metroline.engine.input_batch import (
 from metroline.engine.layers.sampler import Sampler
 from metroline.engine.outputs import PositionLogprobs
 from metroline.engine.runner_output import ModelRunnerOutput, StepResult
+from metroline.engine.sampling_params import shorten
 from metroline.engine.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -297,8 +298,7 @@ def _others(scheduled: SchedulerOutput, request_id: str) -> set[str]:
 
 
 def _describe(error: Exception) -> str:
-    text = f"{type(error).__name__}: {error}"
-    return text if len(text) <= 500 else text[:497] + "..."
+    return shorten(f"{type(error).__name__}: {error}", 500)
 
 
 def _plain_greedy(state: CachedRequestState) -> bool:

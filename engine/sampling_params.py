@@ -141,6 +141,11 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def shorten(text: str, limit: int) -> str:
+    """``text``, cut to ``limit`` characters with "..." (for messages that echo input)."""
+    return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
+
+
 def shown(value: object) -> str:
     """A value for an error message, cut short (a client may send a huge one)."""
     if _is_int(value) and value.bit_length() > 64:
@@ -148,8 +153,7 @@ def shown(value: object) -> str:
     if isinstance(value, (list, tuple)):
         text = "[" + ", ".join(shown(item) for item in value[:5])
         return text + (", ...]" if len(value) > 5 else "]")
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return shorten(repr(value), 60)
 
 
 def _is_count(value: object, lowest: int) -> bool:

@@ -5,7 +5,9 @@ background (probes answer while it loads) and stops the engine core at exit."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 
 from fastapi import FastAPI
@@ -19,14 +21,24 @@ from metroline.engine.server.gate import RequestGate
 from metroline.engine.server.routers import chat, completions, health, models
 from metroline.engine.server.state import ServerState
 
+logger = logging.getLogger(__name__)
+
+
+class ClientNotReading(Exception):
+    """A response waited ``send_timeout`` seconds for a client that read nothing."""
+
 
 class InFlightMiddleware:
     """Counts ``/v1/*`` requests from arrival until their last byte is sent (streams
-    included); while draining, answers new ones 503 with ``Retry-After`` at once."""
+    included); while draining, answers new ones 503 with ``Retry-After`` at once. A response
+    that cannot send for ``send_timeout`` seconds (the client reads nothing, so uvicorn's
+    write buffer stays full) is dropped: the app's send raises, which ends a stream and
+    aborts its requests, and the connection is closed."""
 
     def __init__(self, app, state: ServerState) -> None:
         self.app = app
         self.state = state
+        self.send_timeout = state.args.send_timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
@@ -38,9 +50,22 @@ class InFlightMiddleware:
             )
             await response.response()(scope, receive, send)
             return
+        timeout = self.send_timeout
+
+        async def send_or_give_up(message) -> None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await send(message)
+            except TimeoutError:
+                raise ClientNotReading() from None
+
         self.state.in_flight += 1
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_or_give_up)
+        except ClientNotReading:
+            logger.warning(
+                "dropped a response: its client read nothing for %g s (--send-timeout)", timeout
+            )
         finally:
             self.state.in_flight -= 1
 

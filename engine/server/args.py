@@ -44,6 +44,12 @@ class ServerArgs:
     keep_alive_timeout: float = 5.0
     #: Seconds a client may take to send a request's body (408 beyond).
     body_timeout: float = 60.0
+    #: Seconds a response may wait for a client that reads nothing; then it is dropped and
+    #: its request aborted.
+    send_timeout: float = 60.0
+    #: Bytes of request bodies being tokenised at once at most (503 beyond, for any but
+    #: the first): what queued preparation may hold in memory.
+    max_preparing_bytes: int = 256 * 2**20
     log_level: int = logging.INFO
     log_format: str = "text"
     access_log: bool = True
@@ -64,11 +70,13 @@ class ServerArgs:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0; got {value}")
-        for name in ("drain_timeout", "header_timeout", "keep_alive_timeout", "body_timeout"):
+        timeouts = ("drain_timeout", "header_timeout", "keep_alive_timeout", "body_timeout")
+        for name in (*timeouts, "send_timeout"):
             value = getattr(self, name)
             if not value >= 0 or value == float("inf"):  # NaN fails the first test
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0 and finite; got {value}")
-        for name in ("max_request_bytes", "max_sequences_per_request", "max_connections"):
+        counts = ("max_request_bytes", "max_sequences_per_request", "max_connections")
+        for name in (*counts, "max_preparing_bytes"):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {value}")

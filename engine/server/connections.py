@@ -42,13 +42,19 @@ ACCEPT_BATCH = 64
 #: The kernel's queue of connections not yet accepted (``listen()``), set apart from
 #: :data:`ACCEPT_BATCH` so that a burst of clients waits in it instead of retrying its SYN.
 LISTEN_BACKLOG = 2048
-#: Seconds a connection answered 503 at the cap stays open to read what the client sent,
-#: so that closing it does not reset the connection before the client read the answer.
-REJECT_LINGER_S = 1.0
-#: Rejected connections lingering at once at most; beyond, they are closed at once.
+#: Seconds a connection closed with unread input (answered 503 at the cap, or answered
+#: before its body was read: 401, 413, 415) stays open to read and drop what the client
+#: sends, so that closing it does not reset the connection before the client read the answer.
+LINGER_S = 1.0
+#: Connections lingering at once at most; beyond, they are closed at once.
 MAX_LINGERING = 32
-#: The whole reserve: the cap is the soft ``RLIMIT_NOFILE`` minus this (288).
-FD_RESERVE = PROCESS_FD_RESERVE + 3 * ACCEPT_BATCH + MAX_LINGERING
+#: Connections above the cap, when every other one is busy, that may still get probes
+#: (``/health``, ``/ready``, ``/metrics``; anything else is answered 503): a cap full of busy
+#: connections cannot lock the kubelet out.
+PROBE_SLOTS = 16
+PROBE_PATHS = frozenset({"/health", "/ready", "/metrics"})
+#: The whole reserve: the cap is the soft ``RLIMIT_NOFILE`` minus this (304).
+FD_RESERVE = PROCESS_FD_RESERVE + 3 * ACCEPT_BATCH + MAX_LINGERING + PROBE_SLOTS
 
 
 def fd_soft_limit() -> int | None:
@@ -100,8 +106,10 @@ class ConnectionRegistry:
         self.cap = cap
         self.live: set[GuardedH11Protocol] = set()
         self.idle: dict[GuardedH11Protocol, None] = {}
-        #: Rejected connections still open to read what their client sent.
+        #: Closed connections still open to read what their client sent.
         self.lingering = 0
+        #: Connections above the cap that serve probes only.
+        self.probe_slots = 0
 
     def add(self, connection: GuardedH11Protocol) -> None:
         """A new connection: live, and idle since now."""
@@ -152,6 +160,46 @@ def _canned_503() -> bytes:
 TOO_MANY_CONNECTIONS = _canned_503()
 
 
+def _probes_only(app: Any) -> Any:
+    """``app`` for probe paths; anything else on a probe slot gets the 503 of the cap."""
+    head, _, body = TOO_MANY_CONNECTIONS.partition(b"\r\n\r\n")
+    headers = [tuple(line.split(b": ", 1)) for line in head.split(b"\r\n")[1:]]
+
+    async def guarded(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
+            await app(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return guarded
+
+
+class _LingeringTransport:
+    """The connection's transport, whose ``close`` lingers when the client is still sending
+    a request body nobody will read (the app answered early): it half-closes, drops what
+    arrives for :data:`LINGER_S`, then closes. Everything else passes through."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedH11Protocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._closing = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        unread_body = self._protocol.conn.their_state is h11.SEND_BODY
+        if not (unread_body and self._protocol.linger()):
+            self._transport.close()
+
+
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a header timeout and a connection cap.
 
@@ -174,20 +222,28 @@ class GuardedH11Protocol(H11Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
-        self._rejected = False
+        #: Input is read and dropped (rejected or lingering): closing must not reset.
+        self._dropping_input = False
         self._lingering = False
+        self._probe_slot = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self._raw_transport = transport
+        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
         self.registry.add(self)
         if self.registry.over_cap() and not self._make_room():
-            self._reject()
-            return
+            if self.registry.probe_slots >= PROBE_SLOTS:
+                self._reject()
+                return
+            self.registry.remove(self)  # counted apart, as a probe slot
+            self.registry.probe_slots += 1
+            self._probe_slot = True
+            self.app = _probes_only(self.app)
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
-        if self._rejected:
-            return  # read and dropped, so that closing does not reset the connection
+        if self._dropping_input:
+            return
         super().data_received(data)
         self._track_request()
 
@@ -200,6 +256,9 @@ class GuardedH11Protocol(H11Protocol):
         if self._lingering:
             self._lingering = False
             self.registry.lingering -= 1
+        if self._probe_slot:
+            self._probe_slot = False
+            self.registry.probe_slots -= 1
         self.registry.remove(self)
         super().connection_lost(exc)
 
@@ -262,17 +321,27 @@ class GuardedH11Protocol(H11Protocol):
     def _reject(self) -> None:
         """Answer 503 and close; linger a little first, reading, unless too many do."""
         self.registry.remove(self)
-        self._rejected = True
         self._log(logging.WARNING, "%d connections open (the cap), all busy: answered a new "
                   "one 503", self.registry.cap)  # fmt: skip
         self.transport.write(TOO_MANY_CONNECTIONS)
-        if self.registry.lingering >= MAX_LINGERING or not self.transport.can_write_eof():
+        if not self.linger():
             self.transport.close()
-            return
-        self.transport.write_eof()
+
+    def linger(self) -> bool:
+        """Half-close, drop input for :data:`LINGER_S`, then close; False (and nothing done)
+        when too many connections linger already."""
+        raw = self._raw_transport
+        if self.registry.lingering >= MAX_LINGERING or not raw.can_write_eof():
+            return False
+        self.registry.remove(self)
+        self._cancel_header_timer()
+        self._dropping_input = True
         self._lingering = True
         self.registry.lingering += 1
-        self.loop.call_later(REJECT_LINGER_S, self.transport.close)
+        raw.write_eof()
+        raw.resume_reading()  # uvicorn paused it when the unread body filled its buffer
+        self.loop.call_later(LINGER_S, raw.close)
+        return True
 
     def _log(self, level: int, message: str, *args: object) -> None:
         text = message % args

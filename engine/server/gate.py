@@ -28,6 +28,7 @@ import email.message
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from metroline.engine.sampling_params import shorten
 from metroline.engine.server.args import ServerArgs
 from metroline.engine.server.auth import api_key_matches, missing_api_key
 from metroline.engine.server.errors import OpenAIError
@@ -139,10 +140,10 @@ def _content_length(headers: Headers) -> int | None:
 
 
 def _unsupported_media_type(content_type: str) -> OpenAIError:
-    shown = content_type if len(content_type) <= 100 else content_type[:97] + "..."
     return OpenAIError(
         415,
-        f"the request body must be JSON (Content-Type: application/json), not {shown!r}",
+        "the request body must be JSON (Content-Type: application/json), not "
+        f"{shorten(content_type, 100)!r}",
         code="unsupported_media_type",
     )
 

@@ -24,6 +24,7 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
+from metroline.engine.sampling_params import shorten
 from metroline.engine.server.errors import bad_request
 
 #: JSON strings (escapes included); replaced by ``""`` before counting brackets and commas.
@@ -76,8 +77,7 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            shown = key if len(key) <= 40 else key[:37] + "..."
-            raise ValueError(f"the key {shown!r} appears twice in one object")
+            raise ValueError(f"the key {shorten(key, 40)!r} appears twice in one object")
         result[key] = value
     return result
 

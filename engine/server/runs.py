@@ -20,14 +20,10 @@ from metroline.engine.async_llm import (
 from metroline.engine.input_processor import ProcessedPrompt
 from metroline.engine.outputs import RequestOutput
 from metroline.engine.server.errors import OpenAIError, bad_request, unavailable
-from metroline.engine.server.serving import sse
+from metroline.engine.server.serving import ClientGone, sse, wait_for_disconnect
 
 #: Errors a request can end with once admitted; a stream reports them as an error event.
 STREAM_ERRORS = (EngineDeadError, RequestRejectedError, RequestAbortedError, RequestFailedError)
-
-
-class ClientGone(Exception):
-    """The client disconnected before its response was ready."""
 
 
 def stream_error(error: Exception) -> str:
@@ -47,7 +43,8 @@ def engine_error(error: Exception) -> OpenAIError:
 
 
 async def final_outputs(streams: Sequence[RequestStream], request: Request) -> list[RequestOutput]:
-    """Run every request to its end; abort all of them if the client disconnects."""
+    """Run every request to its end. The first to fail ends them all, as does the client
+    disconnecting (:class:`ClientGone`); every task is ended before this returns."""
 
     async def run_one(stream: RequestStream) -> RequestOutput:
         async with contextlib.aclosing(stream):
@@ -56,34 +53,29 @@ async def final_outputs(streams: Sequence[RequestStream], request: Request) -> l
                     return output
         raise RequestAbortedError("the request ended without output")
 
-    async def run_all() -> list[RequestOutput]:
-        return list(await asyncio.gather(*(run_one(s) for s in streams)))
-
-    work = asyncio.ensure_future(run_all())
+    tasks = [asyncio.ensure_future(run_one(stream)) for stream in streams]
     watcher = asyncio.ensure_future(wait_for_disconnect(request))
     try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        remaining = set(tasks)
+        while remaining:
+            done, _ = await asyncio.wait(remaining | {watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if watcher in done:
+                raise ClientGone()
+            remaining -= done
+            for task in done:
+                error = task.exception()
+                if isinstance(error, STREAM_ERRORS):
+                    raise engine_error(error) from None
+                if error is not None:
+                    raise error
+        return [task.result() for task in tasks]
     finally:
         watcher.cancel()
-        if not work.done():
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await work
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for stream in streams:
             stream.close()
-    if work.cancelled():
-        raise ClientGone()
-    try:
-        return work.result()
-    except STREAM_ERRORS as error:
-        raise engine_error(error) from None
-
-
-async def wait_for_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 async def merged(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:

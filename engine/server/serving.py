@@ -5,6 +5,7 @@ request is in :mod:`metroline.engine.server.runs`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -18,7 +19,7 @@ from pydantic import BaseModel
 from metroline.engine.async_llm import AsyncLLM
 from metroline.engine.input_processor import ProcessedPrompt, PromptTooLongError
 from metroline.engine.outputs import RequestOutput
-from metroline.engine.sampling_params import SamplingParams
+from metroline.engine.sampling_params import SamplingParams, shorten
 from metroline.engine.server.errors import OpenAIError, bad_request, unavailable
 from metroline.engine.server.protocol import PromptTokensDetails, SamplingFields, UsageInfo
 from metroline.engine.server.state import ServerState
@@ -26,6 +27,18 @@ from metroline.engine.server.state import ServerState
 T = TypeVar("T")
 _FIELD = re.compile(r"^(\w+)")
 _SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was ready."""
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Return once the client has gone (the body must have been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def get_state(request: Request) -> ServerState:
@@ -45,7 +58,7 @@ def admit(state: ServerState, model: str) -> AsyncLLM:
     if model not in state.args.served_model_names:
         raise OpenAIError(
             404,
-            f"the model {model!r} does not exist; this server serves "
+            f"the model {shorten(model, 100)!r} does not exist; this server serves "
             + ", ".join(repr(n) for n in state.args.served_model_names),
             param="model",
             code="model_not_found",
@@ -68,15 +81,40 @@ def admit(state: ServerState, model: str) -> AsyncLLM:
     return state.engine
 
 
-async def prepare(state: ServerState, function: Callable[..., T], *args: object) -> T:
-    """Run a request's preparation (tokenising, validating) off the event loop; meanwhile
-    the request counts as waiting, for load shedding. The caller adds the result to the
-    engine before its next ``await``, so the request is never uncounted in between."""
+async def prepare(
+    state: ServerState, request: Request, function: Callable[..., T], *args: object
+) -> T:
+    """Run a request's preparation (tokenising, validating) off the event loop.
+
+    Meanwhile the request counts as waiting, for load shedding, and its body against
+    --max-preparing-bytes (503 when it would pass it, unless nothing else is being prepared);
+    a client that disconnects first gets its preparation cancelled if it has not started
+    (:class:`ClientGone`). The caller adds the result to the engine before its next
+    ``await``, so the request is never uncounted in between."""
+    size = len(await request.body())
+    limit = state.args.max_preparing_bytes
+    if state.num_preparing and state.preparing_bytes + size > limit:
+        raise unavailable(
+            f"the server is overloaded: {state.preparing_bytes} bytes of requests are being "
+            f"prepared (limit {limit}, --max-preparing-bytes); retry shortly",
+            "overloaded",
+        )
     state.num_preparing += 1
+    state.preparing_bytes += size
+    work = asyncio.ensure_future(state.off_loop(function, *args))
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
     try:
-        return await state.off_loop(function, *args)
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        watcher.cancel()
         state.num_preparing -= 1
+        state.preparing_bytes -= size
+    if not work.done():
+        work.cancel()
+        raise ClientGone()
+    if state.closing:
+        raise unavailable("the server is shutting down; retry on another replica", "draining")
+    return work.result()
 
 
 def check_sequences(state: ServerState, num_prompts: int, n: int) -> None:

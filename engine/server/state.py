@@ -28,10 +28,11 @@ logger = logging.getLogger(__name__)
 
 #: After the engine core dies, keep answering /health with 503 this long before exiting.
 DEAD_EXIT_DELAY_S = 1.0
-#: Threads that tokenise, render chat templates and build long responses off the event loop
-#: (the tokenizer's Rust code runs without the GIL; more threads would take CPU from the
-#: engine core's step loop).
+#: Threads that tokenise and render chat templates off the event loop (the tokenizer's Rust
+#: code runs without the GIL; more threads would take CPU from the engine core's step loop),
+#: and threads that build long responses (apart, so that answers never wait behind prompts).
 PREPARE_THREADS = 4
+RESPOND_THREADS = 2
 
 T = TypeVar("T")
 
@@ -60,18 +61,25 @@ class ServerState(EngineObserver):
         self.json_budget = JSONBudget.for_server(
             args.max_sequences_per_request, config.model.max_model_len
         )
-        #: Admitted requests still being tokenised and validated (not in the engine yet).
+        #: Admitted requests still being tokenised and validated (not in the engine yet),
+        #: and their body bytes.
         self.num_preparing = 0
+        self.preparing_bytes = 0
+        #: Set when the drain gave up waiting: nothing new may enter the engine.
+        self.closing = False
         self.started_at = time.time()
         self._request_exit = request_exit or (lambda code: logger.info("exit %d requested", code))
         self._tasks: set[asyncio.Task] = set()
         self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="prepare")
+        self._respond_pool = ThreadPoolExecutor(RESPOND_THREADS, thread_name_prefix="respond")
 
-    async def off_loop(self, function: Callable[..., T], *args: object) -> T:
+    async def off_loop(self, function: Callable[..., T], *args: object, respond: bool = False) -> T:
         """``function(*args)`` on a worker thread: for CPU work that grows with a request
-        (tokenising, templates, long responses), which must never hold up the event loop."""
+        (tokenising and templates; with ``respond``, building a response), which must never
+        hold up the event loop. Cancelled before it starts, it never runs."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._prepare_pool, functools.partial(function, *args))
+        pool = self._respond_pool if respond else self._prepare_pool
+        return await loop.run_in_executor(pool, functools.partial(function, *args))
 
     # ---- engine observer -------------------------------------------------------------------
 
@@ -139,6 +147,7 @@ class ServerState(EngineObserver):
             await asyncio.sleep(0.05)
         if self.in_flight:
             logger.warning("drain timeout: aborting %d requests", self.in_flight)
+            self.closing = True
             if self.engine is not None:
                 self.engine.abort_all()
             grace = time.monotonic() + 2.0
@@ -156,7 +165,8 @@ class ServerState(EngineObserver):
             task.cancel()
         if self.engine is not None:
             await self.engine.shutdown()
-        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._prepare_pool, self._respond_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

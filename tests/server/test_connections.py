@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from metroline.engine.server.connections import FD_RESERVE, connection_cap
+from metroline.engine.server.connections import FD_RESERVE, PROBE_SLOTS, connection_cap
 from metroline.engine.server.log_floods import LoopErrorHandler, RepeatLimiter
 
 from .conftest import ServerProcess
@@ -222,24 +222,39 @@ def busy_connection(port: int, body: bytes) -> socket.socket:
     return sock
 
 
-def test_cap_with_every_connection_busy_answers_503(small_server):
+def assert_too_many_connections(response: httpx.Response) -> None:
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.headers["connection"] == "close"
+    error = response.json()["error"]
+    assert isinstance(error.pop("message"), str)
+    assert error == {"type": "service_unavailable", "param": None,
+                     "code": "too_many_connections"}  # fmt: skip
+
+
+def test_cap_with_every_connection_busy_keeps_probes_and_answers_503(small_server):
+    """At the cap with every connection busy, a newcomer gets a probe slot: probes are
+    served, anything else is answered 503; with every probe slot taken too, the newcomer
+    is answered 503 at once."""
     body = json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 2}).encode()
     busy = [busy_connection(small_server.port, body) for _ in range(4)]
+    slots: list[socket.socket] = []
     try:
-        refused = httpx.get(f"{small_server.url}/health", timeout=10)
-        assert refused.status_code == 503
-        assert refused.headers["retry-after"] == "1"
-        assert refused.headers["connection"] == "close"
-        error = refused.json()["error"]
-        assert isinstance(error.pop("message"), str)
-        assert error == {"type": "service_unavailable", "param": None,
-                         "code": "too_many_connections"}  # fmt: skip
+        assert httpx.get(f"{small_server.url}/health", timeout=10).status_code == 200
+        refused = httpx.post(f"{small_server.url}/v1/completions", content=body, timeout=10)
+        assert_too_many_connections(refused)
+        # Fill every probe slot with a silent connection: the next one is refused at once.
+        slots = [socket.create_connection(("127.0.0.1", small_server.port))
+                 for _ in range(PROBE_SLOTS)]  # fmt: skip
+        assert_too_many_connections(httpx.get(f"{small_server.url}/health", timeout=10))
         # The busy ones were untouched: one finishes, and its idle connection makes room.
+        for sock in slots:
+            sock.close()
         busy[0].sendall(body)
         assert busy[0].recv(4096).startswith(b"HTTP/1.1 200")
         assert httpx.get(f"{small_server.url}/health", timeout=10).status_code == 200
     finally:
-        for sock in busy:
+        for sock in busy + slots:
             sock.close()
 
 

@@ -1,8 +1,9 @@
 """A request that fails inside the engine core fails alone, over HTTP: with a fault injected
 into the sampling of every prompt whose engine id ends in ``-2`` (the third prompt of a
-multi-prompt completion; see engine/faults.py), that request answers 500 ``engine_error``
-(a stream: an error event, then ``[DONE]``), while the requests running beside it get the
-same greedy text as the offline engine, and the server stays alive and empty."""
+multi-prompt completion; single prompts' ids end in a hex digit; see engine/faults.py), that
+request answers 500 ``engine_error`` (a stream: an error event, then ``[DONE]``), while the
+requests running beside it get the same greedy text as the offline engine, and the server
+stays alive and empty."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ async def run_together(url: str) -> list[httpx.Response]:
         return await asyncio.gather(
             completion(http, PROMPTS),  # prompt 2 fails: the whole request fails
             completion(http, PROMPTS, stream=True),
-            *(completion(http, p) for p in PROMPTS),  # single prompts: ids without "-2"
+            *(completion(http, p) for p in PROMPTS),  # single prompts: ids end in a hex digit
         )
 
 

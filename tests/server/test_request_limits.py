@@ -4,6 +4,8 @@ or with bodies over --max-request-bytes, cost the server almost no memory."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import socket
 import threading
 import time
@@ -195,3 +197,25 @@ def test_pathological_json_is_refused_without_stalling_the_loop(server):
     for response in responses:
         assert response.status_code == 400, response.text[:300]
     assert probes and max(probes) < 5, max(probes)
+
+
+def test_early_answers_reach_ordinary_clients(server):
+    """A 401 or 413 given before the body is read: the server lingers, dropping the rest of
+    the body, so a client that sends all of it before reading (Python's http.client, which
+    requests uses) reads the answer instead of a connection reset."""
+    body = b'{"prompt": "' + b"x" * (17 * 2**20) + b'"}'
+    host, port = server.url.removeprefix("http://").split(":")
+    for headers, status in (({}, 401), (AUTH, 413)):
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        try:
+            connection.request(
+                "POST",
+                "/v1/completions",
+                body=body,
+                headers={"Content-Type": "application/json", **headers},
+            )
+            response = connection.getresponse()
+            assert response.status == status
+            assert json.loads(response.read())["error"]["message"]
+        finally:
+            connection.close()

@@ -73,7 +73,10 @@ async def create_chat_completion(
     engine = serving.admit(state, body.model)
     _check(body)
     serving.check_sequences(state, 1, body.n)
-    processed = await serving.prepare(state, _process, state, engine, body)
+    try:
+        processed = await serving.prepare(state, raw_request, _process, state, engine, body)
+    except serving.ClientGone:
+        return Response(status_code=499)
     if body.stream:
         streams = runs.start(engine, [processed], stream=True)
         return StreamingResponse(
@@ -82,9 +85,11 @@ async def create_chat_completion(
         )
     try:
         (output,) = await runs.final_outputs(runs.start(engine, [processed], False), raw_request)
-    except runs.ClientGone:
+    except serving.ClientGone:
         return Response(status_code=499)
-    return await state.off_loop(lambda: JSONResponse(_response(state, body, output).model_dump()))
+    return await state.off_loop(
+        lambda: JSONResponse(_response(state, body, output).model_dump()), respond=True
+    )
 
 
 def _process(state: ServerState, engine: AsyncLLM, body: ChatCompletionRequest) -> ProcessedPrompt:

@@ -60,7 +60,12 @@ async def create_completion(
     prompts = _prompts(body.prompt)
     serving.check_sequences(state, len(prompts), body.n)
     request_id = serving.new_request_id("cmpl")
-    processed = await serving.prepare(state, _process, state, engine, body, request_id, prompts)
+    try:
+        processed = await serving.prepare(
+            state, raw_request, _process, state, engine, body, request_id, prompts
+        )
+    except serving.ClientGone:
+        return Response(status_code=499)
     if body.stream:
         return StreamingResponse(
             _stream(state, body, request_id, runs.start(engine, processed, stream=True)),
@@ -68,10 +73,11 @@ async def create_completion(
         )
     try:
         outputs = await runs.final_outputs(runs.start(engine, processed, False), raw_request)
-    except runs.ClientGone:
+    except serving.ClientGone:
         return Response(status_code=499)
     return await state.off_loop(
-        lambda: JSONResponse(_response(state, body, request_id, outputs).model_dump())
+        lambda: JSONResponse(_response(state, body, request_id, outputs).model_dump()),
+        respond=True,
     )
 
 
