@@ -30,15 +30,26 @@ from records import save_record
 from roofline import kv_bytes_per_token
 from shapes import SHAPES, weight_bytes, write_shape
 
+from metroline.engine.config import EngineArgs
+from metroline.engine.flags import add_flags, flag_values
+
 DECODE_STEPS = 128
 #: Room past the prompt: decode steps during others' prefill, plus the timed steps.
 EXTRA_LEN = 1024
+#: Engine settings the sweep decides itself.
+ENGINE_FLAGS_FIXED = (
+    "model",
+    "load_format",
+    "max_model_len",
+    "max_num_seqs",
+    "enable_prefix_caching",
+)
 
 
 def run_case(llm: Any, batch: int, context: int, steps: int) -> dict[str, Any]:
     """Prefill ``batch`` requests of ``context`` tokens, then time ``steps`` decode steps."""
     from metroline.engine import SamplingParams
-    from metroline.engine.request import EngineCoreRequest
+    from metroline.engine.messages import EngineCoreRequest
 
     core = llm.engine_core
     vocab = llm.config.model.arch.vocab_size
@@ -69,7 +80,7 @@ def run_case(llm: Any, batch: int, context: int, steps: int) -> dict[str, Any]:
         if len(outputs) != batch:
             raise RuntimeError(f"a decode step served {len(outputs)} of {batch} requests")
     times = times[1:]  # the first interval starts from an idle device
-    core.abort_requests(ids)
+    core.finish_requests(ids)
     core.step()
     return {
         "step_s_median": statistics.median(times),
@@ -83,7 +94,7 @@ def profile_steps(llm: Any, out: Path) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile
 
     from metroline.engine import SamplingParams
-    from metroline.engine.request import EngineCoreRequest
+    from metroline.engine.messages import EngineCoreRequest
 
     core = llm.engine_core
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
@@ -120,7 +131,7 @@ def profile_steps(llm: Any, out: Path) -> dict[str, float]:
     (out / "decode-profile-table.txt").write_text(
         prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
     )
-    core.abort_requests([f"prof-{i}" for i in range(64)])
+    core.finish_requests([f"prof-{i}" for i in range(64)])
     core.step()
     return totals
 
@@ -130,13 +141,12 @@ def main() -> None:
     parser.add_argument("--model", default="llama3-8b", choices=sorted(SHAPES))
     parser.add_argument("--batches", default="1,8,32,128,256")
     parser.add_argument("--contexts", default="512,2048")
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument(
-        "--async-scheduling",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="default: the engine's (on for CUDA)",
+    # The engine's own flags, but for what the sweep decides (lengths, batch, no caching).
+    add_flags(
+        parser.add_argument_group("engine"),
+        EngineArgs,
+        skip=ENGINE_FLAGS_FIXED,
+        defaults={"dtype": "bfloat16"},
     )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("."))
@@ -156,19 +166,16 @@ def main() -> None:
         llm = LLM(
             model=str(path),
             load_format="dummy",
-            dtype="bfloat16",
-            tensor_parallel_size=args.tp,
             max_model_len=max(contexts) + EXTRA_LEN,
             max_num_seqs=max(batches),
             enable_prefix_caching=False,
-            enforce_eager=args.enforce_eager,
-            async_scheduling=args.async_scheduling,
+            **flag_values(args, EngineArgs, skip=ENGINE_FLAGS_FIXED),
         )
         init_s = time.perf_counter() - started
         asynchronous = llm.engine_core.async_scheduling
         rows = []
-        weights = weight_bytes(args.model) / args.tp
-        per_token = kv_bytes_per_token(args.model) / args.tp
+        weights = weight_bytes(args.model) / args.tensor_parallel_size
+        per_token = kv_bytes_per_token(args.model) / args.tensor_parallel_size
         kv_tokens = llm.engine_core.num_blocks * llm.config.cache.block_size
         budget = llm.config.scheduler.max_num_batched_tokens
         for context in contexts:
@@ -222,14 +229,14 @@ def main() -> None:
             gpu_slug(env["gpu"]),
             "W3",
             args.model,
-            f"tp{args.tp}",
+            f"tp{args.tensor_parallel_size}",
             "eager" if args.enforce_eager else "graphs",
             "async" if asynchronous else "sync",
         ],
         record,
     )
     print(
-        f"\nW3 decode on {args.model} (TP={args.tp}, "
+        f"\nW3 decode on {args.model} (TP={args.tensor_parallel_size}, "
         f"{'eager' if args.enforce_eager else 'CUDA graphs'}, "
         f"{'asynchronous' if asynchronous else 'synchronous'} scheduling), {env['gpu']}; copy "
         f"{bandwidth / 1e12:.2f} TB/s; weight-read floor {weights / bandwidth * 1e3:.2f} ms; "

@@ -102,7 +102,7 @@ for section in "$@"; do
       ;;
     w3tp)
       for tp in ${TP_SIZES//,/ }; do
-        run "w3-b1-tp$tp" $PY -P benchmarks/decode.py --model "$MODEL" --tp "$tp" --batches 1 \
+        run "w3-b1-tp$tp" $PY -P benchmarks/decode.py --model "$MODEL" --tensor-parallel-size "$tp" --batches 1 \
           --contexts 512 --out "$RESULTS"
       done
       ;;
@@ -110,7 +110,7 @@ for section in "$@"; do
       for spec in ${W1_RUNS:-qwen2.5-32b:2}; do
         IFS=: read -r model tp flag <<< "$spec"
         run "w1-$model-tp$tp${flag:+-${flag#--}}" $PY -P benchmarks/throughput.py \
-          --model "$model" --workload W1 --tp "$tp" ${flag:+"$flag"} --out "$RESULTS"
+          --model "$model" --workload W1 --tensor-parallel-size "$tp" ${flag:+"$flag"} --out "$RESULTS"
       done
       ;;
     *) echo "unknown section $section" >&2; status=1 ;;

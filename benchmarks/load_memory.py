@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from records import save_record
 
 from metroline.engine import LLM
-from metroline.engine.hf_config import parse_arch_config
-from metroline.engine.model_loader import synthetic_checkpoint
+from metroline.engine.checkpoint import parse_arch_config
+from metroline.engine.models.loader import synthetic_checkpoint
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],

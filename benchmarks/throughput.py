@@ -1,6 +1,6 @@
 """Offline throughput: W1 (mixed), W2 (nano-vllm's shape), W4 (prefill) - BENCHMARKS.md.
 
-``python -P benchmarks/throughput.py --model llama3-8b --workload W1 [--backend hf] [--tp 2]``
+``python -P benchmarks/throughput.py --model llama3-8b --workload W1 [--backend hf] [-tp 2]``
 
 Measures the card's copy bandwidth and bf16 matmul rate first, then runs the workload on
 Metroline (``load_format="dummy"``) or on transformers ``generate()`` with static,
@@ -29,7 +29,13 @@ from roofline import prefill_flops, w1_roofline_seconds
 from shapes import SHAPES, weight_bytes, write_shape
 from workloads import Workload, make_workload
 
+from metroline.engine.config import EngineArgs
+from metroline.engine.flags import add_flags, flag_values
+
 logger = logging.getLogger("throughput")
+
+#: Engine settings the benchmark decides itself (random weights of a named shape).
+ENGINE_FLAGS_FIXED = ("model", "load_format")
 
 
 def run_metroline(shape_dir: Path, workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
@@ -40,15 +46,7 @@ def run_metroline(shape_dir: Path, workload: Workload, args: argparse.Namespace)
     llm = LLM(
         model=str(shape_dir),
         load_format="dummy",
-        dtype=args.dtype,
-        tensor_parallel_size=args.tp,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager,
-        async_scheduling=args.async_scheduling,
-        mixed_step_graphs=args.mixed_step_graphs,
+        **flag_values(args, EngineArgs, skip=ENGINE_FLAGS_FIXED),
     )
     init_s = time.perf_counter() - started
     variants = compiled_kernel_variants()
@@ -186,25 +184,13 @@ def main() -> None:
     parser.add_argument("--model", default="llama3-8b", choices=sorted(SHAPES))
     parser.add_argument("--workload", default="W1", choices=["W1", "W2", "W4"])
     parser.add_argument("--backend", default="metroline", choices=["metroline", "hf", "both"])
-    parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--num-requests", type=int, default=None)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--max-model-len", type=int, default=4096)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument(
-        "--async-scheduling",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="default: the engine's (on for CUDA)",
-    )
-    parser.add_argument(
-        "--mixed-step-graphs",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="CUDA graphs for steps with prompt chunks (default: the engine's, on at TP >= 2)",
+    # The engine's own flags and defaults, but for the workload's dtype and length.
+    add_flags(
+        parser.add_argument_group("engine"),
+        EngineArgs,
+        skip=ENGINE_FLAGS_FIXED,
+        defaults={"dtype": "bfloat16", "max_model_len": 4096},
     )
     parser.add_argument("--hf-max-requests", type=int, default=None)
     parser.add_argument("--hf-batch-size", type=int, default=128)
@@ -257,22 +243,23 @@ def main() -> None:
                     args.model,
                     [len(p) for p in workload.prompts],
                     workload.output_lens,
-                    result["kv_tokens"] * args.tp,
+                    result["kv_tokens"] * args.tensor_parallel_size,
                     args.max_num_seqs,
-                    bandwidth * args.tp,
-                    matmul * args.tp,
+                    bandwidth * args.tensor_parallel_size,
+                    matmul * args.tensor_parallel_size,
                 )
                 result["roofline"] = roof | {"fraction_achieved": roof["total_s"] / elapsed}
             if backend == "metroline" and workload.name == "W4":
                 flops = prefill_flops(args.model, [len(p) for p in workload.prompts])
-                result["matmul_fraction"] = flops / elapsed / (matmul * args.tp)
+                result["matmul_fraction"] = flops / elapsed / (matmul * args.tensor_parallel_size)
             record[backend] = result
             rows.append((backend, result))
     if "metroline" in record and "hf" in record:
         record["speedup_output_tokens_per_s"] = (
             record["metroline"]["output_tokens_per_s"] / record["hf"]["output_tokens_per_s"]
         )
-    parts = [gpu_slug(env["gpu"]), args.workload, args.model, f"tp{args.tp}", args.backend]
+    tp = args.tensor_parallel_size
+    parts = [gpu_slug(env["gpu"]), args.workload, args.model, f"tp{tp}", args.backend]
     if "metroline" in record:
         parts.append("async" if record["metroline"]["async_scheduling"] else "sync")
         if record["metroline"]["mixed_step_graphs"]:
@@ -280,7 +267,7 @@ def main() -> None:
     save_record(args.out, parts, record)
 
     print(
-        f"\n{workload.name} on {args.model} (TP={args.tp}), {env['gpu']}; copy "
+        f"\n{workload.name} on {args.model} (TP={args.tensor_parallel_size}), {env['gpu']}; copy "
         f"{bandwidth / 1e12:.2f} TB/s, bf16 {matmul / 1e12:.0f} TFLOP/s; weights "
         f"{weight_bytes(args.model) / 1e9:.1f} GB"
     )

@@ -1,27 +1,34 @@
-"""Frozen engine configuration, checked on construction.
+"""The engine's settings: :class:`EngineArgs`, the one home of every knob's default, type and
+help (the command line's flags and ``LLM(**kwargs)`` are generated from it), and the frozen
+:class:`EngineConfig` it resolves into, checked on construction.
 
 Values that are only known at run time (the number of KV blocks) are not stored here; they
-live with the component that discovers them (the worker, then the KV cache manager).
+live with the component that discovers them (the worker, then the KV cache manager). torch is
+imported only to resolve a config, so the command line loads without it.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from metroline.engine.hf_config import ModelArchConfig, load_arch_config
+from .checkpoint import ModelArchConfig, load_arch_config
+from .flags import knob
 
 logger = logging.getLogger(__name__)
 
+if TYPE_CHECKING:
+    import torch
+
+#: dtype names a user may give, and the torch dtype each means.
 _DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "half": torch.float16,
+    "float32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "float16": "float16",
+    "half": "float16",
 }
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -31,18 +38,22 @@ DEFAULT_CPU_KV_CACHE_BYTES = 512 * 1024**2
 
 def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str | None) -> torch.dtype:
     """``"auto"`` takes the checkpoint's declared dtype (float32 when it declares none)."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be one of float32, bfloat16, float16; got {dtype}")
         return dtype
     if dtype == "auto":
         dtype = checkpoint_dtype or "float32"
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16'; got {dtype!r}")
-    return _DTYPES[dtype]
+    return getattr(torch, _DTYPES[dtype])
 
 
 def resolve_device(device: str) -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda"):
@@ -68,10 +79,11 @@ class ModelConfig:
     def create(
         cls,
         model: str | Path,
-        dtype: str | torch.dtype = "auto",
-        max_model_len: int | None = None,
-        load_format: str = "auto",
-        seed: int = 0,
+        *,
+        dtype: str | torch.dtype,
+        max_model_len: int | None,
+        load_format: str,
+        seed: int,
     ) -> ModelConfig:
         path = Path(model)
         if not path.is_dir():
@@ -123,11 +135,11 @@ class ModelConfig:
 class CacheConfig:
     """The paged KV pool: block size, and how much memory it may take."""
 
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = True
+    block_size: int
+    gpu_memory_utilization: float
+    enable_prefix_caching: bool
     #: Size of the KV pool in bytes; on CUDA it overrides profiling.
-    kv_cache_memory_bytes: int | None = None
+    kv_cache_memory_bytes: int | None
 
     def __post_init__(self) -> None:
         if self.block_size not in BLOCK_SIZES:
@@ -146,9 +158,9 @@ class CacheConfig:
 class SchedulerConfig:
     """Per-step limits of continuous batching."""
 
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    max_model_len: int = 2048
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -159,7 +171,7 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int
 
     def __post_init__(self) -> None:
         tp = self.tensor_parallel_size
@@ -192,16 +204,85 @@ class EngineConfig:
     scheduler: SchedulerConfig
     parallel: ParallelConfig
     device: torch.device
-    #: Run every step eagerly (no CUDA graphs).
-    enforce_eager: bool = False
-    #: Plan and launch step N+1 while step N runs (see EngineCore). None: on for CUDA (any TP
-    #: size); on the CPU the device work runs inline, so there is nothing to overlap.
-    async_scheduling: bool | None = None
-    #: CUDA graphs also for steps with prompt chunks, up to 4096 tokens (see cuda_graphs.py).
-    #: None: on at TP >= 2, where the host bounds those steps. Ignored with enforce_eager.
-    mixed_step_graphs: bool | None = None
+    #: These three as in :class:`EngineArgs`.
+    enforce_eager: bool
+    async_scheduling: bool | None
+    mixed_step_graphs: bool | None
 
     def __post_init__(self) -> None:
         self.parallel.check_model(self.model.arch)
         if self.scheduler.max_model_len != self.model.max_model_len:
             raise ValueError("scheduler.max_model_len must equal model.max_model_len")
+
+
+@dataclass
+class EngineArgs:
+    """Every knob of the engine, flat. ``LLM(model, **kwargs)`` takes these fields, ``metroline
+    serve`` has one flag per field (see :mod:`metroline.engine.flags`), the benchmarks reuse
+    the same flags; the numeric defaults are the ones measured best on our target GPU."""
+
+    model: str = field(metadata={"help": "checkpoint directory"})
+    tensor_parallel_size: int = knob(
+        1, "GPUs (ranks) the model is split across", aliases=("-tp",)
+    )
+    max_model_len: int | None = knob(
+        None, "longest prompt plus output in tokens (default: the model's limit)"
+    )
+    gpu_memory_utilization: float = knob(
+        0.9, "fraction of GPU memory for weights, activations and the KV pool"
+    )
+    block_size: int = knob(16, f"tokens per KV-cache block, one of {BLOCK_SIZES}")
+    max_num_seqs: int = knob(256, "most sequences in one step")
+    max_num_batched_tokens: int = knob(8192, "token budget of one step")
+    enable_prefix_caching: bool = knob(True, "reuse the KV blocks of shared prefixes")
+    kv_cache_memory_bytes: int | None = knob(
+        None,
+        "bytes of the KV pool (on CUDA it overrides profiling; default on CPU "
+        f"{DEFAULT_CPU_KV_CACHE_BYTES // 2**20} MiB)",
+    )
+    dtype: str | torch.dtype = knob(
+        "auto", "auto (the checkpoint's), float32, bfloat16 or float16"
+    )
+    load_format: str = knob("auto", "auto, safetensors or dummy (random weights)")
+    enforce_eager: bool = knob(False, "run every step eagerly (no CUDA graphs)")
+    async_scheduling: bool | None = knob(
+        None,
+        "plan and launch each step while the previous one still runs (default: on for CUDA; "
+        "on the CPU the device work runs inline, so there is nothing to overlap)",
+    )
+    mixed_step_graphs: bool | None = knob(
+        None,
+        "CUDA graphs also for steps with prompt chunks, up to 4096 tokens (default: on at "
+        "tensor-parallel size 2 or more, where the host bounds those steps)",
+    )
+    seed: int = knob(0, "seed of the random number generator (dummy weights, unseeded sampling)")
+    device: str = knob("auto", "auto, cpu or cuda")
+
+    def create_config(self) -> EngineConfig:
+        """Validate everything and resolve "auto" values; raises ``ValueError`` on bad input."""
+        model = ModelConfig.create(
+            self.model,
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            load_format=self.load_format,
+            seed=self.seed,
+        )
+        return EngineConfig(
+            model=model,
+            cache=CacheConfig(
+                block_size=self.block_size,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                enable_prefix_caching=self.enable_prefix_caching,
+                kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=self.max_num_batched_tokens,
+                max_model_len=model.max_model_len,
+            ),
+            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            device=resolve_device(self.device),
+            enforce_eager=self.enforce_eager,
+            async_scheduling=self.async_scheduling,
+            mixed_step_graphs=self.mixed_step_graphs,
+        )

@@ -9,6 +9,7 @@ device's step time is what bounds the throughput.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import defaultdict
@@ -21,25 +22,21 @@ def timing_enabled() -> bool:
 
 
 class HostTimer:
-    """Totals and counts of named phases. Use ``t = timer.start()`` then
-    ``timer.stop("phase", t)``; both are no-ops (``start`` returns 0.0) when disabled."""
+    """Totals and counts of named phases: ``with timer.phase("core.schedule"): ...``. When
+    disabled, ``phase`` returns one shared do-nothing context manager (no clock read)."""
 
     def __init__(self, enabled: bool | None = None) -> None:
         self.enabled = timing_enabled() if enabled is None else enabled
         self.totals: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
 
-    def start(self) -> float:
-        return time.perf_counter() if self.enabled else 0.0
+    def phase(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Time the ``with`` block as phase ``name`` (its time counts even if it raises)."""
+        return _Phase(self, name) if self.enabled else _UNTIMED
 
-    def stop(self, phase: str, started: float) -> float:
-        """Add the time since ``started`` to ``phase``; returns now (to chain phases)."""
-        if not self.enabled:
-            return 0.0
-        now = time.perf_counter()
-        self.totals[phase] += now - started
-        self.counts[phase] += 1
-        return now
+    def add(self, name: str, seconds: float) -> None:
+        self.totals[name] += seconds
+        self.counts[name] += 1
 
     def report(self) -> dict[str, dict[str, float]]:
         """Per phase: total seconds, calls, mean milliseconds per call."""
@@ -62,3 +59,20 @@ def merge_reports(*reports: dict[str, dict[str, float]]) -> dict[str, dict[str, 
             combined.totals[phase] += entry["total_s"]
             combined.counts[phase] += int(entry["calls"])
     return combined.report()
+
+
+class _Phase:
+    __slots__ = ("name", "started", "timer")
+
+    def __init__(self, timer: HostTimer, name: str) -> None:
+        self.timer = timer
+        self.name = name
+
+    def __enter__(self) -> None:
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.add(self.name, time.perf_counter() - self.started)
+
+
+_UNTIMED = contextlib.nullcontext()

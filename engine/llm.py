@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -10,14 +11,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from metroline.engine.engine_args import EngineArgs
-from metroline.engine.engine_core import EngineCore
-from metroline.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
-from metroline.engine.output_processor import OutputProcessor
-from metroline.engine.outputs import RequestOutput
-from metroline.engine.request import RequestStatus
-from metroline.engine.sampling_params import SamplingParams
-from metroline.engine.tokenizer import load_tokenizer
+from .checkpoint import load_tokenizer
+from .client.input_processor import InputProcessor, ProcessedPrompt, PromptType
+from .client.output_processor import OutputProcessor
+from .config import EngineArgs
+from .core.engine_core import EngineCore
+from .messages import RequestStatus
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -32,43 +33,17 @@ class LLM:
     reason "error"; the others are unaffected.
     """
 
-    def __init__(
-        self,
-        model: str,
-        tensor_parallel_size: int = 1,
-        max_model_len: int | None = None,
-        gpu_memory_utilization: float = 0.9,
-        block_size: int = 16,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 8192,
-        enable_prefix_caching: bool = True,
-        kv_cache_memory_bytes: int | None = None,
-        dtype: str = "auto",
-        load_format: str = "auto",
-        enforce_eager: bool = False,
-        seed: int = 0,
-        device: str = "auto",
-        async_scheduling: bool | None = None,
-        mixed_step_graphs: bool | None = None,
-    ) -> None:
-        args = EngineArgs(
-            model=model,
-            tensor_parallel_size=tensor_parallel_size,
-            max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization,
-            block_size=block_size,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            enable_prefix_caching=enable_prefix_caching,
-            kv_cache_memory_bytes=kv_cache_memory_bytes,
-            dtype=dtype,
-            load_format=load_format,
-            enforce_eager=enforce_eager,
-            seed=seed,
-            device=device,
-            async_scheduling=async_scheduling,
-            mixed_step_graphs=mixed_step_graphs,
-        )
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        """``kwargs`` are :class:`~metroline.engine.config.EngineArgs`' fields (the same knobs
+        as ``metroline serve``'s flags, with the same defaults); an unknown one is a
+        ``TypeError`` naming it."""
+        known = {field.name for field in dataclasses.fields(EngineArgs)} - {"model"}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(
+                f"LLM() got unknown engine arguments {unknown}; known: {', '.join(sorted(known))}"
+            )
+        args = EngineArgs(model=model, **kwargs)
         self.config = args.create_config()
         model_config = self.config.model
         self.tokenizer = load_tokenizer(model_config.path) if model_config.has_tokenizer else None
@@ -135,15 +110,14 @@ class LLM:
                 timer = core.host_timer
                 while outputs.has_unfinished_requests():
                     core_outputs = core.step()
-                    started = timer.start()
-                    step = outputs.process_outputs(core_outputs)
-                    timer.stop("llm.process_outputs", started)
+                    with timer.phase("llm.process_outputs"):
+                        step = outputs.process_outputs(core_outputs)
                     if step.stopped_core_requests:
                         core.finish_requests(
                             step.stopped_core_requests, RequestStatus.FINISHED_STOPPED
                         )
                     if step.aborted_core_requests:
-                        core.abort_requests(step.aborted_core_requests)
+                        core.finish_requests(step.aborted_core_requests)
                     for result in step.request_outputs:
                         if result.error is not None:
                             logger.error("request %s failed: %s", result.request_id, result.error)
@@ -151,7 +125,7 @@ class LLM:
                         progress.update(1)
         except BaseException:
             for p in processed:
-                core.abort_requests(outputs.abort_request(p.request_id))
+                core.finish_requests(outputs.abort_request(p.request_id))
             raise
         return [r for r in results if r is not None]
 

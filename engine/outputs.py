@@ -19,22 +19,6 @@ class Logprob:
 PositionLogprobs = dict[int, Logprob]
 
 
-@dataclass(slots=True)
-class EngineCoreOutput:
-    """Tokens a request gained in one engine step (and why it finished, if it did)."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_logprobs: list[PositionLogprobs] | None = None
-    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
-    stop_reason: int | str | None = None
-    num_cached_tokens: int = 0
-    #: Why serving this request failed (with finish_reason "error").
-    error: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from metroline.kernels.utils import next_power_of_2, row_major_last_dim
+from .utils import next_power_of_2, row_major_last_dim
 
 
 @triton.jit

@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from metroline.kernels.split_kv import merge_splits
-from metroline.kernels.utils import (
+from .split_kv import merge_splits
+from .utils import (
     cdiv,
     dot_precision,
     next_power_of_2,

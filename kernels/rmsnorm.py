@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from metroline.kernels.utils import next_power_of_2, row_major_last_dim
+from .utils import next_power_of_2, row_major_last_dim
 
 
 @triton.jit(do_not_specialize=["num_rows"])  # one variant for any token count

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from metroline.kernels.utils import next_power_of_2
+from .utils import next_power_of_2
 
 
 @triton.jit

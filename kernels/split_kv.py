@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from metroline.kernels.utils import next_power_of_2
+from .utils import next_power_of_2
 
 
 @triton.jit(do_not_specialize=["num_seqs", "num_splits"])

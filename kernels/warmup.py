@@ -2,8 +2,8 @@
 
 Triton compiles a kernel the first time it meets a new combination of compile-time values.
 Left to chance, that happens mid-serving, when a step first meets a new tile shape or split
-count: a stall of about a second for every request in that step (measured: p99 time to first
-token 2 s at 4 requests/s on an H100, against 0.7 s at 24 once compiled). The attention
+count: a stall for every request in that step (docs/engine.md, "Kernel warm-up", has the
+measurements). The attention
 launchers take every size that changes from step to step as a runtime value, so the variants
 are fixed by the tile shapes (:func:`attention_config`), whether a context is split, and the
 power of two that bounds the split count in the merge kernel. :func:`warm_up_attention`
@@ -21,10 +21,10 @@ import time
 import torch
 import triton
 
-from metroline.kernels import activation, kv_cache, paged_attention, rmsnorm, rotary, split_kv
-from metroline.kernels.paged_attention import AttentionConfig, attention_config
-from metroline.kernels.split_kv import merge_splits
-from metroline.kernels.utils import next_power_of_2
+from . import activation, kv_cache, paged_attention, rmsnorm, rotary, split_kv
+from .paged_attention import AttentionConfig, attention_config
+from .split_kv import merge_splits
+from .utils import next_power_of_2
 
 logger = logging.getLogger(__name__)
 

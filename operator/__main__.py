@@ -1,5 +1,5 @@
 """``python -m metroline.operator``."""
 
-from metroline.operator.main import main
+from .main import main
 
 main()

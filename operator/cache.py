@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from metroline.operator import constants as c
+from . import constants as c
 
 Key = tuple[str, str]
 Obj = dict[str, Any]

@@ -16,10 +16,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from metroline.operator import constants as c
-from metroline.operator.modeluri import ModelLocation, parse_model_uri
-from metroline.operator.quantity import parse_quantity
-from metroline.operator.spec import LLMDeploymentSpec
+from . import constants as c
+from .modeluri import ModelLocation, parse_model_uri
+from .quantity import parse_quantity
+from .spec import LLMDeploymentSpec
 
 DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 

@@ -7,8 +7,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from metroline.operator import constants as c
-from metroline.operator.backoff import Backoff
+from . import constants as c
+from .backoff import Backoff
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ RESERVED_LABELS = frozenset(
 ANNOTATION_CONFIG_HASH = f"{GROUP}/config-hash"
 """On every child: a hash of the configuration the operator applied (see render.stamp)."""
 
-# The engine's HTTP contract (DESIGN.md, "Serving contracts").
+# The engine's HTTP contract (docs/serving.md).
 HTTP_PORT = 8000
 HTTP_PORT_NAME = "http"
 HEALTH_PATH = "/health"

@@ -19,18 +19,18 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from metroline.operator.cache import ClusterCache, Key
-from metroline.operator.checks import SpecCheck, check_spec
-from metroline.operator.config import OperatorConfig
-from metroline.operator.drift import covers
-from metroline.operator.events import EventNote, condition_events
-from metroline.operator.kube import ApiError, KubeClient
-from metroline.operator.kvmetrics import KvScraper
-from metroline.operator.podhealth import is_ready
-from metroline.operator.recorder import EventRecorder
-from metroline.operator.render import render_children, wants_pdb
-from metroline.operator.status import Observed, compute_status, status_changed
-from metroline.operator.workqueue import WorkQueue
+from .cache import ClusterCache, Key
+from .checks import SpecCheck, check_spec
+from .config import OperatorConfig
+from .drift import covers
+from .events import EventNote, condition_events
+from .kube import ApiError, KubeClient
+from .kvmetrics import KvScraper
+from .podhealth import is_ready
+from .recorder import EventRecorder
+from .render import render_children, wants_pdb
+from .status import Observed, compute_status, status_changed
+from .workqueue import WorkQueue
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import yaml
 
-from metroline.operator import constants as c
-from metroline.operator.schema import to_structural
-from metroline.operator.spec import LLMDeploymentSpec, LLMDeploymentStatus
+from . import constants as c
+from .schema import to_structural
+from .spec import LLMDeploymentSpec, LLMDeploymentStatus
 
 logger = logging.getLogger(__name__)
 

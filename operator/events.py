@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from metroline.operator import constants as c
-from metroline.operator.status import find_condition
+from . import constants as c
+from .status import find_condition
 
 #: The API server's limit on an event's message for ``events.k8s.io``; kept for core events
 #: too (``kubectl describe`` is unreadable past it).

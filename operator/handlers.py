@@ -12,8 +12,8 @@ from typing import Any
 
 import kopf
 
-from metroline.operator import constants as c
-from metroline.operator.controller import Controller
+from . import constants as c
+from .controller import Controller
 
 MANAGED = {c.LABEL_MANAGED_BY: c.MANAGED_BY}
 

@@ -18,7 +18,8 @@ from typing import Any
 import aiohttp
 import kopf
 
-from metroline.operator import constants as c
+from . import constants as c
+from .http_session import LazySession
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
         return None
 
 
-class KubeClient:
+class KubeClient(LazySession):
     """Writes to the API server. ``connect`` must be called (by the login handler) before use."""
 
     def __init__(self, timeout_s: float = 30.0) -> None:
@@ -79,11 +80,6 @@ class KubeClient:
             if old is not None:
                 asyncio.get_running_loop().create_task(old.close())
         self._connected.set()
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     def _open(self) -> aiohttp.ClientSession:
         assert self._info is not None

@@ -16,7 +16,8 @@ from typing import Any
 
 import aiohttp
 
-from metroline.operator import constants as c
+from . import constants as c
+from .http_session import LazySession
 
 logger = logging.getLogger(__name__)
 
@@ -41,18 +42,13 @@ def parse_kv_usage(text: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-class KvScraper:
+class KvScraper(LazySession):
     """Fetches /metrics from pod IPs; ``port`` is the engine's (overridable for tests)."""
 
     def __init__(self, port: int = c.HTTP_PORT, timeout_s: float = 2.0) -> None:
         self.port = port
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     async def _one(self, ip: str) -> float | None:
         if self._session is None:

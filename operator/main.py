@@ -12,10 +12,10 @@ import os
 
 import kopf
 
-from metroline.operator.config import OperatorConfig
-from metroline.operator.controller import Controller
-from metroline.operator.handlers import build_registry
-from metroline.operator.kube import KubeClient
+from .config import OperatorConfig
+from .controller import Controller
+from .handlers import build_registry
+from .kube import KubeClient
 
 
 def main() -> None:

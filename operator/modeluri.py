@@ -10,7 +10,7 @@ import posixpath
 from dataclasses import dataclass
 from typing import Literal
 
-from metroline.operator import constants as c
+from . import constants as c
 
 Scheme = Literal["hf", "pvc", "path"]
 

@@ -13,9 +13,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from metroline.operator import constants as c
-from metroline.operator.modeluri import ModelLocation
-from metroline.operator.spec import LLMDeploymentSpec
+from . import constants as c
+from .modeluri import ModelLocation
+from .spec import LLMDeploymentSpec
 
 PROBE_PERIOD_S = 10
 PRE_STOP_SLEEP_S = 5

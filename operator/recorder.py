@@ -20,8 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from metroline.operator.events import EventNote, event_body
-from metroline.operator.kube import ApiError, KubeClient
+from .events import EventNote, event_body
+from .kube import ApiError, KubeClient
 
 logger = logging.getLogger(__name__)
 

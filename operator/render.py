@@ -16,9 +16,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from metroline.operator import constants as c
-from metroline.operator.checks import SpecCheck
-from metroline.operator.pod import pod_spec
+from . import constants as c
+from .checks import SpecCheck
+from .pod import pod_spec
 
 Body = Mapping[str, Any]
 PDB_MIN_REPLICAS = 2

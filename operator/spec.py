@@ -32,7 +32,8 @@ ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 
 DEFAULT_MAX_NUM_SEQS = 256
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
-"""The engine's defaults (DESIGN.md, "Engine contracts"); used by cross-field rules."""
+"""The engine's defaults (EngineArgs in engine/config.py; tests/operator/test_engine_cli.py
+checks they agree); used by cross-field rules."""
 
 
 class _Model(BaseModel):

@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from metroline.operator.checks import SpecCheck
-from metroline.operator.podhealth import Pod, PodProblem, all_problems, is_running
-from metroline.operator.render import endpoint, selector_string
+from .checks import SpecCheck
+from .podhealth import Pod, PodProblem, all_problems, is_running
+from .render import endpoint, selector_string
 
 Status = dict[str, Any]
 MAX_MESSAGE = 1024

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metroline.engine.layers import ops
+from . import ops
 
 
 class SiluAndMul(nn.Module):

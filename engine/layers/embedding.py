@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metroline.engine.distributed import get_tp_group
-from metroline.engine.layers.weights import read_narrow, source_shape
+from ..distributed import get_tp_group
+from .weights import read_narrow, source_shape
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metroline.engine.distributed import get_tp_group, get_tp_rank, get_tp_size
-from metroline.engine.layers.weights import copy_checked, default_weight_loader, read_narrow
+from ..distributed import get_tp_group, get_tp_rank, get_tp_size
+from .weights import copy_checked, default_weight_loader, read_narrow
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -31,16 +31,6 @@ def _parameter(*shape: int, loader: Any) -> nn.Parameter:
     param = nn.Parameter(torch.empty(*shape), requires_grad=False)
     param.weight_loader = loader  # type: ignore[attr-defined]
     return param
-
-
-class ReplicatedLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
-        super().__init__()
-        self.weight = _parameter(out_features, in_features, loader=default_weight_loader)
-        self.bias = _parameter(out_features, loader=default_weight_loader) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(nn.Module):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metroline.engine.layers import ops
-from metroline.engine.layers.weights import default_weight_loader
+from . import ops
+from .weights import default_weight_loader
 
 
 class RMSNorm(nn.Module):

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from metroline.engine.layers import ops
+from . import ops
 
 
 def inverse_frequencies(

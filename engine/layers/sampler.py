@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from metroline.engine.outputs import Logprob, PositionLogprobs
+from ..outputs import Logprob, PositionLogprobs
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Weight sources for loaders: an in-memory tensor or a lazy safetensors slice.
+"""Weight sources for loaders: an in-memory tensor or a lazy safetensors slice (both have
+a shape and support slicing).
 
 A loader asks only for the part it keeps (its tensor-parallel shard), so each rank reads only
 its shard from disk.
@@ -6,15 +7,9 @@ its shard from disk.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-
-
-class WeightSource(Protocol):
-    """``torch.Tensor`` or ``safetensors``' lazy slice: both have a shape and support slicing."""
-
-    def __getitem__(self, index: Any) -> Any: ...
 
 
 def source_shape(source: Any) -> tuple[int, ...]:

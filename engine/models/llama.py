@@ -7,18 +7,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metroline.engine.attention_metadata import AttentionMetadata
-from metroline.engine.hf_config import ModelArchConfig
-from metroline.engine.layers.activation import SiluAndMul
-from metroline.engine.layers.attention import Attention
-from metroline.engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from metroline.engine.layers.linear import (
-    MergedColumnParallelLinear,
-    QKVParallelLinear,
-    RowParallelLinear,
-)
-from metroline.engine.layers.norm import RMSNorm
-from metroline.engine.layers.rotary import RotaryEmbedding
+from ..checkpoint import ModelArchConfig
+from ..layers.activation import SiluAndMul
+from ..layers.attention import Attention, AttentionMetadata
+from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from ..layers.norm import RMSNorm
+from ..layers.rotary import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from metroline.engine.hf_config import SUPPORTED_ARCHITECTURES
-from metroline.engine.models.llama import LlamaForCausalLM
+from ..checkpoint import SUPPORTED_ARCHITECTURES
+from .llama import LlamaForCausalLM
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = dict.fromkeys(SUPPORTED_ARCHITECTURES, LlamaForCausalLM)
 

@@ -13,13 +13,13 @@ from collections.abc import Callable
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from metroline.engine.config import EngineConfig
-from metroline.engine.server.args import ServerArgs
-from metroline.engine.server.auth import SECURITY_SCHEME
-from metroline.engine.server.errors import install_error_handlers, unavailable
-from metroline.engine.server.gate import RequestGate
-from metroline.engine.server.routers import chat, completions, health, models
-from metroline.engine.server.state import ServerState
+from ..config import EngineConfig
+from .args import ServerArgs
+from .auth import SECURITY_SCHEME
+from .errors import install_error_handlers, unavailable
+from .gate import RequestGate
+from .routers import chat, completions, health, models
+from .state import ServerState
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from metroline.engine.server.protocol import MAX_PROMPTS
+from ..flags import knob
+from .protocol import MAX_PROMPTS
 
 
 @dataclass(frozen=True)
@@ -18,38 +19,50 @@ class ServerArgs:
     its limit), so a pod near its limit does not flap in and out of its Service.
     """
 
+    #: Names clients use (the first is the one responses and metrics carry).
     served_model_names: tuple[str, ...]
-    host: str = "0.0.0.0"
-    port: int = 8000
+    host: str = knob("0.0.0.0", "address to listen on")
+    port: int = knob(8000, "port to listen on")
+    #: Flag made by the CLI (its default comes from $METROLINE_API_KEY).
     api_key: str | None = None
-    ready_kv_threshold: float = 0.95
-    #: ``None``: ``ready_kv_threshold - 0.1`` (but not below 0).
-    ready_kv_low_watermark: float | None = None
-    #: ``None``: the waiting queue does not affect readiness.
-    ready_max_waiting: int | None = None
-    #: ``None``: never shed load; otherwise 503 once this many requests wait unscheduled.
-    max_waiting_requests: int | None = None
-    drain_timeout: float = 30.0
-    #: Largest request body in bytes; a larger one is answered 413 before it is read whole.
-    max_request_bytes: int = 16 * 2**20
-    #: Largest number of sequences (prompts x ``n``) one request may ask for (400 beyond).
-    max_sequences_per_request: int = 256
-    #: Open client connections at most (lowered at start to fit the file-descriptor limit);
-    #: past it, the longest-idle connection is closed, or the new one answered 503.
-    max_connections: int = 4096
-    #: Seconds a connection may take to send a request's headers (from its first byte, or
-    #: from the connection's start for the first request); 0: no limit.
-    header_timeout: float = 10.0
-    #: Seconds an idle keep-alive connection stays open between requests.
-    keep_alive_timeout: float = 5.0
-    #: Seconds a client may take to send a request's body (408 beyond).
-    body_timeout: float = 60.0
-    #: Seconds a response may wait for a client that reads nothing; then it is dropped and
-    #: its request aborted.
-    send_timeout: float = 60.0
-    #: Bytes of request bodies being tokenised at once at most (503 beyond, for any but
-    #: the first): what queued preparation may hold in memory.
-    max_preparing_bytes: int = 256 * 2**20
+    ready_kv_threshold: float = knob(0.95, "KV-cache usage above which /ready answers 503")
+    ready_kv_low_watermark: float | None = knob(
+        None, "ready again at or below this KV usage (default: threshold - 0.1, not below 0)"
+    )
+    ready_max_waiting: int | None = knob(
+        None, "waiting requests above which /ready answers 503 (default: not considered)"
+    )
+    max_waiting_requests: int | None = knob(
+        None, "answer 503 + Retry-After once this many requests wait (default: no limit)"
+    )
+    drain_timeout: float = knob(30.0, "seconds in-flight requests get to finish on SIGTERM")
+    max_request_bytes: int = knob(
+        16 * 2**20, "largest request body in bytes; larger ones are answered 413 unread"
+    )
+    max_sequences_per_request: int = knob(256, "largest prompts x n of one request (400 beyond)")
+    max_connections: int = knob(
+        4096,
+        "open client connections at most (lowered at start to fit the file-descriptor limit); "
+        "past it the longest-idle connection is closed, or the new one answered 503",
+    )
+    header_timeout: float = knob(
+        10.0,
+        "seconds a connection may take to send a request's headers (from its first byte, or "
+        "from the connection's start for the first request); 0: no limit",
+    )
+    keep_alive_timeout: float = knob(5.0, "seconds an idle keep-alive connection stays open")
+    body_timeout: float = knob(60.0, "seconds a client may take to send a body (408 beyond)")
+    send_timeout: float = knob(
+        60.0,
+        "seconds a response may wait for a client that reads nothing; then it is dropped and "
+        "its request aborted",
+    )
+    max_preparing_bytes: int = knob(
+        256 * 2**20,
+        "bytes of request bodies being tokenised at once, at most (503 beyond, for any but "
+        "the first)",
+    )
+    #: The three below have flags of their own shape, made by the CLI.
     log_level: int = logging.INFO
     log_format: str = "text"
     access_log: bool = True

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hmac
 
-from metroline.engine.server.errors import OpenAIError
+from .errors import OpenAIError
 
 #: The OpenAPI security scheme the schema declares for ``/v1/*`` when a key is set.
 SECURITY_SCHEME = {"type": "http", "scheme": "bearer", "description": "The server's --api-key"}

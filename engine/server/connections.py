@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from metroline.engine.server.errors import RETRY_AFTER_S
-from metroline.engine.server.log_floods import RepeatLimiter
+from .errors import RETRY_AFTER_S
+from .log_floods import RepeatLimiter
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from metroline.engine.server.protocol import ErrorInfo, ErrorResponse
+from .protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ import email.message
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from metroline.engine.sampling_params import shorten
-from metroline.engine.server.args import ServerArgs
-from metroline.engine.server.auth import api_key_matches, missing_api_key
-from metroline.engine.server.errors import OpenAIError
+from ..sampling_params import shorten
+from .args import ServerArgs
+from .auth import api_key_matches, missing_api_key
+from .errors import OpenAIError
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _CLOSE = {"Connection": "close"}

@@ -24,8 +24,8 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
-from metroline.engine.sampling_params import shorten
-from metroline.engine.server.errors import bad_request
+from ..sampling_params import shorten
+from .errors import bad_request
 
 #: JSON strings (escapes included); replaced by ``""`` before counting brackets and commas.
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import re
 
-from metroline.engine.outputs import PositionLogprobs
-from metroline.engine.server.protocol_chat import TokenLogprob, TopLogprob
-from metroline.engine.server.protocol_completions import CompletionLogprobs
+from ..outputs import PositionLogprobs
+from .protocol_chat import TokenLogprob, TopLogprob
+from .protocol_completions import CompletionLogprobs
 
 #: JSON has no -inf; OpenAI clients expect a finite float.
 _FLOOR = -9999.0

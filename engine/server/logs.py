@@ -9,7 +9,7 @@ import logging
 import sys
 import time
 
-from metroline.engine.request_events import FinishedRequest
+from ..client.request_events import FinishedRequest
 
 request_logger = logging.getLogger("metroline.requests")
 

@@ -12,8 +12,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from metroline.engine.request_events import FinishedRequest
-from metroline.engine.scheduler import SchedulerStats
+from ..client.request_events import FinishedRequest
+from ..messages import SchedulerStats
 
 disable_created_metrics()
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from metroline.engine.sampling_params import (
+from ..sampling_params import (
     MAX_COUNT,
     MAX_LOGPROBS,
     MAX_N,

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from metroline.engine.server.protocol import (
+from .protocol import (
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
     Count,

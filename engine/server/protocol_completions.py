@@ -7,8 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from metroline.engine.sampling_params import MAX_N
-from metroline.engine.server.protocol import (
+from ..sampling_params import MAX_N
+from .protocol import (
     MAX_PROMPTS,
     Count,
     NonEmptyStr,

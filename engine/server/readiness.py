@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from metroline.engine.scheduler import SchedulerStats
+from ..messages import SchedulerStats
 
 logger = logging.getLogger(__name__)
 

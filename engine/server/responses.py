@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from metroline.engine.server.protocol import ErrorResponse
+from .protocol import ErrorResponse
 
 _ERROR = {"model": ErrorResponse}
 #: One server-sent event of a stream (OpenAPI 3.1 describes ``text/event-stream`` per event).

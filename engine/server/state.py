@@ -12,17 +12,17 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from metroline.engine.async_llm import AsyncLLM
-from metroline.engine.config import EngineConfig
-from metroline.engine.request_events import EngineObserver, FinishedRequest
-from metroline.engine.scheduler import SchedulerStats
-from metroline.engine.server.args import ServerArgs
-from metroline.engine.server.json_body import JSONBudget
-from metroline.engine.server.logs import configure_logging, log_finished_request
-from metroline.engine.server.loop_lag import watch_loop_lag
-from metroline.engine.server.metrics import ServerMetrics
-from metroline.engine.server.readiness import Readiness
-from metroline.engine.tokenizer import load_tokenizer
+from ..checkpoint import load_tokenizer
+from ..client.async_llm import AsyncLLM
+from ..client.request_events import EngineObserver, FinishedRequest
+from ..config import EngineConfig
+from ..messages import SchedulerStats
+from .args import ServerArgs
+from .json_body import JSONBudget
+from .logs import configure_logging, log_finished_request
+from .loop_lag import watch_loop_lag
+from .metrics import ServerMetrics
+from .readiness import Readiness
 
 logger = logging.getLogger(__name__)
 

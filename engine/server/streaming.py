@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from metroline.engine.outputs import CompletionOutput, PositionLogprobs
+from ..outputs import CompletionOutput, PositionLogprobs
 
 
 @dataclass(slots=True)

@@ -85,7 +85,7 @@ def test_penalties_fall_back_to_the_plain_order(tiny_checkpoint):
 
 
 def test_async_scheduling_default_is_on_for_cuda_only():
-    from metroline.engine.engine_core import use_async_scheduling
+    from metroline.engine.core.engine_core import use_async_scheduling
 
     assert use_async_scheduling(None, "cuda")
     assert not use_async_scheduling(None, "cpu")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from metroline.engine import LLM, SamplingParams
+from metroline.engine.checkpoint import parse_arch_config
 from metroline.engine.config import ParallelConfig
-from metroline.engine.hf_config import parse_arch_config
 
 from .conftest import make_prompts
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from metroline.engine.block_pool import BlockPool
-from metroline.engine.kv_cache_manager import KVCacheManager, block_hash, root_hash
-from metroline.engine.request import EngineCoreRequest, Request
+from metroline.engine.core.kv_cache import BlockPool, KVCacheManager, block_hash, root_hash
+from metroline.engine.core.request import Request
+from metroline.engine.messages import EngineCoreRequest
 from metroline.engine.sampling_params import SamplingParams
 
 
@@ -42,7 +42,7 @@ def test_eviction_prefers_plain_blocks_then_least_recently_freed():
     assert [blk.block_id for blk in pool.allocate(1)] == [c.block_id]
     first, second = pool.allocate(2)
     assert (first, second) == (a, b)
-    assert first.block_hash is None and b"ha" not in pool.cached
+    assert first.block_hash is None and b"ha" not in pool.by_hash
     assert pool.num_evictions == 2
     assert d.ref_cnt == 1
 

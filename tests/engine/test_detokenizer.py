@@ -9,12 +9,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from metroline.engine.detokenizer import IncrementalDetokenizer
+from metroline.engine.client.detokenizer import IncrementalDetokenizer
 
 
 class WholeTextDetokenizer:
     """The reference: the whole text kept as one string, searched from ``longest - 1``
-    characters before each new piece."""
+    characters before each new piece; the earliest stop string wins, the first listed on a
+    tie."""
 
     def __init__(self, tokenizer, prompt, stop):
         self.inner = IncrementalDetokenizer(tokenizer, prompt)  # decoding only, no stops
@@ -30,8 +31,8 @@ class WholeTextDetokenizer:
                 longest = max(len(s) for s in self.stop)
                 start = max(0, before - longest + 1)
                 hits = [(i, s) for s in self.stop if (i := self.text.find(s, start)) != -1]
-                if hits:
-                    index, stop = min(hits)
+                if hits:  # the earliest; on a tie, the first listed
+                    index, stop = min(hits, key=lambda hit: hit[0])
                     self.text = self.text[:index]
                     return stop
         return None

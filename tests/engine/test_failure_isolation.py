@@ -93,7 +93,7 @@ def test_device_faults_still_stop_the_engine():
 
 def test_a_step_that_fails_for_no_single_request_is_fatal(llm, monkeypatch):
     """If the whole batch fails but no request alone does, nothing explains the fault."""
-    import metroline.engine.model_runner as model_runner
+    import metroline.engine.worker.model_runner as model_runner
 
     real = model_runner.build_step_inputs
     calls = {"n": 0}
@@ -115,7 +115,7 @@ def test_sampling_fault_after_the_draws_keeps_seeded_tokens(llm, monkeypatch):
     """A fault after the batch drew its random numbers (here, in picking log-probs): the
     rows are sampled again one by one from restored generators, so seeded requests still
     get the tokens they get without the fault."""
-    import metroline.engine.model_runner as model_runner
+    import metroline.engine.worker.model_runner as model_runner
 
     expected = run(llm)
     target = str(next_request_id(llm) + 3)  # a seeded request with log-probs
@@ -165,14 +165,16 @@ def test_fault_fails_one_request_alone_with_tensor_parallelism(tiny_checkpoint, 
         assert outputs[index].outputs[0].token_ids == expected[index]
 
 
-def test_a_request_failing_before_its_kv_is_written_leaves_no_cache_behind(llm, monkeypatch):
+def test_a_request_failing_before_its_kv_is_written_leaves_no_cache_behind(
+    llm, monkeypatch, tiny_checkpoint, hf_greedy
+):
     """Inputs failure: the step ran without the request, so its freshly cached blocks hold
     nothing. They leave the prefix cache, a request that already hit them in the same step
-    fails too (it read them), and a later identical prompt gets the right tokens."""
+    fails too (it read them), and a later identical prompt gets the right tokens (those of
+    transformers: the prompt is new to this engine's cache)."""
     prompt = make_prompts((40,), seed=9)[0]  # two full blocks
     greedy = SamplingParams(temperature=0, max_tokens=8)
-    expected = llm.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids
-    assert llm.engine_core.kv_cache_manager.pool.reset_prefix_cache()
+    (expected,) = hf_greedy(tiny_checkpoint("llama"), [prompt], 8)
     inject(monkeypatch, "inputs", str(next_request_id(llm)))  # the first of two copies
     first, second = llm.generate([prompt, prompt], greedy, use_tqdm=False)
     assert first.error is not None and "injected fault" in first.error

@@ -3,6 +3,8 @@ default, where nothing is recorded."""
 
 from __future__ import annotations
 
+import pytest
+
 from metroline.engine import LLM, SamplingParams
 from metroline.engine.host_timing import HostTimer, merge_reports
 
@@ -47,8 +49,18 @@ def test_every_rank_reports_its_phases(tiny_checkpoint, monkeypatch):
 
 def test_reports_merge_by_phase():
     a, b = HostTimer(enabled=True), HostTimer(enabled=True)
-    a.stop("x", a.start())
-    b.stop("x", b.start())
-    b.stop("y", b.start())
+    for timer, name in ((a, "x"), (b, "x"), (b, "y")):
+        with timer.phase(name):
+            pass
     merged = merge_reports(a.report(), b.report())
     assert merged["x"]["calls"] == 2 and merged["y"]["calls"] == 1
+
+
+def test_a_phase_counts_when_its_block_raises_and_nothing_when_disabled():
+    timer, off = HostTimer(enabled=True), HostTimer(enabled=False)
+    with pytest.raises(ValueError), timer.phase("failing"):
+        raise ValueError
+    with off.phase("ignored"):
+        pass
+    assert timer.report()["failing"]["calls"] == 1
+    assert off.report() == {}

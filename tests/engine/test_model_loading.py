@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from metroline.engine import LLM, SamplingParams
-from metroline.engine.config import ModelConfig
-from metroline.engine.hf_config import parse_arch_config
+from metroline.engine.checkpoint import parse_arch_config
+from metroline.engine.config import EngineArgs
 from metroline.engine.layers.rotary import inverse_frequencies
 
 from .conftest import make_prompts
@@ -83,13 +83,13 @@ def test_dummy_weights_need_only_config(tiny_checkpoint, tmp_path):
 def test_unknown_architecture_names_supported_ones(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match="supported: LlamaForCausalLM, MistralForCausalLM"):
-        ModelConfig.create(tmp_path)
+        EngineArgs(model=str(tmp_path)).create_config()
 
 
 def test_sliding_window_caps_max_model_len(tiny_checkpoint, caplog):
     path = tiny_checkpoint("mistral", sliding_window=48)
     with caplog.at_level("WARNING"):
-        config = ModelConfig.create(path)
+        config = EngineArgs(model=str(path), device="cpu").create_config().model
     assert config.max_model_len == 48
     assert "max_model_len capped from 512 to 48" in caplog.text
     qwen = parse_arch_config(

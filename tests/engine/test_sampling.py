@@ -286,7 +286,7 @@ def test_n_sequences_share_prompt_blocks(tiny_checkpoint):
     full_blocks = 69 // 16
     assert all(t[:full_blocks] == tables[0][:full_blocks] for t in tables)
     assert len({t[full_blocks] for t in tables}) == 4  # the partial block is private
-    llm.engine_core.abort_requests([r.request_id for r in processed.core_requests])
+    llm.engine_core.finish_requests([r.request_id for r in processed.core_requests])
     assert kv.usage == 0
     outs = llm.generate([prompt], params, use_tqdm=False)[0].outputs
     assert [o.index for o in outs] == [0, 1, 2, 3]

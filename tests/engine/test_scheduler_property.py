@@ -13,12 +13,16 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from metroline.engine.config import SchedulerConfig
-from metroline.engine.kv_cache_manager import KVCacheManager
-from metroline.engine.request import EngineCoreRequest, Request, RequestStatus
-from metroline.engine.runner_output import ModelRunnerOutput
+from metroline.engine.core.kv_cache import KVCacheManager
+from metroline.engine.core.request import Request
+from metroline.engine.core.scheduler import Scheduler
+from metroline.engine.messages import (
+    EngineCoreRequest,
+    ModelRunnerOutput,
+    RequestStatus,
+    SchedulerOutput,
+)
 from metroline.engine.sampling_params import SamplingParams
-from metroline.engine.scheduler import Scheduler
-from metroline.engine.scheduler_output import SchedulerOutput
 
 BLOCK_SIZE = 4
 MAX_MODEL_LEN = 48
@@ -41,7 +45,7 @@ class MirrorWorker:
             self.tokens[new.request_id] = list(new.token_ids)
             self.blocks[new.request_id] = list(new.block_ids)
             self.computed[new.request_id] = new.num_computed_tokens
-        for cached in out.cached_requests:
+        for cached in out.running_requests:
             self.tokens[cached.request_id].extend(cached.new_token_ids)
             self.blocks[cached.request_id].extend(cached.new_block_ids)
             self.computed[cached.request_id] = cached.num_computed_tokens

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from metroline.engine import LLM, SamplingParams
-from metroline.engine.cuda_graphs import (
+from metroline.engine.worker.cuda_graphs import (
     MIXED_MAX_TOKENS,
     StepGraphs,
     mixed_pool_bytes,

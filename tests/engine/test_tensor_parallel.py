@@ -154,7 +154,7 @@ def test_tp8_with_four_kv_heads(tiny_checkpoint, hf_greedy):
 def test_failed_start_raises_the_real_error_and_leaves_no_worker(tiny_checkpoint, monkeypatch):
     import multiprocessing
 
-    from metroline.engine import executor
+    from metroline.engine.worker import executor
 
     def broken_worker(*args, **kwargs):
         raise RuntimeError("rank 0 could not load")
@@ -167,7 +167,7 @@ def test_failed_start_raises_the_real_error_and_leaves_no_worker(tiny_checkpoint
 
 def test_a_worker_dying_at_start_fails_the_engine_at_once(tiny_checkpoint, monkeypatch):
     """Before, rank 0 waited in the rendezvous for the collective timeout (10 minutes)."""
-    from metroline.engine.executor import WorkerFailedError
+    from metroline.engine.worker.executor import WorkerFailedError
 
     # Only worker processes read this variable, before they join the group: a bad value
     # makes rank 1 die while starting.

@@ -26,7 +26,7 @@ from gpu_helpers import agreement, record_first_logits, release, report  # noqa:
 from shapes import write_shape  # noqa: E402
 
 from metroline.engine import LLM, SamplingParams  # noqa: E402
-from metroline.engine.model_loader import synthetic_checkpoint  # noqa: E402
+from metroline.engine.models.loader import synthetic_checkpoint  # noqa: E402
 
 RESULTS: dict[str, object] = {}
 TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)

@@ -21,7 +21,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "gpu")]
 from conftest import write_tiny_checkpoint  # noqa: E402
 from gpu_helpers import release, report  # noqa: E402
 
-import metroline.engine.model_runner as model_runner  # noqa: E402
+import metroline.engine.worker.model_runner as model_runner  # noqa: E402
 from metroline.engine import LLM, SamplingParams, faults  # noqa: E402
 
 TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)

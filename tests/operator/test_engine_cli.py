@@ -2,13 +2,14 @@
 (engine/cli.py, the real argparse parser) in the engine container and `hf download` in the init
 container, and the defaults the operator relies on are the engine's.
 
-engine/cli.py is loaded from its file, not through ``metroline.engine`` (whose package imports
-torch), so these tests stay as fast and torch-free as the rest of tests/operator.
+``metroline.engine.cli`` loads neither torch nor the server (its flags come from EngineArgs and
+ServerArgs alone), so these tests stay as fast as the rest of tests/operator.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib.util
 import sys
@@ -27,17 +28,14 @@ from metroline.operator.spec import (
     DEFAULT_MAX_NUM_SEQS,
     Readiness,
 )
+from metroline.operator.spec import EngineArgs as OperatorEngineArgs
 
-from .conftest import REPO, llmd_body
+from .conftest import llmd_body
 
 
 @functools.cache
 def cli() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("metroline_serve_cli", REPO / "engine/cli.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("metroline.engine.cli")
 
 
 def _serve(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -97,6 +95,19 @@ def test_the_engine_takes_abbreviated_flags():
 
 
 def test_the_operator_shares_the_engine_defaults():
+    """The operator's defaults are EngineArgs' and ServerArgs' (the flags' defaults come
+    from them too)."""
+    from metroline.engine.config import EngineArgs
+    from metroline.engine.server.args import ServerArgs
+
+    engine = {f.name: f.default for f in dataclasses.fields(EngineArgs)}
+    server = {f.name: f.default for f in dataclasses.fields(ServerArgs)}
+    assert engine["max_num_seqs"] == DEFAULT_MAX_NUM_SEQS  # used by the CEL rule
+    assert engine["max_num_batched_tokens"] == DEFAULT_MAX_NUM_BATCHED_TOKENS
+    assert engine["enable_prefix_caching"] == OperatorEngineArgs().enable_prefix_caching
+    assert server["ready_kv_threshold"] == Readiness().kv_cache_threshold
+    assert server["drain_timeout"] == c.ENGINE_DRAIN_TIMEOUT_S
+    assert server["port"] == c.HTTP_PORT
     defaults = {a.dest: a.default for a in serve_parser()._actions}
     assert defaults["max_num_seqs"] == DEFAULT_MAX_NUM_SEQS  # used by the CEL rule
     assert defaults["max_num_batched_tokens"] == DEFAULT_MAX_NUM_BATCHED_TOKENS

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from metroline.engine.async_llm import _RequestState
+from metroline.engine.client.async_llm import _RequestState
 from metroline.engine.outputs import RequestOutput
-from metroline.engine.server import serving
+from metroline.engine.server import admission
 from metroline.engine.server.app import InFlightMiddleware
 from metroline.engine.server.errors import OpenAIError
 
@@ -57,7 +57,7 @@ def test_a_response_whose_client_reads_nothing_is_dropped():
 
 
 class FakeRequest:
-    """What ``serving.prepare`` uses of a request: its body, and its disconnect."""
+    """What ``admission.prepare`` uses of a request: its body, and its disconnect."""
 
     def __init__(self, body: bytes, gone: asyncio.Event) -> None:
         self._body, self._gone = body, gone
@@ -98,21 +98,21 @@ def test_preparation_is_bounded_in_bytes_and_cancelled_for_clients_that_left():
     async def main() -> None:
         stay, leave = asyncio.Event(), asyncio.Event()
         first = asyncio.ensure_future(
-            serving.prepare(state, FakeRequest(b"a" * 60, stay), job, "first")
+            admission.prepare(state, FakeRequest(b"a" * 60, stay), job, "first")
         )
         await asyncio.sleep(0.01)
         assert state.num_preparing == 1 and state.preparing_bytes == 60
         # Over the budget while another is prepared: refused at once.
         with pytest.raises(OpenAIError) as refused:
-            await serving.prepare(state, FakeRequest(b"b" * 60, stay), job, "second")
+            await admission.prepare(state, FakeRequest(b"b" * 60, stay), job, "second")
         assert refused.value.status == 503 and refused.value.code == "overloaded"
         # Within it, but queued behind the first on one thread; its client leaves.
         queued = asyncio.ensure_future(
-            serving.prepare(state, FakeRequest(b"c" * 10, leave), job, "third")
+            admission.prepare(state, FakeRequest(b"c" * 10, leave), job, "third")
         )
         await asyncio.sleep(0.01)
         leave.set()
-        with pytest.raises(serving.ClientGone):
+        with pytest.raises(admission.ClientGone):
             await queued
         release.set()
         assert await first == "first"

@@ -8,19 +8,19 @@ import logging
 
 import pytest
 
+from metroline.engine.checkpoint import load_tokenizer
 from metroline.engine.cli import build_parser
-from metroline.engine.engine_args import EngineArgs
-from metroline.engine.output_processor import OutputProcessor
-from metroline.engine.outputs import CompletionOutput, EngineCoreOutput
+from metroline.engine.client.output_processor import OutputProcessor
+from metroline.engine.config import EngineArgs
+from metroline.engine.messages import EngineCoreOutput, SchedulerStats
+from metroline.engine.outputs import CompletionOutput
 from metroline.engine.sampling_params import SamplingParams
-from metroline.engine.scheduler import SchedulerStats
 from metroline.engine.server.args import ServerArgs
 from metroline.engine.server.errors import _validation_param
 from metroline.engine.server.logprobs import token_bytes
 from metroline.engine.server.readiness import Readiness
 from metroline.engine.server.state import ServerState
 from metroline.engine.server.streaming import ChoiceCursor
-from metroline.engine.tokenizer import load_tokenizer
 
 
 def stats(kv: float, waiting: int = 0) -> SchedulerStats:

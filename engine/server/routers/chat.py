@@ -9,14 +9,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from metroline.engine.async_llm import AsyncLLM, RequestStream
-from metroline.engine.input_processor import ProcessedPrompt, PromptTooLongError
-from metroline.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from metroline.engine.server import runs, serving
-from metroline.engine.server.errors import bad_request
-from metroline.engine.server.json_body import StrictJSONRoute
-from metroline.engine.server.logprobs import chat_logprobs
-from metroline.engine.server.protocol_chat import (
+from ...client.async_llm import AsyncLLM, RequestStream
+from ...client.input_processor import ProcessedPrompt, PromptTooLongError
+from ...outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from .. import admission, engine_calls
+from ..errors import bad_request
+from ..json_body import StrictJSONRoute
+from ..logprobs import chat_logprobs
+from ..protocol_chat import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -26,9 +26,9 @@ from metroline.engine.server.protocol_chat import (
     ChoiceLogprobs,
     DeltaMessage,
 )
-from metroline.engine.server.responses import GENERATION_RESPONSES
-from metroline.engine.server.state import ServerState
-from metroline.engine.server.streaming import StreamCursors
+from ..responses import GENERATION_RESPONSES
+from ..state import ServerState
+from ..streaming import StreamCursors
 
 router = APIRouter(route_class=StrictJSONRoute)
 
@@ -50,7 +50,7 @@ def render_prompt(engine: AsyncLLM, body: ChatCompletionRequest) -> str:
 
 
 def _check(body: ChatCompletionRequest) -> None:
-    serving.reject_unsupported(body)
+    admission.reject_unsupported(body)
     if body.tools:
         raise bad_request("tools are not supported", param="tools")
     if body.response_format and body.response_format.get("type", "text") != "text":
@@ -68,24 +68,25 @@ def _check(body: ChatCompletionRequest) -> None:
 async def create_chat_completion(
     body: ChatCompletionRequest,
     raw_request: Request,
-    state: serving.StateDep,
+    state: admission.StateDep,
 ) -> Response:
-    engine = serving.admit(state, body.model)
+    engine = admission.admit(state, body.model)
     _check(body)
-    serving.check_sequences(state, 1, body.n)
+    admission.check_sequences(state, 1, body.n)
     try:
-        processed = await serving.prepare(state, raw_request, _process, state, engine, body)
-    except serving.ClientGone:
+        processed = await admission.prepare(state, raw_request, _process, state, engine, body)
+    except admission.ClientGone:
         return Response(status_code=499)
     if body.stream:
-        streams = runs.start(engine, [processed], stream=True)
+        streams = engine_calls.start(engine, [processed], stream=True)
         return StreamingResponse(
             _stream(state, body, processed.request_id, streams),
             media_type="text/event-stream",
         )
     try:
-        (output,) = await runs.final_outputs(runs.start(engine, [processed], False), raw_request)
-    except serving.ClientGone:
+        streams = engine_calls.start(engine, [processed], False)
+        (output,) = await engine_calls.final_outputs(streams, raw_request)
+    except admission.ClientGone:
         return Response(status_code=499)
     return await state.off_loop(
         lambda: JSONResponse(_response(state, body, output).model_dump()), respond=True
@@ -103,16 +104,16 @@ def _process(state: ServerState, engine: AsyncLLM, body: ChatCompletionRequest) 
     try:
         token_ids = engine.input_processor.encode(prompt, False, max_len - 1)
     except PromptTooLongError as error:
-        raise serving.prompt_too_long(error.num_tokens, max_len, "messages") from None
+        raise admission.prompt_too_long(error.num_tokens, max_len, "messages") from None
     except Exception as error:
         raise bad_request(f"could not tokenise the messages: {error}", "messages") from None
-    max_tokens = serving.resolve_max_tokens(requested, len(token_ids), max_len, param, "messages")
+    max_tokens = admission.resolve_max_tokens(requested, len(token_ids), max_len, param, "messages")
     num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = serving.sampling_params(
+    params = admission.sampling_params(
         body, max_tokens, num_logprobs, {"max_tokens": param, "logprobs": "top_logprobs"}
     )
-    request_id = serving.new_request_id("chatcmpl")
-    return serving.process(engine, request_id, token_ids, params, "messages", prompt)
+    request_id = admission.new_request_id("chatcmpl")
+    return admission.process(engine, request_id, token_ids, params, "messages", prompt)
 
 
 def _logprobs(
@@ -141,7 +142,7 @@ def _response(
         id=output.request_id,
         model=body.model,
         choices=[_choice(state, body, c) for c in output.outputs],
-        usage=serving.usage_of([output]),
+        usage=admission.usage_of([output]),
     )
 
 
@@ -149,7 +150,7 @@ async def _stream(
     state: ServerState, body: ChatCompletionRequest, request_id: str, streams: list[RequestStream]
 ) -> AsyncIterator[str]:
     def chunk(choices: list[ChatChunkChoice], usage=None) -> str:
-        return serving.sse(
+        return admission.sse(
             ChatCompletionChunk(id=request_id, model=body.model, choices=choices, usage=usage)
         )
 
@@ -162,7 +163,7 @@ async def _stream(
     cursors = StreamCursors()
     final: RequestOutput | None = None
     try:
-        async for _, output in runs.merged(streams):
+        async for _, output in engine_calls.merged(streams):
             choices = []
             for c in output.outputs:
                 delta = cursors.advance(c.index, c)
@@ -181,9 +182,9 @@ async def _stream(
                 yield chunk(choices)
             if output.finished:
                 final = output
-    except runs.STREAM_ERRORS as error:
-        yield runs.stream_error(error)
+    except engine_calls.STREAM_ERRORS as error:
+        yield engine_calls.stream_error(error)
     else:
         if body.include_usage and final is not None:
-            yield chunk([], usage=serving.usage_of([final]))
+            yield chunk([], usage=admission.usage_of([final]))
     yield "data: [DONE]\n\n"

@@ -8,22 +8,18 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from metroline.engine.async_llm import AsyncLLM, RequestStream
-from metroline.engine.input_processor import ProcessedPrompt
-from metroline.engine.outputs import RequestOutput
-from metroline.engine.server import runs, serving
-from metroline.engine.server.errors import bad_request
-from metroline.engine.server.json_body import StrictJSONRoute
-from metroline.engine.server.logprobs import completion_logprobs
-from metroline.engine.server.protocol import PromptTokensDetails, UsageInfo
-from metroline.engine.server.protocol_completions import (
-    CompletionChoice,
-    CompletionRequest,
-    CompletionResponse,
-)
-from metroline.engine.server.responses import GENERATION_RESPONSES
-from metroline.engine.server.state import ServerState
-from metroline.engine.server.streaming import StreamCursors
+from ...client.async_llm import AsyncLLM, RequestStream
+from ...client.input_processor import ProcessedPrompt
+from ...outputs import RequestOutput
+from .. import admission, engine_calls
+from ..errors import bad_request
+from ..json_body import StrictJSONRoute
+from ..logprobs import completion_logprobs
+from ..protocol import PromptTokensDetails, UsageInfo
+from ..protocol_completions import CompletionChoice, CompletionRequest, CompletionResponse
+from ..responses import GENERATION_RESPONSES
+from ..state import ServerState
+from ..streaming import StreamCursors
 
 router = APIRouter(route_class=StrictJSONRoute)
 
@@ -47,10 +43,10 @@ def _prompts(prompt: str | list) -> list[str | list[int]]:
 async def create_completion(
     body: CompletionRequest,
     raw_request: Request,
-    state: serving.StateDep,
+    state: admission.StateDep,
 ) -> Response:
-    engine = serving.admit(state, body.model)
-    serving.reject_unsupported(body)
+    engine = admission.admit(state, body.model)
+    admission.reject_unsupported(body)
     if body.echo:
         raise bad_request("echo is not supported", param="echo")
     if body.suffix:
@@ -58,22 +54,23 @@ async def create_completion(
     if body.best_of is not None and body.best_of != body.n:
         raise bad_request("best_of must equal n (or be left out)", param="best_of")
     prompts = _prompts(body.prompt)
-    serving.check_sequences(state, len(prompts), body.n)
-    request_id = serving.new_request_id("cmpl")
+    admission.check_sequences(state, len(prompts), body.n)
+    request_id = admission.new_request_id("cmpl")
     try:
-        processed = await serving.prepare(
+        processed = await admission.prepare(
             state, raw_request, _process, state, engine, body, request_id, prompts
         )
-    except serving.ClientGone:
+    except admission.ClientGone:
         return Response(status_code=499)
     if body.stream:
         return StreamingResponse(
-            _stream(state, body, request_id, runs.start(engine, processed, stream=True)),
+            _stream(state, body, request_id, engine_calls.start(engine, processed, stream=True)),
             media_type="text/event-stream",
         )
     try:
-        outputs = await runs.final_outputs(runs.start(engine, processed, False), raw_request)
-    except serving.ClientGone:
+        streams = engine_calls.start(engine, processed, False)
+        outputs = await engine_calls.final_outputs(streams, raw_request)
+    except admission.ClientGone:
         return Response(status_code=499)
     return await state.off_loop(
         lambda: JSONResponse(_response(state, body, request_id, outputs).model_dump()),
@@ -92,14 +89,14 @@ def _process(
     max_len = state.config.model.max_model_len
     processed = []
     for index, prompt in enumerate(prompts):
-        token_ids = serving.tokenize(engine, prompt, "prompt")
-        max_tokens = serving.resolve_max_tokens(
+        token_ids = admission.tokenize(engine, prompt, "prompt")
+        max_tokens = admission.resolve_max_tokens(
             body.max_tokens, len(token_ids), max_len, "max_tokens", "prompt"
         )
-        params = serving.sampling_params(body, max_tokens, body.logprobs, {})
+        params = admission.sampling_params(body, max_tokens, body.logprobs, {})
         text = prompt if isinstance(prompt, str) else None
         engine_id = request_id if len(prompts) == 1 else f"{request_id}-{index}"
-        processed.append(serving.process(engine, engine_id, token_ids, params, "prompt", text))
+        processed.append(admission.process(engine, engine_id, token_ids, params, "prompt", text))
     return processed
 
 
@@ -123,7 +120,7 @@ def _response(
                 )
             )
     return CompletionResponse(
-        id=request_id, model=body.model, choices=choices, usage=serving.usage_of(outputs)
+        id=request_id, model=body.model, choices=choices, usage=admission.usage_of(outputs)
     )
 
 
@@ -134,7 +131,7 @@ async def _stream(
     cursors = StreamCursors()
     usage = UsageInfo(prompt_tokens_details=PromptTokensDetails())
     try:
-        async for p, output in runs.merged(streams):
+        async for p, output in engine_calls.merged(streams):
             choices = []
             for c in output.outputs:
                 index = p * body.n + c.index
@@ -156,21 +153,21 @@ async def _stream(
                     )
                 )
             if output.finished:
-                done = serving.usage_of([output])
+                done = admission.usage_of([output])
                 usage.prompt_tokens += done.prompt_tokens
                 usage.completion_tokens += done.completion_tokens
                 cached = done.prompt_tokens_details.cached_tokens
                 usage.prompt_tokens_details.cached_tokens += cached
             if choices:
-                yield serving.sse(
+                yield admission.sse(
                     CompletionResponse(id=request_id, model=body.model, choices=choices)
                 )
-    except runs.STREAM_ERRORS as error:
-        yield runs.stream_error(error)
+    except engine_calls.STREAM_ERRORS as error:
+        yield engine_calls.stream_error(error)
     else:
         if body.include_usage:
             usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-            yield serving.sse(
+            yield admission.sse(
                 CompletionResponse(id=request_id, model=body.model, choices=[], usage=usage)
             )
     yield "data: [DONE]\n\n"

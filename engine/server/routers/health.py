@@ -6,8 +6,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from metroline.engine.server import serving
-from metroline.engine.server.metrics import CONTENT_TYPE
+from .. import admission
+from ..metrics import CONTENT_TYPE
 
 router = APIRouter()
 
@@ -17,7 +17,7 @@ _PROBE_RESPONSES = {503: {"description": "Not alive / not ready; the body says w
 @router.get(
     "/health", summary="Liveness: 200 while the engine core is alive", responses=_PROBE_RESPONSES
 )
-async def health(state: serving.StateDep) -> JSONResponse:
+async def health(state: admission.StateDep) -> JSONResponse:
     dead = state.readiness.dead_reason
     if dead is not None:
         return JSONResponse({"status": "dead", "reason": dead}, status_code=503)
@@ -29,7 +29,7 @@ async def health(state: serving.StateDep) -> JSONResponse:
     summary="Readiness: 200 when this replica should get traffic",
     responses=_PROBE_RESPONSES,
 )
-async def ready(state: serving.StateDep) -> JSONResponse:
+async def ready(state: admission.StateDep) -> JSONResponse:
     ok, reason = state.readiness.status()
     body = {"status": "ready" if ok else "not ready", "reason": reason}
     stats = state.engine.stats if state.engine is not None else None
@@ -41,7 +41,7 @@ async def ready(state: serving.StateDep) -> JSONResponse:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(state: serving.StateDep) -> Response:
+async def metrics(state: admission.StateDep) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 

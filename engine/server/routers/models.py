@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from metroline.engine.server import serving
-from metroline.engine.server.protocol import ModelCard, ModelList
-from metroline.engine.server.responses import AUTH_RESPONSES
+from .. import admission
+from ..protocol import ModelCard, ModelList
+from ..responses import AUTH_RESPONSES
 
 router = APIRouter()
 
 
 @router.get("/v1/models", response_model=ModelList, responses=AUTH_RESPONSES, summary="List models")
-async def list_models(state: serving.StateDep) -> ModelList:
+async def list_models(state: admission.StateDep) -> ModelList:
     root = str(state.config.model.path)
     return ModelList(
         data=[

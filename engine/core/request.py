@@ -1,0 +1,74 @@
+"""A request as the engine core sees it: token ids in, token ids out."""
+
+from __future__ import annotations
+
+from ..messages import EngineCoreRequest, RequestStatus
+
+
+class Request:
+    """Scheduler-side state of one sequence.
+
+    Invariants: ``all_token_ids == prompt_token_ids + output_token_ids``;
+    ``0 <= num_computed_tokens <= num_tokens + num_pending_samples``; the blocks the KV cache
+    manager holds for this request have a slot for each of the first ``num_computed_tokens``.
+    """
+
+    __slots__ = (
+        "all_token_ids",
+        "arrival_time",
+        "block_hashes",
+        "cache_salt",
+        "eos_token_ids",
+        "num_cached_tokens",
+        "num_computed_tokens",
+        "num_pending_samples",
+        "num_preemptions",
+        "num_prompt_tokens",
+        "output_token_ids",
+        "prompt_token_ids",
+        "request_id",
+        "sampling_params",
+        "status",
+        "stop_reason",
+    )
+
+    def __init__(self, spec: EngineCoreRequest) -> None:
+        self.request_id = spec.request_id
+        self.prompt_token_ids = list(spec.prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.sampling_params = spec.sampling_params
+        self.eos_token_ids = frozenset(spec.eos_token_ids)
+        self.arrival_time = spec.arrival_time
+        self.cache_salt = spec.cache_salt
+        self.output_token_ids: list[int] = []
+        self.all_token_ids: list[int] = list(self.prompt_token_ids)
+        self.status = RequestStatus.WAITING
+        #: Tokens scheduled for computation so far (their KV is written once the steps that
+        #: scheduled them have run).
+        self.num_computed_tokens = 0
+        #: Tokens that steps already launched will sample for this request (0 or 1; the
+        #: engine keeps at most one step in flight). Their values are not known yet.
+        self.num_pending_samples = 0
+        #: Prefix-cache hit length the first time the request was scheduled (-1: not yet).
+        self.num_cached_tokens = -1
+        self.num_preemptions = 0
+        self.block_hashes: list[bytes] = []
+        self.stop_reason: int | str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens})"
+        )

@@ -1,0 +1,346 @@
+"""Continuous batching under a token budget.
+
+There is no prefill or decode phase: every request simply has ``num_computed_tokens``
+catching up with ``num_tokens``. Each step serves running requests first (a decode needs one
+token, a prefill as large a chunk as the budget allows), then admits waiting requests in
+arrival order while the budget, ``max_num_seqs`` and free KV blocks allow. When a running
+request cannot get a block, the newest running request is preempted by recompute: its blocks
+are freed and it returns to the head of the queue, keeping the tokens it generated.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable
+
+from .. import faults
+from ..config import SchedulerConfig
+from ..messages import (
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    NewRequestData,
+    RequestStatus,
+    RunningRequestData,
+    SchedulerOutput,
+    SchedulerStats,
+)
+from .kv_cache import KVBlock, KVCacheManager
+from .request import Request
+
+logger = logging.getLogger(__name__)
+
+
+
+
+class Scheduler:
+    """Owns the request queues and decides each step's batch.
+
+    Invariants: a request is in exactly one of ``waiting`` / ``running`` until it finishes;
+    ``len(running) <= max_num_seqs``; finished requests hold no KV blocks.
+    """
+
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache_manager = kv_cache_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self.num_steps = 0
+        self.num_prefill_steps = 0
+        self.num_scheduled_tokens = 0
+        self._finished_since_last_step: set[str] = set()
+        # How many of each request's tokens the workers already know, for diffs.
+        self._sent_tokens: dict[str, int] = {}
+        self._num_exact_history = 0
+
+    # ---- requests in and out -------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+        if _needs_exact_history(request):
+            self._num_exact_history += 1
+
+    def needs_exact_history(self) -> bool:
+        """Some request samples from its full token history (penalties, min_tokens): steps
+        must not run ahead of the tokens read back."""
+        return self._num_exact_history > 0
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
+        """End requests from outside (abort, stop string): their blocks return at once."""
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> SchedulerStats:
+        kv = self.kv_cache_manager
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+            num_preemptions=self.num_preemptions,
+            num_steps=self.num_steps,
+            num_prefill_steps=self.num_prefill_steps,
+            num_scheduled_tokens=self.num_scheduled_tokens,
+        )
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan the next step. ``num_computed_tokens`` advances here, so a plan may be made
+        while the previous step still runs: a request whose token is being sampled by that
+        step schedules the position of that token without knowing its value."""
+        out = SchedulerOutput(finished_request_ids=self._finished_since_last_step)
+        self._finished_since_last_step = set()
+        budget = self.config.max_num_batched_tokens
+        kv = self.kv_cache_manager
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            if self._at_limit(request):
+                index += 1  # its last token is still being sampled; it finishes then
+                continue
+            target = request.num_tokens + request.num_pending_samples
+            num_new = min(target - request.num_computed_tokens, budget)
+            while (new_blocks := kv.allocate_slots(request, num_new)) is None:
+                victim = self.running.pop()
+                self._preempt(victim, out)
+                if victim is request:
+                    break
+            if new_blocks is None:
+                break
+            out.running_requests.append(self._diff(request, new_blocks))
+            self._account(request, num_new, out)
+            budget -= num_new
+            index += 1
+
+        while (
+            not out.preempted_request_ids
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+            and self.waiting[0].num_pending_samples == 0
+        ):
+            request = self.waiting[0]
+            hits, num_hit_tokens = kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit_tokens, budget)
+            if kv.allocate_slots(request, num_new, hits) is None:
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_hit_tokens
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+            self.running.append(request)
+            out.new_requests.append(self._whole(request))
+            self._account(request, num_new, out)
+            budget -= num_new
+        self._count_step(out)
+        return out
+
+    def _count_step(self, out: SchedulerOutput) -> None:
+        num_tokens = out.total_num_scheduled_tokens
+        if num_tokens:
+            self.num_steps += 1
+            self.num_scheduled_tokens += num_tokens
+            if num_tokens > len(out.num_scheduled_tokens):
+                self.num_prefill_steps += 1
+
+    def update_from_output(
+        self, scheduled: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        """Append the tokens the step sampled and finish requests that stop; finish with an
+        error the requests the step failed, and any whose token cannot be taken (the others
+        go on)."""
+        outputs = []
+        any_finished = False
+        failed = dict(runner_output.failed)
+        if runner_output.unwritten:
+            failed.update(self._forget_unwritten(scheduled, runner_output.unwritten, failed))
+        for request_id, message in failed.items():
+            request = self.requests.get(request_id)
+            if request is not None:
+                outputs.append(self._fail(request, message))
+                any_finished = True
+        for request_id in scheduled.sampling_request_ids:
+            request = self.requests.get(request_id)
+            if request is None:
+                continue  # finished, aborted or failed while the step ran: no token
+            try:
+                output = self._take_token(request, runner_output)
+            except Exception as error:
+                if faults.poisons_engine(error):
+                    raise
+                logger.exception("taking the sampled token of %s failed", request_id)
+                output = self._fail(request, f"taking its token failed: {error}")
+            any_finished = any_finished or output.finished
+            outputs.append(output)
+        if any_finished:
+            self.running = [r for r in self.running if r.status == RequestStatus.RUNNING]
+        return outputs
+
+    def _take_token(self, request: Request, runner_output: ModelRunnerOutput) -> EngineCoreOutput:
+        request_id = request.request_id
+        if faults.ACTIVE:
+            faults.inject("update", request_id)
+        request.num_pending_samples -= 1
+        token = runner_output.sampled_token_ids[request_id]
+        request.append_output_token(token)
+        status = self._stop_status(request, token)
+        logprobs = runner_output.logprobs.get(request_id)
+        output = EngineCoreOutput(
+            request_id=request_id,
+            new_token_ids=[token],
+            new_logprobs=[logprobs] if logprobs is not None else None,
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+        )
+        if status is not None:
+            self._finish_anywhere(request, status)
+            output.finish_reason = status.value
+            output.stop_reason = request.stop_reason
+        return output
+
+    def _forget_unwritten(
+        self, scheduled: SchedulerOutput, unwritten: frozenset[str], failed: dict[str, str]
+    ) -> dict[str, str]:
+        """The step ran without ``unwritten`` requests, so the blocks they were given from
+        its first token on hold no KV: take them out of the prefix cache. Requests that hit
+        those blocks already (in this step or one planned since) read them: they fail too.
+        Returns those, with the reason."""
+        starts = {r.request_id: r.num_computed_tokens for r in scheduled.new_requests}
+        starts.update({r.request_id: r.num_computed_tokens for r in scheduled.running_requests})
+        blocks = []
+        for request_id in unwritten:
+            request = self.requests.get(request_id)
+            if request is not None and request_id in starts:
+                blocks += self.kv_cache_manager.forget_unwritten(request, starts[request_id])
+        reason = "its prompt shared KV-cache blocks with a request that failed before writing them"
+        return {
+            holder: reason
+            for holder in self.kv_cache_manager.holders(blocks)
+            if holder not in failed and holder in self.requests
+        }
+
+    def _fail(self, request: Request, message: str) -> EngineCoreOutput:
+        """Finish ``request`` with an error (its blocks return at once)."""
+        self._finish_anywhere(request, RequestStatus.FINISHED_ERROR)
+        return EngineCoreOutput(
+            request_id=request.request_id,
+            new_token_ids=[],
+            finish_reason=RequestStatus.FINISHED_ERROR.value,
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+            error=message,
+        )
+
+    def _finish_anywhere(self, request: Request, status: RequestStatus) -> None:
+        """Finish a request that may be running or, preempted while its step ran, waiting;
+        the caller drops finished requests from ``running``."""
+        if request.status != RequestStatus.RUNNING:
+            self.waiting.remove(request)
+        self._finish(request, status)
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token in params.stop_token_ids:
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _at_limit(self, request: Request) -> bool:
+        """Tokens in flight already take the request to max_tokens or max_model_len."""
+        pending = request.num_pending_samples
+        if not pending:
+            return False
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None and request.num_output_tokens + pending >= max_tokens:
+            return True
+        return request.num_tokens + pending >= self.config.max_model_len
+
+    def _account(self, request: Request, num_new: int, out: SchedulerOutput) -> None:
+        """Record ``num_new`` scheduled tokens; mark the request as sampling if they reach
+        the end of its tokens."""
+        out.num_scheduled_tokens[request.request_id] = num_new
+        request.num_computed_tokens += num_new
+        if request.num_computed_tokens == request.num_tokens + request.num_pending_samples:
+            request.num_pending_samples += 1
+            out.sampling_request_ids.append(request.request_id)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        if _needs_exact_history(request):
+            self._num_exact_history -= 1
+        request.status = status
+        self.kv_cache_manager.free(request)
+        del self.requests[request.request_id]
+        self._forget_sent(request.request_id)
+        self._finished_since_last_step.add(request.request_id)
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        self._forget_sent(request.request_id)
+        out.preempted_request_ids.add(request.request_id)
+        logger.debug("preempted %s (%d tokens)", request.request_id, request.num_tokens)
+
+    def _forget_sent(self, request_id: str) -> None:
+        self._sent_tokens.pop(request_id, None)
+
+    def _whole(self, request: Request) -> NewRequestData:
+        """A request the workers do not know (new, or resumed after preemption), sent before
+        its tokens are accounted: ``num_computed_tokens`` is where this step starts."""
+        self._sent_tokens[request.request_id] = request.num_tokens
+        return NewRequestData(
+            request_id=request.request_id,
+            token_ids=list(request.all_token_ids),
+            sampling_params=request.sampling_params,
+            block_ids=self.kv_cache_manager.block_ids(request),
+            num_computed_tokens=request.num_computed_tokens,
+            num_output_tokens=request.num_output_tokens,
+            eos_token_ids=tuple(sorted(request.eos_token_ids)),
+        )
+
+    def _diff(self, request: Request, new_blocks: list[KVBlock]) -> RunningRequestData:
+        """What changed since the workers last saw the request; sent before its tokens are
+        accounted, so ``num_computed_tokens`` is where this step starts."""
+        request_id = request.request_id
+        sent_tokens = self._sent_tokens[request_id]
+        self._sent_tokens[request_id] = request.num_tokens
+        return RunningRequestData(
+            request_id=request_id,
+            new_token_ids=request.all_token_ids[sent_tokens:],
+            new_block_ids=[block.block_id for block in new_blocks],
+            num_computed_tokens=request.num_computed_tokens,
+        )
+
+
+def _needs_exact_history(request: Request) -> bool:
+    params = request.sampling_params
+    return params.uses_penalties or params.min_tokens > 0

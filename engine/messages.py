@@ -1,0 +1,233 @@
+"""Everything that crosses a process boundary, as plain picklable data.
+
+Three kinds of traffic, one section each:
+
+- API server -> engine core: :class:`AddRequests` (holding :class:`EngineCoreRequest`),
+  :class:`FinishRequests`, :class:`Shutdown`;
+- engine core -> API server: :class:`CoreReady`, :class:`CoreStep` (holding
+  :class:`EngineCoreOutput` and :class:`SchedulerStats`), :class:`CoreFailed`;
+- engine core -> workers, and back: the step plan :class:`SchedulerOutput` (requests new to
+  the workers sent whole as :class:`NewRequestData`, requests they already hold as
+  :class:`RunningRequestData` diffs), and :class:`ModelRunnerOutput`.
+
+Nothing here imports a process's code: each side imports this module and nothing of the
+other side.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from .outputs import PositionLogprobs
+from .sampling_params import SamplingParams
+
+# ---- request identity and state (every process) ----------------------------------------
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+    #: An exception while serving this request alone (its inputs, sampling, detokenising).
+    FINISHED_ERROR = "error"
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISHED
+
+
+_FINISHED = {
+    RequestStatus.FINISHED_STOPPED,
+    RequestStatus.FINISHED_LENGTH,
+    RequestStatus.FINISHED_ABORTED,
+    RequestStatus.FINISHED_ERROR,
+}
+
+
+@dataclass
+class EngineCoreRequest:
+    """What a client hands the engine core: already tokenised and validated."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: tuple[int, ...] = ()
+    arrival_time: float = field(default_factory=time.monotonic)
+    #: Mixed into the first block's hash: requests with different salts never share blocks.
+    #: ``None`` with prefix caching off means "do not hash this request's blocks at all".
+    cache_salt: str | None = None
+
+
+# ---- API server -> engine core ------------------------------------------------------------
+
+
+@dataclass
+class AddRequests:
+    """The core requests of one user request (``n`` siblings): all are taken, or none."""
+
+    request_id: str
+    core_requests: list[EngineCoreRequest]
+
+
+@dataclass
+class FinishRequests:
+    """End core requests from outside: aborts (client gone) or stop strings found by the
+    server's detokeniser. Their KV blocks are free before the next step."""
+
+    core_request_ids: list[str]
+    status: RequestStatus = RequestStatus.FINISHED_ABORTED
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+# ---- engine core -> API server ------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    #: Steps planned so far, and those in which some request computes more than one token
+    #: (a prompt chunk): the rest are pure decode steps, the ones CUDA graphs replay.
+    num_steps: int = 0
+    num_prefill_steps: int = 0
+    num_scheduled_tokens: int = 0
+
+
+@dataclass(slots=True)
+class EngineCoreOutput:
+    """Tokens a request gained in one engine step (and why it finished, if it did)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[PositionLogprobs] | None = None
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    #: Why serving this request failed (with finish_reason "error").
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class CoreReady:
+    """The core has loaded the model and sized its KV pool."""
+
+    num_blocks: int
+
+
+@dataclass
+class CoreStep:
+    outputs: list[EngineCoreOutput]
+    stats: SchedulerStats
+    #: Core request id -> monotonic time it was first scheduled (for queue-time metrics).
+    scheduled: dict[str, float] = field(default_factory=dict)
+    #: (user request id, reason) for requests the core refused to add.
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class CoreFailed:
+    message: str
+
+
+# ---- engine core -> workers -----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class NewRequestData:
+    request_id: str
+    #: Prompt plus any output already generated (a request resumed after preemption).
+    token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    #: Output tokens already generated before this (re)start; counted by penalties.
+    num_output_tokens: int = 0
+    #: End-of-sequence ids, banned by ``min_tokens`` until enough tokens are generated.
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class RunningRequestData:
+    """A request the workers already hold (scheduled in an earlier step and not preempted
+    since): only what changed."""
+
+    request_id: str
+    #: Tokens appended since the workers last saw the request (sampled last step).
+    new_token_ids: list[int]
+    new_block_ids: list[int]
+    #: Tokens computed before this step: this step computes the ones that follow. The last
+    #: of them may not be in the workers' token list yet (sampled by the step in flight).
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    """Invariant: every scheduled request appears exactly once, in ``new_requests`` or
+    ``running_requests``, and ``num_scheduled_tokens`` holds its token count (> 0)."""
+
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    running_requests: list[RunningRequestData] = field(default_factory=list)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    #: Requests finished or aborted since the last step: workers drop their state.
+    finished_request_ids: set[str] = field(default_factory=set)
+    #: Requests preempted this step: workers drop their state (they return as new).
+    preempted_request_ids: set[str] = field(default_factory=set)
+    #: Requests whose last scheduled token ends their known tokens: the step samples one
+    #: token for each, in this order.
+    sampling_request_ids: list[str] = field(default_factory=list)
+
+    def without(self, request_ids: set[str] | dict[str, str]) -> SchedulerOutput:
+        """This plan less some requests (whose inputs could not be built); every rank drops
+        the same ones, so their batches stay alike."""
+        return SchedulerOutput(
+            new_requests=[r for r in self.new_requests if r.request_id not in request_ids],
+            running_requests=[r for r in self.running_requests if r.request_id not in request_ids],
+            num_scheduled_tokens={
+                r: n for r, n in self.num_scheduled_tokens.items() if r not in request_ids
+            },
+            finished_request_ids=self.finished_request_ids,
+            preempted_request_ids=self.preempted_request_ids,
+            sampling_request_ids=[r for r in self.sampling_request_ids if r not in request_ids],
+        )
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.num_scheduled_tokens
+
+
+# ---- workers -> engine core -----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    """Tokens sampled in one step, for the requests that finished their known tokens, and
+    the requests the step failed (building their inputs, or sampling) with the reason.
+    A failed request has no token here."""
+
+    sampled_token_ids: dict[str, int]
+    logprobs: dict[str, PositionLogprobs]
+    failed: dict[str, str] = field(default_factory=dict)
+    #: Failed requests that the step ran without (their inputs failed): it wrote no KV for
+    #: them, so blocks they were given for it hold nothing.
+    unwritten: frozenset[str] = frozenset()

@@ -1,0 +1,183 @@
+"""Build a model and fill its weights from a Hugging Face checkpoint (or synthetic ones).
+
+Loading walks checkpoint tensors by name and hands each to its parameter's
+``weight_loader``; packed parameters (qkv, gate_up) receive one shard per checkpoint tensor.
+Every parameter shard must be filled exactly once, otherwise loading fails naming what is
+missing. ``load_format="dummy"`` feeds the same path with random tensors generated per
+checkpoint name from the seed, so every tensor-parallel layout sees the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..checkpoint import ModelArchConfig
+from ..config import ModelConfig
+from .registry import model_class
+
+logger = logging.getLogger(__name__)
+
+#: Checkpoint entries that are not weights (buffers some exporters write).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+#: Standard deviation of synthetic weights (BENCHMARKS.md: normal, std 0.02).
+DUMMY_STD = 0.02
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
+    """Instantiate the architecture on ``device`` in the configured dtype, weights unset."""
+    cls = model_class(model_config.arch.architecture)
+    with torch.device(device), _default_dtype(model_config.dtype):
+        model = cls(model_config.arch, max_positions=model_config.max_model_len)
+    return model.eval()
+
+
+def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
+    model = build_model(model_config, device)
+    if model_config.load_format == "dummy":
+        tensors = synthetic_checkpoint(model_config.arch, model_config.seed, device)
+    else:
+        tensors = checkpoint_tensors(model_config.path)
+    load_weights(model, tensors)
+    return model
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {path}")
+    return files
+
+
+def checkpoint_tensors(path: Path) -> Iterator[tuple[str, Any]]:
+    """``(name, lazy slice)`` for every tensor; a slice reads from disk only what is indexed."""
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                yield name, handle.get_slice(name)
+
+
+def checkpoint_shapes(arch: ModelArchConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of a Hugging Face checkpoint of this architecture."""
+    hidden, head_dim = arch.hidden_size, arch.head_dim
+    q_size = arch.num_attention_heads * head_dim
+    kv_size = arch.num_key_value_heads * head_dim
+    yield "model.embed_tokens.weight", (arch.vocab_size, hidden)
+    for i in range(arch.num_hidden_layers):
+        prefix = f"model.layers.{i}"
+        for proj, rows in (("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)):
+            yield f"{prefix}.self_attn.{proj}.weight", (rows, hidden)
+            if arch.qkv_bias:
+                yield f"{prefix}.self_attn.{proj}.bias", (rows,)
+        yield f"{prefix}.self_attn.o_proj.weight", (hidden, q_size)
+        if arch.o_proj_bias:
+            yield f"{prefix}.self_attn.o_proj.bias", (hidden,)
+        if arch.qk_norm:
+            yield f"{prefix}.self_attn.q_norm.weight", (head_dim,)
+            yield f"{prefix}.self_attn.k_norm.weight", (head_dim,)
+        for proj in ("gate_proj", "up_proj"):
+            yield f"{prefix}.mlp.{proj}.weight", (arch.intermediate_size, hidden)
+            if arch.mlp_bias:
+                yield f"{prefix}.mlp.{proj}.bias", (arch.intermediate_size,)
+        yield f"{prefix}.mlp.down_proj.weight", (hidden, arch.intermediate_size)
+        if arch.mlp_bias:
+            yield f"{prefix}.mlp.down_proj.bias", (hidden,)
+        yield f"{prefix}.input_layernorm.weight", (hidden,)
+        yield f"{prefix}.post_attention_layernorm.weight", (hidden,)
+    yield "model.norm.weight", (hidden,)
+    if not arch.tie_word_embeddings:
+        yield "lm_head.weight", (arch.vocab_size, hidden)
+
+
+def synthetic_checkpoint(
+    arch: ModelArchConfig, seed: int, device: torch.device
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random weights, deterministic per (seed, name, device): norms 1, biases 0, the rest
+    normal with std 0.02, so any TP split of the same seed sees the same full tensors."""
+    generator = torch.Generator(device=device)
+    for name, shape in checkpoint_shapes(arch):
+        if name.endswith("norm.weight"):
+            yield name, torch.ones(shape, device=device)
+        elif name.endswith(".bias"):
+            yield name, torch.zeros(shape, device=device)
+        else:
+            generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            tensor = torch.empty(shape, device=device)
+            tensor.normal_(0.0, DUMMY_STD, generator=generator)
+            yield name, tensor
+
+
+def load_weights(model: nn.Module, tensors: Iterator[tuple[str, Any]]) -> None:
+    """Feed checkpoint tensors to parameter loaders; fail on unknown or missing weights."""
+    params = dict(model.named_parameters())
+    packed: dict[str, tuple[str, Any]] = getattr(model, "packed_modules_mapping", {})
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    expected = _expected_shards(params, packed)
+    seen: set[tuple[str, Any]] = set()
+    for name, source in tensors:
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        target, shard_id = _map_name(name, packed)
+        param = params.get(target)
+        if param is None:
+            raise ValueError(f"checkpoint tensor {name!r} matches no model parameter")
+        if (target, shard_id) in seen:
+            raise ValueError(f"checkpoint holds {name!r} twice")
+        loader = getattr(param, "weight_loader", None)
+        if loader is None:
+            raise ValueError(f"parameter {target!r} has no weight loader")
+        try:
+            loader(param, source, shard_id) if shard_id is not None else loader(param, source)
+        except ValueError as error:
+            raise ValueError(f"while loading {name!r}: {error}") from error
+        seen.add((target, shard_id))
+    missing = sorted(f"{n}[{s}]" if s is not None else n for n, s in expected - seen)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        shown = ", ".join(missing[:5]) + more
+        raise ValueError(f"checkpoint lacks weights for: {shown}")
+
+
+def _map_name(name: str, packed: dict[str, tuple[str, Any]]) -> tuple[str, Any]:
+    for checkpoint_part, (packed_part, shard_id) in packed.items():
+        needle = f".{checkpoint_part}."
+        if needle in name:
+            return name.replace(needle, f".{packed_part}."), shard_id
+    return name, None
+
+
+def _expected_shards(
+    params: dict[str, nn.Parameter], packed: dict[str, tuple[str, Any]]
+) -> set[tuple[str, Any]]:
+    shards_of: dict[str, list[Any]] = {}
+    for packed_part, shard_id in packed.values():
+        shards_of.setdefault(packed_part, []).append(shard_id)
+    expected = set()
+    for name in params:
+        module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
+        for shard_id in shards_of.get(module, [None]):
+            expected.add((name, shard_id))
+    return expected

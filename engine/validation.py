@@ -1,0 +1,31 @@
+"""What every request must satisfy before the engine core takes it.
+
+Checked twice with the same function: by the client (so a bad request is a 400 before it
+reaches the core) and by the core itself (the last line, for callers that skip the client).
+"""
+
+from __future__ import annotations
+
+from .config import EngineConfig
+from .messages import EngineCoreRequest
+from .sampling_params import shown
+
+
+def validate_request(spec: EngineCoreRequest, config: EngineConfig) -> None:
+    """Reject what the engine cannot serve, with a message saying what is allowed."""
+    prompt = spec.prompt_token_ids
+    max_len = config.model.max_model_len
+    vocab = config.model.arch.vocab_size
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token")
+    if len(prompt) >= max_len:
+        raise ValueError(
+            f"the prompt has {len(prompt)} tokens, but max_model_len is {max_len}: the prompt "
+            "plus at least one generated token must fit"
+        )
+    bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {shown(bad[:5])}")
+    bad = [t for t in spec.sampling_params.stop_token_ids if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"stop_token_ids must be token ids in [0, {vocab}); got {shown(bad[:5])}")

@@ -1,0 +1,323 @@
+"""Runs one engine step on one device: step inputs -> model -> logits -> sampled tokens.
+
+A request whose inputs cannot be built, or whose sampling raises, fails alone: the step
+runs without it (inputs) or gives it a placeholder token (sampling), and the step's result
+names it with the reason, so the scheduler finishes it with an error. Faults that
+:func:`~metroline.engine.faults.poisons_engine` still stop the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .. import faults
+from ..config import EngineConfig
+from ..distributed import get_tp_group
+from ..host_timing import HostTimer
+from ..layers.sampler import Sampler
+from ..messages import SchedulerOutput
+from ..outputs import PositionLogprobs
+from ..sampling_params import shorten
+from .cuda_graphs import StepGraphs, mixed_pool_bytes, use_mixed_step_graphs
+from .host_staging import StepStaging
+from .step_inputs import (
+    PreviousSample,
+    StepInputs,
+    WorkerRequestState,
+    build_sampling_metadata,
+    build_step_inputs,
+)
+from .step_result import StepResult
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """Keeps per-request state across steps (updated from the scheduler's diffs).
+
+    Every TP rank runs the same forward pass; only the driver (rank 0) receives the logits,
+    samples, and returns tokens. Other ranks return ``None``.
+    """
+
+    def __init__(
+        self, config: EngineConfig, model: nn.Module, device: torch.device, is_driver: bool = True
+    ) -> None:
+        self.config = config
+        self.is_driver = is_driver
+        self.model = model
+        self.device = device
+        self.block_size = config.cache.block_size
+        self.vocab_size = config.model.arch.vocab_size
+        self.sampler = Sampler()
+        self.step_graphs: StepGraphs | None = None
+        self.previous_sample: PreviousSample | None = None
+        # Asynchronous scheduling with TP: plans reach the workers before the tokens they
+        # continue from, so every step's sampled tokens go from the driver to all ranks on
+        # the device (one small broadcast, no host synchronisation).
+        self.share_samples = bool(config.async_scheduling) and get_tp_group().world_size > 1
+        self.host_timer = HostTimer()
+        self.states: dict[str, WorkerRequestState] = {}
+        # Persistent pinned buffers for each step's inputs and sampling columns.
+        self.input_staging = StepStaging(device)
+        self.sampling_staging = StepStaging(device)
+        # Outlive preemption: a resumed request continues its random stream.
+        self.generators: dict[str, torch.Generator] = {}
+
+    def update_states(self, scheduled: SchedulerOutput) -> None:
+        for request_id in scheduled.finished_request_ids:
+            self.states.pop(request_id, None)
+            self.generators.pop(request_id, None)
+        for request_id in scheduled.preempted_request_ids:
+            self.states.pop(request_id, None)
+        for new in scheduled.new_requests:
+            params = new.sampling_params
+            generator = self.generators.get(new.request_id)
+            if generator is None and params.seed is not None and self.is_driver:
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(params.seed)
+                self.generators[new.request_id] = generator
+            self.states[new.request_id] = WorkerRequestState(
+                request_id=new.request_id,
+                token_ids=list(new.token_ids),
+                num_prompt_tokens=len(new.token_ids) - new.num_output_tokens,
+                block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens,
+                sampling_params=params,
+                eos_token_ids=new.eos_token_ids,
+                generator=generator,
+            )
+        for running in scheduled.running_requests:
+            state = self.states[running.request_id]
+            state.token_ids.extend(running.new_token_ids)
+            state.block_ids.extend(running.new_block_ids)
+            state.num_computed_tokens = running.num_computed_tokens
+
+    @torch.inference_mode()
+    def execute_model_async(self, scheduled: SchedulerOutput) -> StepResult:
+        """Launch one step and return without waiting for the device. Only the driver
+        (rank 0) samples; other ranks' results are ``None``."""
+        timer = self.host_timer
+        with timer.phase("runner.build_inputs"):
+            self.update_states(scheduled)
+            if scheduled.is_empty:
+                return StepResult.empty(self.is_driver)
+            inputs, failed = self._build_inputs(scheduled)
+            unwritten = frozenset(failed)
+        if inputs is None:  # every request of the step failed
+            return StepResult.empty(self.is_driver, failed, unwritten)
+        graphs = self.step_graphs
+        num_tokens, num_seqs = inputs.input_ids.shape[0], len(scheduled.num_scheduled_tokens)
+        key = graphs.key_for(num_seqs, num_tokens) if graphs is not None else None
+        if key is not None:
+            with timer.phase(f"runner.forward_graph_{key[0]}"):
+                hidden = graphs.run(key, inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        else:
+            with timer.phase("runner.forward_eager"):
+                hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        if not inputs.sampled_request_ids:
+            return StepResult.empty(self.is_driver, failed, unwritten)
+        with timer.phase("runner.logits_and_sampling"):
+            return self._sample(hidden, inputs, failed, unwritten)
+
+    def _build_inputs(self, scheduled: SchedulerOutput) -> tuple[StepInputs | None, dict[str, str]]:
+        """The step's inputs, and the requests left out because theirs could not be built.
+        Only when the whole step fails is each request tried alone, to find the culprits;
+        every rank finds the same ones (their states and plans are alike)."""
+        try:
+            return self._build_inputs_of(scheduled), {}
+        except Exception as error:
+            if faults.poisons_engine(error):
+                raise
+            whole_step_error = error
+        failed: dict[str, str] = {}
+        for request_id in scheduled.num_scheduled_tokens:
+            try:
+                self._build_inputs_of(scheduled.without(_others(scheduled, request_id)))
+            except Exception as error:
+                if faults.poisons_engine(error):
+                    raise
+                failed[request_id] = f"building its inputs failed: {_describe(error)}"
+        if not failed:  # no single request explains it
+            raise whole_step_error
+        logger.error("step inputs failed for %d request(s): %s", len(failed), failed)
+        remaining = scheduled.without(failed)
+        if remaining.is_empty:
+            return None, failed
+        return self._build_inputs_of(remaining), failed
+
+    def _build_inputs_of(self, scheduled: SchedulerOutput) -> StepInputs:
+        if faults.ACTIVE:
+            for request_id in scheduled.num_scheduled_tokens:
+                faults.inject("inputs", request_id)
+        return build_step_inputs(
+            scheduled, self.states, self.block_size, self.input_staging, self.previous_sample
+        )
+
+    def _sample(
+        self,
+        hidden: torch.Tensor,
+        inputs: StepInputs,
+        failed: dict[str, str],
+        unwritten: frozenset[str],
+    ) -> StepResult:
+        """Logits of the sampling rows, gathered to the driver, which samples (and with
+        asynchronous TP broadcasts the tokens). ``failed`` (requests whose inputs failed)
+        gains the requests whose sampling fails."""
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        if logits is None:  # a worker rank: the driver samples
+            if self.share_samples:
+                tokens = torch.empty(
+                    len(inputs.sampled_request_ids), dtype=torch.int64, device=self.device
+                )
+                self._remember_sample(get_tp_group().broadcast(tokens), inputs)
+            return StepResult.empty(False, failed, unwritten)
+        logits = logits.float()
+        states = [self.states[r] for r in inputs.sampled_request_ids]
+        generators = [s.generator for s in states if s.generator is not None]
+        saved = [g.get_state() for g in generators]
+        try:
+            tokens, logprobs = self._sample_rows(logits, states)
+        except Exception as error:
+            if faults.poisons_engine(error):
+                raise
+            for generator, state in zip(generators, saved):
+                generator.set_state(state)  # the retry draws what the batch would have
+            tokens, logprobs = self._sample_each_row(logits, states, failed, error)
+        if self.share_samples:
+            tokens = get_tp_group().broadcast(tokens.to(torch.int64).contiguous())
+        self._remember_sample(tokens, inputs)
+        return StepResult(inputs.sampled_request_ids, tokens, logprobs, failed, unwritten)
+
+    def _sample_rows(
+        self, logits: torch.Tensor, states: list[WorkerRequestState]
+    ) -> tuple[torch.Tensor, dict[str, PositionLogprobs]]:
+        """One token per row of ``logits`` (``[rows, vocab]`` fp32) and the log-probs asked."""
+        if faults.ACTIVE:
+            for state in states:
+                faults.inject("sampling", state.request_id)
+        if all(_plain_greedy(state) for state in states):
+            return logits.argmax(dim=-1), {}
+        meta = build_sampling_metadata(states, self.vocab_size, self.sampling_staging)
+        result = self.sampler(logits, meta)
+        logprobs = {}
+        if meta.max_num_logprobs is not None:  # log-probs were read back already
+            logprobs = _wanted_logprobs(states, result.sampled.tolist(), result.logprobs)
+        return result.sampled, logprobs
+
+    def _sample_each_row(
+        self,
+        logits: torch.Tensor,
+        states: list[WorkerRequestState],
+        failed: dict[str, str],
+        batch_error: Exception,
+    ) -> tuple[torch.Tensor, dict[str, PositionLogprobs]]:
+        """After a batch failed: each row alone (a row draws the same as in the batch, its
+        transforms being per row); a row that fails gets token 0 and joins ``failed``. If no
+        row fails alone, nothing explains ``batch_error``: it is raised."""
+        rows: list[torch.Tensor] = []
+        logprobs: dict[str, PositionLogprobs] = {}
+        newly_failed: dict[str, str] = {}
+        for row, state in enumerate(states):
+            try:
+                tokens, row_logprobs = self._sample_rows(logits[row : row + 1], [state])
+            except Exception as error:
+                if faults.poisons_engine(error):
+                    raise
+                newly_failed[state.request_id] = f"sampling failed: {_describe(error)}"
+                tokens, row_logprobs = torch.zeros(1, dtype=torch.int64, device=logits.device), {}
+            rows.append(tokens.to(torch.int64))
+            logprobs.update(row_logprobs)
+        if not newly_failed:
+            raise batch_error
+        logger.error("sampling failed for %d request(s): %s", len(newly_failed), newly_failed)
+        failed.update(newly_failed)
+        return torch.cat(rows), logprobs
+
+    def _remember_sample(self, tokens: torch.Tensor, inputs: StepInputs) -> None:
+        self.previous_sample = PreviousSample(
+            tokens, {r: row for row, r in enumerate(inputs.sampled_request_ids)}
+        )
+
+    def wants_mixed_step_graphs(self) -> bool:
+        return (
+            self.device.type == "cuda"
+            and not self.config.enforce_eager
+            and use_mixed_step_graphs(self.config.mixed_step_graphs, get_tp_group().world_size)
+        )
+
+    def graph_pool_reserve(self, activation_bytes: int) -> int:
+        """Bytes to keep out of the KV pool for the mixed-step graphs (0 without them)."""
+        if not self.wants_mixed_step_graphs():
+            return 0
+        return mixed_pool_bytes(activation_bytes, self.config.scheduler.max_num_batched_tokens)
+
+    def capture_cuda_graphs(self) -> float:
+        """Capture the step CUDA graphs (after the KV pool is bound); returns seconds taken."""
+        sched = self.config.scheduler
+        mixed = self.wants_mixed_step_graphs()
+        reserved = torch.cuda.memory_reserved(self.device)
+        self.step_graphs = StepGraphs(
+            self.model,
+            sched.max_num_seqs,
+            sched.max_num_batched_tokens,
+            sched.max_model_len,
+            self.block_size,
+            self.device,
+            mixed=mixed,
+        )
+        seconds = self.step_graphs.capture()
+        logger.info(
+            "CUDA graphs hold %.2f GiB",
+            (torch.cuda.memory_reserved(self.device) - reserved) / 2**30,
+        )
+        return seconds
+
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        """A forward pass at the largest step (``max_num_batched_tokens``) plus the sampler
+        at ``max_num_seqs`` rows, without the KV pool, to measure peak activation memory."""
+        sched = self.config.scheduler
+        num_tokens = sched.max_num_batched_tokens
+        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        positions = torch.arange(num_tokens, device=self.device) % sched.max_model_len
+        hidden = self.model(input_ids, positions, None)
+        rows = min(sched.max_num_seqs, num_tokens)
+        logits = self.model.compute_logits(hidden[:rows])
+        if logits is not None:
+            torch.softmax(logits.float(), dim=-1).sort(dim=-1)
+
+
+def _others(scheduled: SchedulerOutput, request_id: str) -> set[str]:
+    return {r for r in scheduled.num_scheduled_tokens if r != request_id}
+
+
+def _describe(error: Exception) -> str:
+    return shorten(f"{type(error).__name__}: {error}", 500)
+
+
+def _plain_greedy(state: WorkerRequestState) -> bool:
+    """Argmax of the raw logits is the whole answer: no penalties, bans or log-probs."""
+    params = state.sampling_params
+    return (
+        params.greedy
+        and not params.uses_penalties
+        and params.logprobs is None
+        and len(state.token_ids) - state.num_prompt_tokens >= params.min_tokens
+    )
+
+
+def _wanted_logprobs(
+    states: list[WorkerRequestState], tokens: list[int], entries: list[PositionLogprobs | None]
+) -> dict[str, PositionLogprobs]:
+    """Each request's sampled token plus the top ``logprobs`` it asked for."""
+    wanted: dict[str, PositionLogprobs] = {}
+    for state, token, entry in zip(states, tokens, entries):
+        asked = state.sampling_params.logprobs
+        if entry is not None and asked is not None:
+            wanted[state.request_id] = {
+                tid: lp for tid, lp in entry.items() if tid == token or lp.rank <= asked
+            }
+    return wanted

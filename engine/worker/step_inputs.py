@@ -1,0 +1,216 @@
+"""Worker-side state of the requests it runs, and the tensors of one step built from it."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..layers.attention import AttentionMetadata
+from ..layers.sampler import SamplingMetadata
+from ..messages import SchedulerOutput
+from ..sampling_params import SamplingParams
+from .host_staging import StepStaging
+
+
+@dataclass(slots=True)
+class WorkerRequestState:
+    """What a worker knows of one request. Invariant: ``token_ids`` holds every token the
+    scheduler has sent; the first ``num_computed_tokens`` of them have KV in ``block_ids``."""
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    block_ids: list[int]
+    num_computed_tokens: int
+    sampling_params: SamplingParams
+    eos_token_ids: tuple[int, ...]
+    generator: torch.Generator | None = None
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    attn_metadata: AttentionMetadata
+    logits_indices: torch.Tensor  # [num_sampled] int64: rows whose logits are sampled
+    sampled_request_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PreviousSample:
+    """Tokens sampled by the step launched last, still on the device: a request scheduled
+    again before they reach the host takes its next input token from here."""
+
+    tokens: torch.Tensor  # [num_sampled] int64, on the device
+    rows: dict[str, int]  # request id -> row of ``tokens``
+
+
+def build_step_inputs(
+    scheduled: SchedulerOutput,
+    states: dict[str, WorkerRequestState],
+    block_size: int,
+    staging: StepStaging,
+    previous: PreviousSample | None = None,
+) -> StepInputs:
+    """Flatten the scheduled requests (in scheduling order) into one varlen batch.
+
+    Per request only the token ids and the block-table row are gathered in Python; positions
+    and slots are computed for the whole step at once. A request whose last scheduled token
+    is not in its state yet (sampled by the step in flight) gets it from ``previous`` on the
+    device, without a host round trip.
+    """
+    request_ids = list(scheduled.num_scheduled_tokens)
+    step_states = [states[r] for r in request_ids]
+    num_seqs = len(request_ids)
+    counts = np.fromiter(
+        (scheduled.num_scheduled_tokens[r] for r in request_ids), dtype=np.int64, count=num_seqs
+    )
+    starts = np.fromiter(
+        (s.num_computed_tokens for s in step_states), dtype=np.int64, count=num_seqs
+    )
+    cu_seqlens = np.zeros(num_seqs + 1, dtype=np.int64)
+    np.cumsum(counts, out=cu_seqlens[1:])
+    num_tokens = int(cu_seqlens[-1])
+    seq_lens = starts + counts
+    chunks = []
+    pending_slots, pending_rows = [], []
+    for row, (state, start, count) in enumerate(zip(step_states, starts.tolist(), counts.tolist())):
+        chunk = state.token_ids[start : start + count]
+        if len(chunk) < count:  # the last token is still being sampled
+            if previous is None or len(chunk) != count - 1:
+                raise RuntimeError(f"request {request_ids[row]} is missing input tokens")
+            pending_slots.append(int(cu_seqlens[row]) + count - 1)
+            pending_rows.append(previous.rows[request_ids[row]])
+            chunk = [*chunk, 0]
+        chunks.append(chunk)
+    input_ids = np.fromiter(itertools.chain.from_iterable(chunks), dtype=np.int64, count=num_tokens)
+    token_seq = np.repeat(np.arange(num_seqs), counts)
+    positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(starts - cu_seqlens[:-1], counts)
+    max_blocks = max(len(s.block_ids) for s in step_states)
+    block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
+    for row, state in enumerate(step_states):
+        block_tables[row, : len(state.block_ids)] = state.block_ids
+    slot_mapping = (
+        block_tables[token_seq, positions // block_size].astype(np.int64) * block_size
+        + positions % block_size
+    )
+    sampling = set(scheduled.sampling_request_ids)
+    sampled = np.fromiter((i for i, r in enumerate(request_ids) if r in sampling), dtype=np.int64)
+    logits_indices = cu_seqlens[1:][sampled] - 1
+
+    add = staging.add
+    queued = [
+        add(slot_mapping, torch.int64),
+        add(block_tables, torch.int32),
+        add(seq_lens, torch.int32),
+        add(cu_seqlens, torch.int32),
+        add(input_ids, torch.int64),
+        add(positions, torch.int64),
+        add(logits_indices, torch.int64),
+    ]
+    if pending_slots:
+        queued += [add(pending_slots, torch.int64), add(pending_rows, torch.int64)]
+    on_device = staging.to_device()
+    slots, tables, lens, cu_seqlens_q, device_input_ids, device_positions, logits_rows = (
+        on_device[:7]
+    )
+    if pending_slots:
+        slots_of_pending, rows_of_pending = on_device[7:9]
+        device_input_ids[slots_of_pending] = previous.tokens[rows_of_pending]
+    metadata = AttentionMetadata(
+        slot_mapping=slots,
+        block_tables=tables,
+        seq_lens=lens,
+        cu_seqlens_q=cu_seqlens_q,
+        max_seqlen_q=int(counts.max()),
+        max_seqlen_k=int(seq_lens.max()),
+    )
+    return StepInputs(
+        input_ids=device_input_ids,
+        positions=device_positions,
+        attn_metadata=metadata,
+        logits_indices=logits_rows,
+        sampled_request_ids=[request_ids[i] for i in sampled.tolist()],
+    )
+
+
+def build_sampling_metadata(
+    states: list[WorkerRequestState], vocab_size: int, staging: StepStaging
+) -> SamplingMetadata:
+    """The sampler's per-row parameters; the columns reach the device in one copy."""
+    device = staging.device
+    params = [s.sampling_params for s in states]
+    num_rows = len(states)
+    greedy = [p.greedy for p in params]
+    columns: dict[str, int] = {}
+
+    def column(name: str, values: list, dtype: torch.dtype = torch.float32) -> None:
+        columns[name] = staging.add(values, dtype)
+
+    # A top_k of the vocabulary size or more keeps every token: it is no filter.
+    if any(0 < p.top_k < vocab_size and not p.greedy for p in params):
+        top_k = [min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params]
+        column("top_k", top_k, torch.int64)
+    if any(p.top_p < 1 and not p.greedy for p in params):
+        column("top_p", [p.top_p for p in params])
+    if any(p.min_p > 0 and not p.greedy for p in params):
+        column("min_p", [p.min_p for p in params])
+
+    counts = prompt_mask = None
+    if any(p.uses_penalties for p in params):
+        column("presence", [p.presence_penalty for p in params])
+        column("frequency", [p.frequency_penalty for p in params])
+        column("repetition", [p.repetition_penalty for p in params])
+        counts = torch.zeros(num_rows, vocab_size, dtype=torch.float32, device=device)
+        prompt_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
+        for row, state in enumerate(states):
+            if not state.sampling_params.uses_penalties:
+                continue
+            outputs = state.output_token_ids
+            if outputs:
+                ids = torch.tensor(outputs, dtype=torch.int64, device=device)
+                counts[row].scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
+            prompt = torch.tensor(
+                state.token_ids[: state.num_prompt_tokens], dtype=torch.int64, device=device
+            )
+            prompt_mask[row, prompt] = True
+
+    min_tokens_mask = []
+    for row, state in enumerate(states):
+        p = state.sampling_params
+        if len(state.output_token_ids) < p.min_tokens:
+            banned = set(p.stop_token_ids)
+            if not p.ignore_eos:
+                banned.update(state.eos_token_ids)
+            banned = sorted(t for t in banned if t < vocab_size)
+            if banned:
+                min_tokens_mask.append((row, banned))
+
+    asked = [p.logprobs for p in params if p.logprobs is not None]
+    column("temperature", [p.temperature for p in params])
+    column("greedy", greedy, torch.bool)
+    on_device = staging.to_device()
+    tensors = {name: on_device[index] for name, index in columns.items()}
+    return SamplingMetadata(
+        temperature=tensors["temperature"],
+        greedy=tensors["greedy"],
+        all_greedy=all(greedy),
+        top_k=tensors.get("top_k"),
+        top_p=tensors.get("top_p"),
+        min_p=tensors.get("min_p"),
+        presence_penalty=tensors.get("presence"),
+        frequency_penalty=tensors.get("frequency"),
+        repetition_penalty=tensors.get("repetition"),
+        output_token_counts=counts,
+        prompt_token_mask=prompt_mask,
+        min_tokens_mask=min_tokens_mask,
+        generators={row: s.generator for row, s in enumerate(states) if s.generator is not None},
+        max_num_logprobs=max(asked) if asked else None,
+    )

@@ -1,0 +1,58 @@
+"""What a step's execution hands back to the scheduler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..messages import ModelRunnerOutput
+from ..outputs import PositionLogprobs
+
+
+class StepResult:
+    """A launched step's sampled tokens. On CUDA they are copied to pinned host memory as
+    soon as they are sampled (before any later step's work), and :meth:`result` waits for
+    that copy only, not for steps launched after this one."""
+
+    def __init__(
+        self,
+        request_ids: list[str],
+        tokens: Any | None,  # [num_sampled] int64 tensor (device), a list, or None
+        logprobs: dict[str, PositionLogprobs],
+        failed: dict[str, str] | None = None,
+        unwritten: frozenset[str] = frozenset(),
+    ) -> None:
+        self.request_ids = request_ids
+        self.logprobs = logprobs
+        #: Request id -> why the step failed it (its row of ``tokens`` is a placeholder).
+        self.failed = failed or {}
+        #: The failed requests the step ran without (see ModelRunnerOutput).
+        self.unwritten = unwritten
+        self._ready: Any | None = None
+        if tokens is not None and not isinstance(tokens, list) and tokens.is_cuda:
+            import torch
+
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+            tokens = host
+        self._tokens = tokens
+
+    @classmethod
+    def empty(
+        cls,
+        is_driver: bool = True,
+        failed: dict[str, str] | None = None,
+        unwritten: frozenset[str] = frozenset(),
+    ) -> StepResult:
+        """A step that sampled nothing (``result()`` is None on non-driver ranks)."""
+        return cls([], [] if is_driver else None, {}, failed, unwritten)
+
+    def result(self) -> ModelRunnerOutput | None:
+        if self._tokens is None:
+            return None
+        if self._ready is not None:
+            self._ready.synchronize()
+        tokens = self._tokens if isinstance(self._tokens, list) else self._tokens.tolist()
+        sampled = {r: t for r, t in zip(self.request_ids, tokens) if r not in self.failed}
+        return ModelRunnerOutput(sampled, self.logprobs, self.failed, self.unwritten)
