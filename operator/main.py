@@ -7,8 +7,10 @@ endpoint, ``/healthz``), METROLINE_LOG_LEVEL.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+from collections.abc import Sequence
 
 import kopf
 
@@ -18,7 +20,18 @@ from .handlers import build_registry
 from .kube import KubeClient
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """No flags of its own: every setting comes from the environment (see the module doc);
+    ``--help`` says so, anything else is an error (exit 2)."""
+    return argparse.ArgumentParser(
+        prog="python -m metroline.operator",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    build_parser().parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("METROLINE_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

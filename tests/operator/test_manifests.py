@@ -4,6 +4,7 @@ real Kubernetes schemas, least privilege, and the images' Dockerfiles."""
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import subprocess
 import sys
@@ -131,3 +132,65 @@ def test_image_copy_sources_exist():
             if line.startswith("COPY ") and "--from=" not in line:
                 *sources, _ = line.split()[1:]
                 assert all((REPO / source).exists() for source in sources), line
+
+
+#: docs/operator.md's private-registry overlay, with the path to manifests/ filled in.
+PRIVATE_REGISTRY_OVERLAY = """\
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - {manifests}
+images:
+  - name: ghcr.io/metroline/operator
+    newName: registry.example.com/ml/metroline-operator
+    newTag: 0.2.0
+  - name: ghcr.io/metroline/engine
+    newName: registry.example.com/ml/metroline-engine
+    newTag: 0.2.0
+patches:
+  - target:
+      kind: ServiceAccount
+      name: metroline-operator
+    patch: |-
+      - op: add
+        path: /imagePullSecrets
+        value:
+          - name: regcred
+"""
+
+
+def test_one_overlay_renames_both_images_and_adds_the_pull_secret(tmp_path):
+    manifests = os.path.relpath(REPO / "manifests", tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        PRIVATE_REGISTRY_OVERLAY.format(manifests=manifests)
+    )
+    out = subprocess.run([kubectl(), "kustomize", str(tmp_path)], check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    docs = [doc for doc in yaml.safe_load_all(out) if doc]
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "registry.example.com/ml/metroline-operator:0.2.0"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["METROLINE_ENGINE_IMAGE"] == "registry.example.com/ml/metroline-engine:0.2.0"
+    (account,) = [d for d in docs if d["kind"] == "ServiceAccount"]
+    assert account["imagePullSecrets"] == [{"name": "regcred"}]
+    # The overlay text is the one the docs show.
+    assert "newName: registry.example.com/ml/metroline-engine" in (
+        REPO / "docs/operator.md"
+    ).read_text()
+
+
+def test_the_base_sets_both_image_tags_in_one_place():
+    env = {e["name"]: e["value"] for e in one("Deployment")["spec"]["template"]["spec"]
+           ["containers"][0]["env"]}  # fmt: skip
+    assert env["METROLINE_ENGINE_IMAGE"] == c.DEFAULT_ENGINE_IMAGE
+    kustomization = yaml.safe_load((REPO / "manifests/kustomization.yaml").read_text())
+    names = {entry["name"] for entry in kustomization["images"]}
+    assert names == {"ghcr.io/metroline/operator", "ghcr.io/metroline/engine"}
+
+
+def test_engine_image_user_is_the_rendered_security_context():
+    """The engine pods run as the image's USER (the operator renders runAsUser)."""
+    text = (REPO / "images/engine/Dockerfile").read_text()
+    user = [line for line in text.splitlines() if line.startswith("USER ")][-1].split()[1]
+    assert user == f"{c.RUN_AS_USER}:{c.RUN_AS_USER}"

