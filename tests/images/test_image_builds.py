@@ -51,6 +51,9 @@ def test_the_context_holds_every_package_and_no_results(image, tmp_path):
     assert {"pyproject.toml", "README.md"} <= set(files)
     assert not any(name.startswith(("benchmarks/results/", ".venv/", "tests/")) for name in files)
     assert not any("__pycache__" in name for name in files)
+    # The demo model ships with the engine (`metroline serve demo`), not with the operator.
+    has_demo = any(name.startswith("engine/demo/model/") for name in files)
+    assert has_demo == (image == "engine")
 
 
 @pytest.fixture(scope="module")

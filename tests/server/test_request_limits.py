@@ -22,6 +22,8 @@ NUM_HUGE = 10
 HUGE_BODY_BYTES = 200 * 2**20
 LABEL = f'model_name="{MODEL_NAME}"'
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+#: Seconds a /health probe may wait before the test calls it a stall (not a speed bound).
+STALL_S = 30
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,9 @@ def test_huge_prompts_are_tokenised_off_the_event_loop(server):
     count = metric_value(metrics, "metroline:event_loop_lag_seconds_count", LABEL)
     under_5s = metric_value(metrics, "metroline:event_loop_lag_seconds_bucket", f'le="5.0",{LABEL}')
     assert count > 0 and under_5s == count, metrics
-    assert probes and max(probes) < 5, max(probes)
+    # /health polled from outside answered throughout; its round trips also hold this test
+    # process's own scheduling on a loaded machine, so they bound only a stall.
+    assert probes and max(probes) < STALL_S, max(probes)
 
 
 def send_unread_body(url: str, headers: dict[str, str], total: int) -> bytes:
@@ -147,10 +151,6 @@ def keys(prefix: str, limit: int) -> bytes:
         parts.append(part)
         size, index = size + len(part), index + 1
     return ("".join(parts) + "}").encode()
-
-
-#: Seconds a probe may wait before the test calls it a stall (not a speed bound).
-STALL_S = 30
 
 
 def pathological_bodies() -> list[tuple[str, bytes]]:
