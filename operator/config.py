@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from . import constants as c
 from .backoff import Backoff
 
+OWN_METRICS_PORT = 8081
+"""The default port of the operator's own ``/metrics`` (8080 is kopf's ``/healthz``)."""
 
 @dataclass(frozen=True)
 class OperatorConfig:
@@ -17,9 +19,12 @@ class OperatorConfig:
 
     engine_image: str = c.DEFAULT_ENGINE_IMAGE
     metrics_port: int = c.HTTP_PORT
+    """The engine pods' port, where the operator scrapes their KV-cache figure."""
     kv_interval_s: float = 15.0
     workers: int = 2
     health_port: int = 8080
+    own_metrics_port: int = OWN_METRICS_PORT
+    """Where the operator serves its own ``/metrics`` (``metrics.py``); 0 serves nothing."""
     backoff: Backoff = field(default_factory=Backoff)
     instance: str = field(default_factory=socket.gethostname)
     """Names this process in the Events it writes (a pod's hostname is its name)."""
@@ -32,4 +37,13 @@ class OperatorConfig:
             kv_interval_s=float(env.get("METROLINE_KV_INTERVAL_SECONDS", 15.0)),
             workers=int(env.get("METROLINE_WORKERS", 2)),
             health_port=int(env.get("METROLINE_HEALTH_PORT", 8080)),
+            own_metrics_port=int(env.get("METROLINE_OPERATOR_METRICS_PORT", OWN_METRICS_PORT)),
         )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.own_metrics_port <= 65535:
+            raise ValueError(f"METROLINE_OPERATOR_METRICS_PORT {self.own_metrics_port} is not "
+                             "a port (0 turns the operator's /metrics off)")
+        if self.own_metrics_port == self.health_port:
+            raise ValueError(f"METROLINE_OPERATOR_METRICS_PORT and METROLINE_HEALTH_PORT are "
+                             f"both {self.health_port}: the two servers need their own ports")

@@ -27,6 +27,14 @@ MANAGED_BY = FIELD_MANAGER
 RESERVED_LABELS = frozenset(
     {LABEL_NAME, LABEL_INSTANCE, LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_OWNER}
 )
+RESERVED_ENV = frozenset({
+    "HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN",
+    "NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES",
+})
+"""Environment variables spec.env may not set: the HF_* ones the operator sets in the engine or
+download container; the GPU ones because the GPU device plugin and the container runtime
+choose the pod's GPUs with them (``NVIDIA_VISIBLE_DEVICES=all`` in a pod's own env makes a
+runtime that honours it for unprivileged pods expose every GPU of the node)."""
 ANNOTATION_CONFIG_HASH = f"{GROUP}/config-hash"
 """On every child: a hash of the configuration the operator applied (see render.stamp)."""
 

@@ -5,38 +5,100 @@ keys from a deduplicating ``WorkQueue`` (one worker per key at a time) and run `
 judge the spec, server-side apply the children that are missing or drifted, delete a PDB that is
 no longer wanted, then patch ``status`` only if it changed. Each child the operator creates,
 updates or deletes and each condition change is also recorded as a Kubernetes Event, handed to
-``EventRecorder`` (its own task: an Event never delays or fails a reconcile). Failures are
-retried with exponential backoff per key (``Retry-After`` honoured); a spec the API server
-refuses (422) becomes InvalidSpec and waits for the next spec change instead of retrying.
+``EventRecorder`` (its own task: an Event never delays or fails a reconcile).
+
+Every outcome of writing the children ends in ``status``, which is patched even when a write
+failed: a spec the API server refuses as such (400, 422, or the 500 "field not declared in
+schema" of server-side apply) is ``InvalidSpec`` and waits for the next spec change instead of
+retrying; 403 (quota, admission webhooks, RBAC) is ``Forbidden`` and other failures (5xx,
+timeouts, lost connections) ``ApplyFailed``, both retried with exponential backoff per key
+(``Retry-After`` honoured). 409 and 429 (conflicts, throttling) are only retried: the server
+asked for that, and status keeps what it said until the retry. Condition changes become Events,
+so a failure is one Event, not one per retry.
+
+Each reconcile's outcome, its duration, the applies, the failed API calls, the KV scrapes that
+gave nothing and the queue's depth are counted in ``metrics`` (``metrics.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar, cast
 
+from . import metrics as m
 from .cache import ClusterCache, Key
 from .checks import SpecCheck, check_spec
 from .config import OperatorConfig
 from .drift import covers
 from .events import EventNote, condition_events
 from .kube import ApiError, KubeClient
-from .kvmetrics import KvScraper
 from .podhealth import is_ready
 from .recorder import EventRecorder
 from .render import render_children, wants_pdb
-from .status import Observed, compute_status, status_changed
+from .status import (
+    APPLY_FAILED,
+    FORBIDDEN,
+    ApplyFailure,
+    Observed,
+    compute_status,
+    status_changed,
+)
 from .workqueue import WorkQueue
 
+T = TypeVar("T")
 logger = logging.getLogger(__name__)
+
+
+TRANSIENT_STATUSES = frozenset({409, 429})
+"""Conflicts and throttling: retried (after ``Retry-After``) without a word in status."""
+EVENTS_STOP_S = 2.0
+"""How long ``stop`` waits for the Event writer to end (a bound, so a stuck events API cannot
+hold the operator's exit)."""
 
 
 def utc_now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class ChildWriteError(Exception):
+    """Writing one child failed: ``verb`` (apply, delete) of ``kind``; the server's ``error``."""
+
+    def __init__(self, verb: str, kind: str, error: ApiError) -> None:
+        super().__init__(f"{verb} {kind}: {error}")
+        self.verb, self.kind, self.error = verb, kind, error
+
+    def problem(self) -> str:
+        """The InvalidSpec message when the API server refused the request as such."""
+        what = self.kind if self.verb == "apply" else f"{self.verb} of the {self.kind}"
+        return f"the API server refused the {what}: {self.error.message}"
+
+    def failure(self) -> ApplyFailure:
+        """The status outcome of any other failure, in the API server's words."""
+        error = self.error
+        if error.status == 403:
+            return ApplyFailure(FORBIDDEN, (
+                f"the API server forbids the {self.verb} of the {self.kind}: {error.message}; "
+                "retrying with backoff"
+            ))
+        answer = f"HTTP {error.status} {error.reason}" if error.status else error.reason
+        return ApplyFailure(APPLY_FAILED, (
+            f"could not {self.verb} the {self.kind} ({answer}): {error.message}; "
+            "retrying with backoff"
+        ))
+
+
+RESULT_OF_FAILURE = {FORBIDDEN: m.FORBIDDEN, APPLY_FAILED: m.APPLY_FAILED}
+"""The reconcile result counted for each ``ApplyFailure`` reason."""
+
+
+def _generation(body: Mapping[str, Any] | None) -> Any:
+    return (body or {}).get("metadata", {}).get("generation")
 
 
 class Controller:
@@ -45,14 +107,31 @@ class Controller:
     ) -> None:
         self.client, self.config, self.clock = client, config, clock
         self.cache = ClusterCache()
-        self.scraper = KvScraper(port=config.metrics_port)
-        self.events = EventRecorder(client, clock, config.instance)
+        self.metrics = m.OperatorMetrics(queue_depth=self._queue_depth)
+        self.scraper = m.CountingKvScraper(self.metrics.kv_scrape_failures, config.metrics_port)
+        # The recorder uses only create_event and patch_event, which _CountedEvents has.
+        self.events = EventRecorder(cast(KubeClient, _CountedEvents(self)), clock,
+                                    config.instance)  # fmt: skip
         self.kv: dict[Key, float | None] = {}
         self.failures: dict[Key, int] = {}
         self.refused: dict[Key, tuple[int, SpecCheck]] = {}
-        """Generations whose children the API server refused (422): not retried until edited."""
+        """Generations whose children the API server refused as invalid: not retried until
+        edited."""
+        self.reconciled: collections.Counter[Key] = collections.Counter()
+        """Finished reconciles per key, successful or not (what tests wait on)."""
         self._queue: WorkQueue[Key] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _queue_depth(self) -> int:
+        return 0 if self._queue is None else len(self._queue)
+
+    async def api(self, call: Awaitable[T]) -> T:
+        """Await one API call of ``client``, counting its failure by HTTP status."""
+        try:
+            return await call
+        except ApiError as error:
+            self.metrics.api_error(error)
+            raise
 
     # Event intake (called from kopf handlers; never blocks, never raises on odd objects).
     def _enqueue(self, key: Key | None) -> None:
@@ -66,10 +145,16 @@ class Controller:
             self.kv.pop(key, None)
             self.failures.pop(key, None)
             self.refused.pop(key, None)
+            self.reconciled.pop(key, None)
             if self._queue is not None:
                 self._queue.forget(key)
             return
+        before = self.cache.llmd(key)
         self.cache.put_llmd(body)
+        if key in self.failures and before is not None and _generation(before) == _generation(body):
+            # Status or metadata only (e.g. our own status patch) while a retry is pending:
+            # the backoff, not this event, decides when to try again.
+            return
         self._enqueue(key)
 
     def on_child(self, kind: str, event_type: str | None, body: Mapping[str, Any]) -> None:
@@ -96,7 +181,8 @@ class Controller:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        await self.events.stop()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.events.stop(), EVENTS_STOP_S)
         await self.scraper.close()
         await self.client.close()
 
@@ -117,6 +203,7 @@ class Controller:
                            *key, failures, delay, error, exc_info=level == logging.ERROR)
                 self._queue.add_after(key, delay)
             finally:
+                self.reconciled[key] += 1
                 self._queue.done(key)
 
     async def _kv_loop(self) -> None:
@@ -138,53 +225,85 @@ class Controller:
                 self._enqueue(key)
 
     # Reconciliation.
-    async def reconcile(self, key: Key) -> None:
+    async def reconcile(self, key: Key) -> str | None:
+        """Judge, apply, report; the outcome (one of ``metrics.RESULTS``, counted and timed),
+        or None when there is nothing to reconcile (gone, or being deleted). Raises what the
+        worker retries with backoff: a failed write once status says so (``forbidden``,
+        ``apply_failed``), or an ``error`` (409/429, a failed status patch, a bug)."""
         body = self.cache.llmd(key)
         if body is None or body["metadata"].get("deletionTimestamp"):
-            return
+            return None
+        started, result = time.perf_counter(), m.ERROR
+        try:
+            result, retry = await self._reconcile(key, body)
+        finally:
+            self.metrics.reconciled(result, time.perf_counter() - started)
+        if retry is not None:
+            raise retry  # status says what failed; the worker retries with backoff
+        return result
+
+    async def _reconcile(
+        self, key: Key, body: Mapping[str, Any]
+    ) -> tuple[str, ApiError | None]:
+        """``reconcile``'s work: the result and the error to retry after status was written."""
         namespace, name = key
         generation = int(body["metadata"].get("generation") or 1)
         check = check_spec(name, body.get("spec"))
         refused = self.refused.get(key)
+        failure: ApplyFailure | None = None
+        retry: ApiError | None = None
         if check.valid and refused is not None and refused[0] == generation:
             check = refused[1]
         elif check.valid:
-            check = await self._apply_children(key, body, check)
-            if not check.valid:
-                self.refused[key] = (generation, check)
+            try:
+                check = await self._apply_children(key, body, check)
+            except ChildWriteError as write:
+                if write.error.spec_problem:
+                    check = SpecCheck(None, None, (write.problem(),))
+                    self.refused[key] = (generation, check)
+                elif write.error.status in TRANSIENT_STATUSES:
+                    raise write.error from None
+                else:
+                    failure, retry = write.failure(), write.error
         if not check.valid:
             logger.info("%s/%s has an invalid spec: %s", namespace, name, "; ".join(check.problems))
+            result = m.INVALID_SPEC
+        else:
+            result = m.OK if failure is None else RESULT_OF_FAILURE[failure.reason]
         observed = Observed(
             deployment=self.cache.child(key, "Deployment"),
             pods=self.cache.pods(key),
             kv_cache_utilization=self.kv.get(key),
         )
         current = body.get("status") or {}
-        status = compute_status(name, namespace, generation, check, observed, current, self.clock())
+        status = compute_status(name, namespace, generation, check, observed, current,
+                                self.clock(), failure=failure)  # fmt: skip
         if status_changed(current, status):
             try:
-                self.cache.put_llmd(await self.client.patch_status(namespace, name, status))
+                patched = await self.api(self.client.patch_status(namespace, name, status))
+                self.cache.put_llmd(patched)
             except ApiError as error:
                 if error.status != 404:  # 404: deleted meanwhile, nothing to report on
                     raise
-                return
+                return result, None
             for note in condition_events(current, status):
                 self.events.record(body, note)
+        return result, retry
 
     async def _apply_children(
         self, key: Key, body: Mapping[str, Any], check: SpecCheck
     ) -> SpecCheck:
+        """Apply what is missing or drifted, delete an unwanted PDB; ChildWriteError if the
+        API server did not take a write."""
         for desired in render_children(body, check, self.config.engine_image):
             live = self.cache.child(key, desired["kind"])
             if live is not None and covers(desired, live):
                 continue
             try:
-                applied, created = await self.client.apply(desired)
+                applied, created = await self.api(self.client.apply(desired))
             except ApiError as error:
-                if error.status in (400, 422):
-                    problem = f"the API server refused the {desired['kind']}: {error.message}"
-                    return SpecCheck(None, None, (problem,))
-                raise
+                raise ChildWriteError("apply", desired["kind"], error) from error
+            self.metrics.applied(desired["kind"])
             logger.info("applied %s %s/%s", desired["kind"], *key)
             self.cache.put_child(applied, desired["kind"])
             # Not in the cache and not created: it existed (the cache is still filling after a
@@ -194,7 +313,10 @@ class Controller:
                 what = f"{desired['kind']} {desired['metadata']['name']}"
                 self.events.record(body, EventNote("Normal", verb, f"{verb.lower()} {what}"))
         if not wants_pdb(check) and self.cache.child(key, "PodDisruptionBudget") is not None:
-            await self.client.delete("policy/v1", "PodDisruptionBudget", *key)
+            try:
+                await self.api(self.client.delete("policy/v1", "PodDisruptionBudget", *key))
+            except ApiError as error:
+                raise ChildWriteError("delete", "PodDisruptionBudget", error) from error
             self.cache.put_child(
                 self.cache.child(key, "PodDisruptionBudget") or {}, "PodDisruptionBudget",
                 deleted=True,
@@ -203,6 +325,22 @@ class Controller:
             why = f"deleted PodDisruptionBudget {key[1]} (replicas < 2)"
             self.events.record(body, EventNote("Normal", "Deleted", why))
         return check
+
+
+class _CountedEvents:
+    """The Event calls of a controller's client, their failures counted (for the recorder)."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+
+    async def create_event(self, event: Mapping[str, Any]) -> dict[str, Any]:
+        return await self.controller.api(self.controller.client.create_event(event))
+
+    async def patch_event(
+        self, namespace: str, name: str, patch: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        return await self.controller.api(
+            self.controller.client.patch_event(namespace, name, patch))
 
 
 async def _none() -> None:

@@ -1,11 +1,16 @@
 """Generate the LLMDeployment CustomResourceDefinition from the pydantic models.
 
 ``crds/llmdeployments.yaml`` is this module's output, committed; a test fails when they drift.
-Regenerate with ``python -P -m metroline.operator.crd crds/llmdeployments.yaml``.
+Regenerate with ``python -P -m metroline.operator.crd crds/llmdeployments.yaml``. Generating
+needs kubernetes-validate (a test dependency, not the operator's): ``affinity``,
+``tolerations`` and ``nodeSelector`` take their schemas from the Kubernetes OpenAPI it ships.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
+import json
 import logging
 import sys
 from pathlib import Path
@@ -15,7 +20,7 @@ import yaml
 
 from . import constants as c
 from .schema import to_structural
-from .spec import LLMDeploymentSpec, LLMDeploymentStatus
+from .spec import K8S_SCHEMA_VERSION, OBJECT_RULES, LLMDeploymentSpec, LLMDeploymentStatus
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +42,27 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
 ]
 
 
+@functools.cache
+def kubernetes_definitions(version: str = K8S_SCHEMA_VERSION) -> dict[str, Any]:
+    """The Kubernetes OpenAPI definitions (``$defs``) that kubernetes-validate ships for
+    ``version`` (its non-strict files: the strict ones only add ``additionalProperties``)."""
+    root = importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema"
+    path = root / f"v{version}.0-local" / "_definitions.json"
+    return json.loads(path.read_text(encoding="utf-8"))["$defs"]
+
+
 def openapi_schema() -> dict[str, Any]:
-    """The whole object's schema: spec and status from the models, metadata left to the server."""
-    spec = to_structural(LLMDeploymentSpec.model_json_schema(by_alias=True))
+    """The whole object's schema: spec and status from the models, metadata left to the server
+    (but for ``OBJECT_RULES``, which CEL checks on ``metadata.name``)."""
+    spec = to_structural(
+        LLMDeploymentSpec.model_json_schema(by_alias=True), kubernetes=kubernetes_definitions()
+    )
     status = to_structural(LLMDeploymentStatus.model_json_schema(by_alias=True))
     return {
         "type": "object",
         "description": "An LLM served by Metroline engine pods sized by tensor parallelism.",
         "required": ["spec"],
+        "x-kubernetes-validations": [{"rule": r.rule, "message": r.message} for r in OBJECT_RULES],
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
@@ -94,9 +112,16 @@ def generate_crd() -> dict[str, Any]:
     }
 
 
+class _Dumper(yaml.SafeDumper):
+    """Writes a node shared by several fields (a quantity's rules) out in full each time."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def render_crd_yaml() -> str:
     """The committed file's exact text."""
-    return HEADER + yaml.safe_dump(generate_crd(), sort_keys=False, width=100)
+    return HEADER + yaml.dump(generate_crd(), Dumper=_Dumper, sort_keys=False, width=100)
 
 
 def main(argv: list[str]) -> int:

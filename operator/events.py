@@ -4,13 +4,15 @@
 The operator records transitions, never states: an event is due when a condition's
 ``(status, reason)`` changes between the status the cluster held and the one just patched,
 and when the operator creates, updates or deletes a child. Reconciling an unchanged object
-therefore yields no event.
+therefore yields no event. Failures (``InvalidSpec``, ``Forbidden``, ``ApplyFailed``) are news
+whenever their message changes too: one event per distinct failure, none per retry of it.
 
 Event type: ``Warning`` when the new state is a problem — Degraded=True, a condition that gives
 the same reason as a Degraded=True one (a crash loop makes Ready=False/CrashLoopBackOff), Ready
-turning False after it was True (an outage, whatever the reason), an invalid spec, a stalled
-rollout — otherwise ``Normal``. ``Recovered`` is said only when Degraded clears while Ready is
-True. Conditions that change with the same reason and message give one event.
+turning False after it was True (an outage, whatever the reason), an invalid spec, a child the
+API server did not take (``Forbidden``, ``ApplyFailed``), a stalled rollout — otherwise
+``Normal``. ``Recovered`` is said only when Degraded clears while Ready is True. Conditions that
+change with the same reason and message give one event.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import constants as c
-from .status import find_condition
+from .status import APPLY_FAILED, FAILURE_REASONS, FORBIDDEN, INVALID_SPEC, find_condition
 
 #: The API server's limit on an event's message for ``events.k8s.io``; kept for core events
 #: too (``kubectl describe`` is unreadable past it).
 MAX_EVENT_MESSAGE_BYTES = 1024
 MAX_NAME = 253
-WARNING_REASONS = frozenset({"InvalidSpec", "ProgressDeadlineExceeded"})
+WARNING_REASONS = frozenset({INVALID_SPEC, FORBIDDEN, APPLY_FAILED, "ProgressDeadlineExceeded"})
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,9 @@ def condition_events(
     """Events for the condition changes from status ``previous`` to status ``current``.
 
     A condition that appears for the first time is reported unless it says all is well
-    (Degraded=False on a new object is not news). Changes with the same reason and message
-    give one event, worded by the first condition and a Warning if any of them is a problem."""
+    (Degraded=False on a new object is not news); a failure reason is reported again when its
+    message changes (a different failure). Changes with the same reason and message give one
+    event, worded by the first condition and a Warning if any of them is a problem."""
     old = (previous or {}).get("conditions") or []
     new_all = current.get("conditions") or []
     degraded = find_condition(new_all, "Degraded")
@@ -63,7 +66,9 @@ def condition_events(
     for new in new_all:
         kind, status, reason = new["type"], new["status"], new["reason"]
         before = find_condition(old, kind)
-        if before is not None and (before.get("status"), before.get("reason")) == (status, reason):
+        same = before is not None and (before.get("status"), before.get("reason")) == (
+            status, reason)
+        if same and (reason not in FAILURE_REASONS or before.get("message") == new.get("message")):
             continue
         outage = kind == "Ready" and status == "False" and reason != "ScaledToZero" and (
             ready_before is not None and ready_before.get("status") == "True"

@@ -3,8 +3,10 @@ events.
 
 Kopf watches; this client writes. It authenticates with the same ``kopf.ConnectionInfo`` that
 the operator's login handler produced, and turns every failure into ``ApiError`` whose
-``retryable`` says whether trying again later can help (409, 429, 5xx, timeouts, lost
-connections) — the controller retries those with backoff and never in a tight loop.
+``spec_problem`` says that the request itself is wrong (400, 422, and the 500 that a
+server-side apply of a field the schema does not declare gets) and ``retryable`` whether trying
+the same request again later can help (409, 429, other 5xx, timeouts, lost connections). The
+controller decides what each means for status and retries with backoff, never in a tight loop.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ from .http_session import LazySession
 logger = logging.getLogger(__name__)
 
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+SPEC_STATUSES = frozenset({400, 422})
+UNDECLARED_FIELD = "not declared in schema"
+"""What structured-merge-diff says of a field that the target's schema lacks. The API server
+answers it with 500 (not a ``metav1.Status`` error, so no ``reason``), even with strict field
+validation; newer servers may answer 400 with the same words."""
 _PATHS = {
     ("v1", "Service"): "/api/v1/namespaces/{namespace}/services/{name}",
     ("v1", "Pod"): "/api/v1/namespaces/{namespace}/pods/{name}",
@@ -46,7 +53,17 @@ class ApiError(Exception):
         )
 
     @property
+    def spec_problem(self) -> bool:
+        """The request is wrong as sent (invalid, or a field its schema does not declare):
+        sending it again cannot help, changing the spec can."""
+        return self.status in SPEC_STATUSES or (
+            self.status == 500 and UNDECLARED_FIELD in self.message
+        )
+
+    @property
     def retryable(self) -> bool:
+        if self.spec_problem:
+            return False
         return self.status == 0 or self.status in RETRYABLE_STATUSES
 
 

@@ -1,8 +1,10 @@
 """Entry point: ``python -m metroline.operator`` runs the operator cluster-wide.
 
-Environment: METROLINE_ENGINE_IMAGE (default engine image), METROLINE_METRICS_PORT,
-METROLINE_KV_INTERVAL_SECONDS, METROLINE_WORKERS, METROLINE_HEALTH_PORT (kopf's liveness
-endpoint, ``/healthz``), METROLINE_LOG_LEVEL.
+Environment: METROLINE_ENGINE_IMAGE (default engine image), METROLINE_METRICS_PORT (the
+engine pods' metrics port, scraped for KV-cache use), METROLINE_KV_INTERVAL_SECONDS,
+METROLINE_WORKERS, METROLINE_HEALTH_PORT (kopf's liveness endpoint, ``/healthz``; 8080),
+METROLINE_OPERATOR_METRICS_PORT (the operator's own Prometheus ``/metrics``; 8081, 0 turns it
+off), METROLINE_LOG_LEVEL.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .config import OperatorConfig
 from .controller import Controller
 from .handlers import build_registry
 from .kube import KubeClient
+from .metrics import MetricsServer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,12 +41,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     config = OperatorConfig.from_env()
     controller = Controller(KubeClient(), config)
-    kopf.run(
-        registry=build_registry(controller),
-        clusterwide=True,
-        standalone=True,
-        liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz",
-    )
+    port = config.own_metrics_port
+    server = MetricsServer(controller.metrics.registry, port) if port else None
+    try:
+        kopf.run(
+            registry=build_registry(controller),
+            clusterwide=True,
+            standalone=True,
+            liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz",
+        )
+    finally:
+        if server is not None:
+            server.close()
 
 
 if __name__ == "__main__":

@@ -77,7 +77,10 @@ class EventRecorder:
         while True:
             llmd, note = await self._queue.get()
             try:
-                await asyncio.wait_for(self._write(llmd, note), self.timeout_s)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel
+                # that arrives as the write finishes, and the writer would never stop.
+                async with asyncio.timeout(self.timeout_s):
+                    await self._write(llmd, note)
             except Exception as error:  # an Event is never worth failing anything for
                 meta = llmd["metadata"]
                 logger.info("could not record event %s for %s/%s: %s",

@@ -19,6 +19,7 @@ from typing import Any
 from . import constants as c
 from .checks import SpecCheck
 from .pod import pod_spec
+from .rollout import Rollout
 
 Body = Mapping[str, Any]
 PDB_MIN_REPLICAS = 2
@@ -70,6 +71,17 @@ def _metadata(body: Body) -> dict[str, Any]:
     }
 
 
+def deployment_strategy(rollout: Rollout) -> dict[str, Any]:
+    """The Deployment's ``strategy`` from ``spec.rollout``: by default ``maxSurge: 0,
+    maxUnavailable: 1``, which replaces pods in place and needs no spare GPU."""
+    if rollout.strategy == "Recreate":
+        return {"type": "Recreate"}
+    return {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": rollout.surge, "maxUnavailable": rollout.unavailable},
+    }
+
+
 def render_deployment(body: Body, check: SpecCheck, image: str) -> dict[str, Any]:
     """The engine Deployment. ``check`` must be valid; ``image`` is the operator's default."""
     assert check.spec is not None and check.location is not None, "render only valid specs"
@@ -89,11 +101,7 @@ def render_deployment(body: Body, check: SpecCheck, image: str) -> dict[str, Any
         "spec": {
             "replicas": spec.replicas,
             "selector": {"matchLabels": selector_labels(name)},
-            # Surge one pod and never drop a serving one: rollouts need spare GPUs for one pod.
-            "strategy": {
-                "type": "RollingUpdate",
-                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
-            },
+            "strategy": deployment_strategy(spec.rollout),
             # Loading a model is slow; the rollout deadline must outlast the startup probe.
             "progressDeadlineSeconds": spec.startup_timeout_seconds + 600,
             "revisionHistoryLimit": 3,
@@ -126,7 +134,10 @@ def render_service(body: Body) -> dict[str, Any]:
 
 
 def render_pdb(body: Body) -> dict[str, Any]:
-    """At most one engine pod voluntarily disrupted at a time; crashing pods never block drains."""
+    """At most one engine pod voluntarily disrupted at a time. An unready pod may be evicted
+    only while the budget holds (``IfHealthyBudget``): engine pods turn unready when their KV
+    cache is full, and the busiest pods must not be the ones a node drain evicts past the budget.
+    """
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
@@ -134,7 +145,7 @@ def render_pdb(body: Body) -> dict[str, Any]:
         "spec": {
             "maxUnavailable": 1,
             "selector": {"matchLabels": selector_labels(body["metadata"]["name"])},
-            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+            "unhealthyPodEvictionPolicy": "IfHealthyBudget",
         },
     }
 

@@ -1,34 +1,78 @@
-"""The LLMDeployment API (serving.metroline.dev/v1alpha1) as pydantic models.
+"""The LLMDeployment API (serving.metroline.dev/v1alpha1) as pydantic models: spec and status.
 
 These models are the single source of truth: ``crd.py`` generates the CRD's OpenAPI schema from
 them, and the operator parses every object with them. Constraints that span fields are written
-once as ``CEL_RULES`` and become both CEL ``x-kubernetes-validations`` in the CRD and a pydantic
-validator here, so a cluster and the operator agree on what is valid. Fields left unset mean
-"the engine's default" and are not passed on its command line.
+once as ``CelRule``s (``cel.py``; ``CEL_RULES`` on the spec, ``kubefields.RESOURCE_RULES`` on
+``resources``, ``OBJECT_RULES`` on the whole object, ``rollout.ROLLOUT_RULES`` on ``rollout``)
+and become both CEL ``x-kubernetes-validations`` in the CRD and a Python twin, so a cluster and
+the operator agree on what is valid. Fields left unset mean "the engine's default" and are not
+passed on its command line.
+
+Admission is bounded: quantity strings have a maximum length and a pattern with a two-digit
+exponent (``kubefields.Quantity``, ``quantity.py``), and CEL rules call Kubernetes'
+``quantity()`` only on strings without a longer exponent (``cel.cel_if_safe``). ``affinity``,
+``tolerations`` and ``nodeSelector`` have the Kubernetes types' schemas (``schema.K8S_SCHEMA``),
+taken from the OpenAPI that kubernetes-validate ships for ``K8S_SCHEMA_VERSION``.
+
+Other modules and tests import the names of ``cel.py``, ``kubefields.py`` and
+``managedflags.py`` from here too (re-exported below).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import ConfigDict, Field, model_validator
 
-DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+from . import constants as c
+from . import quantity as q
+from .cel import CelRule, cel_if_safe, cel_name, cel_quantity, cel_validations, rule_problems
+from .kubefields import (
+    DNS_1035_LABEL,
+    DNS_LABEL,
+    DNS_SUBDOMAIN,
+    ENV_NAME,
+    QUANTITY,
+    RESOURCE_RULES,
+    ApiModel,
+    ComputeResources,
+    EnvSource,
+    EnvVar,
+    FieldSelector,
+    ObjectKeySelector,
+    Quantity,
+    Resources,
+    SecretKeyRef,
+    Toleration,
+)
+from .managedflags import MANAGED_FLAGS, managed_flag, managed_flag_regex
+from .rollout import ROLLOUT_RULES, Rollout
+from .schema import K8S_SCHEMA
+
+__all__ = [
+    "CEL_RULES", "DEFAULT_MAX_NUM_BATCHED_TOKENS", "DEFAULT_MAX_NUM_SEQS", "DNS_1035_LABEL",
+    "DNS_LABEL", "DNS_SUBDOMAIN", "ENV_NAME", "K8S_SCHEMA_VERSION", "MANAGED_FLAGS",
+    "MODEL_URI", "OBJECT_RULES", "QUANTITY", "RESOURCE_RULES", "ROLLOUT_RULES",
+    "SHM_GIB_PER_GPU", "Cache", "CelRule", "ComputeResources", "Condition", "EngineArgs",
+    "EnvSource", "EnvVar", "FieldSelector", "LLMDeploymentSpec", "LLMDeploymentStatus",
+    "ModelSource", "ObjectKeySelector", "Quantity", "Readiness", "Resources", "Rollout",
+    "SecretKeyRef", "Toleration", "cel_if_safe", "cel_name", "cel_quantity", "managed_flag",
+    "managed_flag_regex", "shm_bytes",
+]
+
 _HF_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 MODEL_URI = (
     rf"^(hf://{_HF_PART}/{_HF_PART}(@[A-Za-z0-9][A-Za-z0-9._/-]*)?"
     r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[A-Za-z0-9._@+=/-]*)?"
     r"|/[A-Za-z0-9._@+=/-]*)$"
 )
-QUANTITY = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
-    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-)
-ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+
+K8S_SCHEMA_VERSION = "1.30"
+"""The Kubernetes version whose OpenAPI types ``affinity``, ``tolerations`` and ``nodeSelector``:
+the oldest the CRD supports, so the CRD admits no field an older API server would not know."""
+SHM_GIB_PER_GPU = 2
+"""``/dev/shm`` is a memory-backed emptyDir of this many GiB per GPU (``pod.volumes``)."""
 
 DEFAULT_MAX_NUM_SEQS = 256
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
@@ -36,28 +80,7 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 checks they agree); used by cross-field rules."""
 
 
-class _Model(BaseModel):
-    """camelCase on the wire, unknown fields rejected (like kubectl's strict field validation)."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
-
-
-Quantity = Annotated[
-    int | Annotated[str, Field(pattern=QUANTITY)],
-    Field(description="A Kubernetes quantity, e.g. 8, 500m, 32Gi."),
-]
-
-
-class SecretKeyRef(_Model):
-    """A key of a Secret in the LLMDeployment's namespace."""
-
-    name: str = Field(pattern=DNS_SUBDOMAIN, max_length=253, description="Secret name.")
-    key: str = Field(
-        default="token", min_length=1, max_length=253, description="Key inside the Secret."
-    )
-
-
-class ModelSource(_Model):
+class ModelSource(ApiModel):
     """Where the weights come from and the name clients ask for."""
 
     uri: str = Field(
@@ -76,7 +99,7 @@ class ModelSource(_Model):
     )
 
 
-class EngineArgs(_Model):
+class EngineArgs(ApiModel):
     """Engine settings; each maps to one `metroline serve` flag. Unset means engine default."""
 
     tensor_parallel_size: Literal[1, 2, 4, 8] = Field(
@@ -106,7 +129,7 @@ class EngineArgs(_Model):
     )
 
 
-class Readiness(_Model):
+class Readiness(ApiModel):
     """When a pod takes new traffic."""
 
     kv_cache_threshold: float = Field(
@@ -114,89 +137,50 @@ class Readiness(_Model):
     )
 
 
-class Cache(_Model):
+class Cache(ApiModel):
     """A PersistentVolumeClaim that keeps downloaded weights across pod restarts."""
 
     claim_name: str = Field(pattern=DNS_SUBDOMAIN, max_length=253, description="Existing PVC.")
 
 
-class ComputeResources(_Model):
-    """CPU, memory and ephemeral storage; GPUs come from engine.tensorParallelSize."""
-
-    cpu: Quantity | None = None
-    memory: Quantity | None = None
-    ephemeral_storage: Quantity | None = Field(default=None, alias="ephemeral-storage")
+def shm_bytes(tensor_parallel_size: int) -> int:
+    return SHM_GIB_PER_GPU * tensor_parallel_size * 2**30
 
 
-class Resources(_Model):
-    """Requests and limits of the engine container, without nvidia.com/gpu."""
-
-    requests: ComputeResources | None = None
-    limits: ComputeResources | None = None
-
-
-class ObjectKeySelector(_Model):
-    """A key of a Secret or ConfigMap."""
-
-    name: str = Field(pattern=DNS_SUBDOMAIN, max_length=253)
-    key: str = Field(min_length=1, max_length=253)
-    optional: bool | None = None
+def _shm_fits(spec: LLMDeploymentSpec) -> bool:
+    limits = spec.resources.limits if spec.resources else None
+    if limits is None or limits.memory is None:
+        return True
+    return q.parse_quantity(limits.memory) >= shm_bytes(spec.engine.tensor_parallel_size)
 
 
-class FieldSelector(_Model):
-    """A field of the pod, e.g. metadata.name or status.podIP."""
-
-    field_path: str = Field(min_length=1, max_length=256)
-    api_version: str | None = None
-
-
-class EnvSource(_Model):
-    """Where an environment variable's value comes from."""
-
-    secret_key_ref: ObjectKeySelector | None = None
-    config_map_key_ref: ObjectKeySelector | None = None
-    field_ref: FieldSelector | None = None
-
-
-class EnvVar(_Model):
-    """An environment variable of the engine container."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {"rule": "!(has(self.value) && has(self.valueFrom))",
-                 "message": "set either value or valueFrom, not both"}
-            ]
-        }
+def _shm_detail(spec: LLMDeploymentSpec) -> str:
+    assert spec.resources is not None and spec.resources.limits is not None
+    tp = spec.engine.tensor_parallel_size
+    return (
+        f"spec.resources.limits.memory ({spec.resources.limits.memory}) is below the "
+        f"{SHM_GIB_PER_GPU * tp}Gi /dev/shm of {tp} GPU(s) ({SHM_GIB_PER_GPU}Gi per GPU), which "
+        "counts against the pod's memory; raise the limit"
     )
-    name: str = Field(pattern=ENV_NAME, max_length=256)
-    value: str | None = None
-    value_from: EnvSource | None = None
-
-    @model_validator(mode="after")
-    def _value_or_value_from(self) -> EnvVar:
-        if self.value is not None and self.value_from is not None:
-            raise ValueError(f"env {self.name}: set either value or valueFrom, not both")
-        return self
 
 
-class Toleration(_Model):
-    """A pod toleration (see the Kubernetes Toleration type)."""
-
-    key: str | None = Field(default=None, max_length=316)
-    operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = Field(default=None, max_length=63)
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+def _reserved_env(spec: LLMDeploymentSpec) -> list[str]:
+    return [var.name for var in spec.env or () if var.name in c.RESERVED_ENV]
 
 
-@dataclass(frozen=True)
-class CelRule:
-    """One cross-field rule: CEL for the API server, a Python twin for the operator."""
+def _flags_set(spec: LLMDeploymentSpec) -> list[tuple[str, str]]:
+    found = []
+    for arg in spec.engine.extra_args:
+        flag = managed_flag(arg)
+        if flag is not None:
+            found.append((arg.split("=", 1)[0], flag))
+    return found
 
-    rule: str
-    message: str
-    holds: Callable[[LLMDeploymentSpec], bool]
+
+def _flags_detail(spec: LLMDeploymentSpec) -> str:
+    shown = [s if s == f else f"{s} (read by the engine as {f})" for s, f in _flags_set(spec)]
+    return (f"spec.engine.extraArgs sets {', '.join(shown)}, which the operator renders from "
+            "the spec; remove it and use the matching spec field")
 
 
 def _batched_tokens_cover_seqs(spec: LLMDeploymentSpec) -> bool:
@@ -223,17 +207,79 @@ CEL_RULES: tuple[CelRule, ...] = (
         ),
         holds=_batched_tokens_cover_seqs,
     ),
+    CelRule(
+        rule="!self.model.uri.matches('(^|/)[.][.](/|$)')",
+        message="model.uri must not contain '..' path segments",
+        holds=lambda s: ".." not in s.model.uri.split("/"),
+        detail=lambda s: f"spec.model.uri {s.model.uri!r} must not contain '..' path segments",
+    ),
+    CelRule(
+        rule=(
+            "!has(self.engine.extraArgs) || "
+            f"!self.engine.extraArgs.exists(a, a.matches('{managed_flag_regex()}'))"
+        ),
+        message=(
+            "engine.extraArgs sets a flag (or a prefix of one) that the operator renders from "
+            f"the spec ({', '.join(sorted(MANAGED_FLAGS))}); use the matching spec field"
+        ),
+        holds=lambda s: not _flags_set(s),
+        detail=_flags_detail,
+    ),
+    CelRule(
+        rule=(
+            "!has(self.env) || !self.env.exists(e, e.name in "
+            f"[{', '.join(repr(n) for n in sorted(c.RESERVED_ENV))}])"
+        ),
+        message=(
+            f"env may not set {', '.join(sorted(c.RESERVED_ENV))}: the operator, the GPU device "
+            "plugin or the container runtime sets them"
+        ),
+        holds=lambda s: not _reserved_env(s),
+        detail=lambda s: "; ".join(
+            f"spec.env sets {name}, which the operator, the GPU device plugin or the container "
+            "runtime manages; remove it" for name in _reserved_env(s)
+        ),
+    ),
+    CelRule(
+        rule=(
+            "!has(self.resources) || !has(self.resources.limits) || "
+            "!has(self.resources.limits.memory) || "
+            + cel_if_safe(
+                ("self.resources.limits.memory",),
+                f"{cel_quantity('self.resources.limits.memory')}.compareTo(quantity(string("
+                "(has(self.engine.tensorParallelSize) ? self.engine.tensorParallelSize : 1) * "
+                f"{SHM_GIB_PER_GPU * 2**30}))) >= 0",
+            )
+        ),
+        message=(
+            f"resources.limits.memory must be at least the /dev/shm size, {SHM_GIB_PER_GPU}Gi "
+            "per GPU (engine.tensorParallelSize), which counts against the pod's memory"
+        ),
+        holds=_shm_fits,
+        detail=_shm_detail,
+    ),
 )
 
+OBJECT_RULES: tuple[CelRule, ...] = (
+    CelRule(
+        rule=(
+            f"self.metadata.name.matches('{DNS_1035_LABEL}') && "
+            "size(self.metadata.name) <= 63"
+        ),
+        message=(
+            "metadata.name must be a DNS-1035 label (a lowercase letter first, then lowercase "
+            "letters, digits or '-', at most 63 characters) because it names the Service"
+        ),
+        holds=lambda name: bool(re.fullmatch(DNS_1035_LABEL, name)) and len(name) <= 63,
+    ),
+)
+"""Rules on the whole object, whose ``self`` is the LLMDeployment (the twin gets the name)."""
 
-class LLMDeploymentSpec(_Model):
+
+class LLMDeploymentSpec(ApiModel):
     """The desired state: one model served by `replicas` pods of `tensorParallelSize` GPUs."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [{"rule": r.rule, "message": r.message} for r in CEL_RULES]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra=cel_validations(CEL_RULES))
     model: ModelSource
     engine: EngineArgs = Field(default_factory=EngineArgs, json_schema_extra={"default": {}})
     replicas: int = Field(default=1, ge=0, le=1024, description="Engine pods (scale subresource).")
@@ -241,15 +287,31 @@ class LLMDeploymentSpec(_Model):
         default=None, min_length=1, max_length=512, description="Engine image; operator default."
     )
     resources: Resources | None = None
-    node_selector: dict[str, str] | None = None
-    tolerations: list[Toleration] | None = Field(default=None, max_length=64)
+    node_selector: dict[str, str] | None = Field(
+        default=None,
+        json_schema_extra={K8S_SCHEMA: "io.k8s.api.core.v1.PodSpec/nodeSelector"},
+        description="Node labels the pods require (a Kubernetes nodeSelector).",
+    )
+    tolerations: list[Toleration] | None = Field(
+        default=None,
+        max_length=64,
+        json_schema_extra={K8S_SCHEMA: "io.k8s.api.core.v1.PodSpec/tolerations"},
+        description="Kubernetes Tolerations, added to the one for nvidia.com/gpu taints.",
+    )
     affinity: dict[str, Any] | None = Field(
         default=None,
-        json_schema_extra={"x-metroline-opaque": True},
-        description="A Kubernetes Affinity, passed to the pod as is.",
+        json_schema_extra={K8S_SCHEMA: "io.k8s.api.core.v1.PodSpec/affinity"},
+        description=(
+            "A Kubernetes Affinity, passed to the pod as is; the CRD checks it against the "
+            "Kubernetes type, the operator leaves it to the API server."
+        ),
     )
     priority_class_name: str | None = Field(default=None, pattern=DNS_SUBDOMAIN, max_length=253)
     readiness: Readiness = Field(default_factory=Readiness, json_schema_extra={"default": {}})
+    rollout: Rollout = Field(
+        default_factory=Rollout, json_schema_extra={"default": {}},
+        description="How pods are replaced; by default one at a time, without a spare GPU.",
+    )
     startup_timeout_seconds: int = Field(
         default=1800, ge=60, le=86_400,
         description="Startup probe span on /health; the rollout deadline is this plus 600 s.",
@@ -267,9 +329,9 @@ class LLMDeploymentSpec(_Model):
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> LLMDeploymentSpec:
-        for cel in CEL_RULES:
-            if not cel.holds(self):
-                raise ValueError(cel.message)
+        problems = rule_problems(self, CEL_RULES)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -277,7 +339,7 @@ ConditionStatus = Literal["True", "False", "Unknown"]
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
 
 
-class Condition(_Model):
+class Condition(ApiModel):
     """A metav1.Condition: the latest observation of one aspect of the object."""
 
     type: str = Field(max_length=316)
@@ -288,7 +350,7 @@ class Condition(_Model):
     observed_generation: int | None = Field(default=None, ge=0)
 
 
-class LLMDeploymentStatus(_Model):
+class LLMDeploymentStatus(ApiModel):
     """What the cluster says, written only by the operator."""
 
     observed_generation: int | None = None

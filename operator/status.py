@@ -7,6 +7,14 @@ template rolled out; any pod problem, or pods the API server refuses to create (
 ``ReplicaFailure``, e.g. a GPU quota), makes ``phase`` Degraded (or Failed when nothing is ready
 and the rollout deadline passed) and condition Degraded=True with the pod's or the server's own
 reason and message; a condition's ``lastTransitionTime`` changes only when its ``status`` does.
+
+A failed write of a child is an outcome too (``ApplyFailure``, what the API server said): 403
+(``Forbidden``: quota, admission webhooks, RBAC) reads like pods that cannot be created —
+Degraded=True, Progressing=False, Ready False unless pods still serve — and any other failure
+(``ApplyFailed``: 5xx, timeouts) makes Ready and Progressing ``Unknown``: the operator cannot
+tell what the cluster will run. Either way ``phase`` is not Ready (the latest spec is not rolled
+out) and every condition carries ``observedGeneration``. A spec the API server refuses as such
+(400, 422, an undeclared field) is ``InvalidSpec``, like one the operator refuses itself.
 """
 
 from __future__ import annotations
@@ -21,6 +29,21 @@ from .render import endpoint, selector_string
 
 Status = dict[str, Any]
 MAX_MESSAGE = 1024
+
+# Condition reasons for failures; each new message of these is a new failure (see events.py).
+INVALID_SPEC = "InvalidSpec"
+FORBIDDEN = "Forbidden"
+APPLY_FAILED = "ApplyFailed"
+FAILURE_REASONS = frozenset({INVALID_SPEC, FORBIDDEN, APPLY_FAILED})
+
+
+@dataclass(frozen=True)
+class ApplyFailure:
+    """Why the latest write of a child did not go through: ``reason`` is FORBIDDEN or
+    APPLY_FAILED, ``message`` says which child and quotes the API server."""
+
+    reason: str
+    message: str
 
 
 @dataclass(frozen=True)
@@ -90,7 +113,7 @@ def _judge(check: SpecCheck, observed: Observed, counts: Mapping[str, int]) -> _
     degraded = ("True", problems[0].reason, _problem_summary(problems)) if problems else ok
     if not check.valid:
         message = "; ".join(check.problems)
-        invalid = ("False", "InvalidSpec", message)
+        invalid = ("False", INVALID_SPEC, message)
         return _Verdict("Failed", invalid, invalid, degraded)
     assert check.spec is not None
     desired, dep = check.spec.replicas, observed.deployment
@@ -136,11 +159,32 @@ def _judge(check: SpecCheck, observed: Observed, counts: Mapping[str, int]) -> _
     return _Verdict(phase, ready_state, stalled, degraded)
 
 
+def _failed(verdict: _Verdict, failure: ApplyFailure, observed: Observed, ready: int) -> _Verdict:
+    """``verdict`` of what runs, amended by a child the operator could not write."""
+    message = failure.message
+    serving = ready >= 1 and verdict.ready[0] == "True"
+    if failure.reason == FORBIDDEN:
+        # Like pods that cannot be created: pod problems keep Degraded, old pods keep serving.
+        problems = all_problems(observed.pods)
+        degraded = verdict.degraded if problems else ("True", FORBIDDEN, message)
+        ready_state = verdict.ready if serving else ("False", degraded[1], degraded[2])
+        return _Verdict("Degraded", ready_state, ("False", FORBIDDEN, message), degraded)
+    unknown = ("Unknown", failure.reason, message)
+    if verdict.degraded[0] == "True":
+        phase = "Degraded"
+    elif ready >= 1 or any(is_running(pod) for pod in observed.pods):
+        phase = "Progressing"
+    else:
+        phase = "Pending"
+    return _Verdict(phase, unknown, unknown, verdict.degraded)
+
+
 def compute_status(
     name: str, namespace: str, generation: int, check: SpecCheck, observed: Observed,
-    previous: Mapping[str, Any] | None, now: str,
+    previous: Mapping[str, Any] | None, now: str, *, failure: ApplyFailure | None = None,
 ) -> Status:
-    """The full status of LLMDeployment ``namespace/name`` at ``generation``."""
+    """The full status of LLMDeployment ``namespace/name`` at ``generation``; ``failure`` is
+    why the latest write of a child did not go through (None: every write went through)."""
     dep_status = (observed.deployment or {}).get("status") or {}
     counts = {
         "ready": int(dep_status.get("readyReplicas") or 0),
@@ -148,6 +192,8 @@ def compute_status(
         "total": int(dep_status.get("replicas") or 0),
     }
     verdict = _judge(check, observed, counts)
+    if failure is not None and check.valid:
+        verdict = _failed(verdict, failure, observed, counts["ready"])
     old = (previous or {}).get("conditions") or []
     kv = observed.kv_cache_utilization
     return {

@@ -26,6 +26,13 @@
 #   SNAPSHOT    head (default) or worktree, see step 2
 #   TAG         image tag (default 0.1.0)
 #   REBUILD_BASE=1  rebuild the rootfs and the base image even if they exist
+#
+# Last run here (2026-12-01, HEAD c8f2e4b, 2 loaded cores, buildah 1.28.2): 280 s from an
+# empty work dir (debootstrap included); base 199 MB, operator image 232 MB (OCI archive
+# 92 MB); `id` in the image: uid=1000(metroline) gid=1000(metroline); `python -P -m
+# metroline.operator --help` exits 0. Behind a TLS-intercepting proxy pip in the RUN steps
+# needs the host's CA bundle (CA_BUNDLE); buildah 1.28 needs --ignorefile for the
+# per-Dockerfile ignore file, and --storage-driver vfs on every call (STORAGE_DRIVER is not read).
 set -euo pipefail
 
 if [[ $# -ne 2 ]]; then
@@ -146,7 +153,7 @@ if [[ -n $CA_BUNDLE ]]; then
 fi
 old_id=$("${B[@]}" images --quiet --no-trunc "$IMAGE" 2>/dev/null || true)
 "${bud[@]}" "$CTX"
-# A rebuild leaves the previous image untagged; drop it so reruns do not pile up 254 MB copies.
+# A rebuild leaves the previous image untagged; drop it so reruns do not pile up copies.
 new_id=$("${B[@]}" images --quiet --no-trunc "$IMAGE")
 if [[ -n $old_id && $old_id != "$new_id" ]]; then
     "${B[@]}" rmi "$old_id" >/dev/null 2>&1 || true

@@ -40,8 +40,8 @@ def kubectl(
                           capture_output=True, text=True, check=check, timeout=TIMEOUT_S)
 
 
-def get(kind: str, name: str, namespace: str) -> dict[str, Any] | None:
-    done = kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
+def get(kind: str, name: str, namespace: str, *flags: str) -> dict[str, Any] | None:
+    done = kubectl("get", kind, name, "-n", namespace, "-o", "json", *flags, check=False)
     return json.loads(done.stdout) if done.returncode == 0 else None
 
 
@@ -110,8 +110,11 @@ def test_lifecycle_on_a_real_cluster(namespace: str, operator: None) -> None:
     assert engine["resources"]["limits"]["nvidia.com/gpu"] == "2"
     svc = wait_for(lambda: get("service", "llama", namespace), "the Service")
     assert svc["spec"]["ports"][0]["name"] == "http" and svc["spec"]["ports"][0]["port"] == 8000
-    managers = {f["manager"] for f in dep["metadata"]["managedFields"]}
-    assert "metroline-operator" in managers
+    # kubectl (1.21+) prints managedFields only when asked to.
+    managed = get("deployment", "llama", namespace, "--show-managed-fields")
+    assert managed is not None
+    managers = {(f["manager"], f["operation"]) for f in managed["metadata"]["managedFields"]}
+    assert ("metroline-operator", "Apply") in managers
 
     # Without GPUs the real scheduler refuses the pod; status must say Degraded, in its words.
     def degraded_or_scheduled() -> bool:

@@ -106,8 +106,9 @@ class Cluster:
             return None
         return copy.deepcopy(self.emulator.objects[key].raw)
 
-    async def wait_for(self, predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
-        """Poll until ``predicate()`` is truthy; return its value."""
+    async def wait_for(self, predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
+        """Poll until ``predicate()`` is truthy; return its value. ``timeout`` only catches a
+        stall (far above what any step takes on an idle machine), never a speed."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             value = predicate()

@@ -10,10 +10,26 @@ KMock 0.8 stores objects and merges every PATCH into them. A real API server als
   only ``status``;
 * answers a no-op patch without a new resourceVersion or watch event;
 * garbage-collects objects whose owner (by ``ownerReferences[].uid``) was deleted;
-* answers JSON-patch (``application/json-patch+json``).
+* answers JSON-patch (``application/json-patch+json``);
+* knows the built-in schema of the kinds the operator writes (Deployment, Service,
+  PodDisruptionBudget, Pod; from kubernetes-validate's strict JSON schemas, see ``BuiltinSchema``
+  in ``emulator_schema.py``):
+  a server-side apply with a field the schema does not declare is answered 500
+  ``failed to create typed patch object (...): .path: field not declared in schema``, as
+  structured-merge-diff answers it (real servers do, even with strict field validation);
+* stores those kinds as a Go server re-encodes them: every ``Quantity`` in canonical form
+  (``0.5`` -> ``500m``, ``1024Mi`` -> ``1Gi``: ``canonical_quantity``, after apimachinery's
+  ``Quantity.String``), and optional (``omitempty``) strings, lists and maps that are empty left
+  out (``env: [{name: X, value: ""}]`` comes back as ``[{name: X}]``);
+* keeps ``metadata.managedFields`` (manager, operation, subresource, time; a simplified
+  ``fieldsV1``), which ``kubectl get -o json`` prints only with ``--show-managed-fields``.
 
-``fail(...)`` injects API errors (with an optional Retry-After) for chosen requests, before any
-state changes — the way a flaky API server or a throttling front end behaves.
+Not emulated: pruning of unknown fields on create, update and merge patch (they are kept),
+type errors, validation beyond the undeclared-field check, defaulting, and ``omitempty`` of
+numbers and booleans (the schema cannot tell pointers from plain fields).
+
+``fail(...)`` injects API errors (with an optional Retry-After, reason and message) for chosen
+requests, before any state changes — the way a flaky API server or a throttling front end behaves.
 """
 
 from __future__ import annotations
@@ -33,6 +49,9 @@ import kmock
 import yaml
 from kmock._internal import dicts, enums
 
+from .emulator_schema import builtin_schema
+from .emulator_schema import canonical_quantity as canonical_quantity  # re-exported for tests
+
 TIMESTAMP = "%Y-%m-%dT%H:%M:%SZ"
 
 
@@ -43,6 +62,38 @@ class Fault:
     status: int
     times: int
     retry_after: float | None = None
+    reason: str | None = "InjectedFault"
+    message: str | None = None
+
+
+class StatusError(Exception):
+    """An API answer with a ``Status`` body exactly as given (``reason`` left out when None, as
+    the API server leaves it out of errors that are not ``metav1.Status`` errors)."""
+
+    def __init__(self, code: int, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.reason = code, message, reason
+
+    def response(self, retry_after: float | None = None) -> aiohttp.web.Response:
+        body: dict[str, Any] = {"kind": "Status", "apiVersion": "v1", "metadata": {},
+                                "status": "Failure", "message": self.message}
+        if self.reason is not None:
+            body["reason"] = self.reason
+        body["code"] = self.code
+        response = aiohttp.web.json_response(body, status=self.code)
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(retry_after)
+        return response
+
+
+def _fields_v1(obj: Any) -> Any:
+    """A simplified ``fieldsV1`` of an applied configuration (``f:`` fields, ``k:`` items)."""
+    if isinstance(obj, dict):
+        return {f"f:{key}": _fields_v1(value) for key, value in obj.items()}
+    if isinstance(obj, list) and all(isinstance(item, dict) and "name" in item for item in obj):
+        return {"k:" + json.dumps({"name": item["name"]}, separators=(",", ":")): _fields_v1(item)
+                for item in obj}  # fmt: skip
+    return {}  # a scalar, or an atomic list
 
 
 def _now() -> str:
@@ -61,10 +112,13 @@ class MetrolineEmulator(kmock.KubernetesEmulator):
 
     def fail(
         self, method: str, path: str, status: int, times: int = 1,
-        retry_after: float | None = None,
+        retry_after: float | None = None, *, message: str | None = None,
+        reason: str | None = "InjectedFault",
     ) -> None:
-        """Answer the next ``times`` requests matching ``method`` and ``path`` with ``status``."""
-        self._faults.append(Fault(method.upper(), re.compile(path), status, times, retry_after))
+        """Answer the next ``times`` requests matching ``method`` and ``path`` with ``status``
+        (and ``message``, ``reason``: None leaves ``reason`` out, as for a plain Go error)."""
+        self._faults.append(Fault(method.upper(), re.compile(path), status, times, retry_after,
+                                  reason, message))  # fmt: skip
 
     def clear_faults(self) -> None:
         self._faults.clear()
@@ -84,24 +138,24 @@ class MetrolineEmulator(kmock.KubernetesEmulator):
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         fault = self._take_fault(request)
         if fault is not None:
-            response = await self._render_error(kmock.KubernetesError(
-                status=fault.status, reason="InjectedFault", message=f"injected {fault.status}",
-            ))
-            if fault.retry_after is not None:
-                response.headers["Retry-After"] = str(fault.retry_after)
-            return response
+            message = fault.message or f"injected {fault.status}"
+            return StatusError(fault.status, message, fault.reason).response(fault.retry_after)
         mutating = (enums.action.CREATE, enums.action.UPDATE, enums.action.DELETE)
         if request.resource is None or request.action not in mutating:
             return await super()._handle(request)
-        async with self._lock:
-            if request.action == enums.action.CREATE:
-                obj, code = await self._create(request, self._payload(request)), 201
-            elif request.action == enums.action.UPDATE:
-                # As the API server: 201 when a server-side apply created the object.
-                existed = self._live(self._key(request)) is not None
-                obj, code = await self._update(request), 200 if existed else 201
-            else:
-                obj, code = await self._delete(request), 200
+        try:
+            async with self._lock:
+                if request.action == enums.action.CREATE:
+                    obj = await self._create(request, self._payload(request), "Update")
+                    code = 201
+                elif request.action == enums.action.UPDATE:
+                    # As the API server: 201 when a server-side apply created the object.
+                    existed = self._live(self._key(request)) is not None
+                    obj, code = await self._update(request), 200 if existed else 201
+                else:
+                    obj, code = await self._delete(request), 200
+        except StatusError as error:
+            return error.response()
         return aiohttp.web.json_response(obj, status=code)
 
     @staticmethod
@@ -118,6 +172,60 @@ class MetrolineEmulator(kmock.KubernetesEmulator):
             return None
         return copy.deepcopy(self._objects[key].raw)
 
+    @staticmethod
+    def _normalise(obj: dict[str, Any]) -> dict[str, Any]:
+        """As a Go server re-encodes a built-in object (canonical quantities, no empty
+        optional fields); other objects as they are."""
+        schema = builtin_schema()
+        return schema.normalise(obj).obj if schema.knows(obj) else obj
+
+    @staticmethod
+    def _check_declared(request: kmock.Request, applied: Any) -> None:
+        """Server-side apply converts the configuration to its schema's type first; a field
+        the schema lacks fails that conversion, and the API server answers 500 with SMD's
+        words (no ``reason``: it is not a ``metav1.Status`` error)."""
+        schema = builtin_schema()
+        if not schema.knows(applied):
+            return
+        undeclared = schema.normalise(applied).undeclared
+        if not undeclared:
+            return
+        meta = applied.get("metadata") or {}
+        group_version = applied["apiVersion"] if "/" in applied["apiVersion"] else \
+            "/" + applied["apiVersion"]
+        where = f"{request.namespace or meta.get('namespace', '')}/{meta.get('name', '')}"
+        errors = [f"{path}: field not declared in schema" for path in undeclared]
+        detail = errors[0] if len(errors) == 1 else "\n".join(
+            ["errors:", *(f"  {error}" for error in errors)])
+        raise StatusError(500, f"failed to create typed patch object ({where}; "
+                               f"{group_version}, Kind={applied['kind']}): {detail}")
+
+    @staticmethod
+    def _manager(request: kmock.Request) -> str:
+        """The field manager: the ``fieldManager`` parameter, else the User-Agent's product."""
+        manager = request.params.get("fieldManager")
+        if manager:
+            return manager
+        agent = request.headers.get("User-Agent") or "unknown"
+        return agent.split("/", 1)[0] or "unknown"
+
+    def _manage(
+        self, request: kmock.Request, obj: dict[str, Any], operation: str, fields: Any
+    ) -> None:
+        """Record in ``obj`` that this request's manager wrote ``fields`` (one entry per
+        manager, operation and subresource, as the API server keeps them)."""
+        entry: dict[str, Any] = {
+            "manager": self._manager(request), "operation": operation,
+            "apiVersion": obj.get("apiVersion", ""), "time": _now(), "fieldsType": "FieldsV1",
+            "fieldsV1": _fields_v1(fields),
+        }
+        if request.subresource:
+            entry["subresource"] = request.subresource
+        same = ("manager", "operation", "subresource")
+        entries = [e for e in obj["metadata"].get("managedFields") or []
+                   if tuple(e.get(k) for k in same) != tuple(entry.get(k) for k in same)]
+        obj["metadata"]["managedFields"] = [*entries, entry]
+
     async def _store(
         self, request: kmock.Request, key: Any, obj: dict[str, Any], kind: str
     ) -> None:
@@ -127,8 +235,10 @@ class MetrolineEmulator(kmock.KubernetesEmulator):
             self._objects[key] = obj
         await self._buses[request.resource].put({"type": kind, "object": copy.deepcopy(obj)})
 
-    async def _create(self, request: kmock.Request, obj: dict[str, Any]) -> dict[str, Any]:
-        obj = copy.deepcopy(obj)
+    async def _create(
+        self, request: kmock.Request, obj: dict[str, Any], operation: str
+    ) -> dict[str, Any]:
+        obj = self._normalise(copy.deepcopy(obj))
         meta = obj.setdefault("metadata", {})
         namespace = request.namespace or meta.get("namespace")
         key = (request.resource, namespace, meta.get("name"))
@@ -138,6 +248,9 @@ class MetrolineEmulator(kmock.KubernetesEmulator):
                     resourceVersion=self._next_rv(), generation=1)
         if namespace is not None:
             meta["namespace"] = namespace
+        self._manage(request, obj, operation, _content(obj) | {"metadata": {
+            k: v for k, v in meta.items() if k in ("labels", "annotations", "ownerReferences")
+        }})
         await self._store(request, key, obj, "ADDED")
         return obj
 
@@ -146,9 +259,11 @@ class MetrolineEmulator(kmock.KubernetesEmulator):
         old = self._live(key)
         content_type = request.headers.get("Content-Type", "").split(";")[0]
         payload = self._payload(request)
-        if content_type == "application/apply-patch+yaml":
+        applying = content_type == "application/apply-patch+yaml"
+        if applying:
+            self._check_declared(request, payload)
             if old is None:
-                return await self._create(request, payload)
+                return await self._create(request, payload, "Apply")
             new = self._apply(old, payload)
         elif old is None:
             raise kmock.KubernetesObjectNotFoundError()
@@ -160,12 +275,14 @@ class MetrolineEmulator(kmock.KubernetesEmulator):
             new = {**old, "status": new.get("status")}
         elif request.subresource is None:
             new = {**new, "status": old.get("status")}
-        new = {k: v for k, v in new.items() if v is not None}
-        if json.dumps(new, sort_keys=True) == json.dumps(old, sort_keys=True):
+        new = self._normalise({k: v for k, v in new.items() if v is not None})
+        if _unmanaged(new) == _unmanaged(old):
             return old  # a no-op: no new resourceVersion, no watch event
         new["metadata"] = {**new["metadata"], "resourceVersion": self._next_rv()}
         if _content(new) != _content(old):
             new["metadata"]["generation"] = int(old["metadata"].get("generation", 1)) + 1
+        self._manage(request, new, "Apply" if applying else "Update",
+                     payload if isinstance(payload, dict) else {})
         await self._store(request, key, new, "MODIFIED")
         return new
 
@@ -173,12 +290,12 @@ class MetrolineEmulator(kmock.KubernetesEmulator):
     def _apply(old: dict[str, Any], applied: dict[str, Any]) -> dict[str, Any]:
         """The applier owns every field it sends: those replace the live ones wholesale."""
         new = copy.deepcopy(old)
-        for field in ("labels", "annotations", "ownerReferences"):
-            if field in applied.get("metadata", {}):
-                new["metadata"][field] = copy.deepcopy(applied["metadata"][field])
-        for field, value in applied.items():
-            if field not in ("metadata", "status"):
-                new[field] = copy.deepcopy(value)
+        for field_name in ("labels", "annotations", "ownerReferences"):
+            if field_name in applied.get("metadata", {}):
+                new["metadata"][field_name] = copy.deepcopy(applied["metadata"][field_name])
+        for field_name, value in applied.items():
+            if field_name not in ("metadata", "status"):
+                new[field_name] = copy.deepcopy(value)
         return new
 
     async def _delete(self, request: kmock.Request) -> dict[str, Any]:
@@ -202,3 +319,9 @@ class MetrolineEmulator(kmock.KubernetesEmulator):
                 self._objects[resource, namespace, name].delete()
                 await self._buses[resource].put({"type": "DELETED", "object": obj})
                 await self._collect_garbage(obj["metadata"]["uid"])
+
+
+def _unmanaged(obj: dict[str, Any]) -> str:
+    """``obj`` without managedFields, as comparable text."""
+    meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k != "managedFields"}
+    return json.dumps({**obj, "metadata": meta}, sort_keys=True)

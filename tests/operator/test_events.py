@@ -1,5 +1,6 @@
 """Kubernetes Events: the pure rules (which transitions become which events), the Event bodies
-against the real Kubernetes schemas, and the operator writing them over HTTP."""
+against the real Kubernetes schemas, and the operator writing them over HTTP (the recorder
+against a fake events API is in ``test_event_recorder.py``)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,6 @@ import pytest
 from metroline.operator import constants as c
 from metroline.operator.checks import check_spec
 from metroline.operator.events import EventNote, condition_events, event_body, event_name
-from metroline.operator.kube import ApiError
-from metroline.operator.recorder import EventRecorder
 from metroline.operator.status import Observed, compute_status
 
 from .conftest import K8S_VERSIONS, LLMD, NS, Cluster, live_body, llmd_body, run_operator
@@ -128,6 +127,29 @@ def test_invalid_spec_and_stalled_rollouts_are_warnings():
     assert [n.type for n in condition_events(rolling, stalled)] == ["Warning"]
 
 
+def test_each_distinct_failure_is_one_warning_and_retries_are_none():
+    """A failure's message is its identity: the same failure retried says nothing more, a
+    different one (a new server message, another invalid field) is a new Warning."""
+    ok = conditions(cond("Ready", "False", "NoReplicasReady", "0/1"))
+    failed = conditions(cond("Ready", "Unknown", "ApplyFailed", "could not apply: 503 busy"),
+                        cond("Progressing", "Unknown", "ApplyFailed", "could not apply: 503 busy"))
+    assert condition_events(ok, failed) == [
+        EventNote("Warning", "ApplyFailed", "Ready is Unknown: could not apply: 503 busy")]
+    assert condition_events(failed, copy.deepcopy(failed)) == []
+    other = copy.deepcopy(failed)
+    for item in other["conditions"]:
+        item["message"] = "could not apply (TimeoutError): no answer"
+    assert [(n.type, n.reason) for n in condition_events(failed, other)] == [
+        ("Warning", "ApplyFailed")]
+    forbidden = conditions(cond("Ready", "False", "Forbidden", "quota"),
+                           cond("Degraded", "True", "Forbidden", "quota"))  # fmt: skip
+    assert condition_events(ok, forbidden) == [
+        EventNote("Warning", "Forbidden", "Ready is False: quota")]
+    invalid = conditions(cond("Ready", "False", "InvalidSpec", "spec.a: bad"))
+    worse = conditions(cond("Ready", "False", "InvalidSpec", "spec.b: bad"))
+    assert [n.message for n in condition_events(invalid, worse)] == ["Ready is False: spec.b: bad"]
+
+
 def test_long_messages_are_cut_to_1024_bytes():
     new = conditions(cond("Ready", "False", "InvalidSpec", "é" * 5000))
     message = condition_events(None, new)[0].message
@@ -175,108 +197,6 @@ def test_event_names_fit_a_dns_subdomain_for_any_owner_name():
         name = event_name(owner, "18a2b3c4d5e6f0001")
         assert len(name) <= 253 and DNS_SUBDOMAIN.fullmatch(name), name
         assert name.endswith(".18a2b3c4d5e6f0001")
-
-
-# The recorder, against a fake events API.
-
-
-class FakeEventsApi:
-    """Records creates and patches; can refuse, stall or forget events."""
-
-    def __init__(self) -> None:
-        self.created: list[dict[str, Any]] = []
-        self.patched: list[tuple[str, dict[str, Any]]] = []
-        self.fail_with: ApiError | None = None
-        self.stall_s = 0.0
-        self.expired: set[str] = set()
-
-    async def create_event(self, event: dict[str, Any]) -> dict[str, Any]:
-        await asyncio.sleep(self.stall_s)
-        if self.fail_with is not None:
-            raise self.fail_with
-        self.created.append(event)
-        return event
-
-    async def patch_event(self, namespace: str, name: str, patch: dict[str, Any]) -> dict:
-        if name in self.expired:
-            raise ApiError(404, "NotFound", "events not found")
-        self.patched.append((name, patch))
-        return patch
-
-
-def recorder_with(api: FakeEventsApi, **knobs: Any) -> tuple[EventRecorder, list[float]]:
-    now = [1000.0]
-    recorder = EventRecorder(api, lambda: NOW, "op-0", monotonic=lambda: now[0], **knobs)  # type: ignore[arg-type]
-    return recorder, now
-
-
-CRASH = EventNote("Warning", "CrashLoopBackOff", "Ready is False: pod llama-0: CrashLoopBackOff")
-
-
-@pytest.mark.asyncio
-async def test_repeats_fold_into_one_event_within_the_window():
-    api = FakeEventsApi()
-    recorder, now = recorder_with(api, window_s=600)
-    recorder.start()
-    for _ in range(3):
-        recorder.record(live_body(), CRASH)
-        await recorder.idle()
-        now[0] += 100
-    assert len(api.created) == 1
-    name = api.created[0]["metadata"]["name"]
-    assert api.patched == [(name, {"count": 2, "lastTimestamp": NOW}),
-                           (name, {"count": 3, "lastTimestamp": NOW})]  # fmt: skip
-    now[0] += 601  # quiet for longer than the window: a new Event
-    recorder.record(live_body(), CRASH)
-    api.expired.add(name)
-    recorder.record(live_body(), CRASH)  # the new one is fresh: patched, not expired
-    other = EventNote("Normal", "Recovered", "Degraded is False (was CrashLoopBackOff)")
-    recorder.record(live_body(), other)
-    await recorder.idle()
-    assert [e["reason"] for e in api.created] == ["CrashLoopBackOff", "CrashLoopBackOff",
-                                                  "Recovered"]  # fmt: skip
-    assert api.patched[-1] == (api.created[1]["metadata"]["name"],
-                               {"count": 2, "lastTimestamp": NOW})  # fmt: skip
-    await recorder.stop()
-
-
-@pytest.mark.asyncio
-async def test_an_expired_event_is_written_again():
-    api = FakeEventsApi()
-    recorder, _ = recorder_with(api)
-    recorder.start()
-    recorder.record(live_body(), CRASH)
-    await recorder.idle()
-    api.expired.add(api.created[0]["metadata"]["name"])
-    recorder.record(live_body(), CRASH)
-    await recorder.idle()
-    assert len(api.created) == 2 and api.patched == []
-    assert api.created[0]["metadata"]["name"] != api.created[1]["metadata"]["name"]
-    await recorder.stop()
-
-
-@pytest.mark.asyncio
-async def test_refused_stalled_or_overflowing_events_never_block_or_raise():
-    api = FakeEventsApi()
-    recorder, _ = recorder_with(api, timeout_s=0.05, queue_size=2)
-    recorder.start()
-    api.fail_with = ApiError(403, "Forbidden", "events is forbidden")
-    recorder.record(live_body(), CRASH)
-    await recorder.idle()
-    assert api.created == []
-    api.fail_with, api.stall_s = None, 10.0
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    for index in range(5):  # one in flight, two queued, two dropped
-        recorder.record(live_body(), EventNote("Normal", "Created", f"created thing {index}"))
-    assert loop.time() - started < 1.0  # record() returned at once, not after a 10 s write
-    assert recorder.dropped >= 2
-    await asyncio.wait_for(recorder.idle(), 5)  # each stalled write timed out
-    api.stall_s = 0.0
-    recorder.record(live_body(), CRASH)
-    await recorder.idle()
-    assert [e["reason"] for e in api.created] == ["CrashLoopBackOff"]  # still working
-    await recorder.stop()
 
 
 # Over HTTP, with the real operator.

@@ -182,9 +182,18 @@ async def test_invalid_spec_reports_invalid_spec_and_creates_nothing(cluster, op
     assert status(cluster)["phase"] == "Pending"
 
 
+# Well-formed, but the API server's validation refuses it: "In" needs values.
+REFUSED_AFFINITY = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+    "nodeSelectorTerms": [{"matchExpressions": [{"key": "gpu", "operator": "In", "values": []}]}],
+}}}
+
+
 async def test_a_child_refused_by_the_api_server_is_invalid_spec_without_retries(cluster, operator):
-    cluster.emulator.fail("PATCH", "/deployments/llama$", 422, times=1000)
-    await create(cluster, llmd_body(affinity={"nodeAffinity": {"wrong": True}}))
+    cluster.emulator.fail("PATCH", "/deployments/llama$", 422, times=1000, reason="Invalid",
+                          message="spec.template.spec.affinity.nodeAffinity.requiredDuring"
+                                  "SchedulingIgnoredDuringExecution.nodeSelectorTerms[0]."
+                                  "matchExpressions[0].values: Required value")  # fmt: skip
+    await create(cluster, llmd_body(affinity=REFUSED_AFFINITY))
     await cluster.wait_for(lambda: status(cluster).get("phase") == "Failed")
     ready = conditions(cluster)["Ready"]
     assert ready[:2] == ("False", "InvalidSpec") and "refused the Deployment" in ready[2]
@@ -236,6 +245,10 @@ async def test_api_errors_are_retried_with_backoff_not_hot_loops(cluster, operat
     )
     # Backoff 0.05 s doubling to a 0.4 s cap: about six tries in a second, not hundreds.
     assert 3 <= failed <= 8, failed
+    # Status says so meanwhile, for the new generation (written once, not per retry).
+    ready = conditions(cluster)["Ready"]
+    assert ready[:2] == ("Unknown", "ApplyFailed") and "injected 500" in ready[2]
+    assert status(cluster)["observedGeneration"] == 2
     cluster.emulator.clear_faults()
     await cluster.wait_for(lambda: gpus(cluster.get(DEPLOYMENTS, "llama")) == "4")
     await cluster.wait_for(lambda: not operator.failures)

@@ -29,9 +29,17 @@ from .conftest import DEPLOYMENTS, llmd_body
 @pytest.mark.parametrize(("text", "value"), [
     (4, Fraction(4)), ("500m", Fraction(1, 2)), ("32Gi", Fraction(32 * 2**30)),
     ("1.5", Fraction(3, 2)), ("1e3", Fraction(1000)), ("2k", Fraction(2000)), ("1.", Fraction(1)),
+    ("1e-3", Fraction(1, 1000)), ("+.5", Fraction(1, 2)), ("1.5e99", None), ("1e100", None),
+    ("1e10000000", None), ("1" * 10_000, None), ("-1", None), ("lots", None), (-1, None),
 ])
 def test_quantities(text, value):
-    assert parse_quantity(text) == value
+    """Values as Kubernetes reads them; ValueError outside the bounds (tests/operator/
+    test_admission.py checks that the bounds are checked before any arithmetic)."""
+    if value is None:
+        with pytest.raises(ValueError):
+            parse_quantity(text)
+    else:
+        assert parse_quantity(text) == value
 
 
 def test_model_uris():
@@ -51,12 +59,16 @@ def test_model_uris():
     ("x" * 64, {}, "DNS-1035"),
     ("llama", {"engine": {"extraArgs": ["--tensor-parallel-size=4"]}}, "--tensor-parallel-size"),
     ("llama", {"env": [{"name": "HF_TOKEN", "value": "x"}]}, "HF_TOKEN"),
+    ("llama", {"env": [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"}]},
+     "NVIDIA_VISIBLE_DEVICES"),
+    ("llama", {"resources": {"limits": {"memory": "3Gi"}}}, "/dev/shm"),
+    ("llama", {"resources": {"limits": {"memory": "1e10000000"}}}, "memory"),
     ("llama", {"podLabels": {c.LABEL_INSTANCE: "other"}}, c.LABEL_INSTANCE),
     ("llama", {"resources": {"requests": {"memory": "64Gi"}, "limits": {"memory": "32Gi"}}},
      "exceeds"),
     ("llama", {"model": {"uri": "pvc://w/../x"}}, ".."),
 ])
-def test_what_the_schema_cannot_express_is_invalid_spec(name, spec, needle):
+def test_invalid_specs_are_invalid_spec_for_the_operator_too(name, spec, needle):
     body = llmd_body(**spec)
     problems = check_spec(name, body["spec"]).problems
     assert problems and any(needle in p for p in problems), problems

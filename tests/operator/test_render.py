@@ -86,6 +86,11 @@ def test_pod_invariants(tp, replicas, startup, threshold, scheme, prefix):
         assert hardening["seccompProfile"] == {"type": "RuntimeDefault"}
     assert spec["terminationGracePeriodSeconds"] > 5 + c.ENGINE_DRAIN_TIMEOUT_S  # preStop + drain
     assert ("PodDisruptionBudget" in rendered) == (replicas > 1)
+    if replicas > 1:  # KV-busy (unready) pods are evicted only within the budget
+        assert rendered["PodDisruptionBudget"]["spec"]["unhealthyPodEvictionPolicy"] == \
+            "IfHealthyBudget"
+    assert rendered["Deployment"]["spec"]["strategy"] == {  # no spare GPU needed by default
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
     assert rendered["Deployment"]["spec"]["replicas"] == replicas
     assert rendered["Deployment"]["spec"]["progressDeadlineSeconds"] > startup
     for obj in rendered.values():

@@ -8,7 +8,7 @@ import pytest
 
 from metroline.operator.checks import check_spec
 from metroline.operator.podhealth import all_problems
-from metroline.operator.status import Observed, compute_status, status_changed
+from metroline.operator.status import ApplyFailure, Observed, compute_status, status_changed
 
 from .conftest import live_body
 
@@ -189,3 +189,52 @@ def test_transition_times_move_only_when_status_flips():
     times = {c["type"]: c["lastTransitionTime"] for c in ready["conditions"]}
     assert times == {"Ready": T1, "Progressing": T1, "Degraded": T0}
     assert status_changed(first, ready)
+
+
+# A child the operator could not write (the API server's answer is an outcome too).
+
+APPLY_FAILED = ApplyFailure("ApplyFailed", "could not apply the Deployment (HTTP 503): busy")
+FORBIDDEN = ApplyFailure("Forbidden", 'the API server forbids the apply of the Deployment: '
+                                      'deployments.apps "llama" is forbidden')
+FAILURE_CASES = [
+    ("apply failed, nothing yet", Observed(None), APPLY_FAILED,
+     ("Pending", {"Ready": ("Unknown", "ApplyFailed"), "Progressing": ("Unknown", "ApplyFailed"),
+                  "Degraded": OK})),
+    ("apply failed, old pods serve", Observed(deployment(2, 2), [pod("a"), pod("b")]),
+     APPLY_FAILED,
+     ("Progressing", {"Ready": ("Unknown", "ApplyFailed"),
+                      "Progressing": ("Unknown", "ApplyFailed"), "Degraded": OK})),
+    ("apply failed, pods crash",
+     Observed(deployment(2, 0), [pod("a", False, **waiting("CrashLoopBackOff"))]), APPLY_FAILED,
+     ("Degraded", {"Ready": ("Unknown", "ApplyFailed"), "Progressing": ("Unknown", "ApplyFailed"),
+                   "Degraded": ("True", "CrashLoopBackOff")})),
+    ("forbidden, nothing yet", Observed(None), FORBIDDEN,
+     ("Degraded", {"Ready": ("False", "Forbidden"), "Progressing": ("False", "Forbidden"),
+                   "Degraded": ("True", "Forbidden")})),
+    ("forbidden, old pods serve", Observed(deployment(2, 2), [pod("a"), pod("b")]), FORBIDDEN,
+     ("Degraded", {"Ready": ("True", "AllReplicasReady"), "Progressing": ("False", "Forbidden"),
+                   "Degraded": ("True", "Forbidden")})),
+    ("forbidden, pods crash",
+     Observed(deployment(1, 0), [pod("a", False, **waiting("CrashLoopBackOff"))]), FORBIDDEN,
+     ("Degraded", {"Ready": ("False", "CrashLoopBackOff"), "Progressing": ("False", "Forbidden"),
+                   "Degraded": ("True", "CrashLoopBackOff")})),
+]
+
+
+@pytest.mark.parametrize(("observed", "failure", "expected"),
+                         [case[1:] for case in FAILURE_CASES], ids=[c[0] for c in FAILURE_CASES])
+def test_a_failed_write_is_in_status(observed, failure, expected):
+    body = live_body(generation=7, replicas=2)
+    status = compute_status("llama", "ml", 7, check_spec("llama", body["spec"]), observed, None,
+                            T0, failure=failure)  # fmt: skip
+    assert summary(status) == expected
+    assert status["observedGeneration"] == 7
+    assert all(c["observedGeneration"] == 7 for c in status["conditions"])
+    assert failure.message in {c["message"] for c in status["conditions"]}
+
+
+def test_an_invalid_spec_outranks_a_failed_write():
+    body = live_body(generation=7, engine={"tensorParallelSize": 2, "extraArgs": ["--port=1"]})
+    status = compute_status("llama", "ml", 7, check_spec("llama", body["spec"]), Observed(None),
+                            None, T0, failure=APPLY_FAILED)  # fmt: skip
+    assert summary(status)[1]["Ready"] == ("False", "InvalidSpec")
