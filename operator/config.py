@@ -12,6 +12,9 @@ from .backoff import Backoff
 
 OWN_METRICS_PORT = 8081
 """The default port of the operator's own ``/metrics`` (8080 is kopf's ``/healthz``)."""
+LEASE_NAME = "metroline-operator"
+"""The default Lease of the leader election (``leader.py``); RBAC names it too."""
+LEASE_NAMESPACE = "metroline-system"
 
 @dataclass(frozen=True)
 class OperatorConfig:
@@ -27,7 +30,17 @@ class OperatorConfig:
     """Where the operator serves its own ``/metrics`` (``metrics.py``); 0 serves nothing."""
     backoff: Backoff = field(default_factory=Backoff)
     instance: str = field(default_factory=socket.gethostname)
-    """Names this process in the Events it writes (a pod's hostname is its name)."""
+    """Names this process in the Events it writes and is its leader-election identity (the
+    pod's name: ``METROLINE_POD_NAME`` from the downward API, else the hostname)."""
+    lease_name: str = LEASE_NAME
+    lease_namespace: str = LEASE_NAMESPACE
+    """The pod's own namespace (``METROLINE_NAMESPACE`` from the downward API)."""
+    lease_duration_s: int = 15
+    """How long a standby waits, after the Lease last changed, before taking it."""
+    lease_renew_deadline_s: float = 10.0
+    """How long a leader may go without a successful renew before it stops writing."""
+    lease_retry_period_s: float = 2.0
+    """How often a replica tries to acquire or renew the Lease."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> OperatorConfig:
@@ -38,6 +51,12 @@ class OperatorConfig:
             workers=int(env.get("METROLINE_WORKERS", 2)),
             health_port=int(env.get("METROLINE_HEALTH_PORT", 8080)),
             own_metrics_port=int(env.get("METROLINE_OPERATOR_METRICS_PORT", OWN_METRICS_PORT)),
+            instance=env.get("METROLINE_POD_NAME") or socket.gethostname(),
+            lease_name=env.get("METROLINE_LEASE_NAME") or LEASE_NAME,
+            lease_namespace=env.get("METROLINE_NAMESPACE") or LEASE_NAMESPACE,
+            lease_duration_s=int(env.get("METROLINE_LEASE_DURATION_SECONDS", 15)),
+            lease_renew_deadline_s=float(env.get("METROLINE_LEASE_RENEW_DEADLINE_SECONDS", 10)),
+            lease_retry_period_s=float(env.get("METROLINE_LEASE_RETRY_PERIOD_SECONDS", 2)),
         )
 
     def __post_init__(self) -> None:
@@ -47,3 +66,12 @@ class OperatorConfig:
         if self.own_metrics_port == self.health_port:
             raise ValueError(f"METROLINE_OPERATOR_METRICS_PORT and METROLINE_HEALTH_PORT are "
                              f"both {self.health_port}: the two servers need their own ports")
+        if not 0 < self.lease_retry_period_s < self.lease_renew_deadline_s < self.lease_duration_s:
+            raise ValueError(
+                "leader election needs 0 < METROLINE_LEASE_RETRY_PERIOD_SECONDS < "
+                "METROLINE_LEASE_RENEW_DEADLINE_SECONDS < METROLINE_LEASE_DURATION_SECONDS (a "
+                "leader must stop writing before a standby may take its expired Lease), got "
+                f"{self.lease_retry_period_s}, {self.lease_renew_deadline_s}, "
+                f"{self.lease_duration_s}")
+        if not self.instance:
+            raise ValueError("the operator needs an identity (METROLINE_POD_NAME)")

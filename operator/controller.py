@@ -16,6 +16,12 @@ timeouts, lost connections) ``ApplyFailed``, both retried with exponential backo
 asked for that, and status keeps what it said until the retry. Condition changes become Events,
 so a failure is one Event, not one per retry.
 
+With two replicas, only the holder of the Lease (``leader.py``) writes: every API write of the
+controller and of the Event recorder goes through ``api``, which refuses it (``NotLeader``)
+unless the elector says this replica leads; a standby keeps its cache (kopf still watches) but
+queues nothing and scrapes no KV figures. On taking over it scrapes once, then queues every
+known LLMDeployment, so what changed while it stood by is reconciled.
+
 Each reconcile's outcome, its duration, the applies, the failed API calls, the KV scrapes that
 gave nothing and the queue's depth are counted in ``metrics`` (``metrics.py``).
 """
@@ -26,10 +32,11 @@ import asyncio
 import collections
 import contextlib
 import datetime
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from . import metrics as m
 from .cache import ClusterCache, Key
@@ -38,8 +45,9 @@ from .config import OperatorConfig
 from .drift import covers
 from .events import EventNote, condition_events
 from .kube import ApiError, KubeClient
+from .leader import LeaderElector, NotLeader
 from .podhealth import is_ready
-from .recorder import EventRecorder
+from .recorder import EventRecorder, EventWrites
 from .render import render_children, wants_pdb
 from .status import (
     APPLY_FAILED,
@@ -103,15 +111,15 @@ def _generation(body: Mapping[str, Any] | None) -> Any:
 
 class Controller:
     def __init__(
-        self, client: KubeClient, config: OperatorConfig, clock: Callable[[], str] = utc_now
+        self, client: KubeClient, config: OperatorConfig, clock: Callable[[], str] = utc_now,
+        elector: LeaderElector | None = None,
     ) -> None:
-        self.client, self.config, self.clock = client, config, clock
+        """Without ``elector`` this replica leads from ``start`` on (a single operator)."""
+        self.client, self.config, self.clock, self.elector = client, config, clock, elector
         self.cache = ClusterCache()
         self.metrics = m.OperatorMetrics(queue_depth=self._queue_depth)
         self.scraper = m.CountingKvScraper(self.metrics.kv_scrape_failures, config.metrics_port)
-        # The recorder uses only create_event and patch_event, which _CountedEvents has.
-        self.events = EventRecorder(cast(KubeClient, _CountedEvents(self)), clock,
-                                    config.instance)  # fmt: skip
+        self.events = EventRecorder(EventWrites(client, self.api), clock, config.instance)
         self.kv: dict[Key, float | None] = {}
         self.failures: dict[Key, int] = {}
         self.refused: dict[Key, tuple[int, SpecCheck]] = {}
@@ -121,12 +129,26 @@ class Controller:
         """Finished reconciles per key, successful or not (what tests wait on)."""
         self._queue: WorkQueue[Key] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._active = elector is None  # took over (KV scraped, keys queued), still leading
+        self._takeover: asyncio.Task[None] | None = None
+        if elector is not None:
+            elector.on_change = self._on_leadership
+
+    @property
+    def leading(self) -> bool:
+        """Whether this replica may write now."""
+        return self._active and (self.elector is None or self.elector.is_leader())
 
     def _queue_depth(self) -> int:
         return 0 if self._queue is None else len(self._queue)
 
     async def api(self, call: Awaitable[T]) -> T:
-        """Await one API call of ``client``, counting its failure by HTTP status."""
+        """Await one API write of ``client``, counting its failure by HTTP status; NotLeader
+        (the call not made) unless this replica leads."""
+        if not self.leading:
+            if inspect.iscoroutine(call):
+                call.close()
+            raise NotLeader("this replica does not hold the lease")
         try:
             return await call
         except ApiError as error:
@@ -135,7 +157,7 @@ class Controller:
 
     # Event intake (called from kopf handlers; never blocks, never raises on odd objects).
     def _enqueue(self, key: Key | None) -> None:
-        if key is not None and self._queue is not None:
+        if key is not None and self._queue is not None and self.leading:
             self._queue.add(key)
 
     def on_llmd(self, event_type: str | None, body: Mapping[str, Any]) -> None:
@@ -166,33 +188,70 @@ class Controller:
     # Lifecycle.
     async def start(self) -> None:
         self._queue = WorkQueue()
-        for key in self.cache.llmd_keys():
-            self._queue.add(key)
         self.events.start()
         self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.config.workers)]
         self._tasks.append(asyncio.create_task(self._kv_loop()))
+        if self.elector is None:
+            await self._take_over()
+        else:
+            self._tasks.append(asyncio.create_task(self.elector.run()))
 
     async def stop(self) -> None:
+        """Stop writing, then give the Lease up (after the last write), then close."""
         if self._queue is not None:
             self._queue.close()
-        for task in self._tasks:
+        tasks, self._tasks = [*self._tasks, *([self._takeover] if self._takeover else [])], []
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._tasks = []
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.events.stop(), EVENTS_STOP_S)
+        self._active = False
+        if self.elector is not None:
+            await self.elector.release()
         await self.scraper.close()
         await self.client.close()
+
+    def _on_leadership(self, leading: bool) -> None:
+        """The elector's word: take over in a task of its own, or stop at once."""
+        if self._takeover is not None:
+            self._takeover.cancel()
+            self._takeover = None
+        if leading:
+            self._takeover = asyncio.create_task(self._take_over())
+            return
+        self._active = False
+        if self._queue is not None:
+            for key in self.failures:
+                self._queue.forget(key)  # pending retries: the next leader reconciles anew
+        self.failures.clear()
+
+    async def _take_over(self) -> None:
+        """Scrape KV figures first (a status written without them would drop the old
+        leader's), then queue every known LLMDeployment."""
+        try:
+            await self.sample_kv()
+        except Exception:  # never hold the Lease without working
+            logger.exception("KV scrape on taking over failed; reconciling without it")
+        self._active = True
+        for key in self.cache.llmd_keys():
+            self._enqueue(key)
+        logger.info("leading: queued %d LLMDeployments", len(self.cache.llmd_keys()))
 
     async def _worker(self) -> None:
         assert self._queue is not None
         while True:
             key = await self._queue.get()
+            if not self.leading:  # a retry that fired after leadership ended
+                self._queue.done(key)
+                continue
             try:
                 await self.reconcile(key)
                 self.failures.pop(key, None)
+            except NotLeader:
+                logger.info("stopped leading while reconciling %s/%s: left to the leader", *key)
             except Exception as error:
                 failures = self.failures[key] = self.failures.get(key, 0) + 1
                 delay = self.config.backoff.delay(failures)
@@ -209,7 +268,8 @@ class Controller:
     async def _kv_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.kv_interval_s)
-            await self.sample_kv()
+            if self.leading:
+                await self.sample_kv()
 
     async def sample_kv(self) -> None:
         """Refresh the KV averages; wake the LLMDeployments whose rounded value changed."""
@@ -236,8 +296,12 @@ class Controller:
         started, result = time.perf_counter(), m.ERROR
         try:
             result, retry = await self._reconcile(key, body)
+        except NotLeader:
+            result = ""  # not a reconcile: the leader does it
+            raise
         finally:
-            self.metrics.reconciled(result, time.perf_counter() - started)
+            if result:
+                self.metrics.reconciled(result, time.perf_counter() - started)
         if retry is not None:
             raise retry  # status says what failed; the worker retries with backoff
         return result
@@ -325,22 +389,6 @@ class Controller:
             why = f"deleted PodDisruptionBudget {key[1]} (replicas < 2)"
             self.events.record(body, EventNote("Normal", "Deleted", why))
         return check
-
-
-class _CountedEvents:
-    """The Event calls of a controller's client, their failures counted (for the recorder)."""
-
-    def __init__(self, controller: Controller) -> None:
-        self.controller = controller
-
-    async def create_event(self, event: Mapping[str, Any]) -> dict[str, Any]:
-        return await self.controller.api(self.controller.client.create_event(event))
-
-    async def patch_event(
-        self, namespace: str, name: str, patch: Mapping[str, Any]
-    ) -> dict[str, Any]:
-        return await self.controller.api(
-            self.controller.client.patch_event(namespace, name, patch))
 
 
 async def _none() -> None:

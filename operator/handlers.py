@@ -1,8 +1,9 @@
 """Thin kopf handlers: configure kopf, log in, and forward watch events to the controller.
 
-No handler changes anything in the cluster; the controller does. Only event handlers are used
-(no create/update/delete handlers), so kopf keeps no progress annotations, adds no finalizers,
-and never writes an LLMDeployment's ``spec`` or metadata.
+No handler changes anything in the cluster; the controller does (only while its replica holds
+the Lease, see ``leader.py``; a standby's handlers still fill the cache). Only event handlers
+are used (no create/update/delete handlers), so kopf keeps no progress annotations, adds no
+finalizers, and never writes an LLMDeployment's ``spec`` or metadata.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.peering.standalone = True  # one replica, Recreate strategy
+        # No kopf peering: it would only pause kopf's watchers. Both replicas watch (a warm
+        # cache); the controller's Lease (leader.py) decides which one writes.
+        settings.peering.standalone = True
         settings.scanning.disabled = True  # no cluster-wide CRD watch (least privilege)
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 270

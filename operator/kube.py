@@ -38,6 +38,8 @@ _PATHS = {
     ("policy/v1", "PodDisruptionBudget"):
         "/apis/policy/v1/namespaces/{namespace}/poddisruptionbudgets/{name}",
     (c.API_VERSION, c.KIND): f"/apis/{c.API_VERSION}/namespaces/{{namespace}}/{c.PLURAL}/{{name}}",
+    ("coordination.k8s.io/v1", "Lease"):
+        "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}",
 }
 
 

@@ -5,6 +5,12 @@ engine pods' metrics port, scraped for KV-cache use), METROLINE_KV_INTERVAL_SECO
 METROLINE_WORKERS, METROLINE_HEALTH_PORT (kopf's liveness endpoint, ``/healthz``; 8080),
 METROLINE_OPERATOR_METRICS_PORT (the operator's own Prometheus ``/metrics``; 8081, 0 turns it
 off), METROLINE_LOG_LEVEL.
+
+Leader election (only the holder of a coordination.k8s.io/v1 Lease writes): METROLINE_POD_NAME
+(the identity; the downward API's metadata.name, else the hostname), METROLINE_NAMESPACE (the
+Lease's namespace: the pod's, from the downward API; metroline-system), METROLINE_LEASE_NAME
+(metroline-operator), METROLINE_LEASE_DURATION_SECONDS (15), METROLINE_LEASE_RENEW_DEADLINE_SECONDS
+(10), METROLINE_LEASE_RETRY_PERIOD_SECONDS (2).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from .config import OperatorConfig
 from .controller import Controller
 from .handlers import build_registry
 from .kube import KubeClient
+from .leader import LeaderElector
 from .metrics import MetricsServer
 
 
@@ -40,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     config = OperatorConfig.from_env()
-    controller = Controller(KubeClient(), config)
+    client = KubeClient()
+    controller = Controller(client, config, elector=LeaderElector(client, config))
     port = config.own_metrics_port
     server = MetricsServer(controller.metrics.registry, port) if port else None
     try:

@@ -1,7 +1,17 @@
-"""The engine flags that the operator renders from spec fields, and how to spot them in
-``engine.extraArgs`` (exactly, by alias, or abbreviated as argparse reads them)."""
+"""How ``metroline serve`` reads its command line, without importing the engine: the flags that
+the operator renders from spec fields, how to spot them in ``engine.extraArgs`` (exactly, by
+alias, or abbreviated as argparse reads them), and ``read_serve_args``, which reads a whole
+command line with a stdlib argparse parser built from ``ENGINE_FLAGS``, a copy of the engine's
+flag table (tests/operator/test_engine_cli.py fails when the two drift apart and prints the new
+table), so the operator accepts exactly the command lines the engine's parser accepts.
+"""
 
 from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 MANAGED_FLAGS = frozenset({
     "--tensor-parallel-size", "-tp", "--max-model-len", "--gpu-memory-utilization",
@@ -13,12 +23,60 @@ MANAGED_FLAGS = frozenset({
 extraArgs would be ambiguous. tests/operator/test_engine_cli.py keeps this in step with
 ``metroline serve``'s parser."""
 
+ENGINE_FLAGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    # (option strings, kind, choices): generated from `metroline serve`'s parser, in its order
+    # (argparse names ambiguous prefixes' matches in that order); see test_engine_cli.py.
+    ('-h --help', 'help', ()),
+    ('--tensor-parallel-size -tp', 'int', ()),
+    ('--max-model-len', 'int', ()),
+    ('--gpu-memory-utilization', 'float', ()),
+    ('--block-size', 'int', ()),
+    ('--max-num-seqs', 'int', ()),
+    ('--max-num-batched-tokens', 'int', ()),
+    ('--enable-prefix-caching --no-enable-prefix-caching', 'bool', ()),
+    ('--kv-cache-memory-bytes', 'int', ()),
+    ('--dtype', 'str', ()),
+    ('--load-format', 'str', ()),
+    ('--enforce-eager --no-enforce-eager', 'bool', ()),
+    ('--async-scheduling --no-async-scheduling', 'bool', ()),
+    ('--mixed-step-graphs --no-mixed-step-graphs', 'bool', ()),
+    ('--seed', 'int', ()),
+    ('--device', 'str', ()),
+    ('--host', 'str', ()),
+    ('--port', 'int', ()),
+    ('--ready-kv-threshold', 'float', ()),
+    ('--ready-kv-low-watermark', 'float', ()),
+    ('--ready-max-waiting', 'int', ()),
+    ('--max-waiting-requests', 'int', ()),
+    ('--drain-timeout', 'float', ()),
+    ('--served-model-name', 'str+', ()),
+    ('--api-key', 'str', ()),
+    ('--log-level', 'str', ('debug', 'info', 'warning', 'error')),
+    ('--log-format', 'str', ('text', 'json')),
+    ('--disable-uvicorn-access-log', 'true', ()),
+    ('--max-request-bytes', 'int', ()),
+    ('--max-sequences-per-request', 'int', ()),
+    ('--max-connections', 'int', ()),
+    ('--header-timeout', 'float', ()),
+    ('--keep-alive-timeout', 'float', ()),
+    ('--body-timeout', 'float', ()),
+    ('--send-timeout', 'float', ()),
+    ('--max-preparing-bytes', 'int', ()),
+)
+"""Kinds: ``help``; ``int``, ``float``, ``str`` (one value), ``str+`` (one or more); ``bool``
+(``--x/--no-x``, no value); ``true`` (a switch, no value)."""
+
+UNSEEN = "\x00"
+"""Marks text the operator cannot see in an argument (a ``$(VAR)`` whose variable comes from a
+Secret, a ConfigMap or a field): such a value passes every type and choice, as it may."""
+
 
 def managed_flag(arg: str) -> str | None:
     """The rendered flag that ``arg`` would set on the engine's command line, if any.
 
     The engine parses with argparse, which also takes a unique prefix of a long flag
-    (``--tensor-parallel 4``) and refuses an ambiguous one; either way a prefix of a rendered
+    (``--tensor-parallel 4``) and refuses an ambiguous one, and reads a prefix of a
+    single-dash flag (``-t`` for ``-tp``, but not ``-t=4``); either way a prefix of a rendered
     flag in extraArgs cannot work as the user meant.
     """
     flag = arg.split("=", 1)[0]
@@ -26,6 +84,8 @@ def managed_flag(arg: str) -> str | None:
         return flag
     if flag.startswith("--") and len(flag) > 2:
         return next((f for f in sorted(MANAGED_FLAGS) if f.startswith(flag)), None)
+    if flag == arg and len(arg) > 1 and arg[0] == "-" != arg[1]:
+        return next((f for f in sorted(MANAGED_FLAGS) if f[1] != "-" and f.startswith(arg)), None)
     return None
 
 
@@ -44,5 +104,119 @@ def _prefix_regex(words: list[str]) -> str:
 def managed_flag_regex() -> str:
     """RE2 matching exactly the arguments for which ``managed_flag`` is not None."""
     long_flags = sorted(f.removeprefix("--") for f in MANAGED_FLAGS if f.startswith("--"))
-    short = sorted(f for f in MANAGED_FLAGS if not f.startswith("--"))
-    return f"^({'|'.join(short)}|--({_prefix_regex(long_flags)}))(=|$)"
+    short = sorted(f.removeprefix("-") for f in MANAGED_FLAGS if not f.startswith("--"))
+    return (f"^(({'|'.join(f'-{s}' for s in short)}|--({_prefix_regex(long_flags)}))(=|$)"
+            f"|-({_prefix_regex(short)})$)")
+
+
+# --- reading a whole command line ---------------------------------------------------------
+
+
+class _Refused(Exception):
+    """argparse gave up: an error, or --help (which prints and exits)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Raises instead of printing and exiting; records every flag it takes (``calls``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[str, str]] = []
+
+    def error(self, message: str) -> NoReturn:
+        raise _Refused(message)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        raise _Refused(message or "--help makes metroline serve print its help and exit")
+
+    def print_help(self, file: Any = None) -> None:
+        return None
+
+
+class _Recorded(argparse.Action):
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None):
+        parser.calls.append((self.option_strings[0], option_string or self.option_strings[0]))
+        super().__call__(parser, namespace, values, option_string)  # type: ignore[safe-super]
+
+
+class _Store(_Recorded, argparse._StoreAction):
+    pass
+
+
+class _Switch(_Recorded, argparse.BooleanOptionalAction):
+    pass
+
+
+class _True(_Recorded, argparse._StoreTrueAction):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Unseen:
+    """The value of an argument that holds text the operator cannot see (``UNSEEN``)."""
+
+    text: str
+
+
+class _Choices(tuple):
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, Unseen) or super().__contains__(value)
+
+
+def _typed(kind: type) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        return Unseen(text) if UNSEEN in text else kind(text)
+
+    convert.__name__ = kind.__name__  # argparse words "invalid int value: 'x'" with it
+    return convert
+
+
+def _options(kind: str, choices: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
+    if kind == "bool":
+        yield "action", _Switch
+    elif kind == "true":
+        yield "action", _True
+    else:
+        yield "action", _Store
+        yield "type", _typed({"int": int, "float": float}.get(kind.rstrip("+"), str))
+        if kind.endswith("+"):
+            yield "nargs", "+"
+    if choices:
+        yield "choices", _Choices(choices)
+
+
+def _metroline_parser() -> tuple[_Parser, _Parser]:
+    """``metroline`` with its ``serve`` sub-command, as engine/cli.py builds them."""
+    top = _Parser(prog="metroline")
+    commands = top.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve")  # -h/--help first, as ENGINE_FLAGS has it
+    serve.add_argument("model")
+    for names, kind, choices in ENGINE_FLAGS:
+        if kind != "help":
+            flags = names.split()[:1] if kind == "bool" else names.split()  # it adds --no-x
+            serve.add_argument(*flags, **dict(_options(kind, choices)))
+    return top, serve
+
+
+@dataclass(frozen=True, slots=True)
+class ServeReading:
+    """How ``metroline serve`` reads a command line: ``error`` (argparse's words) when it
+    refuses it, else ``calls``, each flag it took in order as (its first option string, the
+    string as written), and ``values`` by destination (``drain_timeout``...)."""
+
+    error: str | None
+    calls: tuple[tuple[str, str], ...]
+    values: Mapping[str, Any]
+
+
+def read_serve_args(args: Sequence[str]) -> ServeReading:
+    """Read ``metroline serve ARGS`` (``ARGS`` starts with the model) as the engine's parser
+    does; never raises, prints nothing."""
+    top, serve = _metroline_parser()
+    try:
+        namespace = top.parse_args(["serve", *args])
+    except _Refused as refused:
+        return ServeReading(str(refused), tuple(serve.calls), {})
+    except Exception as error:  # a bug here must not stop a reconcile
+        return ServeReading(f"the operator could not read it: {error!r}", tuple(serve.calls), {})
+    return ServeReading(None, tuple(serve.calls), vars(namespace))

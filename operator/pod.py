@@ -4,16 +4,18 @@ Invariants of every rendered pod: the engine container requests exactly
 ``engine.tensorParallelSize`` ``nvidia.com/gpu``; ``/dev/shm`` is memory-backed; the startup probe
 on /health allows ``startupTimeoutSeconds``; liveness is /health and readiness /ready; nothing
 runs as root, escalates privileges or keeps a Linux capability; the grace period covers the
-engine's drain timeout (its default, or the ``--drain-timeout`` that extraArgs set).
+engine's drain timeout (its default, or the ``--drain-timeout`` that extraArgs set, as the
+engine's parser reads it after ``$(VAR)`` expansion) and never exceeds 3620 s.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import constants as c
+from .managedflags import UNSEEN, read_serve_args
 from .modeluri import ModelLocation
 from .spec import LLMDeploymentSpec
 
@@ -22,7 +24,9 @@ PRE_STOP_SLEEP_S = 5
 """Seconds between a pod leaving the Service's endpoints and the engine getting SIGTERM."""
 GRACE_MARGIN_S = 15
 """Seconds left after the drain for uvicorn and the engine core to exit."""
-DRAIN_FLAG = "--drain-timeout"
+MAX_DRAIN_TIMEOUT_S = 3600
+"""The longest ``--drain-timeout`` (seconds) that check_spec accepts; the grace period is thus
+at most 3620 s, whatever extraArgs say."""
 DOWNLOAD_EXCLUDES = ("*.bin", "*.pt", "*.pth", "*.gguf", "*.onnx", "original/*")
 """Hugging Face files the engine never reads (it loads safetensors)."""
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -55,27 +59,56 @@ def engine_args(spec: LLMDeploymentSpec, location: ModelLocation) -> list[str]:
     return args + list(engine.extra_args)
 
 
+def expand_refs(text: str, values: Mapping[str, str]) -> str:
+    """``text`` after the kubelet's ``$(VAR)`` expansion (k8s.io/kubernetes third_party/forked/
+    golang/expansion): ``$$`` is ``$``; an unknown ``$(VAR)`` and any other ``$`` stay as
+    written."""
+    out, cursor = [], 0
+    while (start := text.find("$", cursor)) != -1 and start + 1 < len(text):
+        out.append(text[cursor:start])
+        after = text[start + 1]
+        close = text.find(")", start + 2) if after == "(" else -1
+        if after == "$":
+            out.append("$")
+            cursor = start + 2
+        elif close != -1:
+            name = text[start + 2:close]
+            out.append(values.get(name, f"$({name})"))
+            cursor = close + 1
+        else:
+            out.append("$" + after)
+            cursor = start + 2
+    return "".join(out) + text[cursor:]
+
+
+def run_args(spec: LLMDeploymentSpec, location: ModelLocation) -> list[str]:
+    """``engine_args`` as the kubelet hands them to ``metroline serve``: ``$(VAR)`` expanded
+    with the container's env, and each value the operator cannot see (``valueFrom``: a Secret,
+    a ConfigMap, a field) as ``UNSEEN`` text."""
+    values: dict[str, str] = {}
+    for var in _engine_env(spec, location):
+        unseen = f"{UNSEEN}{var['name']}{UNSEEN}"
+        values[var["name"]] = unseen if "valueFrom" in var else expand_refs(
+            var.get("value", ""), values)
+    return [expand_refs(arg, values) for arg in engine_args(spec, location)]
+
+
 def drain_timeout_s(extra_args: Sequence[str]) -> float:
-    """The engine's drain timeout under ``extra_args`` (the last setting wins, as in argparse,
-    which also reads an unambiguous prefix such as ``--drain``)."""
-    value: float = c.ENGINE_DRAIN_TIMEOUT_S
-    for index, arg in enumerate(extra_args):
-        flag, has_value, inline = arg.partition("=")
-        if len(flag) < 4 or not DRAIN_FLAG.startswith(flag):
-            continue
-        text = inline if has_value else "".join(extra_args[index + 1:index + 2])
-        try:
-            number = float(text)
-        except ValueError:
-            continue  # the engine refuses it and says so; nothing to size here
-        if math.isfinite(number):
-            value = max(0.0, number)
-    return value
+    """The engine's drain timeout under ``extra_args`` as ``metroline serve`` reads them (the
+    last setting wins, an unambiguous prefix such as ``--drain`` counts), within
+    ``[0, MAX_DRAIN_TIMEOUT_S]``; the default where they set none the operator can read
+    (check_spec refuses such extraArgs, and any value outside the bounds)."""
+    reading = read_serve_args([c.MODELS_DIR, *extra_args])
+    value = reading.values.get("drain_timeout")
+    if reading.error is not None or not isinstance(value, float) or not math.isfinite(value):
+        return float(c.ENGINE_DRAIN_TIMEOUT_S)
+    return min(max(0.0, value), float(MAX_DRAIN_TIMEOUT_S))
 
 
-def grace_period_s(spec: LLMDeploymentSpec) -> int:
+def grace_period_s(spec: LLMDeploymentSpec, location: ModelLocation) -> int:
     """preStop sleep, then the engine's whole drain, then a margin to exit."""
-    drain = drain_timeout_s(spec.engine.extra_args)
+    args = run_args(spec, location)
+    drain = drain_timeout_s(args[len(args) - len(spec.engine.extra_args):])
     return PRE_STOP_SLEEP_S + math.ceil(drain) + GRACE_MARGIN_S
 
 
@@ -209,7 +242,7 @@ def pod_spec(spec: LLMDeploymentSpec, location: ModelLocation, image: str) -> di
     out: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": grace_period_s(spec),
+        "terminationGracePeriodSeconds": grace_period_s(spec, location),
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": c.RUN_AS_USER,

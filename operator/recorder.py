@@ -6,6 +6,8 @@ timeout and any failure is logged and dropped, so a slow or refusing events API 
 fails nothing else. An Event with the same involved object, type, reason and message as one
 written in the last ``window_s`` seconds is not written again: the earlier one's ``count`` goes
 up and its ``lastTimestamp`` moves (a crash loop shows as one Event seen N times, not N Events).
+Writes go through ``EventWrites`` and so through the controller's leadership gate: a replica
+that lost the Lease drops what it still had queued.
 """
 
 from __future__ import annotations
@@ -16,16 +18,35 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .events import EventNote, event_body
 from .kube import ApiError, KubeClient
+from .leader import NotLeader
 
 logger = logging.getLogger(__name__)
 
 _Key = tuple[str, str, str, str, str]  # namespace, owner uid or name, type, reason, message
+
+
+class EventWrites:
+    """The Event calls of ``client``, each through ``api`` (the controller's: it refuses writes
+    unless this replica leads, and counts failures)."""
+
+    def __init__(
+        self, client: KubeClient, api: Callable[[Awaitable[Any]], Awaitable[Any]]
+    ) -> None:
+        self.client, self.api = client, api
+
+    async def create_event(self, event: Mapping[str, Any]) -> dict[str, Any]:
+        return await self.api(self.client.create_event(event))
+
+    async def patch_event(
+        self, namespace: str, name: str, patch: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        return await self.api(self.client.patch_event(namespace, name, patch))
 
 
 @dataclass
@@ -37,7 +58,7 @@ class _Written:
 
 class EventRecorder:
     def __init__(
-        self, client: KubeClient, clock: Callable[[], str], instance: str, *,
+        self, client: KubeClient | EventWrites, clock: Callable[[], str], instance: str, *,
         queue_size: int = 256, timeout_s: float = 5.0, window_s: float = 600.0,
         remember: int = 4096, monotonic: Callable[[], float] = time.monotonic,
     ) -> None:  # fmt: skip
@@ -81,6 +102,8 @@ class EventRecorder:
                 # that arrives as the write finishes, and the writer would never stop.
                 async with asyncio.timeout(self.timeout_s):
                     await self._write(llmd, note)
+            except NotLeader:  # the Lease was lost: the new leader writes what it sees
+                logger.debug("not leading: dropped event %s", note.reason)
             except Exception as error:  # an Event is never worth failing anything for
                 meta = llmd["metadata"]
                 logger.info("could not record event %s for %s/%s: %s",

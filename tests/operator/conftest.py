@@ -1,5 +1,9 @@
 """Fixtures for the operator: LLMDeployment bodies, and a real kopf operator run in-process
-against KMock's Kubernetes emulator over HTTP (see ``emulator.py`` for what was added to it)."""
+against KMock's Kubernetes emulator over HTTP (see ``emulator.py`` for what was added to it).
+
+Each operator elects itself leader on a Lease in namespace ``ml``, as in production, but on a
+``FakeClock`` that moves only when a test moves it: no lease expires, and no leader misses its
+renew deadline, however slow the machine."""
 
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ from metroline.operator.backoff import Backoff
 from metroline.operator.config import OperatorConfig
 from metroline.operator.controller import Controller
 from metroline.operator.handlers import build_registry
-from metroline.operator.kube import KubeClient
+from metroline.operator.kube import ApiError, KubeClient
+from metroline.operator.leader import LeaderElector
 
 from .emulator import MetrolineEmulator
 
@@ -34,6 +39,7 @@ DEPLOYMENTS = kmock.resource("apps", "v1", "deployments")
 SERVICES = kmock.resource("", "v1", "services")
 PODS = kmock.resource("", "v1", "pods")
 PDBS = kmock.resource("policy", "v1", "poddisruptionbudgets")
+LEASES = kmock.resource("coordination.k8s.io", "v1", "leases")
 RESOURCES = {
     LLMD: kmock.ResourceInfo(kind=c.KIND, namespaced=True, shortnames={"llmd"},
                              subresources={"status", "scale"}),
@@ -43,6 +49,7 @@ RESOURCES = {
     PDBS: kmock.ResourceInfo(kind="PodDisruptionBudget", namespaced=True,
                              subresources={"status"}),
     kmock.resource("", "v1", "events"): kmock.ResourceInfo(kind="Event", namespaced=True),
+    LEASES: kmock.ResourceInfo(kind="Lease", namespaced=True),
     # Kopf's backbone waits for these to be discoverable even with scanning disabled.
     kmock.resource("", "v1", "namespaces"): kmock.ResourceInfo(kind="Namespace", namespaced=False),
     kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions"):
@@ -168,11 +175,44 @@ async def operator(
         yield controller
 
 
+class FakeClock:
+    """A monotonic clock for the leader election that moves only by ``advance``."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class PartitionableClient(KubeClient):
+    """A KubeClient whose requests to paths containing ``cut`` fail as a lost connection does
+    (a network partition between this one replica and the API server)."""
+
+    cut: str | None = None
+
+    async def _call(self, method: str, path: str, params: Any, body: Any,
+                    content_type: str) -> tuple[int, dict[str, Any]]:  # fmt: skip
+        if self.cut is not None and self.cut in path:
+            raise ApiError(0, "ClientConnectorError", f"partitioned from {path}")
+        return await super()._call(method, path, params, body, content_type)
+
+
+LEASE_DURATION_S = 15
+"""On the ``FakeClock``: advancing it by more expires a lease that nobody renews."""
+
+
 @contextlib.asynccontextmanager
 async def run_operator(
-    cluster: Cluster, fake_engine: FakeEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cluster: Cluster, fake_engine: FakeEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    *, instance: str = "operator-0", clock: FakeClock | None = None,
+    client: KubeClient | None = None,
 ) -> AsyncIterator[Controller]:
-    """Run one operator process's worth (kopf + a fresh controller) until the block ends."""
+    """Run one operator process's worth (kopf + a fresh controller, electing itself on the
+    Lease as ``instance``) until the block ends."""
     kubeconfig = {
         "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
         "clusters": [{"name": "kmock", "cluster": {"server": str(cluster.server.url)}}],
@@ -184,8 +224,12 @@ async def run_operator(
     config = OperatorConfig(
         engine_image="registry.test/engine:1", metrics_port=fake_engine.port,
         kv_interval_s=0.1, backoff=Backoff(base_s=0.05, cap_s=0.4, jitter=0.0),
+        instance=instance, lease_namespace=NS, lease_duration_s=LEASE_DURATION_S,
+        lease_renew_deadline_s=10, lease_retry_period_s=0.1,
     )
-    controller = Controller(KubeClient(timeout_s=5), config)
+    client = client or KubeClient(timeout_s=5)
+    elector = LeaderElector(client, config, monotonic=clock or FakeClock())
+    controller = Controller(client, config, elector=elector)
     # The operator gets its own thread and event loop, as it would have its own process: kopf
     # cancels every task of its loop when it stops, which must not include the test's tasks.
     stop, ready = threading.Event(), threading.Event()

@@ -22,7 +22,13 @@ KMock 0.8 stores objects and merges every PATCH into them. A real API server als
   ``Quantity.String``), and optional (``omitempty``) strings, lists and maps that are empty left
   out (``env: [{name: X, value: ""}]`` comes back as ``[{name: X}]``);
 * keeps ``metadata.managedFields`` (manager, operation, subresource, time; a simplified
-  ``fieldsV1``), which ``kubectl get -o json`` prints only with ``--show-managed-fields``.
+  ``fieldsV1``), which ``kubectl get -o json`` prints only with ``--show-managed-fields``;
+* answers PUT (an update: the body replaces the object, server-set metadata kept; 404 for a
+  missing object, 400 for a name that is not the URL's) for any kind, e.g. the
+  ``coordination.k8s.io/v1`` Lease of the operator's leader election;
+* takes ``metadata.resourceVersion`` in a PUT or PATCH body as a precondition: a stale one is
+  answered 409 ``Conflict`` ("the object has been modified; please apply your changes to the
+  latest version and try again"), as optimistic concurrency on a real server is.
 
 Not emulated: pruning of unknown fields on create, update and merge patch (they are kept),
 type errors, validation beyond the undeclared-field check, defaulting, and ``omitempty`` of
@@ -70,15 +76,18 @@ class StatusError(Exception):
     """An API answer with a ``Status`` body exactly as given (``reason`` left out when None, as
     the API server leaves it out of errors that are not ``metav1.Status`` errors)."""
 
-    def __init__(self, code: int, message: str, reason: str | None = None) -> None:
+    def __init__(self, code: int, message: str, reason: str | None = None,
+                 details: dict[str, Any] | None = None) -> None:  # fmt: skip
         super().__init__(message)
-        self.code, self.message, self.reason = code, message, reason
+        self.code, self.message, self.reason, self.details = code, message, reason, details
 
     def response(self, retry_after: float | None = None) -> aiohttp.web.Response:
         body: dict[str, Any] = {"kind": "Status", "apiVersion": "v1", "metadata": {},
                                 "status": "Failure", "message": self.message}
         if self.reason is not None:
             body["reason"] = self.reason
+        if self.details is not None:
+            body["details"] = self.details
         body["code"] = self.code
         response = aiohttp.web.json_response(body, status=self.code)
         if retry_after is not None:
@@ -141,11 +150,15 @@ class MetrolineEmulator(kmock.KubernetesEmulator):
             message = fault.message or f"injected {fault.status}"
             return StatusError(fault.status, message, fault.reason).response(fault.retry_after)
         mutating = (enums.action.CREATE, enums.action.UPDATE, enums.action.DELETE)
-        if request.resource is None or request.action not in mutating:
+        # KMock gives PUT no action; the API server treats it as an update of a named object.
+        put = request.method.value == "PUT" and request.name is not None
+        if request.resource is None or (request.action not in mutating and not put):
             return await super()._handle(request)
         try:
             async with self._lock:
-                if request.action == enums.action.CREATE:
+                if put:
+                    obj, code = await self._replace(request), 200
+                elif request.action == enums.action.CREATE:
                     obj = await self._create(request, self._payload(request), "Update")
                     code = 201
                 elif request.action == enums.action.UPDATE:
@@ -271,6 +284,50 @@ class MetrolineEmulator(kmock.KubernetesEmulator):
             new = jsonpatch.apply_patch(old, payload, in_place=False)
         else:
             new = dict(dicts.merge_patch_dict(old, payload))
+        self._precondition(request, old, payload)
+        return await self._commit(request, key, old, new, "Apply" if applying else "Update",
+                                  payload if isinstance(payload, dict) else {})  # fmt: skip
+
+    async def _replace(self, request: kmock.Request) -> dict[str, Any]:
+        """PUT: the body is the new object; uid, creationTimestamp, generation and
+        managedFields stay the server's."""
+        key, resource = self._key(request), request.resource
+        old, new = self._live(key), copy.deepcopy(self._payload(request))
+        what = f"{resource.plural}.{resource.group}" if resource.group else resource.plural
+        if old is None:
+            raise StatusError(404, f'{what} "{request.name}" not found', "NotFound")
+        meta = new.setdefault("metadata", {})
+        if meta.get("name", request.name) != request.name:
+            raise StatusError(400, f"the name of the object ({meta['name']}) does not match the "
+                                   f"name on the URL ({request.name})", "BadRequest")
+        self._precondition(request, old, new)
+        kept = ("uid", "creationTimestamp", "resourceVersion", "generation", "managedFields",
+                "namespace", "name")
+        new["metadata"] = {**meta, **{k: old["metadata"][k] for k in kept
+                                      if k in old["metadata"]}}  # fmt: skip
+        return await self._commit(request, key, old, new, "Update", _content(new) | {
+            "metadata": {k: v for k, v in meta.items() if k in ("labels", "annotations")}})
+
+    @staticmethod
+    def _precondition(request: kmock.Request, old: dict[str, Any], payload: Any) -> None:
+        """A resourceVersion in the body must be the live one (optimistic concurrency)."""
+        sent = ((payload if isinstance(payload, dict) else {}).get("metadata") or {}).get(
+            "resourceVersion")
+        if sent and sent != old["metadata"].get("resourceVersion"):
+            resource = request.resource
+            what = f"{resource.plural}.{resource.group}" if resource.group else resource.plural
+            raise StatusError(409, f'Operation cannot be fulfilled on {what} "{request.name}": '
+                                   "the object has been modified; please apply your changes to "
+                                   "the latest version and try again", "Conflict",
+                              {"name": request.name, "group": resource.group,
+                               "kind": resource.plural})  # fmt: skip
+
+    async def _commit(
+        self, request: kmock.Request, key: Any, old: dict[str, Any], new: dict[str, Any],
+        operation: str, fields: Any,
+    ) -> dict[str, Any]:
+        """Store ``new`` over ``old`` as the API server would (status kept apart, re-encoded,
+        a no-op not written, resourceVersion and generation bumped, managedFields kept)."""
         if request.subresource == "status":
             new = {**old, "status": new.get("status")}
         elif request.subresource is None:
@@ -281,8 +338,7 @@ class MetrolineEmulator(kmock.KubernetesEmulator):
         new["metadata"] = {**new["metadata"], "resourceVersion": self._next_rv()}
         if _content(new) != _content(old):
             new["metadata"]["generation"] = int(old["metadata"].get("generation", 1)) + 1
-        self._manage(request, new, "Apply" if applying else "Update",
-                     payload if isinstance(payload, dict) else {})
+        self._manage(request, new, operation, fields)
         await self._store(request, key, new, "MODIFIED")
         return new
 

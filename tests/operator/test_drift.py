@@ -66,7 +66,8 @@ def test_what_the_server_stores_covers_the_render():
     lambda e: e.update(env=e["env"][:1]),
 ])
 def test_real_edits_are_still_drift(edit):
-    desired = rendered_deployment(engine={"tensorParallelSize": 2, "extraArgs": ["0.5"]}, **SPEC)
+    extra = ["--ready-kv-low-watermark", "0.5"]  # a value the engine parses, last
+    desired = rendered_deployment(engine={"tensorParallelSize": 2, "extraArgs": extra}, **SPEC)
     live = stored(desired)
     edit(engine(live))
     assert not covers(desired, live)

@@ -9,9 +9,12 @@ ServerArgs alone), so these tests stay as fast as the rest of tests/operator.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import importlib.util
+import io
+import math
 import sys
 from types import ModuleType
 from typing import Any
@@ -22,7 +25,15 @@ from hypothesis import strategies as st
 
 from metroline.operator import constants as c
 from metroline.operator.checks import MANAGED_FLAGS, check_spec, managed_flag
-from metroline.operator.pod import download_container, engine_args
+from metroline.operator.managedflags import ENGINE_FLAGS, _metroline_parser
+from metroline.operator.pod import (
+    GRACE_MARGIN_S,
+    MAX_DRAIN_TIMEOUT_S,
+    PRE_STOP_SLEEP_S,
+    download_container,
+    engine_args,
+    pod_spec,
+)
 from metroline.operator.spec import (
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
     DEFAULT_MAX_NUM_SEQS,
@@ -77,16 +88,18 @@ def test_no_other_engine_flag_looks_like_a_managed_one():
         assert managed_flag(flag) is None, flag
 
 
-@pytest.mark.parametrize(("arg", "flag"), [
-    ("-tp", "-tp"), ("--port=9000", "--port"), ("--tensor-parallel", "--tensor-parallel-size"),
-    ("--po", "--port"), ("--no-enable-prefix", "--no-enable-prefix-caching"),
-    ("--seed", None), ("--enforce-eager", None), ("--drain-timeout=60", None), ("4", None),
-    ("--ready-kv-low-watermark", None), ("--api-key", None),
+@pytest.mark.parametrize(("args", "flag"), [
+    (["-tp", "1"], "-tp"), (["-t", "1"], "-tp"), (["--port=9000"], "--port"),
+    (["--tensor-parallel", "1"], "--tensor-parallel-size"), (["--po", "1"], "--port"),
+    (["--no-enable-prefix"], "--no-enable-prefix-caching"),
+    (["--seed", "1"], None), (["--enforce-eager"], None), (["--drain-timeout=60"], None),
+    (["--ready-kv-low-watermark", "0.5"], None), (["--api-key", "1"], None),
 ])
-def test_extra_args_may_not_set_a_managed_flag_even_abbreviated(arg, flag):
-    assert managed_flag(arg) == flag
-    problems = check_spec("llama", llmd_body(engine={"extraArgs": [arg, "1"]})["spec"]).problems
+def test_extra_args_may_not_set_a_managed_flag_even_abbreviated(args, flag):
+    assert managed_flag(args[0]) == flag
+    problems = check_spec("llama", llmd_body(engine={"extraArgs": args})["spec"]).problems
     assert bool(problems) is (flag is not None), problems
+    assert flag is None or flag in problems[0]
 
 
 def test_the_engine_takes_abbreviated_flags():
@@ -155,6 +168,106 @@ def test_rendered_command_line_parses_to_the_spec(engine, threshold, served, uri
                   "max_num_batched_tokens", "block_size", "dtype"):
         if getattr(spec, field) is not None:
             assert getattr(parsed, field) == getattr(spec, field), field
+
+
+def engine_flag_table() -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    """``managedflags.ENGINE_FLAGS`` as the engine's serve parser has it now."""
+    rows = []
+    for action in serve_parser()._actions:
+        if not action.option_strings:
+            continue
+        assert not action.required and action.const in (None, True), action
+        if isinstance(action, argparse._HelpAction):
+            kind = "help"
+        elif isinstance(action, argparse.BooleanOptionalAction):
+            kind = "bool"
+        elif isinstance(action, argparse._StoreTrueAction):
+            kind = "true"
+        else:
+            assert type(action) is argparse._StoreAction and action.nargs in (None, "+"), action
+            kind = {int: "int", float: "float", None: "str"}[action.type]
+            kind += "+" if action.nargs == "+" else ""
+        rows.append((" ".join(action.option_strings), kind, tuple(action.choices or ())))
+    return tuple(rows)
+
+
+def test_the_operator_reads_with_the_engines_flag_table():
+    """The operator's copy of the flag table (it may not import the engine) is the engine's;
+    on drift, paste the printed table into operator/managedflags.py."""
+    table = engine_flag_table()
+    now = "\n".join(f"    {row!r}," for row in table)
+    assert table == ENGINE_FLAGS, f"ENGINE_FLAGS drifted from metroline serve; now:\n{now}"
+    real, (top, mirror) = serve_parser(), _metroline_parser()
+    assert [(a.dest, a.option_strings) for a in mirror._actions] == [
+        (a.dest, a.option_strings) for a in real._actions]
+    assert [a.dest for a in real._actions if not a.option_strings] == ["model"]
+    for setting in ("allow_abbrev", "prefix_chars", "fromfile_prefix_chars"):
+        assert getattr(mirror, setting) == getattr(real, setting), setting
+        assert getattr(top, setting) == getattr(cli().build_parser(), setting), setting
+
+
+ENV = [{"name": "N", "value": "4"}, {"name": "NEG", "value": "-5"},
+       {"name": "LVL", "value": "debug"}]
+AS_RUN = {
+    "$(N)": "4", "$(NEG)": "-5", "$(LVL)": "debug", "$$(N)": "$(N)", "$(NOPE)": "$(NOPE)",
+    "--seed=$(N)": "--seed=4", "--drain-timeout=$(NEG)": "--drain-timeout=-5", "-tp$(N)": "-tp4",
+}
+"""Arguments with ``$(VAR)`` references to ``ENV``, as the kubelet expands them."""
+CURATED = [
+    "-tp4", "-tp=4", "-t", "-t4", "-t=4", "--tensor", "--tensor=2", "--drain", "--drain=5",
+    "--de", "--d", "--max-num", "--max-num-s", "--h", "--he", "--no-enable", "--enforce",
+    "--enforce-eager=1", "--no-enforce", "--seed=1", "--seed=-1", "--api-key=--port",
+    "--api-key=-x", "--log-level=json", "--log-l", "--log-format=json", "--served",
+    "--drain-timeout=1e308", "--drain-timeout=-1", "--drain-timeout=nan", "--drain-timeout=3600",
+    "--drain-timeout=3601", "--disable-uvicorn-access-log=1", "--", "-", "-x", "-x y", "--x y",
+    "a b", "", "1", "-1", "-1.5", "-1e5", "0.5", "4", "1e308", "inf", "nan", "json", "debug",
+    "text", "x", "--port\n", *AS_RUN,
+]
+
+
+def real_reading(args: list[str]) -> tuple[argparse.Namespace | None, int]:
+    """``metroline serve ARGS`` read by the engine's own parser: the namespace (None where it
+    exits, --help included) and how many times a managed flag was taken."""
+    parser = cli().build_parser()
+    calls: list[str] = []
+    for action in _serve(parser)._actions:
+        if set(action.option_strings) & MANAGED_FLAGS:
+            base = type(action)
+
+            def call(self, p, ns, values, option=None, base=base):
+                calls.append(option)
+                base.__call__(self, p, ns, values, option)
+
+            action.__class__ = type("Recorded", (base,), {"__call__": call})
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            return parser.parse_args(["serve", *args]), len(calls)
+        except SystemExit:
+            return None, len(calls)
+
+
+@settings(max_examples=400, deadline=None)
+@given(extra=st.lists(st.sampled_from(sorted(option_strings())) | st.sampled_from(CURATED),
+                      max_size=5))
+def test_the_operator_accepts_exactly_what_metroline_serve_accepts(extra):
+    """extraArgs pass check_spec exactly when the engine's parser takes the whole command line
+    (after $(VAR) expansion) without a managed flag, and with a drain timeout the grace period
+    can cover; the grace period then covers the drain the engine reads."""
+    base = check_spec("llama", llmd_body(env=ENV)["spec"])
+    assert base.spec is not None and base.location is not None
+    rendered = engine_args(base.spec, base.location)
+    full, managed_by_render = real_reading(rendered)
+    assert full is not None
+    parsed, managed = real_reading(rendered + [AS_RUN.get(arg, arg) for arg in extra])
+    accepted = (parsed is not None and managed == managed_by_render
+                and 0 <= parsed.drain_timeout <= MAX_DRAIN_TIMEOUT_S)
+    check = check_spec("llama", llmd_body(env=ENV, engine={"tensorParallelSize": 2,
+                                                            "extraArgs": extra})["spec"])
+    assert check.valid is accepted, (extra, check.problems)
+    if accepted:
+        assert check.spec is not None and check.location is not None
+        grace = pod_spec(check.spec, check.location, "e:1")["terminationGracePeriodSeconds"]
+        assert grace == PRE_STOP_SLEEP_S + math.ceil(parsed.drain_timeout) + GRACE_MARGIN_S
 
 
 def test_download_command_parses_with_the_hf_cli(monkeypatch):

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from metroline.operator import constants as c
+from metroline.operator.config import OperatorConfig
 
 from .conftest import K8S_VERSIONS, REPO
 
@@ -43,14 +44,14 @@ def one(kind: str) -> dict[str, Any]:
 def test_every_manifest_passes_the_real_schemas(version):
     kinds = sorted(doc["kind"] for doc in built())
     assert kinds == ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
-                     "Deployment", "Namespace", "ServiceAccount"]
+                     "Deployment", "Namespace", "Role", "RoleBinding", "ServiceAccount"]
     for doc in built():
         assert kubernetes_validate.validate(doc, version, strict=True)
 
 
 def test_namespaced_objects_live_in_metroline_system():
     for doc in built():
-        if doc["kind"] in ("Deployment", "ServiceAccount"):
+        if doc["kind"] in ("Deployment", "ServiceAccount", "Role", "RoleBinding"):
             assert doc["metadata"]["namespace"] == "metroline-system"
     assert one("Namespace")["metadata"]["name"] == "metroline-system"
     subject = one("ClusterRoleBinding")["subjects"][0]
@@ -58,9 +59,12 @@ def test_namespaced_objects_live_in_metroline_system():
                        "namespace": "metroline-system"}
 
 
-def test_operator_deployment_is_single_recreate_non_root_and_probed():
+def test_operator_deployment_is_two_rolling_replicas_non_root_and_probed():
     dep = one("Deployment")
-    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    # Two replicas under leader election; a rolling update never stops both at once.
+    assert dep["spec"]["replicas"] == 2
+    assert dep["spec"]["strategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}
     pod = dep["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "metroline-operator"
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -68,6 +72,46 @@ def test_operator_deployment_is_single_recreate_non_root_and_probed():
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    spread = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert spread[0]["podAffinityTerm"]["labelSelector"]["matchLabels"] == \
+        dep["spec"]["selector"]["matchLabels"]
+
+
+def test_each_replica_knows_its_identity_and_lease_from_the_downward_api():
+    env = {e["name"]: e for e in one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+           ["env"]}  # fmt: skip
+    assert env["METROLINE_POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["METROLINE_NAMESPACE"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.namespace"}}
+    config = OperatorConfig.from_env({"METROLINE_POD_NAME": "metroline-operator-5c7-abcde",
+                                      "METROLINE_NAMESPACE": "metroline-system",
+                                      "METROLINE_LEASE_NAME":
+                                          env["METROLINE_LEASE_NAME"]["value"]})  # fmt: skip
+    assert config.instance == "metroline-operator-5c7-abcde"
+    # The Lease the operator uses by default is the one the Role names.
+    assert config.lease_name == OperatorConfig().lease_name == _lease_rules()[0]["resourceNames"][0]
+    assert config.lease_namespace == one("Role")["metadata"]["namespace"]
+
+
+def _lease_rules() -> list[dict[str, Any]]:
+    return [rule for rule in one("Role")["rules"] if "leases" in rule["resources"]]
+
+
+def test_leader_election_rbac_is_the_one_lease_in_the_operators_namespace():
+    role, binding = one("Role"), one("RoleBinding")
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == \
+        "metroline-system"
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}  # fmt: skip
+    assert binding["subjects"] == one("ClusterRoleBinding")["subjects"]
+    assert all(rule["apiGroups"] == ["coordination.k8s.io"] and rule["resources"] == ["leases"]
+               for rule in role["rules"])  # fmt: skip
+    by_verbs = {tuple(sorted(rule["verbs"])): rule.get("resourceNames") for rule in role["rules"]}
+    # get and update of that one Lease; create (which cannot name an object) on its own.
+    assert by_verbs == {("get", "update"): ["metroline-operator"], ("create",): None}
+    # Leases are nowhere else: no cluster-wide access to them.
+    assert not any("coordination.k8s.io" in rule["apiGroups"]
+                   for rule in one("ClusterRole")["rules"])  # fmt: skip
 
 
 def _rules() -> dict[tuple[str, str], set[str]]:
@@ -181,7 +225,7 @@ def test_one_overlay_renames_both_images_and_adds_the_pull_secret(tmp_path):
 
 
 def test_the_base_sets_both_image_tags_in_one_place():
-    env = {e["name"]: e["value"] for e in one("Deployment")["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in one("Deployment")["spec"]["template"]["spec"]
            ["containers"][0]["env"]}  # fmt: skip
     assert env["METROLINE_ENGINE_IMAGE"] == c.DEFAULT_ENGINE_IMAGE
     kustomization = yaml.safe_load((REPO / "manifests/kustomization.yaml").read_text())

@@ -46,6 +46,7 @@ def test_model_uris():
     hf = parse_model_uri("hf://Qwen/Qwen3-8B@refs/pr/1")
     assert (hf.scheme, hf.repo, hf.revision) == ("hf", "Qwen/Qwen3-8B", "refs/pr/1")
     assert hf.local_path == "/var/cache/metroline/models/Qwen--Qwen3-8B--refs--pr--1"
+    assert parse_model_uri("hf://a/b@x/y").local_path != parse_model_uri("hf://a/b@x--y").local_path
     pvc = parse_model_uri("pvc://weights")
     assert (pvc.claim, pvc.local_path) == ("weights", "/mnt/model")
     assert pvc.default_served_name == "model"
@@ -67,6 +68,8 @@ def test_model_uris():
     ("llama", {"resources": {"requests": {"memory": "64Gi"}, "limits": {"memory": "32Gi"}}},
      "exceeds"),
     ("llama", {"model": {"uri": "pvc://w/../x"}}, ".."),
+    ("llama", {"engine": {"extraArgs": ["-tp4"]}}, "unrecognized arguments: -tp4"),
+    ("llama", {"engine": {"extraArgs": ["--drain-timeout", "1e308"]}}, "--drain-timeout"),
 ])
 def test_invalid_specs_are_invalid_spec_for_the_operator_too(name, spec, needle):
     body = llmd_body(**spec)
