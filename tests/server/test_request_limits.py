@@ -4,11 +4,13 @@ or with bodies over --max-request-bytes, cost the server almost no memory."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,6 +39,30 @@ def server(start_module_server, chat_checkpoint):
     )  # fmt: skip
 
 
+@contextlib.contextmanager
+def health_probes(url: str) -> Iterator[list[float]]:
+    """GET /health every 0.1 s on a thread while the block runs (each must be 200); yields
+    the round trips, complete once the block has ended."""
+    probes: list[float] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        with httpx.Client(timeout=30) as http:
+            while not done.is_set():
+                started = time.monotonic()
+                assert http.get(f"{url}/health").status_code == 200
+                probes.append(time.monotonic() - started)
+                time.sleep(0.1)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        yield probes
+    finally:
+        done.set()
+        prober.join()
+
+
 def peak_rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -51,29 +77,12 @@ def test_huge_prompts_are_tokenised_off_the_event_loop(server):
         ("/v1/chat/completions", {"model": MODEL_NAME, "messages": [
             {"role": "user", "content": text}]})
     ] * 2  # fmt: skip
-    probes: list[float] = []
-    done = threading.Event()
-
-    def probe_health() -> None:
-        with httpx.Client(timeout=30) as http:
-            while not done.is_set():
-                started = time.monotonic()
-                assert http.get(f"{server.url}/health").status_code == 200
-                probes.append(time.monotonic() - started)
-                time.sleep(0.1)
-
     def send(path_body) -> httpx.Response:
         path, body = path_body
         return httpx.post(f"{server.url}{path}", json=body, headers=AUTH, timeout=600)
 
-    prober = threading.Thread(target=probe_health)
-    prober.start()
-    try:
-        with ThreadPoolExecutor(NUM_HUGE) as pool:
-            responses = list(pool.map(send, bodies))
-    finally:
-        done.set()
-        prober.join()
+    with health_probes(server.url) as probes, ThreadPoolExecutor(NUM_HUGE) as pool:
+        responses = list(pool.map(send, bodies))
     for response in responses:
         assert response.status_code == 400, response.text[:500]
         assert response.json()["error"]["code"] == "context_length_exceeded"
@@ -174,30 +183,13 @@ def pathological_bodies() -> list[tuple[str, bytes]]:
 
 
 def test_pathological_json_is_refused_without_stalling_the_loop(server):
-    probes: list[float] = []
-    done = threading.Event()
-
-    def probe_health() -> None:
-        with httpx.Client(timeout=30) as http:
-            while not done.is_set():
-                started = time.monotonic()
-                assert http.get(f"{server.url}/health").status_code == 200
-                probes.append(time.monotonic() - started)
-                time.sleep(0.1)
-
     def send(path_body) -> httpx.Response:
         path, body = path_body
         headers = {**AUTH, "Content-Type": "application/json"}
         return httpx.post(f"{server.url}{path}", content=body, headers=headers, timeout=120)
 
-    prober = threading.Thread(target=probe_health)
-    prober.start()
-    try:
-        with ThreadPoolExecutor(4) as pool:
-            responses = list(pool.map(send, pathological_bodies()))
-    finally:
-        done.set()
-        prober.join()
+    with health_probes(server.url) as probes, ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(send, pathological_bodies()))
     # Structure, not speed: each body was refused by the shape scan, before any parse.
     for response in responses:
         assert response.status_code == 400, response.text[:300]
