@@ -73,5 +73,16 @@ class OperatorConfig:
                 "leader must stop writing before a standby may take its expired Lease), got "
                 f"{self.lease_retry_period_s}, {self.lease_renew_deadline_s}, "
                 f"{self.lease_duration_s}")
+        if not 1 <= self.workers <= 64:
+            raise ValueError(f"METROLINE_WORKERS must be in 1..64; got {self.workers}")
+        if not 0 < self.kv_interval_s <= 3600:  # NaN fails too
+            raise ValueError(
+                f"METROLINE_KV_INTERVAL_SECONDS must be in (0, 3600]; got {self.kv_interval_s}"
+            )
+        if self.lease_duration_s > 2**31 - 1:  # the Lease's leaseDurationSeconds is an int32
+            raise ValueError(
+                f"METROLINE_LEASE_DURATION_SECONDS must be at most {2**31 - 1}; "
+                f"got {self.lease_duration_s}"
+            )
         if not self.instance:
             raise ValueError("the operator needs an identity (METROLINE_POD_NAME)")

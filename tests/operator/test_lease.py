@@ -282,3 +282,13 @@ def test_the_lease_settings_come_from_the_environment():
 def test_micro_time_is_rfc3339_with_microseconds():
     at = datetime.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=datetime.UTC)
     assert micro_time(at) == "2026-01-02T03:04:05.000006Z"
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("METROLINE_WORKERS", "0"), ("METROLINE_WORKERS", "100000"),
+    ("METROLINE_KV_INTERVAL_SECONDS", "nan"), ("METROLINE_KV_INTERVAL_SECONDS", "-1"),
+    ("METROLINE_LEASE_DURATION_SECONDS", str(2**31)),
+])
+def test_settings_out_of_range_are_refused_at_start(name, value):
+    with pytest.raises(ValueError, match=name):
+        OperatorConfig.from_env({name: value})
