@@ -1,4 +1,4 @@
-"""Metroline's benchmarks (../shared/BENCHMARKS.md), installed as ``metroline.benchmarks``.
+"""Metroline's benchmarks (benchmarks/README.md), installed as ``metroline.benchmarks``.
 
 Each module is a script: ``python -P benchmarks/throughput.py ...`` from a checkout, or
 ``metroline bench throughput ...`` wherever the package is installed (the engine's image

@@ -1,4 +1,4 @@
-"""Measurement helpers shared by Metroline's benchmarks (see ../shared/BENCHMARKS.md).
+"""Measurement helpers shared by Metroline's benchmarks (see benchmarks/README.md).
 
 Ceilings (copy bandwidth, bf16 matmul rate) are measured on the card at hand in the same run
 as the figures they scale; timings are medians of CUDA-event intervals after a warm-up.

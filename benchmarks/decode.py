@@ -1,4 +1,4 @@
-"""W3 - decode roofline (BENCHMARKS.md): batch B in {1, 8, 32, 128, 256}, context C in
+"""W3 - decode roofline (benchmarks/README.md): batch B in {1, 8, 32, 128, 256}, context C in
 {512, 2048}, timed over 128 decode steps of the whole engine (scheduler, model, sampler).
 
 ``python -P benchmarks/decode.py --model llama3-8b [--profile]``
@@ -29,6 +29,7 @@ from common import copy_bandwidth, environment, gpu_slug, matmul_flops
 from records import save_record
 from roofline import kv_bytes_per_token
 from shapes import SHAPES, weight_bytes, write_shape
+from step_profile import profile_decode
 
 from metroline.engine.config import EngineArgs
 from metroline.engine.flags import add_flags, flag_values
@@ -87,53 +88,6 @@ def run_case(llm: Any, batch: int, context: int, steps: int) -> dict[str, Any]:
         "step_s_mean": statistics.mean(times),
         "preemptions": core.stats().num_preemptions,
     }
-
-
-def profile_steps(llm: Any, out: Path) -> dict[str, float]:
-    """Kernel-time breakdown of 10 steady-state decode steps at batch 64, context 512."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from metroline.engine import SamplingParams
-    from metroline.engine.messages import EngineCoreRequest
-
-    core = llm.engine_core
-    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    for i in range(64):
-        core.add_request(EngineCoreRequest(f"prof-{i}", list(range(100, 612)), params))
-    for _ in range(20):
-        core.step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        started = time.perf_counter()
-        for _ in range(10):
-            core.step()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - started) / 10
-    prof.export_chrome_trace(str(out / "decode-profile-trace.json"))
-    families = {
-        "attention": ("paged_attention", "merge"),
-        "gemm": ("gemm", "nvjet", "cutlass", "sm90", "xmma"),
-        "norm": ("rms_norm",),
-        "rotary": ("rotary",),
-        "kv_write": ("kv_cache", "write_kv"),
-        "activation": ("silu",),
-        "nccl": ("nccl",),
-    }
-    totals: dict[str, float] = {"wall_ms_per_step": wall * 1e3}
-    for event in prof.key_averages():
-        device_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
-        if not device_us or event.key.startswith("cuda"):
-            continue
-        family = next(
-            (f for f, keys in families.items() if any(k in event.key for k in keys)), "other"
-        )
-        totals[family] = totals.get(family, 0.0) + device_us / 1e3 / 10
-    (out / "decode-profile-table.txt").write_text(
-        prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
-    )
-    core.finish_requests([f"prof-{i}" for i in range(64)])
-    core.step()
-    return totals
 
 
 def main() -> None:
@@ -211,7 +165,7 @@ def main() -> None:
                     f"{result['bandwidth_fraction']:.0%} of copy bandwidth",
                     flush=True,
                 )
-        profile = profile_steps(llm, args.out) if args.profile else None
+        profile = profile_decode(llm, args.out, 64, 512) if args.profile else None
         llm.shutdown()
     record = {
         "benchmark": "decode-W3",
@@ -258,7 +212,7 @@ def main() -> None:
     if profile:
         print(
             "profile (ms per step, batch 64, context 512): "
-            + ", ".join(f"{k} {v:.2f}" for k, v in profile.items())
+            + ", ".join(f"{k} {v:.2f}" for k, v in profile.items() if isinstance(v, float))
         )
 
 

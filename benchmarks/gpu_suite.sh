@@ -19,6 +19,17 @@
 #   w3tp       W3 at batch 1, context 512, at each of TP_SIZES
 #   w1runs     W1 on Metroline for each MODEL:TP[:FLAG] in W1_RUNS (default qwen2.5-32b:2),
 #              FLAG one throughput.py option, e.g. llama3-8b:1:--mixed-step-graphs
+#   steps      where a step's time goes: kernel families of prefill and decode steps
+#              (benchmarks/step_profile.py at STEP_FLAGS, default the engine's defaults)
+#   vparts     copy the carried vLLM bundle parts (.vparts/vllm-part*) to /tmp/vparts; a
+#              command that carries a part runs this, the one that carries the last adds peer
+#   peer       vLLM 0.26.0 side by side, offline (unpacks the bundle once all parts came):
+#              W1 PEER_RUNS times (default 2) on each engine at its defaults, vLLM once more
+#              at Metroline's max_num_seqs / max_num_batched_tokens, W3 at batch 1 and 256
+#              (context 512), then the peer table (benchmarks/peer_table.py)
+#   peerserve  W6: vllm bench serve against metroline serve and vllm serve in turn
+#              (RATES_W6, default 10,20,30,inf; W6_PROMPTS, default 600), start-up times,
+#              then the peer table
 # Results go to $RESULTS (default $OUT/results, or ./results), then into one tarball in
 # $OUT when $OUT is set. MODEL (default llama3-8b) picks the shape for w1-w5. BUDGET_S, if
 # set, bounds the whole script: a section still running then is stopped (and marked so), and
@@ -30,6 +41,28 @@ MODEL=${MODEL:-llama3-8b}
 RESULTS=${RESULTS:-${OUT:-.}/results}
 mkdir -p "$RESULTS"
 status=0
+VLLM_ENV=(env PYTHONPATH=/tmp/vsite:/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1)
+
+gpu_idle() {  # vLLM's engine-core child can outlive its parent: no GPU process may linger
+  local pids
+  pids=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | tr -d ' ')
+  [ -n "$pids" ] && kill -9 $pids 2>/dev/null
+  sleep 2
+  return 0
+}
+
+engine_default() {  # the engine's default of one EngineArgs field
+  $PY -P -c "import dataclasses, sys; from metroline.engine.config import EngineArgs
+print({f.name: f.default for f in dataclasses.fields(EngineArgs)}[sys.argv[1]])" "$1"
+}
+
+unpack_vllm() {
+  [ -d /tmp/vsite/vllm ] && return 0
+  local parts
+  parts=$(ls /tmp/vparts/vllm-part* 2>/dev/null | wc -l)
+  echo "=== vLLM bundle: $parts parts in /tmp/vparts"
+  bash "${VPARTS:-.vparts}/unpack.sh" || { echo "vLLM bundle incomplete" >&2; return 1; }
+}
 
 run() {  # run NAME COMMAND...: time a section, keep going after a failure
   local name=$1
@@ -112,6 +145,36 @@ for section in "$@"; do
         run "w1-$model-tp$tp${flag:+-${flag#--}}" $PY -P benchmarks/throughput.py \
           --model "$model" --workload W1 --tensor-parallel-size "$tp" ${flag:+"$flag"} --out "$RESULTS"
       done
+      ;;
+    steps)
+      run steps $PY -P benchmarks/step_profile.py --model "$MODEL" ${STEP_FLAGS:-} --out "$RESULTS"
+      ;;
+    vparts)
+      mkdir -p /tmp/vparts && cp "${VPARTS:-.vparts}"/vllm-part* /tmp/vparts/ && ls /tmp/vparts
+      ;;
+    peer)
+      unpack_vllm || { status=1; continue; }
+      W1=(benchmarks/throughput.py --model "$MODEL" --workload W1 --out "$RESULTS")
+      for i in $(seq "${PEER_RUNS:-2}"); do
+        run "w1-metroline-$i" $PY -P "${W1[@]}" --backend metroline
+        gpu_idle
+        run "w1-vllm-$i" "${VLLM_ENV[@]}" $PY -P "${W1[@]}" --backend vllm
+        gpu_idle
+      done
+      run w1-vllm-equal "${VLLM_ENV[@]}" $PY -P "${W1[@]}" --backend vllm \
+        --vllm-arg "max_num_seqs=$(engine_default max_num_seqs)" \
+        --vllm-arg "max_num_batched_tokens=$(engine_default max_num_batched_tokens)"
+      gpu_idle
+      run w3-peer $PY -P benchmarks/decode.py --model "$MODEL" --batches 1,256 --contexts 512 \
+        --out "$RESULTS"
+      run peer-table $PY -P benchmarks/peer_table.py "$RESULTS"
+      ;;
+    peerserve)
+      unpack_vllm || { status=1; continue; }
+      run w6 "${VLLM_ENV[@]}" $PY -P benchmarks/peer_serve.py --model "$MODEL" \
+        --rates "${RATES_W6:-10,20,30,inf}" --num-prompts "${W6_PROMPTS:-600}" --out "$RESULTS"
+      gpu_idle
+      run peer-table $PY -P benchmarks/peer_table.py "$RESULTS"
       ;;
     *) echo "unknown section $section" >&2; status=1 ;;
   esac

@@ -1,6 +1,6 @@
 """Kernel benchmarks on one GPU (``python -P benchmarks/kernels.py [--out DIR] [--quick]``).
 
-Order (../shared/BENCHMARKS.md): the card's ceilings first (device-to-device copy bandwidth,
+Order (benchmarks/README.md): the card's ceilings first (device-to-device copy bandwidth,
 bytes read + written; bf16 8192^3 matmul rate), then
 - decode attention over the W3 grid (B in 1..256, C in {512, 2048}, llama3-8b heads: 32 q,
   8 KV, head dim 128, bf16, block 16): the bytes it must move (the B*C tokens of K and V, q,

@@ -9,8 +9,14 @@ from typing import Any
 
 
 def save_record(out: Path, parts: list[str], record: dict[str, Any]) -> Path:
-    """Write ``record`` to ``out/<today>-<parts joined by '-'>.json``; returns the path."""
+    """Write ``record`` to ``out/<today>-<parts joined by '-'>.json`` and return the path.
+    A run never replaces an earlier one: when that name is taken, ``-2``, ``-3``, ... is
+    appended (repeated runs of one configuration are what medians are taken over)."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / ("-".join([time.strftime("%Y-%m-%d"), *parts]) + ".json")
+    stem = "-".join([time.strftime("%Y-%m-%d"), *parts])
+    path, index = out / f"{stem}.json", 1
+    while path.exists():
+        index += 1
+        path = out / f"{stem}-{index}.json"
     path.write_text(json.dumps(record, indent=2))
     return path

@@ -27,14 +27,18 @@ def decode_seconds(
     output_lens: list[int],
     batch: int,
     bandwidth: float,
+    matmul_rate: float,
 ) -> float:
     """Decode at ``batch`` sequences a step: each step reads the weights once plus the KV of
-    every sequence in the batch (at its average context)."""
+    every sequence in the batch (at its average context), and does ``2 * params`` FLOPs per
+    sequence; it takes the longer of the two (a roofline: both bounds hold, perfect overlap).
+    At large batches the matmuls, not the reads, bound a step."""
     total_out = sum(output_lens)
     steps = total_out / batch
     mean_context = sum(p + o / 2 for p, o in zip(prompt_lens, output_lens)) / len(prompt_lens)
     step_bytes = weight_bytes(shape) + batch * mean_context * kv_bytes_per_token(shape)
-    return steps * step_bytes / bandwidth
+    step_flops = 2 * (weight_bytes(shape) / 2) * batch
+    return steps * max(step_bytes / bandwidth, step_flops / matmul_rate)
 
 
 def w1_roofline_seconds(
@@ -51,5 +55,5 @@ def w1_roofline_seconds(
     mean_len = sum(p + o for p, o in zip(prompt_lens, output_lens)) / len(prompt_lens)
     batch = max(1, min(max_num_seqs, int(kv_tokens // mean_len), len(prompt_lens)))
     prefill = prefill_flops(shape, prompt_lens) / matmul_rate
-    decode = decode_seconds(shape, prompt_lens, output_lens, batch, bandwidth)
+    decode = decode_seconds(shape, prompt_lens, output_lens, batch, bandwidth, matmul_rate)
     return {"batch": batch, "prefill_s": prefill, "decode_s": decode, "total_s": prefill + decode}

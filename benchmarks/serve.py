@@ -1,4 +1,4 @@
-"""W5 - online serving (BENCHMARKS.md): `metroline serve` under Poisson arrivals.
+"""W5 - online serving (benchmarks/README.md): `metroline serve` under Poisson arrivals.
 
 ``python -P benchmarks/serve.py --model llama3-8b --rates 1,2,4,8,16 --num-requests 200``
 

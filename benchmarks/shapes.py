@@ -1,4 +1,4 @@
-"""Model shapes used by benchmarks (BENCHMARKS.md), written as real ``config.json`` files.
+"""Model shapes used by benchmarks (benchmarks/README.md), written as real ``config.json`` files.
 
 Weights come from ``load_format="dummy"`` (engine) or random init (transformers), so only
 the config is written. Every shape is a real Hugging Face architecture.

@@ -1,10 +1,11 @@
-"""Offline throughput: W1 (mixed), W2 (nano-vllm's shape), W4 (prefill) - BENCHMARKS.md.
+"""Offline throughput: W1 (mixed), W2 (nano-vllm's shape), W4 (prefill) - benchmarks/README.md.
 
-``python -P benchmarks/throughput.py --model llama3-8b --workload W1 [--backend hf] [-tp 2]``
+``python -P benchmarks/throughput.py --model llama3-8b --workload W1 [--backend hf|vllm] [-tp 2]``
 
 Measures the card's copy bandwidth and bf16 matmul rate first, then runs the workload on
-Metroline (``load_format="dummy"``) or on transformers ``generate()`` with static,
-left-padded batches (random init of the same config; only requested tokens are counted).
+Metroline (``load_format="dummy"``), on transformers ``generate()`` with static,
+left-padded batches (random init of the same config; only requested tokens are counted), or
+on vLLM (:mod:`peer_vllm`, at its own defaults unless ``--vllm-arg KEY=VALUE``).
 Prints one table last and writes a JSON file with the environment and every figure.
 """
 
@@ -24,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import copy_bandwidth, environment, gpu_slug, matmul_flops
+from peer_vllm import run_vllm
 from records import save_record
 from roofline import prefill_flops, w1_roofline_seconds
 from shapes import SHAPES, weight_bytes, write_shape
@@ -183,7 +185,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama3-8b", choices=sorted(SHAPES))
     parser.add_argument("--workload", default="W1", choices=["W1", "W2", "W4"])
-    parser.add_argument("--backend", default="metroline", choices=["metroline", "hf", "both"])
+    parser.add_argument(
+        "--backend", default="metroline", choices=["metroline", "hf", "vllm", "both"]
+    )
     parser.add_argument("--num-requests", type=int, default=None)
     # The engine's own flags and defaults, but for the workload's dtype and length.
     add_flags(
@@ -194,6 +198,9 @@ def main() -> None:
     )
     parser.add_argument("--hf-max-requests", type=int, default=None)
     parser.add_argument("--hf-batch-size", type=int, default=128)
+    parser.add_argument(
+        "--vllm-arg", action="append", metavar="KEY=VALUE", help="a vllm.LLM argument (repeat)"
+    )
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -218,19 +225,22 @@ def main() -> None:
         shape_dir = write_shape(args.model, Path(tmp) / args.model)
         backends = ["metroline", "hf"] if args.backend == "both" else [args.backend]
         for backend in backends:
-            if backend == "metroline":
-                result = run_metroline(shape_dir, workload, args)
-                requests, prompt_tokens, output_tokens = (
-                    len(workload.prompts),
-                    workload.num_prompt_tokens,
-                    workload.num_output_tokens,
-                )
-            else:
+            if backend == "hf":
                 result = run_hf(shape_dir, workload, args)
                 requests, prompt_tokens, output_tokens = (
                     result["requests"],
                     result["prompt_tokens"],
                     result["output_tokens"],
+                )
+            else:
+                if backend == "metroline":
+                    result = run_metroline(shape_dir, workload, args)
+                else:
+                    result = run_vllm(shape_dir, workload, SHAPES[args.model]["vocab_size"], args)
+                requests, prompt_tokens, output_tokens = (
+                    len(workload.prompts),
+                    workload.num_prompt_tokens,
+                    workload.num_output_tokens,
                 )
             elapsed = result["elapsed_s"]
             result |= {
@@ -238,13 +248,16 @@ def main() -> None:
                 "output_tokens_per_s": output_tokens / elapsed,
                 "total_tokens_per_s": (prompt_tokens + output_tokens) / elapsed,
             }
-            if backend == "metroline" and workload.name == "W1":
+            if backend != "hf" and workload.name == "W1":
+                max_num_seqs = (
+                    result["settings"]["max_num_seqs"] if backend == "vllm" else args.max_num_seqs
+                )
                 roof = w1_roofline_seconds(
                     args.model,
                     [len(p) for p in workload.prompts],
                     workload.output_lens,
                     result["kv_tokens"] * args.tensor_parallel_size,
-                    args.max_num_seqs,
+                    max_num_seqs,
                     bandwidth * args.tensor_parallel_size,
                     matmul * args.tensor_parallel_size,
                 )
@@ -254,6 +267,8 @@ def main() -> None:
                 result["matmul_fraction"] = flops / elapsed / (matmul * args.tensor_parallel_size)
             record[backend] = result
             rows.append((backend, result))
+    if "vllm" in record:
+        record["environment"]["vllm"] = record["vllm"]["version"]
     if "metroline" in record and "hf" in record:
         record["speedup_output_tokens_per_s"] = (
             record["metroline"]["output_tokens_per_s"] / record["hf"]["output_tokens_per_s"]
@@ -276,17 +291,21 @@ def main() -> None:
         f"{'wall s':>8s} {'peak GiB':>9s}"
     )
     for backend, r in rows:
+        memory = r.get("peak_gpu_memory_gib", r.get("gpu_memory_in_use_gib", float("nan")))
         print(
             f"{backend:10s} {r['requests_per_s']:8.2f} {r['output_tokens_per_s']:10.0f} "
-            f"{r['total_tokens_per_s']:12.0f} {r['elapsed_s']:8.1f} {r['peak_gpu_memory_gib']:9.1f}"
+            f"{r['total_tokens_per_s']:12.0f} {r['elapsed_s']:8.1f} {memory:9.1f}"
         )
-    if "roofline" in record.get("metroline", {}):
-        roof = record["metroline"]["roofline"]
-        print(
-            f"W1 roofline: batch {roof['batch']}, prefill {roof['prefill_s']:.1f} s + decode "
-            f"{roof['decode_s']:.1f} s = {roof['total_s']:.1f} s; achieved "
-            f"{roof['fraction_achieved']:.0%}"
-        )
+    for backend, r in rows:
+        if "roofline" in r:
+            roof = r["roofline"]
+            print(
+                f"{backend} W1 roofline: batch {roof['batch']}, prefill {roof['prefill_s']:.1f} s"
+                f" + decode {roof['decode_s']:.1f} s = {roof['total_s']:.1f} s; achieved "
+                f"{roof['fraction_achieved']:.0%}"
+            )
+    if "settings" in record.get("vllm", {}):
+        print(f"vLLM {record['vllm']['version']} settings: {record['vllm']['settings']}")
     if "num_steps" in record.get("metroline", {}):
         m = record["metroline"]
         print(

@@ -1,4 +1,4 @@
-"""The workloads of BENCHMARKS.md as (prompt token ids, output length) lists, seeded."""
+"""The workloads of benchmarks/README.md as (prompt token ids, output length) lists, seeded."""
 
 from __future__ import annotations
 

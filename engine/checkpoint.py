@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .rope_scaling import parse_rope
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = (
@@ -69,9 +71,28 @@ def load_arch_config(model_dir: str | Path) -> ModelArchConfig:
     if not path.is_file():
         raise ValueError(f"no config.json in {model_dir!s}: expected a Hugging Face checkpoint")
     raw = json.loads(path.read_text())
-    generation = Path(model_dir) / "generation_config.json"
-    gen_raw = json.loads(generation.read_text()) if generation.is_file() else {}
-    return parse_arch_config(raw, gen_raw)
+    return parse_arch_config(raw, load_generation_config(model_dir))
+
+
+#: Largest ``generation_config.json`` read (real ones are well under a kilobyte).
+MAX_GENERATION_CONFIG_BYTES = 1 << 20
+
+
+def load_generation_config(folder: str | Path) -> dict[str, Any]:
+    """``folder/generation_config.json`` as a dict ({} when there is none): EOS ids and the
+    model's default sampling parameters (see :mod:`metroline.engine.generation_defaults`)."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    if path.stat().st_size > MAX_GENERATION_CONFIG_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_GENERATION_CONFIG_BYTES} bytes")
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return raw
 
 
 def parse_arch_config(
@@ -88,18 +109,7 @@ def parse_arch_config(
     kv_heads = int(raw.get("num_key_value_heads") or heads)
     head_dim = int(raw.get("head_dim") or hidden // heads)
 
-    rope_params = raw.get("rope_parameters") or {}
-    rope_scaling = raw.get("rope_scaling") or None
-    rope_type = rope_params.get("rope_type") or rope_params.get("type") or "default"
-    if rope_scaling is None and rope_type != "default":
-        rope_scaling = dict(rope_params)
-    rope_theta = float(raw.get("rope_theta") or rope_params.get("rope_theta") or 10000.0)
-    if rope_scaling is not None:
-        kind = rope_scaling.get("rope_type") or rope_scaling.get("type")
-        if kind not in ("llama3", "default", None):
-            raise ValueError(f"unsupported rope scaling type {kind!r}; supported: llama3")
-        if kind in ("default", None):
-            rope_scaling = None
+    rope_theta, rope_scaling = parse_rope(raw)
 
     attention_bias = bool(raw.get("attention_bias", False))
     if arch == "Qwen2ForCausalLM":
@@ -144,6 +154,54 @@ def parse_arch_config(
         dtype=str(dtype) if dtype else None,
         eos_token_ids=tuple(eos),
         bos_token_id=raw.get("bos_token_id"),
+    )
+
+
+def check_remote_code(model_dir: Path, trust_remote_code: bool) -> None:
+    """The engine never runs code shipped with a checkpoint: ``trust_remote_code=True`` is
+    a ``ValueError`` unless the architecture is one implemented here (then a warning that
+    the flag is ignored)."""
+    if not isinstance(trust_remote_code, bool):
+        raise ValueError(f"trust_remote_code must be true or false; got {trust_remote_code!r}")
+    if not trust_remote_code:
+        return
+    path = model_dir / "config.json"
+    archs = (json.loads(path.read_text()).get("architectures") or []) if path.is_file() else []
+    native = [a for a in archs if a in SUPPORTED_ARCHITECTURES]
+    if native:
+        logger.warning(
+            "trust_remote_code=True is ignored: %s is implemented natively and no code from "
+            "the checkpoint runs",
+            native[0],
+        )
+        return
+    raise ValueError(
+        f"trust_remote_code=True: custom model code is not supported (no code from a "
+        f"checkpoint ever runs); {model_dir} declares {archs!r}, and the natively "
+        f"implemented architectures are {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
+
+
+#: Weight files of other formats, named when a directory has no safetensors.
+_OTHER_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.gguf")
+
+
+def check_safetensors(model_dir: Path) -> None:
+    """Raise ``ValueError`` unless ``model_dir`` holds ``*.safetensors`` weights, naming the
+    weights of other formats it holds instead."""
+    if any(model_dir.glob("*.safetensors")):
+        return
+    others = sorted(p.name for pattern in _OTHER_WEIGHT_PATTERNS for p in model_dir.glob(pattern))
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise ValueError(
+            f"safetensors required: {model_dir} holds weights only as {shown}, which the engine "
+            "does not load (unpickling .bin/.pt files can run code); convert them to "
+            "*.safetensors (transformers: from_pretrained, then save_pretrained) or use a "
+            "revision that has them"
+        )
+    raise ValueError(
+        f"no *.safetensors files in {model_dir}; pass load_format='dummy' for random weights"
     )
 
 

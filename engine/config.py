@@ -12,10 +12,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .checkpoint import ModelArchConfig, load_arch_config
+from .checkpoint import ModelArchConfig, check_remote_code, check_safetensors, load_arch_config
 from .flags import knob
+from .generation_defaults import load_sampling_defaults
+from .model_resolution import resolve_model_path
+from .rope_scaling import context_limit
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,10 @@ _DTYPES = {
 }
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+#: Where ``metroline serve`` defaults differ from ``LLM()``'s (the EngineArgs fields): a
+#: smaller token budget bounds how long one step's prompt chunks delay every running
+#: stream's next token, where offline work only wants the most tokens per second.
+SERVING_DEFAULTS = {"max_num_batched_tokens": 8192}
 #: KV pool on CPU when the caller gives no byte budget.
 DEFAULT_CPU_KV_CACHE_BYTES = 512 * 1024**2
 
@@ -74,6 +81,11 @@ class ModelConfig:
     load_format: str
     seed: int
     has_tokenizer: bool
+    #: Where the tokenizer files are: the checkpoint, unless ``tokenizer`` names a folder.
+    tokenizer_path: Path
+    #: The model's default sampling parameters (SamplingParams fields; see
+    #: :mod:`metroline.engine.generation_defaults`), {} for none.
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def create(
@@ -84,27 +96,25 @@ class ModelConfig:
         max_model_len: int | None,
         load_format: str,
         seed: int,
+        revision: str | None = None,
+        tokenizer: str | None = None,
+        trust_remote_code: bool = False,
+        generation_config: str = "auto",
     ) -> ModelConfig:
-        path = Path(model)
-        if not path.is_dir():
-            raise ValueError(f"model must be a local checkpoint directory; {model!s} is not one")
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}; got {load_format!r}")
+        path = resolve_model_path(model, revision)
+        check_remote_code(path, trust_remote_code)
         arch = load_arch_config(path)
-        if load_format != "dummy" and not any(path.glob("*.safetensors")):
-            raise ValueError(
-                f"no *.safetensors files in {path}; pass load_format='dummy' for random weights"
-            )
-        limit = arch.max_position_embeddings
+        if load_format != "dummy":
+            check_safetensors(path)
+        limit, limit_reason = context_limit(arch.max_position_embeddings, arch.rope_scaling)
         if max_model_len is None:
             max_model_len = limit
         elif not isinstance(max_model_len, int) or max_model_len < 1:
             raise ValueError(f"max_model_len must be a positive integer; got {max_model_len!r}")
         elif max_model_len > limit:
-            raise ValueError(
-                f"max_model_len ({max_model_len}) exceeds the model's max_position_embeddings "
-                f"({limit})"
-            )
+            raise ValueError(f"max_model_len ({max_model_len}) exceeds the model's {limit_reason}")
         if arch.sliding_window is not None and max_model_len > arch.sliding_window:
             # Within the window, sliding-window attention equals full attention, so capping
             # the length keeps results exact without a windowed kernel.
@@ -116,10 +126,16 @@ class ModelConfig:
                 arch.sliding_window,
             )
             max_model_len = arch.sliding_window
+        tokenizer_path = path if tokenizer is None else Path(tokenizer).expanduser()
         has_tokenizer = any(
-            (path / name).is_file()
+            (tokenizer_path / name).is_file()
             for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
         )
+        if tokenizer is not None and not has_tokenizer:
+            raise ValueError(
+                f"tokenizer must be a folder holding tokenizer files (tokenizer.json, "
+                f"tokenizer.model or tokenizer_config.json); {tokenizer!s} is not one"
+            )
         return cls(
             path=path,
             arch=arch,
@@ -128,6 +144,8 @@ class ModelConfig:
             load_format=load_format,
             seed=seed,
             has_tokenizer=has_tokenizer,
+            tokenizer_path=tokenizer_path,
+            generation_defaults=load_sampling_defaults(path, generation_config),
         )
 
 
@@ -213,6 +231,33 @@ class EngineConfig:
         self.parallel.check_model(self.model.arch)
         if self.scheduler.max_model_len != self.model.max_model_len:
             raise ValueError("scheduler.max_model_len must equal model.max_model_len")
+        self._check_kv_budget()
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        """KV bytes of one block on one rank, keys and values of every layer (a rank holds
+        ``kv_heads / tp`` KV heads, or one when TP exceeds them)."""
+        arch = self.model.arch
+        kv_heads = max(1, arch.num_key_value_heads // self.parallel.tensor_parallel_size)
+        per_token = 2 * arch.num_hidden_layers * kv_heads * arch.head_dim
+        return per_token * self.cache.block_size * self.model.dtype.itemsize
+
+    def _check_kv_budget(self) -> None:
+        """A given ``kv_cache_memory_bytes`` must hold one sequence of max_model_len tokens:
+        checked here, before any process starts, instead of by the engine core once loaded."""
+        budget = self.cache.kv_cache_memory_bytes
+        if budget is None:
+            return
+        block_size = self.cache.block_size
+        needed_blocks = -(-self.model.max_model_len // block_size)
+        needed = needed_blocks * self.kv_bytes_per_block
+        if budget < needed:
+            tokens = budget // self.kv_bytes_per_block * block_size
+            raise ValueError(
+                f"kv_cache_memory_bytes={budget} holds {tokens} tokens, less than one sequence "
+                f"of max_model_len={self.model.max_model_len}, which needs {needed} bytes; raise "
+                "kv_cache_memory_bytes (--kv-cache-memory-bytes) or lower max_model_len"
+            )
 
 
 @dataclass
@@ -221,7 +266,21 @@ class EngineArgs:
     serve`` has one flag per field (see :mod:`metroline.engine.flags`), the benchmarks reuse
     the same flags; the numeric defaults are the ones measured best on our target GPU."""
 
-    model: str = field(metadata={"help": "checkpoint directory"})
+    model: str = field(
+        metadata={"help": "checkpoint directory, or a Hugging Face model id (org/name)"}
+    )
+    revision: str | None = knob(None, "branch, tag or commit of a Hugging Face model id")
+    tokenizer: str | None = knob(None, "folder of the tokenizer files (default: the model's)")
+    trust_remote_code: bool = knob(
+        False,
+        "accepted for vLLM compatibility: no code from a checkpoint ever runs (true is an "
+        "error unless the architecture is implemented natively)",
+    )
+    generation_config: str = knob(
+        "auto",
+        "default sampling parameters: auto (the model's generation_config.json), vllm "
+        "(none) or a folder holding a generation_config.json",
+    )
     tensor_parallel_size: int = knob(
         1, "GPUs (ranks) the model is split across", aliases=("-tp",)
     )
@@ -232,8 +291,10 @@ class EngineArgs:
         0.9, "fraction of GPU memory for weights, activations and the KV pool"
     )
     block_size: int = knob(16, f"tokens per KV-cache block, one of {BLOCK_SIZES}")
-    max_num_seqs: int = knob(256, "most sequences in one step")
-    max_num_batched_tokens: int = knob(8192, "token budget of one step")
+    max_num_seqs: int = knob(1024, "most sequences in one step")
+    max_num_batched_tokens: int = knob(
+        16384, "token budget of one step (metroline serve's default: see SERVING_DEFAULTS)"
+    )
     enable_prefix_caching: bool = knob(True, "reuse the KV blocks of shared prefixes")
     kv_cache_memory_bytes: int | None = knob(
         None,
@@ -266,6 +327,10 @@ class EngineArgs:
             max_model_len=self.max_model_len,
             load_format=self.load_format,
             seed=self.seed,
+            revision=self.revision,
+            tokenizer=self.tokenizer,
+            trust_remote_code=self.trust_remote_code,
+            generation_config=self.generation_config,
         )
         return EngineConfig(
             model=model,

@@ -9,13 +9,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from tqdm.auto import tqdm
-
+from .chat_templates import as_conversations, check_template_text, render_chat
 from .checkpoint import load_tokenizer
 from .client.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from .client.output_processor import OutputProcessor
 from .config import EngineArgs
 from .core.engine_core import EngineCore
+from .generation_defaults import default_sampling_params
+from .llm_reporting import GenerateProgress, attach_default_log_handler, ready_line
 from .messages import RequestStatus
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -43,13 +44,23 @@ class LLM:
             raise TypeError(
                 f"LLM() got unknown engine arguments {unknown}; known: {', '.join(sorted(known))}"
             )
+        attach_default_log_handler()
         args = EngineArgs(model=model, **kwargs)
         self.config = args.create_config()
         model_config = self.config.model
-        self.tokenizer = load_tokenizer(model_config.path) if model_config.has_tokenizer else None
+        self.tokenizer = (
+            load_tokenizer(model_config.tokenizer_path) if model_config.has_tokenizer else None
+        )
         self.engine_core = EngineCore(self.config)
+        logger.info("%s", ready_line(self.engine_core))
         self.input_processor = InputProcessor(self.config, self.tokenizer)
         self._request_counter = itertools.count()
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The sampling parameters ``generate`` uses when given none: the model's
+        ``generation_config.json`` defaults (see :mod:`metroline.engine.generation_defaults`;
+        ``generation_config="vllm"`` leaves them out), SamplingParams' own for the rest."""
+        return default_sampling_params(self.config.model.generation_defaults)
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
@@ -73,7 +84,7 @@ class LLM:
     ) -> list[RequestOutput]:
         prompt_list = _as_prompt_list(prompts)
         if sampling_params is None:
-            params_list = [SamplingParams()] * len(prompt_list)
+            params_list = [self.get_default_sampling_params()] * len(prompt_list)
         elif isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompt_list)
         else:
@@ -88,6 +99,43 @@ class LLM:
             for prompt, params in zip(prompt_list, params_list)
         ]
         return self._run(processed, use_tqdm)
+
+    def chat(
+        self,
+        messages: Sequence[Any],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[RequestOutput]:
+        """``generate`` on one conversation (a list of ``{"role", "content"}`` dicts) or a
+        list of them: each is rendered by the chat template (``chat_template``, the template
+        text, else the tokenizer's) as ``/v1/chat/completions`` renders it, and tokenised
+        without adding special tokens (the template writes them). A conversation that
+        cannot be rendered raises ``ValueError``."""
+        if chat_template is not None:
+            check_template_text(chat_template, "chat_template")
+        texts = [
+            render_chat(
+                self.tokenizer,
+                conversation,
+                chat_template=chat_template,
+                chat_template_kwargs=chat_template_kwargs,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                template_option="LLM.chat(chat_template=...)",
+            )
+            for conversation in as_conversations(messages)
+        ]
+        limit = self.config.model.max_model_len - 1
+        encode = self.input_processor.encode
+        prompts = [{"prompt_token_ids": encode(t, False, limit)} for t in texts]
+        outputs = self.generate(prompts, sampling_params, use_tqdm)
+        for output, text in zip(outputs, texts):
+            output.prompt = text
+        return outputs
 
     def _run(self, processed: list[ProcessedPrompt], use_tqdm: bool) -> list[RequestOutput]:
         core = self.engine_core
@@ -104,9 +152,7 @@ class LLM:
                 for core_request in p.core_requests:
                     core.add_request(core_request)
             results: list[RequestOutput | None] = [None] * len(processed)
-            with tqdm(
-                total=len(processed), desc="generate", unit="req", disable=not use_tqdm
-            ) as progress:
+            with GenerateProgress(self._token_budgets(processed), use_tqdm) as progress:
                 timer = core.host_timer
                 while outputs.has_unfinished_requests():
                     core_outputs = core.step()
@@ -122,12 +168,27 @@ class LLM:
                         if result.error is not None:
                             logger.error("request %s failed: %s", result.request_id, result.error)
                         results[order[result.request_id]] = result
-                        progress.update(1)
+                    progress.update(core_outputs, step.request_outputs)
         except BaseException:
             for p in processed:
                 core.finish_requests(outputs.abort_request(p.request_id))
             raise
         return [r for r in results if r is not None]
+
+    def _token_budgets(
+        self, processed: list[ProcessedPrompt]
+    ) -> dict[str, list[tuple[str, int, int]]]:
+        """Per request, its core requests' (id, prompt length, most tokens they generate)."""
+        max_len = self.config.model.max_model_len
+        budgets = {}
+        for p in processed:
+            room = max_len - len(p.prompt_token_ids)
+            limit = p.params.max_tokens
+            budget = room if limit is None else min(room, limit)
+            budgets[p.request_id] = [
+                (c.request_id, len(p.prompt_token_ids), budget) for c in p.core_requests
+            ]
+        return budgets
 
 
 def _as_prompt_list(prompts: Any) -> list[PromptType]:

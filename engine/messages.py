@@ -61,6 +61,9 @@ class EngineCoreRequest:
     #: Mixed into the first block's hash: requests with different salts never share blocks.
     #: ``None`` with prefix caching off means "do not hash this request's blocks at all".
     cache_salt: str | None = None
+    #: ``sampling_params.bad_words`` as token ids (each word with and without a leading
+    #: space): a sequence's last id is banned while the others end the output.
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
 
 
 # ---- API server -> engine core ------------------------------------------------------------
@@ -118,6 +121,9 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0
     #: Why serving this request failed (with finish_reason "error").
     error: str | None = None
+    #: With ``prompt_logprobs``, on the request's first output: one entry per prompt token
+    #: (None for the first, which nothing predicts).
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -161,6 +167,8 @@ class NewRequestData:
     num_output_tokens: int = 0
     #: End-of-sequence ids, banned by ``min_tokens`` until enough tokens are generated.
     eos_token_ids: tuple[int, ...] = ()
+    #: As in :class:`EngineCoreRequest`.
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass(slots=True)
@@ -231,3 +239,6 @@ class ModelRunnerOutput:
     #: Failed requests that the step ran without (their inputs failed): it wrote no KV for
     #: them, so blocks they were given for it hold nothing.
     unwritten: frozenset[str] = frozenset()
+    #: Request id -> (index of the first prompt token covered, one entry per prompt token
+    #: from there), for the requests with ``prompt_logprobs`` whose prompt the step computed.
+    prompt_logprobs: dict[str, tuple[int, list[PositionLogprobs]]] = field(default_factory=dict)

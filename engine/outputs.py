@@ -50,6 +50,9 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    #: With ``prompt_logprobs``: one entry per prompt token, None for the first (nothing
+    #: predicts it), each holding that token and the top alternatives.
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
     #: Set when serving the request failed: one sequence finished with reason "error" and
     #: its siblings were aborted. Other requests are not affected.
     error: str | None = None

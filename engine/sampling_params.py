@@ -23,6 +23,15 @@ MAX_STOP_STRINGS = 32
 MAX_STOP_STRING_CHARS = 256
 #: Most stop token ids per request.
 MAX_STOP_TOKEN_IDS = 256
+#: Most ``logit_bias`` entries (OpenAI's limit) and the largest bias either way.
+MAX_LOGIT_BIAS_ENTRIES = 300
+MAX_LOGIT_BIAS = 100.0
+#: Most ``allowed_token_ids`` (the engine also checks: at most the vocabulary size).
+MAX_ALLOWED_TOKEN_IDS = 2**18
+#: Most ``bad_words``, and the longest one (characters): each is tokenised twice, and each
+#: step compares the tail of the output with every word's tokens.
+MAX_BAD_WORDS = 128
+MAX_BAD_WORD_CHARS = 256
 
 
 @dataclass
@@ -33,9 +42,13 @@ class SamplingParams:
     finite, counts at most :data:`MAX_COUNT`), ``stop`` is a tuple of at most
     :data:`MAX_STOP_STRINGS` non-empty strings of at most :data:`MAX_STOP_STRING_CHARS`
     characters and ``stop_token_ids`` a tuple of at most :data:`MAX_STOP_TOKEN_IDS` ints in
-    ``[0, MAX_COUNT]`` (the engine checks them against the vocabulary). A bad value raises
-    ``ValueError`` naming the field and what is allowed. A ``top_k`` above the vocabulary
-    size keeps every token, as ``-1`` does.
+    ``[0, MAX_COUNT]`` (the engine checks them against the vocabulary). ``logit_bias`` is a
+    dict of at most :data:`MAX_LOGIT_BIAS_ENTRIES` token ids (ints, or strings of digits as
+    JSON sends them) to biases in ``[-100, 100]``, ``allowed_token_ids`` a non-empty tuple of
+    at most :data:`MAX_ALLOWED_TOKEN_IDS` token ids, ``bad_words`` a tuple of at most
+    :data:`MAX_BAD_WORDS` non-blank strings of at most :data:`MAX_BAD_WORD_CHARS`
+    characters. A bad value raises ``ValueError`` naming the field and what is allowed. A
+    ``top_k`` above the vocabulary size keeps every token, as ``-1`` does.
     """
 
     n: int = 1
@@ -53,17 +66,36 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None
+    #: Log-probabilities of each prompt token (and this many alternatives) under the model.
+    prompt_logprobs: int | None = None
     #: Drop special tokens (EOS, chat markers) from the returned text.
     skip_special_tokens: bool = True
+    #: Keep the stop string (or the stop token's text) that ended the output in its text.
+    include_stop_str_in_output: bool = False
+    #: Token id -> bias added to its logit before sampling (-100 bans, +100 forces).
+    logit_bias: dict[int, float] | None = None
+    #: Only these tokens may be generated.
+    allowed_token_ids: list[int] | tuple[int, ...] | None = None
+    #: Words never generated: a word's last token is banned while its other tokens have
+    #: just been generated (tokenised with and without a leading space).
+    bad_words: list[str] | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
-        for name in ("stop", "stop_token_ids"):
+        for name in ("stop", "stop_token_ids", "bad_words"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (list, tuple)):
                 raise ValueError(f"{name} must be a list, got {type(value).__name__}")
             setattr(self, name, tuple(value or ()))
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, (list, tuple)):
+                raise ValueError(
+                    f"allowed_token_ids must be a list, got {type(self.allowed_token_ids).__name__}"
+                )
+            self.allowed_token_ids = tuple(self.allowed_token_ids)
+        if self.logit_bias is not None:
+            self.logit_bias = _logit_bias(self.logit_bias)
         self._validate()
 
     def _validate(self) -> None:
@@ -119,10 +151,35 @@ class SamplingParams:
             not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
+        if self.prompt_logprobs is not None and (
+            not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            raise bad("prompt_logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
+        if self.allowed_token_ids is not None and (
+            not 0 < len(self.allowed_token_ids) <= MAX_ALLOWED_TOKEN_IDS
+            or any(not _is_count(t, 0) for t in self.allowed_token_ids)
+        ):
+            raise ValueError(
+                f"allowed_token_ids must be a non-empty list of at most {MAX_ALLOWED_TOKEN_IDS} "
+                f"token ids in [0, {MAX_COUNT}] (or None)"
+            )
+        if len(self.bad_words) > MAX_BAD_WORDS or any(
+            not isinstance(w, str) or not w.strip() or len(w) > MAX_BAD_WORD_CHARS
+            for w in self.bad_words
+        ):
+            raise ValueError(
+                f"bad_words must be a list of at most {MAX_BAD_WORDS} words, each of 1 to "
+                f"{MAX_BAD_WORD_CHARS} characters and not only spaces"
+            )
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
+
+    @property
+    def restricts_tokens(self) -> bool:
+        """``logit_bias``, ``allowed_token_ids`` or ``bad_words`` change the logits."""
+        return bool(self.logit_bias) or self.allowed_token_ids is not None or bool(self.bad_words)
 
     @property
     def uses_penalties(self) -> bool:
@@ -139,6 +196,29 @@ class SamplingParams:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _logit_bias(value: object) -> dict[int, float]:
+    """``logit_bias`` with int keys (JSON object keys are strings of digits), checked."""
+    allowed = (
+        f"a dict of at most {MAX_LOGIT_BIAS_ENTRIES} token ids (in [0, {MAX_COUNT}]) to "
+        f"biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
+    )
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ValueError(f"logit_bias must be {allowed}, got {shown(value)}")
+    bias: dict[int, float] = {}
+    for key, amount in value.items():
+        token = key
+        if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10:
+            token = int(key)
+        if not _is_count(token, 0):
+            raise ValueError(
+                f"logit_bias keys must be token ids in [0, {MAX_COUNT}], got {shown(key)}"
+            )
+        if not _is_number(amount) or not -MAX_LOGIT_BIAS <= amount <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias must be {allowed}, got {shown(amount)} for token {token}")
+        bias[token] = float(amount)
+    return bias
 
 
 def shorten(text: str, limit: int) -> str:

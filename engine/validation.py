@@ -26,6 +26,25 @@ def validate_request(spec: EngineCoreRequest, config: EngineConfig) -> None:
     bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
     if bad:
         raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {shown(bad[:5])}")
-    bad = [t for t in spec.sampling_params.stop_token_ids if not 0 <= t < vocab]
+    params = spec.sampling_params
+    bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
     if bad:
         raise ValueError(f"stop_token_ids must be token ids in [0, {vocab}); got {shown(bad[:5])}")
+    bad = [t for t in params.logit_bias or () if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"logit_bias keys must be token ids in [0, {vocab}); got {shown(bad[:5])}")
+    allowed = params.allowed_token_ids
+    if allowed is not None:
+        bad = [t for t in allowed if not 0 <= t < vocab]
+        if bad or len(allowed) > vocab:
+            raise ValueError(
+                f"allowed_token_ids must be at most {vocab} token ids in [0, {vocab}); got "
+                f"{shown(bad[:5]) if bad else f'{len(allowed)} ids'}"
+            )
+    if params.bad_words and not spec.bad_words_token_ids:
+        raise ValueError("bad_words were not tokenised: add the request through an InputProcessor")
+    bad = [t for word in spec.bad_words_token_ids for t in word if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(
+            f"bad_words must tokenise to token ids in [0, {vocab}); got {shown(bad[:5])}"
+        )

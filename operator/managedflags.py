@@ -27,6 +27,11 @@ ENGINE_FLAGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     # (option strings, kind, choices): generated from `metroline serve`'s parser, in its order
     # (argparse names ambiguous prefixes' matches in that order); see test_engine_cli.py.
     ('-h --help', 'help', ()),
+    ('--config', 'str', ()),
+    ('--revision', 'str', ()),
+    ('--tokenizer', 'str', ()),
+    ('--trust-remote-code --no-trust-remote-code', 'bool', ()),
+    ('--generation-config', 'str', ()),
     ('--tensor-parallel-size -tp', 'int', ()),
     ('--max-model-len', 'int', ()),
     ('--gpu-memory-utilization', 'float', ()),
@@ -49,6 +54,15 @@ ENGINE_FLAGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ('--ready-max-waiting', 'int', ()),
     ('--max-waiting-requests', 'int', ()),
     ('--drain-timeout', 'float', ()),
+    ('--allow-unknown-fields --no-allow-unknown-fields', 'bool', ()),
+    ('--chat-template', 'str', ()),
+    ('--trust-request-chat-template --no-trust-request-chat-template', 'bool', ()),
+    ('--log-stats-interval', 'float', ()),
+    ('--disable-log-stats --no-disable-log-stats', 'bool', ()),
+    ('--allowed-origins', 'str+', ()),
+    ('--allowed-methods', 'str+', ()),
+    ('--allowed-headers', 'str+', ()),
+    ('--allow-credentials --no-allow-credentials', 'bool', ()),
     ('--served-model-name', 'str+', ()),
     ('--api-key', 'str', ()),
     ('--log-level', 'str', ('debug', 'info', 'warning', 'error')),
@@ -163,11 +177,31 @@ class _Choices(tuple):
         return isinstance(value, Unseen) or super().__contains__(value)
 
 
-def _typed(kind: type) -> Callable[[str], Any]:
+_SUFFIX_VALUES = {"k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
+                  "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def _engine_int(text: str) -> int:
+    """An integer as the engine's flags read it: plain, or with vLLM's suffixes (``32k`` is
+    32000, ``32K`` 32768; decimals only before a lower-case one)."""
+    body, suffix = text.strip(), ""
+    if body[-1:] in _SUFFIX_VALUES:
+        body, suffix = body[:-1], body[-1]
+    if not suffix:
+        return int(body)
+    if not body or not all(part.isdecimal() for part in body.split(".", 1)):
+        raise ValueError(text)
+    if "." in body and suffix.isupper():
+        raise ValueError(text)
+    scale = _SUFFIX_VALUES[suffix]
+    return int(float(body) * scale) if "." in body else int(body) * scale
+
+
+def _typed(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def convert(text: str) -> Any:
         return Unseen(text) if UNSEEN in text else kind(text)
 
-    convert.__name__ = kind.__name__  # argparse words "invalid int value: 'x'" with it
+    convert.__name__ = "int" if kind is _engine_int else kind.__name__  # argparse's words
     return convert
 
 
@@ -178,7 +212,7 @@ def _options(kind: str, choices: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
         yield "action", _True
     else:
         yield "action", _Store
-        yield "type", _typed({"int": int, "float": float}.get(kind.rstrip("+"), str))
+        yield "type", _typed({"int": _engine_int, "float": float}.get(kind.rstrip("+"), str))
         if kind.endswith("+"):
             yield "nargs", "+"
     if choices:

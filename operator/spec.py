@@ -74,7 +74,7 @@ the oldest the CRD supports, so the CRD admits no field an older API server woul
 SHM_GIB_PER_GPU = 2
 """``/dev/shm`` is a memory-backed emptyDir of this many GiB per GPU (``pod.volumes``)."""
 
-DEFAULT_MAX_NUM_SEQS = 256
+DEFAULT_MAX_NUM_SEQS = 1024
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 """The engine's defaults (EngineArgs in engine/config.py; tests/operator/test_engine_cli.py
 checks they agree); used by cross-field rules."""

@@ -38,7 +38,7 @@ from ..outputs import RequestOutput
 from .core_client import CoreClient
 from .input_processor import InputProcessor, ProcessedPrompt
 from .output_processor import OutputProcessor
-from .request_events import EngineObserver, FinishedRequest
+from .request_events import EngineObserver, FinishedRequest, IterationStats
 
 logger = logging.getLogger(__name__)
 
@@ -252,18 +252,21 @@ class AsyncLLM:
                 state.scheduled_time = when
                 self._unscheduled.discard(state.request_id)
         now = time.monotonic()
-        num_new_tokens = 0
+        iteration = IterationStats()
         touched: set[str] = set()
         for output in step.outputs:
-            num_new_tokens += len(output.new_token_ids)
+            iteration.num_generation_tokens += len(output.new_token_ids)
             state = self.requests.get(self._parent_of.get(output.request_id, ""))
             if state is None or not output.new_token_ids:
                 continue
             state.num_output_tokens += len(output.new_token_ids)
             if state.first_token_time is None:
                 state.first_token_time = now
+                iteration.num_prompt_tokens += state.num_prompt_tokens
             if state.request_id not in touched:
                 touched.add(state.request_id)
+                if state.last_token_time is not None:
+                    iteration.inter_token_latencies.append(now - state.last_token_time)
                 state.num_token_steps += 1
                 state.last_token_time = now
         processed = self.output_processor.process_outputs(step.outputs)
@@ -290,7 +293,7 @@ class AsyncLLM:
                 tokens = sum(len(c.token_ids) for c in request_output.outputs)
                 self.observer.on_request_finished(state.finished(reasons, tokens))
         self.stats = step.stats
-        self.observer.on_step(step.stats, num_new_tokens)
+        self.observer.on_step(step.stats, iteration)
 
 
 class RequestStream:

@@ -16,7 +16,8 @@ _PROMPT_CONTEXT = 5
 
 
 class IncrementalDetokenizer:
-    """Invariant: ``text`` is the decoded output, cut before the first stop string found.
+    """Invariant: ``text`` is the decoded output, cut before the first stop string found
+    (after it, with ``include_stop_str``).
 
     The text is kept as pieces (joined when read, and cached), and stop strings are looked
     for in the new piece plus the tail before it that a stop string could start in, so the
@@ -29,9 +30,11 @@ class IncrementalDetokenizer:
         prompt_token_ids: list[int],
         stop: tuple[str, ...] = (),
         skip_special_tokens: bool = True,
+        include_stop_str: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
+        self.include_stop_str = include_stop_str
         self.skip_special_tokens = skip_special_tokens
         self.token_ids = list(prompt_token_ids[-_PROMPT_CONTEXT:])
         self.prefix_offset = 0
@@ -83,8 +86,9 @@ class IncrementalDetokenizer:
 
     def _append(self, piece: str, check_stop: bool) -> str | None:
         """Add ``piece``; with ``check_stop``, cut the text before the earliest stop string
-        that ends in it (it may start in the tail before; on a tie, the first listed) and
-        return that stop string."""
+        that ends in it (it may start in the tail before; on a tie, the first listed), or
+        after it with ``include_stop_str``, and return that stop string. Either cut is at
+        or after the streamed length (the tail is held back while the text may grow)."""
         window = self._tail + piece
         window_start = self._length - len(self._tail)
         self._pieces.append(piece)
@@ -100,7 +104,7 @@ class IncrementalDetokenizer:
                 best = (index, stop)
         if best is None:
             return None
-        cut = window_start + best[0]
+        cut = window_start + best[0] + (len(best[1]) if self.include_stop_str else 0)
         text = self.text[:cut]
         self._pieces, self._joined, self._length = [text], text, cut
         self._tail = text[-self._overlap :] if self._overlap else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +75,11 @@ class InputProcessor:
         text, token_ids = self.tokenize(prompt)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
+        bad_words: tuple[tuple[int, ...], ...] = ()
+        if params.bad_words:
+            if self.encode is None:
+                raise ValueError("bad_words need a tokenizer; this model has none")
+            bad_words = bad_words_token_ids(params.bad_words, self.encode)
         # With prefix caching off, the n sequences still share the prompt's blocks: a salt
         # unique to this request makes only its siblings hash alike.
         salt = request_id if params.n > 1 and not self.config.cache.enable_prefix_caching else None
@@ -82,7 +88,9 @@ class InputProcessor:
             child_params = params
             if params.n > 1:
                 seed = params.seed + index if params.seed is not None else None
-                child_params = params.clone(n=1, seed=seed)
+                # The siblings share one prompt: the first alone computes its log-probs.
+                prompt_logprobs = params.prompt_logprobs if index == 0 else None
+                child_params = params.clone(n=1, seed=seed, prompt_logprobs=prompt_logprobs)
             core_id = request_id if params.n == 1 else f"{index}_{request_id}"
             core_requests.append(
                 EngineCoreRequest(
@@ -92,7 +100,25 @@ class InputProcessor:
                     eos_token_ids=self.eos_token_ids,
                     arrival_time=arrival_time,
                     cache_salt=salt,
+                    bad_words_token_ids=bad_words,
                 )
             )
         validate_request(core_requests[0], self.config)
         return ProcessedPrompt(request_id, text, token_ids, params, core_requests)
+
+
+def bad_words_token_ids(
+    words: tuple[str, ...], encode: Callable[[str, bool, int | None], list[int]]
+) -> tuple[tuple[int, ...], ...]:
+    """Each word's token ids as it would start the text, and (as vLLM does) as it would
+    follow a space when that makes a different first token of the same count: a word is
+    banned both at the start and in the middle of the text."""
+    sequences: list[tuple[int, ...]] = []
+    for word in words:
+        plain = tuple(encode(word.lstrip(), False, None))
+        spaced = tuple(encode(" " + word.lstrip(), False, None))
+        variants = [plain]
+        if plain and len(spaced) == len(plain) and spaced[0] != plain[0]:
+            variants.append(spaced)
+        sequences += [ids for ids in variants if ids and ids not in sequences]
+    return tuple(sequences)

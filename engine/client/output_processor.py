@@ -63,6 +63,7 @@ class _Request:
     stream: bool = False
     first_token_time: float | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -113,7 +114,11 @@ class OutputProcessor:
             detokenizer = None
             if self.tokenizer is not None:
                 detokenizer = IncrementalDetokenizer(
-                    self.tokenizer, prompt_token_ids, params.stop, params.skip_special_tokens
+                    self.tokenizer,
+                    prompt_token_ids,
+                    params.stop,
+                    params.skip_special_tokens,
+                    params.include_stop_str_in_output,
                 )
             sequence = _Sequence(core_id, index, params, detokenizer)
             if params.logprobs is not None:
@@ -161,6 +166,8 @@ class OutputProcessor:
             if request.first_token_time is None:
                 request.first_token_time = now
             request.num_cached_tokens = max(request.num_cached_tokens, output.num_cached_tokens)
+            if output.prompt_logprobs is not None and request.prompt_logprobs is None:
+                request.prompt_logprobs = self._decoded_prompt_logprobs(output.prompt_logprobs)
             try:
                 if faults.ACTIVE:
                     faults.inject("detokenize", output.request_id)
@@ -198,7 +205,10 @@ class OutputProcessor:
         stop_hit = None
         if sequence.detokenizer is not None:
             check = len(sequence.token_ids) >= sequence.params.min_tokens
-            stop_hit = sequence.detokenizer.update(output.new_token_ids, check_stop=check)
+            new_token_ids = output.new_token_ids
+            if _ends_on_stop_token(output) and not sequence.params.include_stop_str_in_output:
+                new_token_ids = new_token_ids[:-1]  # EOS or a stop token id: not in the text
+            stop_hit = sequence.detokenizer.update(new_token_ids, check_stop=check)
         if stop_hit is not None:
             sequence.finish_reason, sequence.stop_reason = "stop", stop_hit
             return not output.finished
@@ -208,6 +218,14 @@ class OutputProcessor:
             if sequence.detokenizer is not None and output.error is None:
                 sequence.detokenizer.flush()
         return False
+
+    def _decoded_prompt_logprobs(
+        self, entries: list[PositionLogprobs | None]
+    ) -> list[PositionLogprobs | None]:
+        for position in entries:
+            if position is not None:
+                self._decode_logprobs(position)
+        return entries
 
     def _decode_logprobs(self, position: PositionLogprobs) -> None:
         if self.tokenizer is None:
@@ -243,8 +261,14 @@ class OutputProcessor:
             finished=finished,
             num_cached_tokens=request.num_cached_tokens,
             metrics=metrics,
+            prompt_logprobs=request.prompt_logprobs,
             error=request.error,
         )
+
+
+def _ends_on_stop_token(output: EngineCoreOutput) -> bool:
+    """The core stopped the sequence on its last new token (EOS or a stop token id)."""
+    return output.finish_reason == "stop" and bool(output.new_token_ids)
 
 
 def _abort_siblings(request: _Request) -> list[str]:

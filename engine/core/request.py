@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..messages import EngineCoreRequest, RequestStatus
+from ..outputs import PositionLogprobs
 
 
 class Request:
@@ -16,6 +17,7 @@ class Request:
     __slots__ = (
         "all_token_ids",
         "arrival_time",
+        "bad_words_token_ids",
         "block_hashes",
         "cache_salt",
         "eos_token_ids",
@@ -25,6 +27,7 @@ class Request:
         "num_preemptions",
         "num_prompt_tokens",
         "output_token_ids",
+        "prompt_logprobs",
         "prompt_token_ids",
         "request_id",
         "sampling_params",
@@ -40,6 +43,7 @@ class Request:
         self.eos_token_ids = frozenset(spec.eos_token_ids)
         self.arrival_time = spec.arrival_time
         self.cache_salt = spec.cache_salt
+        self.bad_words_token_ids = spec.bad_words_token_ids
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
         self.status = RequestStatus.WAITING
@@ -54,6 +58,23 @@ class Request:
         self.num_preemptions = 0
         self.block_hashes: list[bytes] = []
         self.stop_reason: int | str | None = None
+        #: With ``prompt_logprobs``: the entries gathered so far, one per prompt token from
+        #: the first (None); handed to the first output, then None.
+        self.prompt_logprobs: list[PositionLogprobs | None] | None = (
+            [None] if spec.sampling_params.prompt_logprobs is not None else None
+        )
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """A request with ``prompt_logprobs`` computes its whole prompt (no cache hits)."""
+        return self.sampling_params.prompt_logprobs is None
+
+    def add_prompt_logprobs(self, first: int, entries: list[PositionLogprobs]) -> None:
+        """Take the entries of prompt tokens ``first, first + 1, ...``; tokens already held
+        (computed again after a preemption) are skipped."""
+        held = self.prompt_logprobs
+        if held is not None and first <= len(held):
+            held.extend(entries[len(held) - first :])
 
     @property
     def num_tokens(self) -> int:

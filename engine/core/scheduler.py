@@ -31,8 +31,6 @@ from .request import Request
 logger = logging.getLogger(__name__)
 
 
-
-
 class Scheduler:
     """Owns the request queues and decides each step's batch.
 
@@ -66,8 +64,8 @@ class Scheduler:
             self._num_exact_history += 1
 
     def needs_exact_history(self) -> bool:
-        """Some request samples from its full token history (penalties, min_tokens): steps
-        must not run ahead of the tokens read back."""
+        """Some request samples from its full token history (penalties, min_tokens, bad
+        words of several tokens): steps must not run ahead of the tokens read back."""
         return self._num_exact_history > 0
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
@@ -138,7 +136,9 @@ class Scheduler:
             and self.waiting[0].num_pending_samples == 0
         ):
             request = self.waiting[0]
-            hits, num_hit_tokens = kv.get_computed_blocks(request)
+            hits, num_hit_tokens = (
+                kv.get_computed_blocks(request) if request.reads_prefix_cache else ([], 0)
+            )
             num_new = min(request.num_tokens - num_hit_tokens, budget)
             if kv.allocate_slots(request, num_new, hits) is None:
                 break
@@ -178,6 +178,10 @@ class Scheduler:
             if request is not None:
                 outputs.append(self._fail(request, message))
                 any_finished = True
+        for request_id, (first, entries) in runner_output.prompt_logprobs.items():
+            request = self.requests.get(request_id)
+            if request is not None:
+                request.add_prompt_logprobs(first, entries)
         for request_id in scheduled.sampling_request_ids:
             request = self.requests.get(request_id)
             if request is None:
@@ -210,6 +214,8 @@ class Scheduler:
             new_logprobs=[logprobs] if logprobs is not None else None,
             num_cached_tokens=max(request.num_cached_tokens, 0),
         )
+        if request.prompt_logprobs is not None:
+            output.prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None
         if status is not None:
             self._finish_anywhere(request, status)
             output.finish_reason = status.value
@@ -325,6 +331,7 @@ class Scheduler:
             num_computed_tokens=request.num_computed_tokens,
             num_output_tokens=request.num_output_tokens,
             eos_token_ids=tuple(sorted(request.eos_token_ids)),
+            bad_words_token_ids=request.bad_words_token_ids,
         )
 
     def _diff(self, request: Request, new_blocks: list[KVBlock]) -> RunningRequestData:
@@ -343,4 +350,8 @@ class Scheduler:
 
 def _needs_exact_history(request: Request) -> bool:
     params = request.sampling_params
-    return params.uses_penalties or params.min_tokens > 0
+    return (
+        params.uses_penalties
+        or params.min_tokens > 0
+        or any(len(word) > 1 for word in request.bad_words_token_ids)
+    )

@@ -1,7 +1,8 @@
 """From logits to tokens: penalties, temperature, top-k/top-p/min-p, per-request seeds.
 
-Order (as in vLLM): min-tokens masking, penalties (repetition, frequency, presence), then
-greedy argmax for greedy rows; for the others temperature, min-p, top-k, top-p and a draw.
+Order (as in vLLM): ``allowed_token_ids``, bad words and min-tokens masking, ``logit_bias``,
+penalties (repetition, frequency, presence), then greedy argmax for greedy rows; for the
+others temperature, min-p, top-k, top-p and a draw.
 A draw is ``argmax(probs / q)`` with ``q ~ Exp(1)`` per vocabulary entry (the exponential
 race, equivalent to sampling from ``probs``); a seeded request draws ``q`` from its own
 generator, so its tokens do not depend on what else is in the batch.
@@ -10,7 +11,7 @@ Log-probabilities are those of the raw model distribution, before any of these t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +40,12 @@ class SamplingMetadata:
     min_tokens_mask: list[tuple[int, list[int]]]  # (row, token ids banned for now)
     generators: dict[int, torch.Generator]  # row -> the request's own generator
     max_num_logprobs: int | None  # largest ``logprobs`` asked for, None if no row asks
+    #: True where ``allowed_token_ids`` bans a token ([B, V] bool; None if no row has any).
+    allowed_token_mask: torch.Tensor | None = None
+    #: (row, token ids) that the row's bad words ban at this step.
+    bad_word_bans: list[tuple[int, list[int]]] = field(default_factory=list)
+    #: ``logit_bias`` of every row, flat: rows [E] int64, token ids [E] int64, biases [E] fp32.
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -46,6 +53,26 @@ class SamplerOutput:
     sampled: torch.Tensor  # [B] int64
     #: Per row: top log-probabilities plus the sampled token's (None where not asked).
     logprobs: list[PositionLogprobs | None]
+
+
+def apply_token_constraints(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """``allowed_token_ids``, bad words and min-tokens bans (-inf), then ``logit_bias``
+    (added). ``logits`` itself is never changed: a copy is returned when any applies."""
+    bans = meta.min_tokens_mask + meta.bad_word_bans
+    if meta.allowed_token_mask is None and not bans and meta.logit_bias is None:
+        return logits
+    logits = logits.clone()
+    if meta.allowed_token_mask is not None:
+        logits.masked_fill_(meta.allowed_token_mask, float("-inf"))
+    if bans:
+        rows = [row for row, token_ids in bans for _ in token_ids]
+        token_ids = [token for _, tokens in bans for token in tokens]
+        index = torch.tensor([rows, token_ids], dtype=torch.int64).to(logits.device)
+        logits[index[0], index[1]] = float("-inf")
+    if meta.logit_bias is not None:
+        rows, token_ids, biases = meta.logit_bias
+        logits.index_put_((rows, token_ids), biases, accumulate=True)
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -90,10 +117,7 @@ class Sampler:
         raw_logprobs = (
             torch.log_softmax(logits, dim=-1) if meta.max_num_logprobs is not None else None
         )
-        if meta.min_tokens_mask:
-            logits = logits.clone()
-            for row, token_ids in meta.min_tokens_mask:
-                logits[row, token_ids] = float("-inf")
+        logits = apply_token_constraints(logits, meta)
         logits = apply_penalties(logits, meta)
         greedy_tokens = logits.argmax(dim=-1)
         if meta.all_greedy:

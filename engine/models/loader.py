@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..checkpoint import ModelArchConfig
+from ..checkpoint import ModelArchConfig, check_safetensors
 from ..config import ModelConfig
 from .registry import model_class
 
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 #: Checkpoint entries that are not weights (buffers some exporters write).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
-#: Standard deviation of synthetic weights (BENCHMARKS.md: normal, std 0.02).
+#: Standard deviation of the synthetic (normally distributed) weights.
 DUMMY_STD = 0.02
 
 
@@ -62,14 +62,17 @@ def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
 
 
 def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files to read: the ones the index names, else every one in ``path``."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
-        return [path / name for name in sorted(set(weight_map.values()))]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"no *.safetensors files in {path}")
-    return files
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [file.name for file in files if not file.is_file()]
+        if missing:
+            raise ValueError(f"{index} names shards that are not in {path}: {missing[:5]}")
+        return files
+    check_safetensors(path)
+    return sorted(path.glob("*.safetensors"))
 
 
 def checkpoint_tensors(path: Path) -> Iterator[tuple[str, Any]]:

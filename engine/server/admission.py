@@ -6,25 +6,34 @@ request is in :mod:`metroline.engine.server.engine_calls`."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from typing import Annotated, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from pydantic import BaseModel
 
 from ..client.async_llm import AsyncLLM
 from ..client.input_processor import ProcessedPrompt, PromptTooLongError
+from ..generation_defaults import default_max_tokens, request_sampling_fields
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams, shorten
 from .errors import OpenAIError, bad_request, unavailable
-from .protocol import PromptTokensDetails, SamplingFields, UsageInfo
+from .protocol import PromptTokensDetails, SamplingFields, UsageInfo, unknown_fields
 from .state import ServerState
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
+#: Unknown field names one 400 lists, and names logged once each under
+#: --allow-unknown-fields (further new names are not logged: the log stays bounded).
+_UNKNOWN_NAMED = 8
+_UNKNOWN_LOGGED_MAX = 256
+_unknown_logged: set[str] = set()
 _FIELD = re.compile(r"^(\w+)")
 _SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__)
 
@@ -128,9 +137,69 @@ def check_sequences(state: ServerState, num_prompts: int, n: int) -> None:
         )
 
 
+def check_unknown_fields(state: ServerState, body: SamplingFields) -> None:
+    """400 naming the request's unknown fields (``param``: the first one's dotted path);
+    with --allow-unknown-fields, log each name once and go on."""
+    if state.args.allow_unknown_fields:
+        for name in itertools.islice(unknown_fields(body), _UNKNOWN_NAMED):
+            name = shorten(name, 100)
+            if name not in _unknown_logged and len(_unknown_logged) < _UNKNOWN_LOGGED_MAX:
+                _unknown_logged.add(name)
+                logger.warning(
+                    "ignoring the unknown request field %r (--allow-unknown-fields)", name
+                )
+        return
+    names = [shorten(n, 100) for n in itertools.islice(unknown_fields(body), _UNKNOWN_NAMED + 1)]
+    if names:
+        listed = ", ".join(repr(n) for n in names[:_UNKNOWN_NAMED])
+        more = " and more" if len(names) > _UNKNOWN_NAMED else ""
+        raise bad_request(
+            f"unrecognized request field{'s' if len(names) > 1 else ''} {listed}{more}: this "
+            "server does not implement them (start it with --allow-unknown-fields to ignore "
+            "unknown fields instead)",
+            param=names[0],
+            code="unknown_field",
+        )
+
+
 def reject_unsupported(body: SamplingFields) -> None:
-    if body.logit_bias:
-        raise bad_request("logit_bias is not supported", param="logit_bias")
+    """400 for fields this server takes but not in this combination."""
+    if body.stream_options is not None and not body.stream:
+        raise bad_request(
+            "stream_options is only allowed when stream is true", param="stream_options"
+        )
+    if body.stream and body.prompt_logprobs is not None:
+        raise bad_request(
+            "prompt_logprobs are not available when streaming (stream: true)",
+            param="prompt_logprobs",
+        )
+
+
+def truncation(body: SamplingFields, max_model_len: int) -> int | None:
+    """How many prompt tokens ``truncate_prompt_tokens`` keeps (None: all); -1 means
+    max_model_len, as in vLLM."""
+    keep = body.truncate_prompt_tokens
+    if keep == -1:
+        return max_model_len
+    if keep is not None and not 1 <= keep <= max_model_len:
+        raise bad_request(
+            f"truncate_prompt_tokens must be -1 or in [1, {max_model_len}] (max_model_len); "
+            f"got {keep}",
+            param="truncate_prompt_tokens",
+        )
+    return keep
+
+
+def keep_last(token_ids: list[int], keep: int, head: Sequence[int] = ()) -> list[int]:
+    """The last ``keep`` of ``token_ids``; when they start with ``head`` (the special
+    tokens the tokenizer puts first, e.g. BOS), ``head`` stays and counts toward ``keep``,
+    as a tokenizer truncating on the left does."""
+    if len(token_ids) <= keep:
+        return token_ids
+    head = list(head)
+    if head and len(head) < keep and token_ids[: len(head)] == head:
+        return head + token_ids[len(token_ids) - (keep - len(head)) :]
+    return token_ids[len(token_ids) - keep :]
 
 
 def prompt_too_long(prompt_len: int, max_model_len: int, prompt_param: str) -> OpenAIError:
@@ -144,15 +213,21 @@ def prompt_too_long(prompt_len: int, max_model_len: int, prompt_param: str) -> O
 
 
 def resolve_max_tokens(
-    requested: int | None, prompt_len: int, max_model_len: int, param: str, prompt_param: str
+    requested: int | None,
+    prompt_len: int,
+    max_model_len: int,
+    param: str,
+    prompt_param: str,
+    defaults: Mapping[str, Any] | None = None,
 ) -> int:
-    """Tokens the request may generate; 400 when the prompt and ``requested`` (the field
-    ``param``) do not fit."""
+    """Tokens the request may generate (unset: what fits, capped by the model's default
+    from ``defaults``); 400 when the prompt and ``requested`` (the field ``param``) do not
+    fit."""
     room = max_model_len - prompt_len
     if room < 1:
         raise prompt_too_long(prompt_len, max_model_len, prompt_param)
     if requested is None:
-        return room
+        return default_max_tokens(defaults or {}, room)
     if requested > room:
         raise bad_request(
             f"this model's maximum context length is {max_model_len} tokens, but you asked "
@@ -165,18 +240,23 @@ def resolve_max_tokens(
 
 
 def sampling_params(
-    body: SamplingFields, max_tokens: int, logprobs: int | None, aliases: dict[str, str]
+    body: SamplingFields,
+    max_tokens: int,
+    logprobs: int | None,
+    aliases: dict[str, str],
+    defaults: Mapping[str, Any] | None = None,
 ) -> SamplingParams:
-    """``aliases`` maps engine field names to the request's (e.g. max_tokens)."""
+    """``aliases`` maps engine field names to the request's (e.g. max_tokens); fields the
+    request leaves unset take the model's ``defaults`` (see generation_defaults)."""
     fields = {
         "n": body.n,
-        "temperature": 1.0 if body.temperature is None else body.temperature,
-        "top_p": 1.0 if body.top_p is None else body.top_p,
-        "top_k": -1 if body.top_k is None else body.top_k,
-        "min_p": 0.0 if body.min_p is None else body.min_p,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "min_p": body.min_p,
         "presence_penalty": body.presence_penalty or 0.0,
         "frequency_penalty": body.frequency_penalty or 0.0,
-        "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        "repetition_penalty": body.repetition_penalty,
         "seed": body.seed,
         "stop": body.stop,
         "stop_token_ids": body.stop_token_ids,
@@ -184,10 +264,13 @@ def sampling_params(
         "min_tokens": body.min_tokens,
         "ignore_eos": body.ignore_eos,
         "logprobs": logprobs,
+        "prompt_logprobs": body.prompt_logprobs,
         "skip_special_tokens": body.skip_special_tokens,
+        "include_stop_str_in_output": body.include_stop_str_in_output,
+        "logit_bias": body.logit_bias,
     }
     try:
-        return SamplingParams(**fields)
+        return SamplingParams(**request_sampling_fields(fields, defaults or {}))
     except ValueError as error:
         raise bad_request(str(error), param=_param_of(str(error), aliases)) from None
 
@@ -208,11 +291,22 @@ def process(
     return processed
 
 
-def tokenize(engine: AsyncLLM, prompt: str | list[int], param: str) -> list[int]:
+def tokenize(
+    engine: AsyncLLM, prompt: str | list[int], param: str, keep: int | None = None
+) -> list[int]:
+    """The prompt's token ids, only the last ``keep`` of them when given (see
+    :func:`keep_last`)."""
+    max_len = engine.config.model.max_model_len
     try:
-        return engine.input_processor.tokenize(prompt)[1]
+        if keep is None:
+            return engine.input_processor.tokenize(prompt)[1]
+        if not isinstance(prompt, str):
+            return keep_last(list(prompt), keep)
+        if engine.input_processor.encode is None:
+            raise ValueError("this model has no tokenizer files: give prompts as token id lists")
+        encode = engine.input_processor.encode
+        return keep_last(encode(prompt, True), keep, encode("", True))
     except PromptTooLongError as error:
-        max_len = engine.config.model.max_model_len
         raise prompt_too_long(error.num_tokens, max_len, param) from None
     except ValueError as error:
         raise bad_request(str(error), param=param) from None

@@ -1,7 +1,9 @@
-"""The FastAPI application: routers per area, OpenAI error bodies, a gate on ``/v1/*`` (API
-key, content type, body limits: :mod:`~metroline.engine.server.gate`), an in-flight counter
-that also refuses new work while draining, and a lifespan that loads the model in the
-background (probes answer while it loads) and stops the engine core at exit."""
+"""The FastAPI application: routers per area, OpenAI error bodies, a gate on ``/v1/*`` and
+vLLM's root API routes (API key, content type, body limits:
+:mod:`~metroline.engine.server.gate`), an in-flight counter that also refuses new work while
+draining, CORS when ``--allowed-origins`` is given (no CORS headers otherwise), an
+``X-Request-Id`` on every response, and a lifespan that loads the model in the background
+(probes answer while it loads) and stops the engine core at exit."""
 
 from __future__ import annotations
 
@@ -12,13 +14,16 @@ from collections.abc import Callable
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from starlette.middleware.cors import CORSMiddleware
 
 from ..config import EngineConfig
 from .args import ServerArgs
 from .auth import SECURITY_SCHEME
 from .errors import install_error_handlers, unavailable
-from .gate import RequestGate
-from .routers import chat, completions, health, models
+from .gate import RequestGate, is_api_path
+from .request_ids import HEADER as REQUEST_ID_HEADER
+from .request_ids import RequestIdMiddleware
+from .routers import chat, completions, health, models, tokenize
 from .state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -29,11 +34,11 @@ class ClientNotReading(Exception):
 
 
 class InFlightMiddleware:
-    """Counts ``/v1/*`` requests from arrival until their last byte is sent (streams
-    included); while draining, answers new ones 503 with ``Retry-After`` at once. A response
-    that cannot send for ``send_timeout`` seconds (the client reads nothing, so uvicorn's
-    write buffer stays full) is dropped: the app's send raises, which ends a stream and
-    aborts its requests, and the connection is closed."""
+    """Counts API requests (``/v1/*`` and the root API routes) from arrival until their
+    last byte is sent (streams included); while draining, answers new ones 503 with
+    ``Retry-After`` at once. A response that cannot send for ``send_timeout`` seconds (the
+    client reads nothing, so uvicorn's write buffer stays full) is dropped: the app's send
+    raises, which ends a stream and aborts its requests, and the connection is closed."""
 
     def __init__(self, app, state: ServerState) -> None:
         self.app = app
@@ -41,7 +46,7 @@ class InFlightMiddleware:
         self.send_timeout = state.args.send_timeout
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not is_api_path(scope["path"]):
             await self.app(scope, receive, send)
             return
         if self.state.readiness.draining:
@@ -94,11 +99,22 @@ def build_app(
     app.state.server = state
     install_error_handlers(app)
     app.add_middleware(InFlightMiddleware, state=state)
-    app.add_middleware(RequestGate, args=args)  # added last: runs first
+    app.add_middleware(RequestGate, args=args)
+    if args.allowed_origins:  # before the gate: a preflight carries no API key
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(args.allowed_origins),
+            allow_methods=list(args.allowed_methods),
+            allow_headers=list(args.allowed_headers),
+            allow_credentials=args.allow_credentials,
+            expose_headers=[REQUEST_ID_HEADER],
+        )
+    app.add_middleware(RequestIdMiddleware)  # added last: runs first
     app.include_router(health.router, tags=["probes"])
     app.include_router(models.router, tags=["openai"])
     app.include_router(completions.router, tags=["openai"])
     app.include_router(chat.router, tags=["openai"])
+    app.include_router(tokenize.router, tags=["vllm"])
     app.openapi = lambda: _openapi(app)
     return app
 
@@ -113,7 +129,7 @@ def _openapi(app: FastAPI) -> dict:
         for route, path in schema.get("paths", {}).items():
             for operation in path.values():
                 operation.get("responses", {}).pop("422", None)
-                if api_key and route.startswith("/v1/"):
+                if api_key and is_api_path(route):
                     operation["security"] = [{"bearer": []}]
         if api_key:
             schema.setdefault("components", {})["securitySchemes"] = {"bearer": SECURITY_SCHEME}

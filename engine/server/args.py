@@ -5,8 +5,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from ..chat_templates import load_chat_template
 from ..flags import knob
 from .protocol import MAX_PROMPTS
+
+#: Most values of one CORS flag (--allowed-origins and the like).
+MAX_CORS_VALUES = 64
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,31 @@ class ServerArgs:
         "bytes of request bodies being tokenised at once, at most (503 beyond, for any but "
         "the first)",
     )
+    allow_unknown_fields: bool = knob(
+        False, "log and ignore request fields this server does not know, instead of a 400"
+    )
+    chat_template: str | None = knob(
+        None,
+        "Jinja chat template for /v1/chat/completions, used instead of the tokenizer's: a "
+        "file holding it, or the template text itself",
+    )
+    trust_request_chat_template: bool = knob(
+        False, "accept a chat_template field in chat requests (it runs on the server's CPU)"
+    )
+    log_stats_interval: float = knob(
+        10.0,
+        "seconds between two stats log lines (throughput, requests, KV usage, prefix-cache "
+        "hits) while the server is busy; 0: none",
+    )
+    disable_log_stats: bool = knob(False, "no periodic stats log line (vLLM's flag)")
+    allowed_origins: tuple[str, ...] = knob(
+        (),
+        "origins a browser may call the API from (CORS), '*' for any, as values or one JSON "
+        "list (default: no CORS headers)",
+    )
+    allowed_methods: tuple[str, ...] = knob(("*",), "HTTP methods CORS allows")
+    allowed_headers: tuple[str, ...] = knob(("*",), "request headers CORS allows")
+    allow_credentials: bool = knob(False, "CORS: allow cookies and authorization headers")
     #: The three below have flags of their own shape, made by the CLI.
     log_level: int = logging.INFO
     log_format: str = "text"
@@ -102,6 +131,19 @@ class ServerArgs:
             raise ValueError(f"--port must be in [0, 65535]; got {self.port}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"--log-format must be 'text' or 'json'; got {self.log_format!r}")
+        if not 0 <= self.log_stats_interval < float("inf"):
+            raise ValueError(
+                f"--log-stats-interval must be >= 0 and finite; got {self.log_stats_interval}"
+            )
+        for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
+            values = getattr(self, name)
+            if len(values) > MAX_CORS_VALUES or not all(0 < len(v) <= 256 for v in values):
+                raise ValueError(
+                    f"--{name.replace('_', '-')} takes at most {MAX_CORS_VALUES} values of 1 "
+                    f"to 256 characters; got {len(values)}"
+                )
+        if self.chat_template is not None:
+            load_chat_template(self.chat_template)  # raises ValueError naming the flag
 
     @property
     def model_name(self) -> str:

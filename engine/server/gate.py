@@ -34,6 +34,8 @@ from .auth import api_key_matches, missing_api_key
 from .errors import OpenAIError
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+#: API routes outside ``/v1/`` (vLLM serves them at the root), guarded as ``/v1/*`` is.
+ROOT_API_PATHS = frozenset({"/tokenize", "/detokenize"})
 _CLOSE = {"Connection": "close"}
 
 
@@ -56,8 +58,14 @@ def body_too_slow(timeout: float) -> OpenAIError:
     )
 
 
+def is_api_path(path: str) -> bool:
+    """``/v1/*`` and :data:`ROOT_API_PATHS`: the routes the gate guards."""
+    return path.startswith("/v1/") or path in ROOT_API_PATHS
+
+
 class RequestGate:
-    """ASGI middleware for ``/v1/*``; see the module docstring."""
+    """ASGI middleware for ``/v1/*`` (and :data:`ROOT_API_PATHS`); see the module
+    docstring."""
 
     def __init__(self, app: ASGIApp, args: ServerArgs) -> None:
         self.app = app
@@ -66,7 +74,7 @@ class RequestGate:
         self.body_timeout = args.body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not is_api_path(scope["path"]):
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)

@@ -1,12 +1,14 @@
 """Engine log-probabilities in OpenAI's two shapes (chat ``content`` list, legacy
-completions columns). A position holds the sampled token and the top ``k`` alternatives
-(rank <= k); the engine may return more alternatives than a request asked for."""
+completions columns), and prompt log-probabilities in vLLM's. A position holds the sampled
+token and the top ``k`` alternatives (rank <= k); the engine may return more alternatives
+than a request asked for."""
 
 from __future__ import annotations
 
 import re
 
 from ..outputs import PositionLogprobs
+from .protocol import PromptLogprob, PromptLogprobs
 from .protocol_chat import TokenLogprob, TopLogprob
 from .protocol_completions import CompletionLogprobs
 
@@ -100,3 +102,22 @@ def completion_logprobs(
         result.text_offset.append(offset)
         offset += len(text)
     return result
+
+
+def prompt_logprobs(tokenizer, positions: list[PositionLogprobs | None]) -> PromptLogprobs:
+    """vLLM's ``prompt_logprobs``: per prompt token, a map from token id to its
+    log-probability, rank and text (the prompt's token and its top alternatives); None
+    for the first token, which nothing precedes."""
+    return [
+        None
+        if position is None
+        else {
+            str(token_id): PromptLogprob(
+                logprob=max(lp.logprob, _FLOOR),
+                rank=lp.rank,
+                decoded_token=_token_text(tokenizer, token_id, position),
+            )
+            for token_id, lp in position.items()
+        }
+        for position in positions
+    ]

@@ -1,6 +1,7 @@
 """Structured logs: ``text`` (a message, then ``key=value`` fields) or ``json`` (one object
-per line). Code attaches fields with ``extra={"fields": {...}}``; every finished request gets
-one line from :func:`log_finished_request`."""
+per line). Code attaches fields with ``extra={"fields": {...}}``; lines written while an HTTP
+request is handled carry its ``request_id`` (its ``X-Request-Id``); every finished request
+gets one line from :func:`log_finished_request`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import time
 
 from ..client.request_events import FinishedRequest
+from .request_ids import RequestIdLogFilter
 
 request_logger = logging.getLogger("metroline.requests")
 
@@ -51,6 +53,7 @@ def configure_logging(level: int = logging.INFO, log_format: str = "text") -> No
     """Send every logger (uvicorn's included) to stderr in one format."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.addFilter(RequestIdLogFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

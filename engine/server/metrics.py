@@ -1,5 +1,13 @@
 """Prometheus metrics named ``metroline:<name>``, each labelled ``model_name``, with the
-meanings of vLLM's ``vllm:<name>`` metrics. Each server has its own registry."""
+meanings of vLLM's ``vllm:<name>`` metrics (docs/serving.md lists each name and its vLLM
+twin), plus the process's own ``process_*`` and ``python_*`` metrics. Each server has its own
+registry.
+
+One name differs in meaning from vLLM's: ``metroline:time_per_output_token_seconds`` is one
+observation per request (as vLLM's ``request_time_per_output_token_seconds``, which is here
+too), where vLLM's deprecated ``time_per_output_token_seconds`` is per token (as
+``inter_token_latency_seconds``, here too). Names are never removed: dashboards use them.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +15,16 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
 
-from ..client.request_events import FinishedRequest
+from ..client.request_events import FinishedRequest, IterationStats
+from ..config import CacheConfig
 from ..messages import SchedulerStats
 
 disable_created_metrics()
@@ -23,77 +35,161 @@ _TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 
                  5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
 _LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                     50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+_ITERATION_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 _LOOP_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                      30.0)  # fmt: skip
+
+
+def token_buckets(max_value: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to ``max_value`` (vLLM's buckets for token counts)."""
+    buckets: list[int] = []
+    scale = 1
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > max_value:
+                return tuple(buckets)
+            buckets.append(mantissa * scale)
+        scale *= 10
+
+
+#: Labels of ``metroline:cache_config_info`` (vLLM's CacheConfig fields that apply here).
+_CACHE_INFO_LABELS = (
+    "model_name",
+    "block_size",
+    "num_gpu_blocks",
+    "cache_dtype",
+    "enable_prefix_caching",
+    "gpu_memory_utilization",
+    "kv_cache_memory_bytes",
+)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class ServerMetrics:
-    """Gauges follow the engine's latest stats; counters and histograms only grow."""
+    """Gauges follow the engine's latest stats; counters and histograms only grow. Request
+    histograms get one observation per user request (its ``n`` sequences together), when
+    it ends, whatever ended it."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, max_model_len: int) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=self.registry)
         self.model_name = model_name
         name = {"model_name": model_name}
 
+        # Each helper makes a metric and returns its series for this model.
         def gauge(metric: str, doc: str) -> Gauge:
-            return Gauge(f"metroline:{metric}", doc, ["model_name"], registry=self.registry)
+            family = Gauge(f"metroline:{metric}", doc, ["model_name"], registry=self.registry)
+            return family.labels(**name)
 
-        def counter(metric: str, doc: str, labels=("model_name",)) -> Counter:
-            return Counter(f"metroline:{metric}", doc, list(labels), registry=self.registry)
+        def counter(metric: str, doc: str) -> Counter:
+            family = Counter(f"metroline:{metric}", doc, ["model_name"], registry=self.registry)
+            return family.labels(**name)
 
         def histogram(metric: str, doc: str, buckets) -> Histogram:
-            return Histogram(
+            family = Histogram(
                 f"metroline:{metric}", doc, ["model_name"], buckets=buckets, registry=self.registry
             )
+            return family.labels(**name)
 
-        self.running = gauge("num_requests_running", "Sequences in the running batch.").labels(
-            **name
-        )
-        self.waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled.").labels(
-            **name
-        )
+        self.running = gauge("num_requests_running", "Sequences in the running batch.")
+        self.waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled.")
         self.kv_usage = gauge(
             "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full)."
-        ).labels(**name)
+        )
         self.prefix_queries = counter(
             "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
-        ).labels(**name)
+        )
         self.prefix_hits = counter(
             "prefix_cache_hits", "Prompt tokens served from the prefix cache."
-        ).labels(**name)
-        self.preemptions = counter("num_preemptions", "Preemptions of running sequences.").labels(
-            **name
         )
-        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.").labels(**name)
-        self.generation_tokens = counter("generation_tokens", "Tokens generated.").labels(**name)
-        self.request_success = counter(
-            "request_success",
+        self.preemptions = counter("num_preemptions", "Preemptions of running sequences.")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        self.request_success = Counter(
+            "metroline:request_success",
             "Finished requests by finish reason.",
-            ("model_name", "finished_reason"),
+            ["model_name", "finished_reason"],
+            registry=self.registry,
         )
         self.ttft = histogram(
             "time_to_first_token_seconds", "Arrival to first token.", _TTFT_BUCKETS
-        ).labels(**name)
+        )
         self.tpot = histogram(
-            "time_per_output_token_seconds", "Time per output token after the first.", _TPOT_BUCKETS
-        ).labels(**name)
+            "time_per_output_token_seconds",
+            "Per request: its mean time between token steps after the first (the meaning of "
+            "vLLM's request_time_per_output_token_seconds, not of its per-token metric).",
+            _TPOT_BUCKETS,
+        )
+        self.request_tpot = histogram(
+            "request_time_per_output_token_seconds",
+            "Per request: decode time over its token steps after the first (0 with one).",
+            _TPOT_BUCKETS,
+        )
+        self.itl = histogram(
+            "inter_token_latency_seconds",
+            "Per token step of a request after its first: time since its previous one.",
+            _TPOT_BUCKETS,
+        )
         self.e2e = histogram(
             "e2e_request_latency_seconds", "Arrival to last output.", _LATENCY_BUCKETS
-        ).labels(**name)
+        )
         self.queue_time = histogram(
             "request_queue_time_seconds", "Arrival to first scheduling.", _LATENCY_BUCKETS
-        ).labels(**name)
+        )
+        self.prefill_time = histogram(
+            "request_prefill_time_seconds", "First scheduling to first token.", _LATENCY_BUCKETS
+        )
+        self.decode_time = histogram(
+            "request_decode_time_seconds", "First token to last token.", _LATENCY_BUCKETS
+        )
+        self.inference_time = histogram(
+            "request_inference_time_seconds", "First scheduling to last token.", _LATENCY_BUCKETS
+        )
+        self.request_prompt_tokens = histogram(
+            "request_prompt_tokens", "Prompt tokens per request.", token_buckets(max_model_len)
+        )
+        self.request_generation_tokens = histogram(
+            "request_generation_tokens",
+            "Generated tokens per request (all its sequences).",
+            token_buckets(max_model_len),
+        )
+        self.iteration_tokens = histogram(
+            "iteration_tokens_total",
+            "Tokens per engine step: generated ones, plus the prompts of the requests whose "
+            "first token the step produced.",
+            _ITERATION_BUCKETS,
+        )
         self.loop_lag = histogram(
             "event_loop_lag_seconds",
             "How late the API server's event loop ran a 0.1 s timer (time it was busy).",
             _LOOP_LAG_BUCKETS,
-        ).labels(**name)
+        )
+        self.cache_config_info = Gauge(
+            "metroline:cache_config_info",
+            "The KV cache's settings as labels (num_gpu_blocks: the pool's blocks, on any "
+            "device; cache_dtype auto: the model's dtype).",
+            list(_CACHE_INFO_LABELS),
+            registry=self.registry,
+        )
         self._last: SchedulerStats | None = None
 
-    def on_step(self, stats: SchedulerStats, num_generated_tokens: int) -> None:
+    def set_cache_config(self, cache: CacheConfig, num_blocks: int) -> None:
+        """``metroline:cache_config_info``: the KV cache's settings as labels, value 1; set
+        once the pool is sized."""
+        self.cache_config_info.labels(
+            model_name=self.model_name,
+            block_size=str(cache.block_size),
+            num_gpu_blocks=str(num_blocks),
+            cache_dtype="auto",
+            enable_prefix_caching=str(cache.enable_prefix_caching),
+            gpu_memory_utilization=str(cache.gpu_memory_utilization),
+            kv_cache_memory_bytes=str(cache.kv_cache_memory_bytes),
+        ).set(1)
+
+    def on_step(self, stats: SchedulerStats, iteration: IterationStats) -> None:
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_cache_usage)
@@ -104,18 +200,29 @@ class ServerMetrics:
             (self.preemptions, stats.num_preemptions, last and last.num_preemptions),
         ):
             counter.inc(max(0, value - (previous or 0)))
+        stepped = last is not None and stats.num_steps != last.num_steps
         self._last = stats
-        if num_generated_tokens:
-            self.generation_tokens.inc(num_generated_tokens)
+        if iteration.num_generation_tokens:
+            self.generation_tokens.inc(iteration.num_generation_tokens)
+        if stepped or iteration.num_tokens:
+            self.iteration_tokens.observe(iteration.num_tokens)
+        for latency in iteration.inter_token_latencies:
+            self.itl.observe(latency)
 
     def on_request_finished(self, request: FinishedRequest) -> None:
         self.prompt_tokens.inc(request.num_prompt_tokens)
         self.request_success.labels(self.model_name, request.finish_reason).inc()
         self.e2e.observe(request.e2e_latency)
+        self.request_prompt_tokens.observe(request.num_prompt_tokens)
+        self.request_generation_tokens.observe(request.num_output_tokens)
         for histogram, value in (
             (self.ttft, request.ttft),
             (self.tpot, request.time_per_output_token),
+            (self.request_tpot, request.mean_time_per_output_token),
             (self.queue_time, request.queue_time),
+            (self.prefill_time, request.prefill_time),
+            (self.decode_time, request.decode_time),
+            (self.inference_time, request.inference_time),
         ):
             if value is not None:
                 histogram.observe(value)

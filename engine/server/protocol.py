@@ -5,13 +5,18 @@ parameter is a 400 naming that parameter before anything reaches the engine: eve
 has a range, every list a length (the body as a whole has a byte limit, checked before it
 is parsed). Fields that take one of several JSON shapes pick their member by the shape of
 the value (a callable discriminator), so an error names the real problem (``prompt.0``:
-"greater than or equal to 0") rather than every alternative. Unknown fields are ignored, as
-the OpenAI API tolerates newer clients.
+"greater than or equal to 0") rather than every alternative.
+
+Unknown fields, at any depth (``stream_options``, messages, content parts), are kept aside by
+the models and listed by :func:`unknown_fields`: the routes answer 400 naming them, as
+OpenAI's API does, or with ``--allow-unknown-fields`` log and ignore them. The OpenAPI
+schema says ``additionalProperties: false`` (the default behaviour).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
@@ -86,9 +91,30 @@ Stop = by_shape(
 
 
 class RequestModel(BaseModel):
-    """Strict JSON types (``"1"`` is not a number, ``true`` is not 1), finite floats."""
+    """Strict JSON types (``"1"`` is not a number, ``true`` is not 1), finite floats; unknown
+    fields kept in ``model_extra`` for :func:`unknown_fields`."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+    model_config = ConfigDict(
+        extra="allow",
+        allow_inf_nan=False,
+        strict=True,
+        json_schema_extra={"additionalProperties": False},
+    )
+
+
+def unknown_fields(model: BaseModel, prefix: str = "") -> Iterator[str]:
+    """The dotted paths of the unknown fields in a parsed request, depth first
+    (``stream_options.x``, ``messages.0.content.1.x``). Lazy: a caller that needs a few
+    names stops early."""
+    for name in model.model_extra or ():
+        yield prefix + name
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            yield from unknown_fields(value, f"{prefix}{name}.")
+        elif isinstance(value, list) and value and isinstance(value[-1], BaseModel):
+            for index, item in enumerate(value):
+                yield from unknown_fields(item, f"{prefix}{name}.{index}.")
 
 
 class ErrorInfo(BaseModel):
@@ -113,8 +139,23 @@ class UsageInfo(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class PromptLogprob(BaseModel):
+    """One prompt token's log-probability (vLLM's shape of ``prompt_logprobs`` entries)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+#: Per prompt token, its and the top alternatives' log-probabilities keyed by token id;
+#: ``None`` for the first token (nothing precedes it).
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class StreamOptions(RequestModel):
     include_usage: bool | None = False
+    #: Usage in every chunk, not only in the last one (with ``include_usage``).
+    continuous_usage_stats: bool | None = False
 
 
 class ModelCard(BaseModel):
@@ -156,10 +197,28 @@ class SamplingFields(RequestModel):
         Annotated[list[TokenId], Field(fail_fast=True, max_length=MAX_STOP_TOKEN_IDS)] | None
     ) = None
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="Log-probabilities of each prompt token and its top N alternatives.",
+    )
+    truncate_prompt_tokens: int | None = Field(
+        None,
+        ge=-1,
+        le=MAX_COUNT,
+        description="Keep only the prompt's last N tokens (1 to max_model_len; -1: max_model_len).",
+    )
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage in every streamed chunk (``continuous_usage_stats`` with ``include_usage``)."""
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
 
 def logprobs_field(description: str):

@@ -7,10 +7,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
+from ..chat_templates import MAX_CHAT_TEMPLATE_CHARS, MAX_TEMPLATE_KWARGS, message_text
 from .protocol import (
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
     Count,
+    PromptLogprobs,
     RequestModel,
     SamplingFields,
     UsageInfo,
@@ -39,11 +41,18 @@ class ChatMessage(RequestModel):
     name: str | None = None
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "\n".join(part.text for part in self.content)
+        """The content as text (parts joined as :func:`message_text` joins them)."""
+        if isinstance(self.content, list):
+            return message_text([{"type": "text", "text": part.text} for part in self.content])
+        return message_text(self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as a chat template sees it."""
+        return {
+            "role": self.role,
+            "content": self.text(),
+            **({"name": self.name} if self.name else {}),
+        }
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -58,6 +67,27 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = logprobs_field("Alternatives per position (needs logprobs).")
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
+    # Extras beyond OpenAI (as in vLLM).
+    echo: bool = Field(
+        False,
+        description="Start the answer with the last message's content when that message "
+        "is the assistant's.",
+    )
+    add_generation_prompt: bool = True
+    continue_final_message: bool = Field(
+        False,
+        description="End the prompt inside the last (assistant) message, so that the "
+        "answer continues it; needs add_generation_prompt false.",
+    )
+    chat_template: str | None = Field(
+        None,
+        max_length=MAX_CHAT_TEMPLATE_CHARS,
+        description="A Jinja chat template for this request (needs the server's "
+        "--trust-request-chat-template).",
+    )
+    chat_template_kwargs: (
+        Annotated[dict[str, Any], Field(max_length=MAX_TEMPLATE_KWARGS)] | None
+    ) = Field(None, description="Extra variables for the chat template.")
 
 
 class ChatMessageOut(BaseModel):
@@ -94,6 +124,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(BaseModel):

@@ -12,6 +12,7 @@ from .protocol import (
     MAX_PROMPTS,
     Count,
     NonEmptyStr,
+    PromptLogprobs,
     SamplingFields,
     TokenIds,
     UsageInfo,
@@ -57,6 +58,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):

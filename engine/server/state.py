@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from ..checkpoint import load_tokenizer
 from ..client.async_llm import AsyncLLM
-from ..client.request_events import EngineObserver, FinishedRequest
+from ..client.request_events import EngineObserver, FinishedRequest, IterationStats
 from ..config import EngineConfig
 from ..messages import SchedulerStats
 from .args import ServerArgs
@@ -23,6 +23,7 @@ from .logs import configure_logging, log_finished_request
 from .loop_lag import watch_loop_lag
 from .metrics import ServerMetrics
 from .readiness import Readiness
+from .stats_logger import StatsLogger
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ class ServerState(EngineObserver):
         self.config = config
         self.args = args
         self.engine: AsyncLLM | None = None
-        self.metrics = ServerMetrics(args.model_name)
+        self.metrics = ServerMetrics(args.model_name, config.model.max_model_len)
+        self.stats_logger = StatsLogger(args.log_stats_interval)
         self.readiness = Readiness(
             kv_high=args.ready_kv_threshold,
             kv_low=args.kv_low_watermark,
@@ -83,9 +85,10 @@ class ServerState(EngineObserver):
 
     # ---- engine observer -------------------------------------------------------------------
 
-    def on_step(self, stats: SchedulerStats, num_generated_tokens: int) -> None:
-        self.metrics.on_step(stats, num_generated_tokens)
+    def on_step(self, stats: SchedulerStats, iteration: IterationStats) -> None:
+        self.metrics.on_step(stats, iteration)
         self.readiness.update(stats)
+        self.stats_logger.record(stats, iteration)
 
     def on_request_finished(self, request: FinishedRequest) -> None:
         self.metrics.on_request_finished(request)
@@ -103,7 +106,7 @@ class ServerState(EngineObserver):
         try:
             tokenizer = None
             if self.config.model.has_tokenizer:
-                tokenizer = await self.off_loop(load_tokenizer, self.config.model.path)
+                tokenizer = await self.off_loop(load_tokenizer, self.config.model.tokenizer_path)
                 # One call settles the tokenizer's truncation and padding state, which a
                 # call may otherwise change while another thread encodes.
                 await self.off_loop(tokenizer, "warm-up")
@@ -117,11 +120,33 @@ class ServerState(EngineObserver):
             self._on_engine_dead(f"{type(error).__name__}: {error}")
             return
         self.readiness.loaded = True
+        self._log_kv_capacity(self.engine.num_blocks)
+        self.metrics.set_cache_config(self.config.cache, self.engine.num_blocks)
         logger.info(
             "model %s ready in %.1f s",
             self.args.model_name,
             time.monotonic() - started,
             extra={"fields": {"kv_blocks": self.engine.num_blocks}},
+        )
+        if self.args.log_stats_interval > 0 and not self.args.disable_log_stats:
+            self._spawn(self.stats_logger.run())
+
+    def _log_kv_capacity(self, num_blocks: int) -> None:
+        """vLLM's two start-up lines: the pool in tokens, and how many sequences of
+        max_model_len tokens it holds at once."""
+        block_size = self.config.cache.block_size
+        max_len = self.config.model.max_model_len
+        blocks_per_sequence = -(-max_len // block_size)
+        logger.info(
+            "KV cache size: %s tokens (%d blocks of %d)",
+            f"{num_blocks * block_size:,}",
+            num_blocks,
+            block_size,
+        )
+        logger.info(
+            "Maximum concurrency for %s tokens per request: %.2fx",
+            f"{max_len:,}",
+            num_blocks / blocks_per_sequence,
         )
 
     def _on_engine_dead(self, reason: str) -> None:

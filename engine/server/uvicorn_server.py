@@ -55,12 +55,15 @@ _FLOODING_LOGGERS = ("uvicorn.error",)
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, repeats: RepeatLimiter) -> None:
+    def __init__(
+        self, config: uvicorn.Config, repeats: RepeatLimiter, engine: EngineConfig
+    ) -> None:
         super().__init__(config)
         self.exit_code = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.app_state = None
         self.repeats = repeats
+        self.engine = engine
 
     async def startup(self, sockets=None) -> None:
         self.loop = asyncio.get_running_loop()
@@ -69,6 +72,27 @@ class DrainingServer(uvicorn.Server):
         for listener in getattr(self, "servers", ()):
             for sock in listener.sockets:
                 _set_listen_backlog(sock, LISTEN_BACKLOG)
+        self._log_serving()
+
+    def _log_serving(self) -> None:
+        """Once the socket is bound (so the line never announces a port that failed)."""
+        listeners = [sock for server in getattr(self, "servers", ()) for sock in server.sockets]
+        if not listeners or self.app_state is None:
+            return
+        host, port = listeners[0].getsockname()[:2]
+        logger.info(
+            "serving %s as %s on http://%s:%d",
+            self.engine.model.path,
+            self.app_state.args.model_name,
+            f"[{host}]" if ":" in host else host,
+            port,
+            extra={
+                "fields": {
+                    "device": str(self.engine.device),
+                    "max_model_len": self.engine.model.max_model_len,
+                }
+            },
+        )
 
     async def on_tick(self, counter: int) -> bool:
         """uvicorn calls this every 0.1 s; once a second, report errors counted, not logged."""
@@ -109,7 +133,7 @@ def serve(config: EngineConfig, args: ServerArgs) -> int:
         timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
         timeout_keep_alive=args.keep_alive_timeout,
     )
-    server = DrainingServer(uvicorn_config, repeats)
+    server = DrainingServer(uvicorn_config, repeats, config)
     server.app_state = app.state.server
     holder["server"] = server
     repeat_filter = RepeatFilter(repeats)

@@ -40,6 +40,11 @@ logger = logging.getLogger(__name__)
 #: (a 4096-token step of llama3-8b is ~20 ms at TP=4) outweighs the host's launches.
 MIXED_MAX_TOKENS = 4096
 
+#: Largest batch a decode graph covers; larger decode steps run eagerly: their GPU work
+#: outlasts the host's launches, which asynchronous scheduling overlaps with it, and each
+#: graph costs start-up time and pool memory.
+DECODE_MAX_BATCH = 512
+
 GraphKey = tuple[str, int]  # ("decode", batch) or ("mixed", tokens)
 
 
@@ -92,7 +97,7 @@ class StepGraphs:
     ) -> None:
         self.model = model
         self.max_model_len = max_model_len
-        self.decode_buckets = batch_size_buckets(max_num_seqs)
+        self.decode_buckets = batch_size_buckets(min(max_num_seqs, DECODE_MAX_BATCH))
         limit = min(max_num_batched_tokens, MIXED_MAX_TOKENS)
         self.mixed_buckets = token_buckets(limit) if mixed else []
         tokens = max([max_num_seqs, *self.mixed_buckets])

@@ -23,6 +23,7 @@ from ..outputs import PositionLogprobs
 from ..sampling_params import shorten
 from .cuda_graphs import StepGraphs, mixed_pool_bytes, use_mixed_step_graphs
 from .host_staging import StepStaging
+from .prompt_logprobs import compute_prompt_logprobs, prompt_logprob_rows
 from .step_inputs import (
     PreviousSample,
     StepInputs,
@@ -65,13 +66,17 @@ class ModelRunner:
         self.sampling_staging = StepStaging(device)
         # Outlive preemption: a resumed request continues its random stream.
         self.generators: dict[str, torch.Generator] = {}
+        # Requests whose prompt log-probs are still to be computed (usually none).
+        self.prompt_logprob_requests: set[str] = set()
 
     def update_states(self, scheduled: SchedulerOutput) -> None:
         for request_id in scheduled.finished_request_ids:
             self.states.pop(request_id, None)
             self.generators.pop(request_id, None)
+            self.prompt_logprob_requests.discard(request_id)
         for request_id in scheduled.preempted_request_ids:
             self.states.pop(request_id, None)
+            self.prompt_logprob_requests.discard(request_id)
         for new in scheduled.new_requests:
             params = new.sampling_params
             generator = self.generators.get(new.request_id)
@@ -79,6 +84,7 @@ class ModelRunner:
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed(params.seed)
                 self.generators[new.request_id] = generator
+            wants_prompt_logprobs = params.prompt_logprobs is not None and not new.num_output_tokens
             self.states[new.request_id] = WorkerRequestState(
                 request_id=new.request_id,
                 token_ids=list(new.token_ids),
@@ -88,7 +94,11 @@ class ModelRunner:
                 sampling_params=params,
                 eos_token_ids=new.eos_token_ids,
                 generator=generator,
+                bad_words_token_ids=new.bad_words_token_ids,
+                wants_prompt_logprobs=wants_prompt_logprobs,
             )
+            if wants_prompt_logprobs:
+                self.prompt_logprob_requests.add(new.request_id)
         for running in scheduled.running_requests:
             state = self.states[running.request_id]
             state.token_ids.extend(running.new_token_ids)
@@ -117,10 +127,29 @@ class ModelRunner:
         else:
             with timer.phase("runner.forward_eager"):
                 hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        prompt_logprobs = {}
+        if self.prompt_logprob_requests:
+            with timer.phase("runner.prompt_logprobs"):
+                prompt_logprobs = self._prompt_logprobs(hidden, scheduled, failed)
         if not inputs.sampled_request_ids:
-            return StepResult.empty(self.is_driver, failed, unwritten)
+            return StepResult.empty(self.is_driver, failed, unwritten, prompt_logprobs)
         with timer.phase("runner.logits_and_sampling"):
-            return self._sample(hidden, inputs, failed, unwritten)
+            result = self._sample(hidden, inputs, failed, unwritten)
+        result.prompt_logprobs = prompt_logprobs
+        return result
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, scheduled: SchedulerOutput, failed: dict[str, str]
+    ) -> dict[str, tuple[int, list[PositionLogprobs]]]:
+        """Log-probs of the prompt tokens this step computed, for the requests asking."""
+        request_ids = [r for r in scheduled.num_scheduled_tokens if r not in failed]
+        wanted = prompt_logprob_rows(scheduled, self.states, request_ids)
+        for request_id in list(self.prompt_logprob_requests):
+            state = self.states.get(request_id)
+            if state is None or not state.wants_prompt_logprobs:
+                self.prompt_logprob_requests.discard(request_id)
+        max_rows = max(1, min(self.config.scheduler.max_num_seqs, 2**26 // self.vocab_size))
+        return compute_prompt_logprobs(self.model, hidden, wanted, max_rows)
 
     def _build_inputs(self, scheduled: SchedulerOutput) -> tuple[StepInputs | None, dict[str, str]]:
         """The step's inputs, and the requests left out because theirs could not be built.
@@ -299,11 +328,13 @@ def _describe(error: Exception) -> str:
 
 
 def _plain_greedy(state: WorkerRequestState) -> bool:
-    """Argmax of the raw logits is the whole answer: no penalties, bans or log-probs."""
+    """Argmax of the raw logits is the whole answer: no penalties, bans, biases or
+    log-probs."""
     params = state.sampling_params
     return (
         params.greedy
         and not params.uses_penalties
+        and not params.restricts_tokens
         and params.logprobs is None
         and len(state.token_ids) - state.num_prompt_tokens >= params.min_tokens
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +29,10 @@ class WorkerRequestState:
     sampling_params: SamplingParams
     eos_token_ids: tuple[int, ...]
     generator: torch.Generator | None = None
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    #: Prompt log-probs are still to be computed for the prompt chunks this worker runs
+    #: (false once output exists: a resumed request's were delivered before).
+    wants_prompt_logprobs: bool = False
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -193,11 +198,23 @@ def build_sampling_metadata(
             if banned:
                 min_tokens_mask.append((row, banned))
 
+    restricted = [row for row, p in enumerate(params) if p.restricts_tokens]
+    if restricted:
+        _token_constraint_columns(states, restricted, column)
+
     asked = [p.logprobs for p in params if p.logprobs is not None]
     column("temperature", [p.temperature for p in params])
     column("greedy", greedy, torch.bool)
     on_device = staging.to_device()
     tensors = {name: on_device[index] for name, index in columns.items()}
+    allowed_mask = None
+    if "allowed_rows" in tensors:
+        allowed_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
+        allowed_mask[tensors["allowed_rows"]] = True
+        allowed_mask[tensors["allowed_row_of"], tensors["allowed_ids"]] = False
+    logit_bias = None
+    if "bias_rows" in tensors:
+        logit_bias = (tensors["bias_rows"], tensors["bias_ids"], tensors["bias_values"])
     return SamplingMetadata(
         temperature=tensors["temperature"],
         greedy=tensors["greedy"],
@@ -213,4 +230,43 @@ def build_sampling_metadata(
         min_tokens_mask=min_tokens_mask,
         generators={row: s.generator for row, s in enumerate(states) if s.generator is not None},
         max_num_logprobs=max(asked) if asked else None,
+        allowed_token_mask=allowed_mask,
+        bad_word_bans=[
+            (row, banned)
+            for row in restricted
+            if (banned := bad_word_bans(states[row], vocab_size))
+        ],
+        logit_bias=logit_bias,
     )
+
+
+def _token_constraint_columns(
+    states: list[WorkerRequestState], rows: list[int], column: Callable[..., None]
+) -> None:
+    """Columns of ``allowed_token_ids`` and ``logit_bias`` (one flat entry per token)."""
+    allowed = [(row, states[row].sampling_params.allowed_token_ids) for row in rows]
+    allowed = [(row, ids) for row, ids in allowed if ids is not None]
+    if allowed:
+        column("allowed_rows", [row for row, _ in allowed], torch.int64)
+        column("allowed_row_of", [row for row, ids in allowed for _ in ids], torch.int64)
+        column("allowed_ids", [t for _, ids in allowed for t in ids], torch.int64)
+    biases = [(row, states[row].sampling_params.logit_bias) for row in rows]
+    biases = [(row, bias) for row, bias in biases if bias]
+    if biases:
+        column("bias_rows", [row for row, bias in biases for _ in bias], torch.int64)
+        column("bias_ids", [t for _, bias in biases for t in bias], torch.int64)
+        column("bias_values", [v for _, bias in biases for v in bias.values()])
+
+
+def bad_word_bans(state: WorkerRequestState, vocab_size: int) -> list[int]:
+    """Tokens the request's bad words ban now: each word's last token, when the output
+    ends with the tokens before it (a one-token word is always banned)."""
+    output_length = len(state.token_ids) - state.num_prompt_tokens
+    banned = []
+    for word in state.bad_words_token_ids:
+        *prefix, last = word
+        if len(prefix) <= output_length and (
+            not prefix or state.token_ids[-len(prefix) :] == prefix
+        ):
+            banned.append(last)
+    return sorted({t for t in banned if t < vocab_size})

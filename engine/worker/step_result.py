@@ -20,9 +20,12 @@ class StepResult:
         logprobs: dict[str, PositionLogprobs],
         failed: dict[str, str] | None = None,
         unwritten: frozenset[str] = frozenset(),
+        prompt_logprobs: dict[str, tuple[int, list[PositionLogprobs]]] | None = None,
     ) -> None:
         self.request_ids = request_ids
         self.logprobs = logprobs
+        #: As in ModelRunnerOutput (already on the host).
+        self.prompt_logprobs = prompt_logprobs or {}
         #: Request id -> why the step failed it (its row of ``tokens`` is a placeholder).
         self.failed = failed or {}
         #: The failed requests the step ran without (see ModelRunnerOutput).
@@ -44,9 +47,10 @@ class StepResult:
         is_driver: bool = True,
         failed: dict[str, str] | None = None,
         unwritten: frozenset[str] = frozenset(),
+        prompt_logprobs: dict[str, tuple[int, list[PositionLogprobs]]] | None = None,
     ) -> StepResult:
         """A step that sampled nothing (``result()`` is None on non-driver ranks)."""
-        return cls([], [] if is_driver else None, {}, failed, unwritten)
+        return cls([], [] if is_driver else None, {}, failed, unwritten, prompt_logprobs)
 
     def result(self) -> ModelRunnerOutput | None:
         if self._tokens is None:
@@ -55,4 +59,6 @@ class StepResult:
             self._ready.synchronize()
         tokens = self._tokens if isinstance(self._tokens, list) else self._tokens.tolist()
         sampled = {r: t for r, t in zip(self.request_ids, tokens) if r not in self.failed}
-        return ModelRunnerOutput(sampled, self.logprobs, self.failed, self.unwritten)
+        return ModelRunnerOutput(
+            sampled, self.logprobs, self.failed, self.unwritten, self.prompt_logprobs
+        )

@@ -130,8 +130,8 @@ def test_rope_config_spellings():
     )
     assert old.rope_theta == new.rope_theta == 5e5
     assert old.rope_scaling["factor"] == new.rope_scaling["factor"] == 8.0
-    with pytest.raises(ValueError, match="unsupported rope scaling type 'yarn'"):
-        parse_arch_config({**base, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+    with pytest.raises(ValueError, match="unsupported rope scaling type 'longrope'"):
+        parse_arch_config({**base, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
 
 
 def test_llama3_frequencies_match_transformers():

@@ -23,6 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from metroline.engine.flags import human_readable_int
 from metroline.operator import constants as c
 from metroline.operator.checks import MANAGED_FLAGS, check_spec, managed_flag
 from metroline.operator.managedflags import ENGINE_FLAGS, _metroline_parser
@@ -110,13 +111,14 @@ def test_the_engine_takes_abbreviated_flags():
 def test_the_operator_shares_the_engine_defaults():
     """The operator's defaults are EngineArgs' and ServerArgs' (the flags' defaults come
     from them too)."""
-    from metroline.engine.config import EngineArgs
+    from metroline.engine.config import SERVING_DEFAULTS, EngineArgs
     from metroline.engine.server.args import ServerArgs
 
     engine = {f.name: f.default for f in dataclasses.fields(EngineArgs)}
     server = {f.name: f.default for f in dataclasses.fields(ServerArgs)}
     assert engine["max_num_seqs"] == DEFAULT_MAX_NUM_SEQS  # used by the CEL rule
-    assert engine["max_num_batched_tokens"] == DEFAULT_MAX_NUM_BATCHED_TOKENS
+    # metroline serve's own default (the operator runs the server).
+    assert SERVING_DEFAULTS["max_num_batched_tokens"] == DEFAULT_MAX_NUM_BATCHED_TOKENS
     assert engine["enable_prefix_caching"] == OperatorEngineArgs().enable_prefix_caching
     assert server["ready_kv_threshold"] == Readiness().kv_cache_threshold
     assert server["drain_timeout"] == c.ENGINE_DRAIN_TIMEOUT_S
@@ -185,7 +187,8 @@ def engine_flag_table() -> tuple[tuple[str, str, tuple[str, ...]], ...]:
             kind = "true"
         else:
             assert type(action) is argparse._StoreAction and action.nargs in (None, "+"), action
-            kind = {int: "int", float: "float", None: "str"}[action.type]
+            # Integer flags take vLLM's human-readable integers (32k, 32K).
+            kind = {human_readable_int: "int", float: "float", None: "str"}[action.type]
             kind += "+" if action.nargs == "+" else ""
         rows.append((" ".join(action.option_strings), kind, tuple(action.choices or ())))
     return tuple(rows)
@@ -221,7 +224,7 @@ CURATED = [
     "--drain-timeout=1e308", "--drain-timeout=-1", "--drain-timeout=nan", "--drain-timeout=3600",
     "--drain-timeout=3601", "--disable-uvicorn-access-log=1", "--", "-", "-x", "-x y", "--x y",
     "a b", "", "1", "-1", "-1.5", "-1e5", "0.5", "4", "1e308", "inf", "nan", "json", "debug",
-    "text", "x", "--port\n", *AS_RUN,
+    "text", "x", "--port\n", "4k", "4K", "1.5k", "1.5K", "--seed=2k", "--seed=1.5M", *AS_RUN,
 ]
 
 

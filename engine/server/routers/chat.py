@@ -1,21 +1,24 @@
-"""``POST /v1/chat/completions``: the tokenizer's chat template turns ``messages`` into one
-prompt (with the generation prompt added); ``n`` choices come from one engine request."""
+"""``POST /v1/chat/completions``: a chat template (the request's, --chat-template's or the
+tokenizer's: :mod:`metroline.engine.chat_templates`) turns ``messages`` into one prompt;
+``n`` choices come from one engine request. With ``echo``, each answer starts with the last
+message's content when that message is the assistant's (as vLLM does)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ...chat_templates import ChatTemplateError, check_template_text, load_chat_template
+from ...chat_templates import render_chat as render_conversation
 from ...client.async_llm import AsyncLLM, RequestStream
 from ...client.input_processor import ProcessedPrompt, PromptTooLongError
 from ...outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from .. import admission, engine_calls
 from ..errors import bad_request
 from ..json_body import StrictJSONRoute
-from ..logprobs import chat_logprobs
+from ..logprobs import chat_logprobs, prompt_logprobs
 from ..protocol_chat import (
     ChatChoice,
     ChatChunkChoice,
@@ -33,23 +36,30 @@ from ..streaming import StreamCursors
 router = APIRouter(route_class=StrictJSONRoute)
 
 
-def render_prompt(engine: AsyncLLM, body: ChatCompletionRequest) -> str:
-    tokenizer = engine.tokenizer
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise bad_request("this model has no chat template; use /v1/completions", param="messages")
-    conversation: list[dict[str, Any]] = [
-        {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-        for m in body.messages
-    ]
+def render_prompt(state: ServerState, engine: AsyncLLM, body: ChatCompletionRequest) -> str:
+    """The prompt text: 400 naming the field at fault when it cannot be rendered."""
+    template = body.chat_template
+    if template is not None:
+        try:
+            check_template_text(template, "chat_template")
+        except ValueError as error:
+            raise bad_request(str(error), param="chat_template") from None
+    elif state.args.chat_template is not None:
+        template = load_chat_template(state.args.chat_template)
     try:
-        return tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=True
+        return render_conversation(
+            engine.tokenizer,
+            [m.for_template() for m in body.messages],
+            chat_template=template,
+            chat_template_kwargs=body.chat_template_kwargs,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
         )
-    except Exception as error:  # a template may reject any conversation
-        raise bad_request(f"the chat template rejected the messages: {error}", "messages") from None
+    except ChatTemplateError as error:
+        raise bad_request(str(error), param=error.param) from None
 
 
-def _check(body: ChatCompletionRequest) -> None:
+def _check(state: ServerState, body: ChatCompletionRequest) -> None:
     admission.reject_unsupported(body)
     if body.tools:
         raise bad_request("tools are not supported", param="tools")
@@ -57,6 +67,18 @@ def _check(body: ChatCompletionRequest) -> None:
         raise bad_request("only response_format type 'text' is supported", "response_format")
     if body.top_logprobs and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
+    if body.chat_template is not None and not state.args.trust_request_chat_template:
+        raise bad_request(
+            "a chat_template in the request needs the server started with "
+            "--trust-request-chat-template (the template runs on the server)",
+            param="chat_template",
+        )
+    for index, message in enumerate(body.messages):
+        if message.content is None and message.role != "assistant":
+            raise bad_request(
+                f"a {message.role} message needs content (only an assistant's may be null)",
+                param=f"messages.{index}.content",
+            )
 
 
 @router.post(
@@ -70,8 +92,9 @@ async def create_chat_completion(
     raw_request: Request,
     state: admission.StateDep,
 ) -> Response:
+    admission.check_unknown_fields(state, body)
     engine = admission.admit(state, body.model)
-    _check(body)
+    _check(state, body)
     admission.check_sequences(state, 1, body.n)
     try:
         processed = await admission.prepare(state, raw_request, _process, state, engine, body)
@@ -80,7 +103,7 @@ async def create_chat_completion(
     if body.stream:
         streams = engine_calls.start(engine, [processed], stream=True)
         return StreamingResponse(
-            _stream(state, body, processed.request_id, streams),
+            _stream(state, body, processed, streams),
             media_type="text/event-stream",
         )
     try:
@@ -96,24 +119,37 @@ async def create_chat_completion(
 def _process(state: ServerState, engine: AsyncLLM, body: ChatCompletionRequest) -> ProcessedPrompt:
     """Render the template, tokenise and validate (a worker thread: this grows with the
     input)."""
-    prompt = render_prompt(engine, body)
+    prompt = render_prompt(state, engine, body)
     requested, param = body.max_completion_tokens, "max_completion_tokens"
     if requested is None and body.max_tokens is not None:
         requested, param = body.max_tokens, "max_tokens"
     max_len = state.config.model.max_model_len
+    keep = admission.truncation(body, max_len)
     try:
-        token_ids = engine.input_processor.encode(prompt, False, max_len - 1)
+        if keep is None:
+            token_ids = engine.input_processor.encode(prompt, False, max_len - 1)
+        else:
+            token_ids = admission.keep_last(engine.input_processor.encode(prompt, False), keep)
     except PromptTooLongError as error:
         raise admission.prompt_too_long(error.num_tokens, max_len, "messages") from None
     except Exception as error:
         raise bad_request(f"could not tokenise the messages: {error}", "messages") from None
-    max_tokens = admission.resolve_max_tokens(requested, len(token_ids), max_len, param, "messages")
-    num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = admission.sampling_params(
-        body, max_tokens, num_logprobs, {"max_tokens": param, "logprobs": "top_logprobs"}
+    defaults = state.config.model.generation_defaults
+    max_tokens = admission.resolve_max_tokens(
+        requested, len(token_ids), max_len, param, "messages", defaults
     )
+    num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    aliases = {"max_tokens": param, "logprobs": "top_logprobs"}
+    params = admission.sampling_params(body, max_tokens, num_logprobs, aliases, defaults)
     request_id = admission.new_request_id("chatcmpl")
     return admission.process(engine, request_id, token_ids, params, "messages", prompt)
+
+
+def _echo(body: ChatCompletionRequest) -> str:
+    """What each answer starts with: the last message's content, with ``echo`` and when
+    that message is the assistant's (the role answers take)."""
+    last = body.messages[-1]
+    return last.text() if body.echo and last.role == "assistant" else ""
 
 
 def _logprobs(
@@ -125,10 +161,12 @@ def _logprobs(
     return ChoiceLogprobs(content=chat_logprobs(state.engine.tokenizer, token_ids, positions, k))
 
 
-def _choice(state: ServerState, body: ChatCompletionRequest, c: CompletionOutput) -> ChatChoice:
+def _choice(
+    state: ServerState, body: ChatCompletionRequest, c: CompletionOutput, echo: str
+) -> ChatChoice:
     return ChatChoice(
         index=c.index,
-        message=ChatMessageOut(content=c.text),
+        message=ChatMessageOut(content=echo + c.text),
         logprobs=_logprobs(state, body, c.token_ids, c.logprobs),
         finish_reason=c.finish_reason,
         stop_reason=c.stop_reason,
@@ -138,32 +176,56 @@ def _choice(state: ServerState, body: ChatCompletionRequest, c: CompletionOutput
 def _response(
     state: ServerState, body: ChatCompletionRequest, output: RequestOutput
 ) -> ChatCompletionResponse:
+    echo = _echo(body)
+    prompt = None
+    if body.prompt_logprobs is not None and output.prompt_logprobs is not None:
+        prompt = prompt_logprobs(state.engine.tokenizer, output.prompt_logprobs)
     return ChatCompletionResponse(
         id=output.request_id,
         model=body.model,
-        choices=[_choice(state, body, c) for c in output.outputs],
+        choices=[_choice(state, body, c, echo) for c in output.outputs],
         usage=admission.usage_of([output]),
+        prompt_logprobs=prompt,
     )
 
 
 async def _stream(
-    state: ServerState, body: ChatCompletionRequest, request_id: str, streams: list[RequestStream]
+    state: ServerState,
+    body: ChatCompletionRequest,
+    processed: ProcessedPrompt,
+    streams: list[RequestStream],
 ) -> AsyncIterator[str]:
+    """Server-sent chunks: the role, the echo (if any), the deltas, then the usage (with
+    ``include_usage``; in every chunk as well with ``continuous_usage_stats``)."""
+    latest: RequestOutput | None = None
+    prompt_usage = admission.usage_of([])
+    prompt_usage.prompt_tokens = prompt_usage.total_tokens = len(processed.prompt_token_ids)
+
     def chunk(choices: list[ChatChunkChoice], usage=None) -> str:
+        if usage is None and body.continuous_usage:
+            usage = prompt_usage if latest is None else admission.usage_of([latest])
         return admission.sse(
-            ChatCompletionChunk(id=request_id, model=body.model, choices=choices, usage=usage)
+            ChatCompletionChunk(
+                id=processed.request_id, model=body.model, choices=choices, usage=usage
+            )
         )
 
-    yield chunk(
-        [
-            ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+    def first(content: str) -> list[ChatChunkChoice]:
+        return [
+            ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=content))
             for i in range(body.n)
         ]
-    )
+
+    yield chunk(first(""))
+    echo = _echo(body)
+    if echo:
+        yield chunk(
+            [ChatChunkChoice(index=i, delta=DeltaMessage(content=echo)) for i in range(body.n)]
+        )
     cursors = StreamCursors()
-    final: RequestOutput | None = None
     try:
         async for _, output in engine_calls.merged(streams):
+            latest = output
             choices = []
             for c in output.outputs:
                 delta = cursors.advance(c.index, c)
@@ -180,11 +242,9 @@ async def _stream(
                 )
             if choices:
                 yield chunk(choices)
-            if output.finished:
-                final = output
     except engine_calls.STREAM_ERRORS as error:
         yield engine_calls.stream_error(error)
     else:
-        if body.include_usage and final is not None:
-            yield chunk([], usage=admission.usage_of([final]))
+        if body.include_usage and latest is not None and latest.finished:
+            yield chunk([], usage=admission.usage_of([latest]))
     yield "data: [DONE]\n\n"

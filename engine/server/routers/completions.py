@@ -14,7 +14,7 @@ from ...outputs import RequestOutput
 from .. import admission, engine_calls
 from ..errors import bad_request
 from ..json_body import StrictJSONRoute
-from ..logprobs import completion_logprobs
+from ..logprobs import completion_logprobs, prompt_logprobs
 from ..protocol import PromptTokensDetails, UsageInfo
 from ..protocol_completions import CompletionChoice, CompletionRequest, CompletionResponse
 from ..responses import GENERATION_RESPONSES
@@ -45,6 +45,7 @@ async def create_completion(
     raw_request: Request,
     state: admission.StateDep,
 ) -> Response:
+    admission.check_unknown_fields(state, body)
     engine = admission.admit(state, body.model)
     admission.reject_unsupported(body)
     if body.echo:
@@ -87,13 +88,15 @@ def _process(
 ) -> list[ProcessedPrompt]:
     """Tokenise and validate every prompt (a worker thread: this grows with the input)."""
     max_len = state.config.model.max_model_len
+    keep = admission.truncation(body, max_len)
     processed = []
     for index, prompt in enumerate(prompts):
-        token_ids = admission.tokenize(engine, prompt, "prompt")
+        token_ids = admission.tokenize(engine, prompt, "prompt", keep)
+        defaults = state.config.model.generation_defaults
         max_tokens = admission.resolve_max_tokens(
-            body.max_tokens, len(token_ids), max_len, "max_tokens", "prompt"
+            body.max_tokens, len(token_ids), max_len, "max_tokens", "prompt", defaults
         )
-        params = admission.sampling_params(body, max_tokens, body.logprobs, {})
+        params = admission.sampling_params(body, max_tokens, body.logprobs, {}, defaults)
         text = prompt if isinstance(prompt, str) else None
         engine_id = request_id if len(prompts) == 1 else f"{request_id}-{index}"
         processed.append(admission.process(engine, engine_id, token_ids, params, "prompt", text))
@@ -106,6 +109,9 @@ def _response(
     tokenizer = state.engine.tokenizer
     choices = []
     for p, output in enumerate(outputs):
+        prompt = None
+        if body.prompt_logprobs is not None and output.prompt_logprobs is not None:
+            prompt = prompt_logprobs(tokenizer, output.prompt_logprobs)
         for c in output.outputs:
             logprobs = None
             if body.logprobs is not None and c.logprobs is not None:
@@ -117,6 +123,7 @@ def _response(
                     logprobs=logprobs,
                     finish_reason=c.finish_reason,
                     stop_reason=c.stop_reason,
+                    prompt_logprobs=prompt,
                 )
             )
     return CompletionResponse(
@@ -127,11 +134,16 @@ def _response(
 async def _stream(
     state: ServerState, body: CompletionRequest, request_id: str, streams: list[RequestStream]
 ) -> AsyncIterator[str]:
+    """Server-sent chunks of every prompt's choices, then the usage (with
+    ``include_usage``; in every chunk as well with ``continuous_usage_stats``: the tokens
+    of every prompt so far)."""
     tokenizer = state.engine.tokenizer
     cursors = StreamCursors()
     usage = UsageInfo(prompt_tokens_details=PromptTokensDetails())
+    latest: dict[int, RequestOutput] = {}
     try:
         async for p, output in engine_calls.merged(streams):
+            latest[p] = output
             choices = []
             for c in output.outputs:
                 index = p * body.n + c.index
@@ -159,8 +171,13 @@ async def _stream(
                 cached = done.prompt_tokens_details.cached_tokens
                 usage.prompt_tokens_details.cached_tokens += cached
             if choices:
+                so_far = (
+                    admission.usage_of(list(latest.values())) if body.continuous_usage else None
+                )
                 yield admission.sse(
-                    CompletionResponse(id=request_id, model=body.model, choices=choices)
+                    CompletionResponse(
+                        id=request_id, model=body.model, choices=choices, usage=so_far
+                    )
                 )
     except engine_calls.STREAM_ERRORS as error:
         yield engine_calls.stream_error(error)

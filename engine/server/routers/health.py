@@ -1,5 +1,6 @@
 """Probes and metrics, always open (no API key): ``/health`` (liveness), ``/ready``
-(readiness with a JSON reason), ``/metrics`` (Prometheus text)."""
+(readiness with a JSON reason), both also for ``HEAD`` (the status alone), ``/metrics``
+(Prometheus text) and ``/version`` (the installed package's version)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ router = APIRouter()
 _PROBE_RESPONSES = {503: {"description": "Not alive / not ready; the body says why."}}
 
 
-@router.get(
-    "/health", summary="Liveness: 200 while the engine core is alive", responses=_PROBE_RESPONSES
+@router.api_route(
+    "/health",
+    methods=["GET", "HEAD"],
+    summary="Liveness: 200 while the engine core is alive",
+    responses=_PROBE_RESPONSES,
 )
 async def health(state: admission.StateDep) -> JSONResponse:
     dead = state.readiness.dead_reason
@@ -24,8 +28,9 @@ async def health(state: admission.StateDep) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get(
+@router.api_route(
     "/ready",
+    methods=["GET", "HEAD"],
     summary="Readiness: 200 when this replica should get traffic",
     responses=_PROBE_RESPONSES,
 )
@@ -45,7 +50,11 @@ async def metrics(state: admission.StateDep) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
-@router.get("/version", summary="Server version")
+@router.get(
+    "/version",
+    summary="Server version",
+    description='The installed metroline package\'s version: `{"version": "0.1.0"}`.',
+)
 async def version() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as package_version
