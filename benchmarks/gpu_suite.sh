@@ -24,11 +24,12 @@
 #   vparts     copy the carried vLLM bundle parts (.vparts/vllm-part*) to /tmp/vparts; a
 #              command that carries a part runs this, the one that carries the last adds peer
 #   peer       vLLM 0.26.0 side by side, offline (unpacks the bundle once all parts came):
-#              W1 PEER_RUNS times (default 2) on each engine at its defaults, vLLM once more
-#              at Metroline's max_num_seqs / max_num_batched_tokens, W3 at batch 1 and 256
-#              (context 512), then the peer table (benchmarks/peer_table.py)
+#              W1 PEER_RUNS times (default 2) on each engine at its defaults (PEER_EQUAL=1:
+#              vLLM once more at Metroline's max_num_seqs / max_num_batched_tokens, which
+#              today equal vLLM's own H200 defaults), W3 at batch 1 and 256 (context 512),
+#              then the peer table (benchmarks/peer_table.py)
 #   peerserve  W6: vllm bench serve against metroline serve and vllm serve in turn
-#              (RATES_W6, default 10,20,30,inf; W6_PROMPTS, default 600), start-up times,
+#              (RATES_W6, default 10,20,30,inf; W6_PROMPTS, default 300), start-up times,
 #              then the peer table
 # Results go to $RESULTS (default $OUT/results, or ./results), then into one tarball in
 # $OUT when $OUT is set. MODEL (default llama3-8b) picks the shape for w1-w5. BUDGET_S, if
@@ -161,10 +162,12 @@ for section in "$@"; do
         run "w1-vllm-$i" "${VLLM_ENV[@]}" $PY -P "${W1[@]}" --backend vllm
         gpu_idle
       done
-      run w1-vllm-equal "${VLLM_ENV[@]}" $PY -P "${W1[@]}" --backend vllm \
-        --vllm-arg "max_num_seqs=$(engine_default max_num_seqs)" \
-        --vllm-arg "max_num_batched_tokens=$(engine_default max_num_batched_tokens)"
-      gpu_idle
+      if [ -n "${PEER_EQUAL:-}" ]; then
+        run w1-vllm-equal "${VLLM_ENV[@]}" $PY -P "${W1[@]}" --backend vllm \
+          --vllm-arg "max_num_seqs=$(engine_default max_num_seqs)" \
+          --vllm-arg "max_num_batched_tokens=$(engine_default max_num_batched_tokens)"
+        gpu_idle
+      fi
       run w3-peer $PY -P benchmarks/decode.py --model "$MODEL" --batches 1,256 --contexts 512 \
         --out "$RESULTS"
       run peer-table $PY -P benchmarks/peer_table.py "$RESULTS"
@@ -172,7 +175,7 @@ for section in "$@"; do
     peerserve)
       unpack_vllm || { status=1; continue; }
       run w6 "${VLLM_ENV[@]}" $PY -P benchmarks/peer_serve.py --model "$MODEL" \
-        --rates "${RATES_W6:-10,20,30,inf}" --num-prompts "${W6_PROMPTS:-600}" --out "$RESULTS"
+        --rates "${RATES_W6:-10,20,30,inf}" --num-prompts "${W6_PROMPTS:-300}" --out "$RESULTS"
       gpu_idle
       run peer-table $PY -P benchmarks/peer_table.py "$RESULTS"
       ;;

@@ -87,7 +87,10 @@ def wait_until_serving(server: subprocess.Popen, port: int, engine: str, log: Pa
     return time.monotonic() - started
 
 
-def run_engine(engine: str, shape_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_engine(
+    engine: str, shape_dir: Path, args: argparse.Namespace, result: dict[str, Any]
+) -> None:
+    """Fill ``result`` as the run goes: rows measured before an interruption are kept."""
     port = free_port()
     env = os.environ.copy()
     path = args.vllm_pythonpath if engine == "vllm" else args.metroline_pythonpath
@@ -104,7 +107,6 @@ def run_engine(engine: str, shape_dir: Path, args: argparse.Namespace) -> dict[s
             stdout=server_log,
             stderr=subprocess.STDOUT,
         )
-    result: dict[str, Any] = {"rows": [], "w1_rows": []}
     try:
         result["start_to_serving_s"] = wait_until_serving(server, port, engine, log)
         result["spawn_to_serving_s"] = time.monotonic() - started
@@ -141,7 +143,6 @@ def run_engine(engine: str, shape_dir: Path, args: argparse.Namespace) -> dict[s
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
-    return result
 
 
 def print_table(record: dict[str, Any]) -> None:
@@ -187,11 +188,15 @@ def main() -> None:
         shape_dir = write_shape(args.model, Path(tmp) / args.model)
         write_word_level_tokenizer(shape_dir, SHAPES[args.model]["vocab_size"])
         for engine in engines:
+            record[engine] = result = {"rows": [], "w1_rows": []}
             try:
-                record[engine] = run_engine(engine, shape_dir, args)
+                run_engine(engine, shape_dir, args, result)
             except RuntimeError as exc:
-                record[engine] = {"error": str(exc)}
+                result["error"] = str(exc)
                 print(f"{engine}: {exc}", flush=True)
+            except KeyboardInterrupt:  # the suite's time budget: keep what was measured
+                result["error"] = "interrupted by the time budget"
+                break
     record["vllm_version"] = _vllm_version(args.vllm_pythonpath)
     save_record(args.out, [gpu_slug(record["gpu"]), "W6", args.model], record)
     print_table(record)

@@ -1,6 +1,6 @@
 """``metroline serve MODEL [flags]``: the OpenAI-compatible server, flags shaped like
-``vllm serve``. ``MODEL`` is a local Hugging Face checkpoint directory, or ``demo`` for the
-embedded demo model.
+``vllm serve``. ``MODEL`` is a local Hugging Face checkpoint directory, a Hugging Face model id
+(``org/name``, from the local cache or downloaded), or ``demo`` for the embedded demo model.
 
 As with ``vllm serve``: the model may also come as ``--model MODEL`` or as ``model:`` in a
 ``--config FILE.yaml`` (whose other keys are flags; the command line's flags win), integer
@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "model",
-        help="checkpoint directory, or 'demo' for the embedded model (or --model MODEL, as "
-        "with vllm serve)",
+        help="checkpoint directory, Hugging Face model id, or 'demo' for the embedded model "
+        "(or --model MODEL, as with vllm serve)",
     )
     serve.add_argument(
         "--config",

@@ -281,9 +281,7 @@ class EngineArgs:
         "default sampling parameters: auto (the model's generation_config.json), vllm "
         "(none) or a folder holding a generation_config.json",
     )
-    tensor_parallel_size: int = knob(
-        1, "GPUs (ranks) the model is split across", aliases=("-tp",)
-    )
+    tensor_parallel_size: int = knob(1, "GPUs (ranks) the model is split across", aliases=("-tp",))
     max_model_len: int | None = knob(
         None, "longest prompt plus output in tokens (default: the model's limit)"
     )
@@ -293,7 +291,9 @@ class EngineArgs:
     block_size: int = knob(16, f"tokens per KV-cache block, one of {BLOCK_SIZES}")
     max_num_seqs: int = knob(1024, "most sequences in one step")
     max_num_batched_tokens: int = knob(
-        16384, "token budget of one step (metroline serve's default: see SERVING_DEFAULTS)"
+        16384,
+        "token budget of one step (metroline serve's default: "
+        f"{SERVING_DEFAULTS['max_num_batched_tokens']})",
     )
     enable_prefix_caching: bool = knob(True, "reuse the KV blocks of shared prefixes")
     kv_cache_memory_bytes: int | None = knob(
@@ -301,9 +301,7 @@ class EngineArgs:
         "bytes of the KV pool (on CUDA it overrides profiling; default on CPU "
         f"{DEFAULT_CPU_KV_CACHE_BYTES // 2**20} MiB)",
     )
-    dtype: str | torch.dtype = knob(
-        "auto", "auto (the checkpoint's), float32, bfloat16 or float16"
-    )
+    dtype: str | torch.dtype = knob("auto", "auto (the checkpoint's), float32, bfloat16 or float16")
     load_format: str = knob("auto", "auto, safetensors or dummy (random weights)")
     enforce_eager: bool = knob(False, "run every step eagerly (no CUDA graphs)")
     async_scheduling: bool | None = knob(

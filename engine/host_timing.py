@@ -50,7 +50,6 @@ class HostTimer:
         }
 
 
-
 def merge_reports(*reports: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     """One report from several (phases of the same name add up)."""
     combined = HostTimer(enabled=True)

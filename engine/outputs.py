@@ -19,8 +19,6 @@ class Logprob:
 PositionLogprobs = dict[int, Logprob]
 
 
-
-
 @dataclass
 class CompletionOutput:
     """One generated sequence of a request (``n`` of them per request)."""

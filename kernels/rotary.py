@@ -1,9 +1,10 @@
 """Rotary position embedding, neox layout (rotate halves), applied to q and k in place.
 
 ``cos_sin_cache`` is ``[max_positions, head_dim]`` in fp32: the first ``head_dim/2`` columns
-hold ``cos(pos * inv_freq)``, the rest ``sin(pos * inv_freq)``. Any frequency scaling
-(llama3) is already folded into the cache. As in Hugging Face, cos and sin are cast to the
-input dtype before they multiply.
+hold ``cos(pos * inv_freq)``, the rest ``sin(pos * inv_freq)``. RoPE scaling (llama3, YaRN
+with its attention factor, linear, dynamic NTK) lives in that cache, which
+``engine/layers/rotary.py`` builds: this kernel knows none of it. As in Hugging Face, cos
+and sin are cast to the input dtype before they multiply.
 
 The Triton kernel runs one program per token and rotates all of its query and key heads, with
 Hugging Face's rounding (each product rounded to the input dtype, then the sum): for 16-bit

@@ -7,7 +7,8 @@ outputs) then overlaps the device's instead of leaving it idle. With TP, every r
 tokens of step N on its device from rank 0 (a broadcast), so the plan of step N+1 can go out
 before they reach the host. A request that stops at step N (EOS, stop token) has one extra
 token computed at step N+1, which is dropped. Steps fall back to the plain order while a
-request needs exact token history at sampling time (penalties, min_tokens).
+request needs exact token history at sampling time (penalties, min_tokens, bad words
+of several tokens).
 """
 
 from __future__ import annotations
@@ -138,5 +139,3 @@ def use_async_scheduling(wanted: bool | None, device_type: str) -> bool:
     if wanted is None:
         return device_type == "cuda"
     return wanted
-
-

@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import re
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +26,7 @@ from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams, shorten
 from .errors import OpenAIError, bad_request, unavailable
 from .protocol import PromptTokensDetails, SamplingFields, UsageInfo, unknown_fields
+from .request_ids import current_request_id
 from .state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -59,7 +61,11 @@ StateDep = Annotated[ServerState, Depends(get_state)]
 
 
 def new_request_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    """The engine's id for a request: ``prefix``, the HTTP request's ``X-Request-Id`` (the
+    client's when it sent a usable one, see :mod:`.request_ids`), and a short random
+    suffix, so that two requests sent with the same header never share an engine id."""
+    base = current_request_id() or uuid.uuid4().hex
+    return f"{prefix}-{base}-{secrets.token_hex(6)}"
 
 
 def admit(state: ServerState, model: str) -> AsyncLLM:
@@ -168,6 +174,13 @@ def reject_unsupported(body: SamplingFields) -> None:
         raise bad_request(
             "stream_options is only allowed when stream is true", param="stream_options"
         )
+    if body.stream_options is not None and (
+        body.stream_options.continuous_usage_stats and not body.stream_options.include_usage
+    ):
+        raise bad_request(
+            "stream_options.continuous_usage_stats needs stream_options.include_usage true",
+            param="stream_options.continuous_usage_stats",
+        )
     if body.stream and body.prompt_logprobs is not None:
         raise bad_request(
             "prompt_logprobs are not available when streaming (stream: true)",
@@ -268,6 +281,8 @@ def sampling_params(
         "skip_special_tokens": body.skip_special_tokens,
         "include_stop_str_in_output": body.include_stop_str_in_output,
         "logit_bias": body.logit_bias,
+        "allowed_token_ids": body.allowed_token_ids,
+        "bad_words": body.bad_words,
     }
     try:
         return SamplingParams(**request_sampling_fields(fields, defaults or {}))

@@ -22,6 +22,9 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from ..sampling_params import (
+    MAX_ALLOWED_TOKEN_IDS,
+    MAX_BAD_WORD_CHARS,
+    MAX_BAD_WORDS,
     MAX_COUNT,
     MAX_LOGPROBS,
     MAX_N,
@@ -51,6 +54,8 @@ TokenId = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 TokenIds = Annotated[list[TokenId], Field(fail_fast=True, min_length=1)]
 #: One stop string.
 StopStr = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+#: One bad word (SamplingParams also refuses a word of only spaces).
+BadWord = Annotated[str, Field(min_length=1, max_length=MAX_BAD_WORD_CHARS)]
 
 
 def by_shape(name: str, choices: str, **members: Any) -> Any:
@@ -198,6 +203,15 @@ class SamplingFields(RequestModel):
     ) = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    allowed_token_ids: (
+        Annotated[
+            list[TokenId], Field(fail_fast=True, min_length=1, max_length=MAX_ALLOWED_TOKEN_IDS)
+        ]
+        | None
+    ) = Field(None, description="Only these tokens may be generated.")
+    bad_words: Annotated[list[BadWord], Field(fail_fast=True, max_length=MAX_BAD_WORDS)] | None = (
+        Field(None, description="Words never generated (as vLLM's bad_words).")
+    )
     prompt_logprobs: int | None = Field(
         None,
         ge=0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import time
@@ -78,10 +79,13 @@ class ServerState(EngineObserver):
     async def off_loop(self, function: Callable[..., T], *args: object, respond: bool = False) -> T:
         """``function(*args)`` on a worker thread: for CPU work that grows with a request
         (tokenising and templates; with ``respond``, building a response), which must never
-        hold up the event loop. Cancelled before it starts, it never runs."""
+        hold up the event loop. Cancelled before it starts, it never runs. It runs in a copy
+        of the caller's context (as ``asyncio.to_thread`` does), so the request's id
+        (:func:`.request_ids.current_request_id`) reaches it and its log lines."""
         loop = asyncio.get_running_loop()
         pool = self._respond_pool if respond else self._prepare_pool
-        return await loop.run_in_executor(pool, functools.partial(function, *args))
+        context = contextvars.copy_context()
+        return await loop.run_in_executor(pool, functools.partial(context.run, function, *args))
 
     # ---- engine observer -------------------------------------------------------------------
 

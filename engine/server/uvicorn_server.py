@@ -83,7 +83,7 @@ class DrainingServer(uvicorn.Server):
         logger.info(
             "serving %s as %s on http://%s:%d",
             self.engine.model.path,
-            self.app_state.args.model_name,
+            ", ".join(self.app_state.args.served_model_names),
             f"[{host}]" if ":" in host else host,
             port,
             extra={

@@ -123,9 +123,8 @@ def build_step_inputs(
     if pending_slots:
         queued += [add(pending_slots, torch.int64), add(pending_rows, torch.int64)]
     on_device = staging.to_device()
-    slots, tables, lens, cu_seqlens_q, device_input_ids, device_positions, logits_rows = (
-        on_device[:7]
-    )
+    slots, tables, lens, cu_seqlens_q = on_device[:4]
+    device_input_ids, device_positions, logits_rows = on_device[4:7]
     if pending_slots:
         slots_of_pending, rows_of_pending = on_device[7:9]
         device_input_ids[slots_of_pending] = previous.tokens[rows_of_pending]

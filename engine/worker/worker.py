@@ -90,17 +90,10 @@ class Worker:
         return self.model.attention_layers()[0].num_kv_heads
 
     def bytes_per_block(self) -> int:
-        """KV bytes of one block across all layers of this rank (keys and values)."""
-        arch = self.config.model.arch
-        element = torch.empty((), dtype=self.config.model.dtype).element_size()
-        return (
-            2
-            * arch.num_hidden_layers
-            * self.config.cache.block_size
-            * self.kv_heads_per_rank
-            * arch.head_dim
-            * element
-        )
+        """KV bytes of one block across all layers of this rank (keys and values): the
+        config's :attr:`~metroline.engine.config.EngineConfig.kv_bytes_per_block`, the one
+        formula that the start-up checks use too."""
+        return self.config.kv_bytes_per_block
 
     def determine_num_blocks(self) -> int:
         """From ``kv_cache_memory_bytes`` when given (or on CPU), else by profiling."""
@@ -178,7 +171,6 @@ class Worker:
     def execute_model_async(self, scheduled: SchedulerOutput) -> StepResult:
         """Launch one step; its tokens come from the result's ``result()``."""
         return self.model_runner.execute_model_async(scheduled)
-
 
 
 def _proc_status_bytes(field: str) -> int:

@@ -131,6 +131,26 @@ def test_a_kv_budget_below_one_sequence_is_refused_at_configuration(tiny_checkpo
         ).create_config()
 
 
+def test_the_worker_sizes_blocks_as_the_configuration_checks_them(tiny_checkpoint):
+    """One formula (EngineConfig.kv_bytes_per_block): a budget the start-up check accepts
+    gives the worker exactly the blocks it counted, and they take exactly those bytes."""
+    from metroline.engine.worker.worker import Worker
+
+    path = str(tiny_checkpoint("llama"))
+    probe = EngineArgs(model=path, max_model_len=64, device="cpu").create_config()
+    budget = probe.kv_bytes_per_block * 4
+    config = EngineArgs(
+        model=path, max_model_len=64, kv_cache_memory_bytes=budget, device="cpu"
+    ).create_config()
+    worker = Worker(config)
+    assert worker.bytes_per_block() == config.kv_bytes_per_block
+    assert worker.determine_num_blocks() == 4
+    worker.initialize_cache(4)
+    caches = worker.key_caches + worker.value_caches
+    assert sum(t.numel() * t.element_size() for t in caches) == budget
+    worker.shutdown()
+
+
 def test_serve_exits_2_before_the_http_server_starts(tiny_checkpoint):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("METROLINE_API_KEY", None)

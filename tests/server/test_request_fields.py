@@ -7,6 +7,7 @@ user message without content) are refused."""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -71,9 +72,15 @@ def test_lax_bodies_are_refused(client):
         message = {"role": "user"} if content == "absent" else {"role": "user", "content": None}
         error = error_of(post(client, CHAT, messages=[message]))
         assert error["param"] == "messages.0.content"
+        tokenize = client.post("/tokenize", json={"model": MODEL_NAME, "messages": [message]})
+        assert error_of(tokenize)["param"] == "messages.0.content"
     # An assistant's content may be null (as OpenAI allows).
     turns = [*USER, {"role": "assistant", "content": None}, *USER]
     assert post(client, CHAT, messages=turns).status_code == 200
+    # response_format: plain text only, and nothing beside its type is dropped unread.
+    assert post(client, CHAT, response_format={"type": "text"}).status_code == 200
+    for fmt in ({}, {"type": "text", "json_schema": {}}, {"type": "json_object"}):
+        assert error_of(post(client, CHAT, response_format=fmt))["param"] == "response_format"
 
 
 def test_request_templates_need_the_trust_flag(client):
@@ -113,6 +120,8 @@ def test_continuous_usage_stats_puts_usage_in_every_chunk(client, path):
     assert all(u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] for u in usages)
     plain = events(client, path, max_tokens=5, stream_options={"include_usage": True})
     assert [chunk["usage"] is None for chunk in plain].count(False) == 1
+    alone = {"stream": True, "stream_options": {"continuous_usage_stats": True}}
+    assert error_of(post(client, path, **alone))["param"] == "stream_options.continuous_usage_stats"
 
 
 @pytest.mark.parametrize("path", [COMPLETIONS, CHAT])
@@ -143,3 +152,65 @@ def test_prompt_logprobs_as_vllm_gives_them(client):
     assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
     streamed = post(client, COMPLETIONS, prompt_logprobs=1, stream=True)
     assert error_of(streamed)["param"] == "prompt_logprobs"
+
+
+def token_ids(client: httpx.Client, text: str) -> list[int]:
+    body = {"model": MODEL_NAME, "prompt": text, "add_special_tokens": False}
+    return client.post("/tokenize", json=body).json()["tokens"]
+
+
+@pytest.mark.parametrize("path", [COMPLETIONS, CHAT])
+def test_allowed_token_ids_restrict_the_answer(client, path):
+    greedy = {"temperature": 0, "max_tokens": 8, "ignore_eos": True}
+    free = post(client, path, **greedy).json()["choices"][0]
+    free_text = free["text"] if path == COMPLETIONS else free["message"]["content"]
+    assert set(free_text) - {"x", "y"}, free_text  # unrestricted, it says something else
+    allowed = token_ids(client, "x") + token_ids(client, "y")
+    assert len(allowed) == 2
+    choice = post(client, path, allowed_token_ids=allowed, **greedy).json()["choices"][0]
+    text = choice["text"] if path == COMPLETIONS else choice["message"]["content"]
+    assert len(text) == 8 and set(text) <= {"x", "y"}, text
+    for bad in ([], [10**6], [-1], [1.5]):
+        assert error_of(post(client, path, allowed_token_ids=bad))["param"].startswith(
+            "allowed_token_ids"
+        )
+
+
+@pytest.mark.parametrize("path", [COMPLETIONS, CHAT])
+def test_bad_words_are_never_generated(client, path):
+    greedy = {"temperature": 0, "max_tokens": 8, "ignore_eos": True}
+    logprobs = {"logprobs": 0} if path == COMPLETIONS else {"logprobs": True}
+
+    def tokens(**fields) -> list[str]:
+        choice = post(client, path, **greedy, **logprobs, **fields).json()["choices"][0]
+        if path == COMPLETIONS:
+            return choice["logprobs"]["tokens"]
+        return [entry["token"] for entry in choice["logprobs"]["content"]]
+
+    free = tokens()
+    # A word of one token, with and without a leading space, that the free answer says.
+    words = [t.strip() for t in free if t.strip()]
+    word = next(
+        w for w in words if len(token_ids(client, w)) == len(token_ids(client, " " + w)) == 1
+    )
+    banned = tokens(bad_words=[word])
+    assert banned != free and word not in {t.strip() for t in banned}, (word, free, banned)
+    for bad in (["  "], ["w" * 257], ["w"] * 129, "word"):
+        assert error_of(post(client, path, bad_words=bad))["param"].startswith("bad_words")
+
+
+def test_the_engine_request_id_carries_the_clients_x_request_id(client, server):
+    ids = []
+    for path in (COMPLETIONS, COMPLETIONS, CHAT):
+        reply = client.post(path, json=BASES[path], headers={"X-Request-Id": "trace-42"})
+        assert reply.status_code == 200 and reply.headers["x-request-id"] == "trace-42"
+        ids.append(reply.json()["id"])
+    prefixes = ("cmpl-trace-42-", "cmpl-trace-42-", "chatcmpl-trace-42-")
+    assert all(i.startswith(p) for i, p in zip(ids, prefixes)), ids
+    assert len(set(ids)) == 3  # the same header twice: two engine ids
+    own = post(client, COMPLETIONS).json()["id"]
+    assert own.startswith("cmpl-") and "trace-42" not in own
+    deadline = time.monotonic() + 30
+    while not all(f"request finished request_id={i} " in server.log() for i in ids):
+        assert time.monotonic() < deadline, server.log()[-3000:]
+        time.sleep(0.1)

@@ -25,6 +25,7 @@ from ..protocol_chat import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     ChatMessageOut,
     ChoiceLogprobs,
     DeltaMessage,
@@ -63,8 +64,14 @@ def _check(state: ServerState, body: ChatCompletionRequest) -> None:
     admission.reject_unsupported(body)
     if body.tools:
         raise bad_request("tools are not supported", param="tools")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise bad_request("only response_format type 'text' is supported", "response_format")
+    response_format = body.response_format
+    if response_format is not None and (
+        response_format.get("type") != "text" or set(response_format) != {"type"}
+    ):
+        raise bad_request(
+            'only response_format {"type": "text"} is supported (no other type, no other key)',
+            "response_format",
+        )
     if body.top_logprobs and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
     if body.chat_template is not None and not state.args.trust_request_chat_template:
@@ -73,7 +80,12 @@ def _check(state: ServerState, body: ChatCompletionRequest) -> None:
             "--trust-request-chat-template (the template runs on the server)",
             param="chat_template",
         )
-    for index, message in enumerate(body.messages):
+    check_contents(body.messages)
+
+
+def check_contents(messages: list[ChatMessage]) -> None:
+    """400 for a message without content, unless it is the assistant's (as OpenAI allows)."""
+    for index, message in enumerate(messages):
         if message.content is None and message.role != "assistant":
             raise bad_request(
                 f"a {message.role} message needs content (only an assistant's may be null)",

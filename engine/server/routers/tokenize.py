@@ -28,7 +28,7 @@ from ..protocol_tokenize import (
 )
 from ..responses import GENERATION_RESPONSES
 from ..state import ServerState
-from .chat import render_prompt
+from .chat import check_contents, render_prompt
 
 router = APIRouter(route_class=StrictJSONRoute)
 
@@ -59,6 +59,8 @@ async def tokenize(body: TokenizeRequest, raw_request: Request, state: admission
             "--trust-request-chat-template (the template runs on the server)",
             param="chat_template",
         )
+    if chat:
+        check_contents(body.messages)
     try:
         response = await admission.prepare(state, raw_request, _tokenize, state, engine, body)
     except admission.ClientGone:
