@@ -17,7 +17,7 @@ from . import constants as c
 
 Key = tuple[str, str]
 Obj = dict[str, Any]
-CHILD_KINDS = ("Deployment", "Service", "PodDisruptionBudget")
+CHILD_KINDS = ("Deployment", "Service", "PodDisruptionBudget", "InferencePool", "EndpointSlice")
 
 
 def plain(body: Mapping[str, Any]) -> Obj:
@@ -75,7 +75,7 @@ class ClusterCache:
     def llmd_keys(self) -> list[Key]:
         return list(self._llmds)
 
-    # Deployments, Services, PodDisruptionBudgets
+    # Deployments, Services, PodDisruptionBudgets, InferencePools, the activator's EndpointSlice
     def put_child(
         self, obj: Mapping[str, Any], kind: str | None = None, deleted: bool = False
     ) -> Key | None:

@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import constants as c
-from .managedflags import UNSEEN, Unseen, read_serve_args
+from .managedflags import UNSEEN, Unseen, read_serve_args, why_refused
 from .modeluri import ModelLocation, parse_model_uri
 from .pod import MAX_DRAIN_TIMEOUT_S, run_args
 from .spec import MANAGED_FLAGS, OBJECT_RULES, LLMDeploymentSpec, managed_flag
@@ -96,7 +96,7 @@ def _command_line_problems(spec: LLMDeploymentSpec, location: ModelLocation) -> 
                 f"({error}); fix extraArgs{hint}"]
     problems = [
         f"spec.engine.extraArgs sets {flag}{'' if written == flag else f' (as {written})'}, "
-        "which the operator renders from the spec; remove it and use the matching spec field"
+        f"{why_refused(flag)}"
         for flag, written in reading.calls[len(rendered.calls):] if flag in MANAGED_FLAGS
     ]
     drain = reading.values.get("drain_timeout")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Mapping
@@ -41,6 +42,11 @@ class OperatorConfig:
     """How long a leader may go without a successful renew before it stops writing."""
     lease_retry_period_s: float = 2.0
     """How often a replica tries to acquire or renew the Lease."""
+    activator_port: int = c.ACTIVATOR_PORT
+    """Where the activator (``activator.py``) listens; 0 binds any free port (tests)."""
+    pod_ip: str | None = None
+    """This replica's pod IP (``METROLINE_POD_IP`` from the downward API): the activator's
+    address in the EndpointSlice a scaled-to-zero Service gets. None: no scale to zero."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> OperatorConfig:
@@ -57,6 +63,8 @@ class OperatorConfig:
             lease_duration_s=int(env.get("METROLINE_LEASE_DURATION_SECONDS", 15)),
             lease_renew_deadline_s=float(env.get("METROLINE_LEASE_RENEW_DEADLINE_SECONDS", 10)),
             lease_retry_period_s=float(env.get("METROLINE_LEASE_RETRY_PERIOD_SECONDS", 2)),
+            activator_port=int(env.get("METROLINE_ACTIVATOR_PORT", c.ACTIVATOR_PORT)),
+            pod_ip=env.get("METROLINE_POD_IP") or None,
         )
 
     def __post_init__(self) -> None:
@@ -84,5 +92,16 @@ class OperatorConfig:
                 f"METROLINE_LEASE_DURATION_SECONDS must be at most {2**31 - 1}; "
                 f"got {self.lease_duration_s}"
             )
+        ports = {"METROLINE_HEALTH_PORT": self.health_port,
+                 "METROLINE_OPERATOR_METRICS_PORT": self.own_metrics_port}
+        clash = [name for name, port in ports.items() if port and port == self.activator_port]
+        if not 0 <= self.activator_port <= 65535 or clash:
+            raise ValueError(f"METROLINE_ACTIVATOR_PORT {self.activator_port} must be a port "
+                             f"of its own (0: any free one){', not ' + clash[0] if clash else ''}")
+        if self.pod_ip is not None:
+            try:
+                ipaddress.ip_address(self.pod_ip)
+            except ValueError:
+                raise ValueError(f"METROLINE_POD_IP {self.pod_ip!r} is not an IP address") from None
         if not self.instance:
             raise ValueError("the operator needs an identity (METROLINE_POD_NAME)")

@@ -45,6 +45,10 @@ HEALTH_PATH = "/health"
 READY_PATH = "/ready"
 METRICS_PATH = "/metrics"
 KV_METRIC = "metroline:kv_cache_usage_perc"
+WAITING_METRIC = "metroline:num_requests_waiting"
+RUNNING_METRIC = "metroline:num_requests_running"
+STEP_TOKENS_METRIC = "metroline:iteration_tokens_total"
+"""A histogram of tokens per engine step: ``_sum`` and ``_count`` give the mean per step."""
 ENGINE_DRAIN_TIMEOUT_S = 30
 """The engine's default --drain-timeout: SIGTERM waits this long for in-flight requests."""
 
@@ -59,3 +63,10 @@ MODELS_DIR = f"{CACHE_MOUNT}/models"
 HF_HOME = f"{CACHE_MOUNT}/huggingface"
 PVC_MODEL_MOUNT = "/mnt/model"
 SHM_MOUNT = "/dev/shm"
+
+# The activator (operator/activator.py): where the Service sends traffic while no engine pod is
+# ready after a scale to zero (an EndpointSlice of the Service pointing at the leader's pod).
+ACTIVATOR_PORT = 8082
+ACTIVATOR_PORT_NAME = "activator"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+SLICE_MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"

@@ -2,10 +2,10 @@
 
 Kopf's event handlers feed ``ClusterCache`` and enqueue the owning LLMDeployment; workers take
 keys from a deduplicating ``WorkQueue`` (one worker per key at a time) and run ``reconcile``:
-judge the spec, server-side apply the children that are missing or drifted, delete a PDB that is
-no longer wanted, then patch ``status`` only if it changed. Each child the operator creates,
-updates or deletes and each condition change is also recorded as a Kubernetes Event, handed to
-``EventRecorder`` (its own task: an Event never delays or fails a reconcile).
+judge the spec, server-side apply the children that are missing or drifted, delete those no
+longer wanted (a PDB, an InferencePool), then patch ``status`` only if it changed. Each child
+created, updated or deleted and each condition change is also recorded as a Kubernetes Event,
+handed to ``EventRecorder`` (its own task: an Event never delays or fails a reconcile).
 
 Every outcome of writing the children ends in ``status``, which is patched even when a write
 failed: a spec the API server refuses as such (400, 422, or the 500 "field not declared in
@@ -19,8 +19,9 @@ so a failure is one Event, not one per retry.
 With two replicas, only the holder of the Lease (``leader.py``) writes: every API write of the
 controller and of the Event recorder goes through ``api``, which refuses it (``NotLeader``)
 unless the elector says this replica leads; a standby keeps its cache (kopf still watches) but
-queues nothing and scrapes no KV figures. On taking over it scrapes once, then queues every
-known LLMDeployment, so what changed while it stood by is reconciled.
+queues nothing and scrapes no KV figures (so the autoscaler, ``scaler.py``, decides nothing).
+On taking over it scrapes once, then queues every known LLMDeployment, so what changed while it
+stood by is reconciled.
 
 Each reconcile's outcome, its duration, the applies, the failed API calls, the KV scrapes that
 gave nothing and the queue's depth are counted in ``metrics`` (``metrics.py``).
@@ -46,9 +47,10 @@ from .drift import covers
 from .events import EventNote, condition_events
 from .kube import ApiError, KubeClient
 from .leader import LeaderElector, NotLeader
-from .podhealth import is_ready
 from .recorder import EventRecorder, EventWrites
-from .render import render_children, wants_pdb
+from .render import render_children, unwanted_children
+from .routing import InferencePools
+from .scaler import Scaler
 from .status import (
     APPLY_FAILED,
     FORBIDDEN,
@@ -121,7 +123,10 @@ class Controller:
         self.scraper = m.CountingKvScraper(self.metrics.kv_scrape_failures, config.metrics_port)
         self.events = EventRecorder(EventWrites(client, self.api), clock, config.instance)
         self.kv: dict[Key, float | None] = {}
+        self.scaler = Scaler(self.cache, self.scraper, config, record=self.events.record,
+                             clock=clock, enqueue=self._enqueue, leading=lambda: self.leading)
         self.failures: dict[Key, int] = {}
+        self.pools = InferencePools()
         self.refused: dict[Key, tuple[int, SpecCheck]] = {}
         """Generations whose children the API server refused as invalid: not retried until
         edited."""
@@ -167,6 +172,8 @@ class Controller:
             self.kv.pop(key, None)
             self.failures.pop(key, None)
             self.refused.pop(key, None)
+            self.pools.forget(key)
+            self.scaler.forget(key)
             self.reconciled.pop(key, None)
             if self._queue is not None:
                 self._queue.forget(key)
@@ -187,6 +194,7 @@ class Controller:
 
     # Lifecycle.
     async def start(self) -> None:
+        await self.scaler.activator.start()
         self._queue = WorkQueue()
         self.events.start()
         self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.config.workers)]
@@ -211,6 +219,7 @@ class Controller:
         self._active = False
         if self.elector is not None:
             await self.elector.release()
+        await self.scaler.activator.stop()
         await self.scraper.close()
         await self.client.close()
 
@@ -272,17 +281,10 @@ class Controller:
                 await self.sample_kv()
 
     async def sample_kv(self) -> None:
-        """Refresh the KV averages; wake the LLMDeployments whose rounded value changed."""
-        keys = self.cache.llmd_keys()
-        ready = {key: [p for p in self.cache.pods(key) if is_ready(p)] for key in keys}
-        values = await asyncio.gather(
-            *(self.scraper.average(ready[key]) if ready[key] else _none() for key in keys)
-        )
-        for key, value in zip(keys, values):
-            rounded = None if value is None else round(value, 2)
-            if self.kv.get(key) != rounded:
-                self.kv[key] = rounded
-                self._enqueue(key)
+        """Scrape the ready pods once: refresh the KV averages and let the autoscaler decide
+        (``scaler.py``); wake the LLMDeployments whose rounded figures or replicas changed."""
+        for key in await self.scaler.sample(self.kv):
+            self._enqueue(key)
 
     # Reconciliation.
     async def reconcile(self, key: Key) -> str | None:
@@ -335,9 +337,10 @@ class Controller:
         else:
             result = m.OK if failure is None else RESULT_OF_FAILURE[failure.reason]
         observed = Observed(
-            deployment=self.cache.child(key, "Deployment"),
-            pods=self.cache.pods(key),
+            deployment=self.cache.child(key, "Deployment"), pods=self.cache.pods(key),
             kv_cache_utilization=self.kv.get(key),
+            inference_pool=self.pools.state(key, check, self.cache.child(key, "InferencePool")),
+            autoscaling=self.scaler.report(key, check, body.get("status") or {}),
         )
         current = body.get("status") or {}
         status = compute_status(name, namespace, generation, check, observed, current,
@@ -357,15 +360,19 @@ class Controller:
     async def _apply_children(
         self, key: Key, body: Mapping[str, Any], check: SpecCheck
     ) -> SpecCheck:
-        """Apply what is missing or drifted, delete an unwanted PDB; ChildWriteError if the
+        """Apply what is missing or drifted, delete what is unwanted; ChildWriteError if the
         API server did not take a write."""
-        for desired in render_children(body, check, self.config.engine_image):
+        scaling = self.scaler.plan(key, check)
+        children = render_children(body, check, self.config.engine_image, scaling)
+        for desired in self.pools.to_apply(key, children):
             live = self.cache.child(key, desired["kind"])
             if live is not None and covers(desired, live):
                 continue
             try:
                 applied, created = await self.api(self.client.apply(desired))
             except ApiError as error:
+                if self.pools.crd_missing(key, desired, error, self._queue):
+                    continue  # reported in the InferencePool condition, tried again later
                 raise ChildWriteError("apply", desired["kind"], error) from error
             self.metrics.applied(desired["kind"])
             logger.info("applied %s %s/%s", desired["kind"], *key)
@@ -376,20 +383,16 @@ class Controller:
                 verb = "Created" if created else "Updated"
                 what = f"{desired['kind']} {desired['metadata']['name']}"
                 self.events.record(body, EventNote("Normal", verb, f"{verb.lower()} {what}"))
-        if not wants_pdb(check) and self.cache.child(key, "PodDisruptionBudget") is not None:
+        for api_version, kind, why in unwanted_children(check, scaling):
+            if (live := self.cache.child(key, kind)) is None:
+                continue
             try:
-                await self.api(self.client.delete("policy/v1", "PodDisruptionBudget", *key))
+                await self.api(self.client.delete(api_version, kind, *key))
             except ApiError as error:
-                raise ChildWriteError("delete", "PodDisruptionBudget", error) from error
-            self.cache.put_child(
-                self.cache.child(key, "PodDisruptionBudget") or {}, "PodDisruptionBudget",
-                deleted=True,
-            )
-            logger.info("deleted PodDisruptionBudget %s/%s (replicas < 2)", *key)
-            why = f"deleted PodDisruptionBudget {key[1]} (replicas < 2)"
-            self.events.record(body, EventNote("Normal", "Deleted", why))
+                raise ChildWriteError("delete", kind, error) from error
+            self.cache.put_child(live, kind, deleted=True)
+            logger.info("deleted %s %s/%s (%s)", kind, *key, why)
+            note = EventNote("Normal", "Deleted", f"deleted {kind} {key[1]} ({why})")
+            self.events.record(body, note)
         return check
 
-
-async def _none() -> None:
-    return None

@@ -75,6 +75,13 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
                   id="service_event")(forward("Service"))
     kopf.on.event("policy", "v1", "poddisruptionbudgets", registry=registry,
                   id="pdb_event")(forward("PodDisruptionBudget"))
+    # Only the activator's slices (managed-by us); the EndpointSlice controller's are skipped.
+    kopf.on.event("discovery.k8s.io", "v1", "endpointslices", registry=registry,
+                  labels={c.SLICE_MANAGED_BY_LABEL: c.MANAGED_BY},
+                  id="endpointslice_event")(forward("EndpointSlice"))
+    # Watched only if the extension's CRD exists when kopf starts (it resolves kinds once).
+    kopf.on.event("inference.networking.k8s.io", "v1", "inferencepools", registry=registry,
+                  id="inferencepool_event")(forward("InferencePool"))
 
     @kopf.on.event("", "v1", "pods", labels=MANAGED, registry=registry)
     async def pod_event(type: str | None, body: kopf.Body, **_: Any) -> None:

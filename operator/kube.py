@@ -40,6 +40,10 @@ _PATHS = {
     (c.API_VERSION, c.KIND): f"/apis/{c.API_VERSION}/namespaces/{{namespace}}/{c.PLURAL}/{{name}}",
     ("coordination.k8s.io/v1", "Lease"):
         "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}",
+    ("discovery.k8s.io/v1", "EndpointSlice"):
+        "/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices/{name}",
+    ("inference.networking.k8s.io/v1", "InferencePool"):
+        "/apis/inference.networking.k8s.io/v1/namespaces/{namespace}/inferencepools/{name}",
 }
 
 

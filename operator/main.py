@@ -4,7 +4,9 @@ Environment: METROLINE_ENGINE_IMAGE (default engine image), METROLINE_METRICS_PO
 engine pods' metrics port, scraped for KV-cache use), METROLINE_KV_INTERVAL_SECONDS,
 METROLINE_WORKERS, METROLINE_HEALTH_PORT (kopf's liveness endpoint, ``/healthz``; 8080),
 METROLINE_OPERATOR_METRICS_PORT (the operator's own Prometheus ``/metrics``; 8081, 0 turns it
-off), METROLINE_LOG_LEVEL.
+off), METROLINE_LOG_LEVEL; METROLINE_ACTIVATOR_PORT (the activator, which holds requests for a
+deployment scaled to zero; 8082) and METROLINE_POD_IP (its address, from the downward API's
+status.podIP; unset: no LLMDeployment scales to zero).
 
 Leader election (only the holder of a coordination.k8s.io/v1 Lease writes): METROLINE_POD_NAME
 (the identity; the downward API's metadata.name, else the hostname), METROLINE_NAMESPACE (the

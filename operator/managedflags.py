@@ -17,11 +17,34 @@ MANAGED_FLAGS = frozenset({
     "--tensor-parallel-size", "-tp", "--max-model-len", "--gpu-memory-utilization",
     "--max-num-seqs", "--max-num-batched-tokens", "--block-size", "--dtype",
     "--served-model-name", "--host", "--port", "--ready-kv-threshold", "--enable-prefix-caching",
-    "--no-enable-prefix-caching",
+    "--no-enable-prefix-caching", "--revision", "--config",
 })
-"""Flags (with their aliases, e.g. ``-tp``) rendered from spec fields; setting them again in
-extraArgs would be ambiguous. tests/operator/test_engine_cli.py keeps this in step with
-``metroline serve``'s parser."""
+"""Flags extraArgs may not set: those (with their aliases, e.g. ``-tp``) rendered from spec
+fields, where setting them again would be ambiguous, and the two of :data:`REFUSED_FLAGS`.
+tests/operator/test_engine_cli.py keeps this in step with ``metroline serve``'s parser."""
+
+REFUSED_FLAGS = {
+    "--revision": (
+        "but the model the operator renders is a local directory (an hf:// model is downloaded "
+        "into one), where metroline serve refuses a revision at start; remove it and write "
+        "the revision into model.uri, hf://org/name@revision"
+    ),
+    "--config": (
+        "but metroline serve would read flags from that file, which the operator cannot check "
+        "(a managed flag or --drain-timeout among them); remove it and put the flags in "
+        "engine.extraArgs"
+    ),
+}
+"""Managed flags that no spec field renders, and why extraArgs may not set them."""
+
+
+def why_refused(flag: str) -> str:
+    """Why extraArgs may not set ``flag`` (a managed flag) and what to do instead."""
+    return REFUSED_FLAGS.get(
+        flag,
+        "which the operator renders from the spec; remove it and use the matching spec field",
+    )
+
 
 ENGINE_FLAGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     # (option strings, kind, choices): generated from `metroline serve`'s parser, in its order
@@ -83,6 +106,28 @@ ENGINE_FLAGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 UNSEEN = "\x00"
 """Marks text the operator cannot see in an argument (a ``$(VAR)`` whose variable comes from a
 Secret, a ConfigMap or a field): such a value passes every type and choice, as it may."""
+
+
+def managed_flags_set(extra_args: Sequence[str]) -> list[tuple[str, str]]:
+    """(as written, as the engine reads it) for each arg of ``extra_args`` setting a managed
+    or refused flag."""
+    found = []
+    for arg in extra_args:
+        flag = managed_flag(arg)
+        if flag is not None:
+            found.append((arg.split("=", 1)[0], flag))
+    return found
+
+
+def managed_flags_detail(extra_args: Sequence[str]) -> str:
+    """Why each managed flag ``extra_args`` sets is refused, grouped by reason."""
+    by_reason: dict[str, list[str]] = {}
+    for written, flag in managed_flags_set(extra_args):
+        shown = written if written == flag else f"{written} (read by the engine as {flag})"
+        by_reason.setdefault(why_refused(flag), []).append(shown)
+    return "; ".join(
+        f"spec.engine.extraArgs sets {', '.join(shown)}, {why}" for why, shown in by_reason.items()
+    )
 
 
 def managed_flag(arg: str) -> str | None:

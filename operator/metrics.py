@@ -40,7 +40,7 @@ OK, INVALID_SPEC, FORBIDDEN, APPLY_FAILED, ERROR = (
     "ok", "invalid_spec", "forbidden", "apply_failed", "error"
 )
 RESULTS = (OK, INVALID_SPEC, FORBIDDEN, APPLY_FAILED, ERROR)
-KINDS = ("Deployment", "Service", "PodDisruptionBudget")
+KINDS = ("Deployment", "Service", "PodDisruptionBudget", "InferencePool", "EndpointSlice")
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Up to the API client's 30 s timeout and beyond (one reconcile makes several calls)."""
 SERVE_STOP_S = 5.0

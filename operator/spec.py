@@ -3,10 +3,10 @@
 These models are the single source of truth: ``crd.py`` generates the CRD's OpenAPI schema from
 them, and the operator parses every object with them. Constraints that span fields are written
 once as ``CelRule``s (``cel.py``; ``CEL_RULES`` on the spec, ``kubefields.RESOURCE_RULES`` on
-``resources``, ``OBJECT_RULES`` on the whole object, ``rollout.ROLLOUT_RULES`` on ``rollout``)
-and become both CEL ``x-kubernetes-validations`` in the CRD and a Python twin, so a cluster and
-the operator agree on what is valid. Fields left unset mean "the engine's default" and are not
-passed on its command line.
+``resources``, ``OBJECT_RULES`` on the whole object, ``ROLLOUT_RULES``, ``ROUTING_RULES`` and
+``AUTOSCALING_RULES`` in ``rollout.py``, ``routing.py``, ``autoscalespec.py``) and become both
+CEL ``x-kubernetes-validations`` and a Python twin, so a cluster and the operator agree on what
+is valid. Fields left unset mean "the engine's default" and are not passed on its command line.
 
 Admission is bounded: quantity strings have a maximum length and a pattern with a two-digit
 exponent (``kubefields.Quantity``, ``quantity.py``), and CEL rules call Kubernetes'
@@ -27,6 +27,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from . import constants as c
 from . import quantity as q
+from .autoscalespec import Autoscaling, AutoscalingStatus
 from .cel import CelRule, cel_if_safe, cel_name, cel_quantity, cel_validations, rule_problems
 from .kubefields import (
     DNS_1035_LABEL,
@@ -46,8 +47,15 @@ from .kubefields import (
     SecretKeyRef,
     Toleration,
 )
-from .managedflags import MANAGED_FLAGS, managed_flag, managed_flag_regex
+from .managedflags import (
+    MANAGED_FLAGS,
+    managed_flag,
+    managed_flag_regex,
+    managed_flags_detail,
+    managed_flags_set,
+)
 from .rollout import ROLLOUT_RULES, Rollout
+from .routing import Routing
 from .schema import K8S_SCHEMA
 
 __all__ = [
@@ -168,21 +176,6 @@ def _reserved_env(spec: LLMDeploymentSpec) -> list[str]:
     return [var.name for var in spec.env or () if var.name in c.RESERVED_ENV]
 
 
-def _flags_set(spec: LLMDeploymentSpec) -> list[tuple[str, str]]:
-    found = []
-    for arg in spec.engine.extra_args:
-        flag = managed_flag(arg)
-        if flag is not None:
-            found.append((arg.split("=", 1)[0], flag))
-    return found
-
-
-def _flags_detail(spec: LLMDeploymentSpec) -> str:
-    shown = [s if s == f else f"{s} (read by the engine as {f})" for s, f in _flags_set(spec)]
-    return (f"spec.engine.extraArgs sets {', '.join(shown)}, which the operator renders from "
-            "the spec; remove it and use the matching spec field")
-
-
 def _batched_tokens_cover_seqs(spec: LLMDeploymentSpec) -> bool:
     engine = spec.engine
     tokens = engine.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
@@ -220,10 +213,12 @@ CEL_RULES: tuple[CelRule, ...] = (
         ),
         message=(
             "engine.extraArgs sets a flag (or a prefix of one) that the operator renders from "
-            f"the spec ({', '.join(sorted(MANAGED_FLAGS))}); use the matching spec field"
+            f"the spec or refuses ({', '.join(sorted(MANAGED_FLAGS))}); use the matching spec "
+            "field (a revision goes in model.uri, hf://org/name@revision; a --config file's "
+            "flags in engine.extraArgs)"
         ),
-        holds=lambda s: not _flags_set(s),
-        detail=_flags_detail,
+        holds=lambda s: not managed_flags_set(s.engine.extra_args),
+        detail=lambda s: managed_flags_detail(s.engine.extra_args),
     ),
     CelRule(
         rule=(
@@ -258,6 +253,27 @@ CEL_RULES: tuple[CelRule, ...] = (
         holds=_shm_fits,
         detail=_shm_detail,
     ),
+    CelRule(
+        rule="!has(self.autoscaling) || !has(self.replicas)",
+        message=(
+            "spec.replicas and spec.autoscaling are mutually exclusive: with autoscaling the "
+            "operator chooses the replicas (status.autoscaling.desiredReplicas); remove "
+            "spec.replicas (kubectl scale writes it, so it is refused too)"
+        ),
+        holds=lambda s: s.autoscaling is None or s.replicas is None,
+    ),
+    CelRule(
+        rule=(
+            "!has(self.autoscaling) || !has(self.autoscaling.scaleToZeroAfterSeconds) || "
+            "!has(self.routing) || !has(self.routing.inferencePool) || !self.routing.inferencePool"
+        ),
+        message=(
+            "autoscaling.scaleToZeroAfterSeconds cannot be used with routing.inferencePool: at "
+            "zero replicas the pool is empty, so requests routed by the endpoint picker never "
+            "reach the activator that wakes the deployment; drop one of them"
+        ),
+        holds=lambda s: not (s.routing.inference_pool and s.autoscaling and s.autoscaling.to_zero),
+    ),
 )
 
 OBJECT_RULES: tuple[CelRule, ...] = (
@@ -282,7 +298,13 @@ class LLMDeploymentSpec(ApiModel):
     model_config = ConfigDict(json_schema_extra=cel_validations(CEL_RULES))
     model: ModelSource
     engine: EngineArgs = Field(default_factory=EngineArgs, json_schema_extra={"default": {}})
-    replicas: int = Field(default=1, ge=0, le=1024, description="Engine pods (scale subresource).")
+    replicas: int | None = Field(
+        default=None, ge=0, le=1024,
+        description="Engine pods (scale subresource); 1 when unset. Not with autoscaling.",
+    )
+    autoscaling: Autoscaling | None = Field(
+        default=None, description="The operator sets the replicas from load (docs: Autoscaling)."
+    )
     image: str | None = Field(
         default=None, min_length=1, max_length=512, description="Engine image; operator default."
     )
@@ -312,6 +334,8 @@ class LLMDeploymentSpec(ApiModel):
         default_factory=Rollout, json_schema_extra={"default": {}},
         description="How pods are replaced; by default one at a time, without a spare GPU.",
     )
+    routing: Routing = Field(default_factory=Routing, json_schema_extra={"default": {}},
+                             description="Routing through an InferencePool (docs: Routing).")
     startup_timeout_seconds: int = Field(
         default=1800, ge=60, le=86_400,
         description="Startup probe span on /health; the rollout deadline is this plus 600 s.",
@@ -326,6 +350,11 @@ class LLMDeploymentSpec(ApiModel):
     pod_annotations: dict[str, str] | None = Field(
         default=None, description="Extra pod annotations."
     )
+
+    @property
+    def fixed_replicas(self) -> int:
+        """``spec.replicas``, 1 when unset (with ``autoscaling`` the operator decides)."""
+        return 1 if self.replicas is None else self.replicas
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> LLMDeploymentSpec:
@@ -362,6 +391,7 @@ class LLMDeploymentStatus(ApiModel):
     kv_cache_utilization: float | None = Field(
         default=None, description="Average KV-cache use (0..1) of ready pods, from /metrics."
     )
+    autoscaling: AutoscalingStatus | None = None
     phase: Phase | None = None
     conditions: list[Condition] | None = Field(
         default=None,

@@ -15,6 +15,11 @@ Degraded=True, Progressing=False, Ready False unless pods still serve — and an
 tell what the cluster will run. Either way ``phase`` is not Ready (the latest spec is not rolled
 out) and every condition carries ``observedGeneration``. A spec the API server refuses as such
 (400, 422, an undeclared field) is ``InvalidSpec``, like one the operator refuses itself.
+With ``spec.autoscaling`` the replicas judged against are the autoscaler's (``scaler.py``), and
+``status.autoscaling`` with conditions ``ScalingLimited`` (and ``ScaledToZero`` when it may
+scale to zero) are its report. With ``routing.inferencePool`` a fourth condition,
+``InferencePool``, reports on the pool (``routing.py``); it never changes ``phase``: the engine
+pods serve through the Service anyway.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .autoscale import ScalingReport
 from .checks import SpecCheck
 from .podhealth import Pod, PodProblem, all_problems, is_running
 from .render import endpoint, selector_string
+from .routing import CONDITION as POOL_CONDITION
 
 Status = dict[str, Any]
 MAX_MESSAGE = 1024
@@ -53,6 +60,12 @@ class Observed:
     deployment: Mapping[str, Any] | None
     pods: Sequence[Pod] = field(default_factory=tuple)
     kv_cache_utilization: float | None = None
+    inference_pool: tuple[str, str, str] | None = None
+    """The ``InferencePool`` condition's state (``routing.InferencePools.state``); None: no
+    pool wanted, no condition."""
+    autoscaling: ScalingReport | None = None
+    """With ``spec.autoscaling``: the replicas it chose, ``status.autoscaling`` and its
+    conditions (``scaler.py``)."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +129,8 @@ def _judge(check: SpecCheck, observed: Observed, counts: Mapping[str, int]) -> _
         invalid = ("False", INVALID_SPEC, message)
         return _Verdict("Failed", invalid, invalid, degraded)
     assert check.spec is not None
-    desired, dep = check.spec.replicas, observed.deployment
+    scaling, dep = observed.autoscaling, observed.deployment
+    desired = check.spec.fixed_replicas if scaling is None else scaling.desired
     if dep is None:
         waiting = ("False", "Creating", "the engine Deployment is being created")
         return _Verdict("Pending", waiting, ("True", "Creating", waiting[2]), degraded)
@@ -129,7 +143,8 @@ def _judge(check: SpecCheck, observed: Observed, counts: Mapping[str, int]) -> _
     seen = dep.get("status", {}).get("observedGeneration", 0) >= dep_generation
     rolled_out = seen and updated >= desired and total <= desired
     if desired == 0:
-        zero = ("False", "ScaledToZero", "spec.replicas is 0; scale up to serve")
+        zero = ("False", "ScaledToZero", "spec.replicas is 0; scale up to serve"
+                if scaling is None else scaling.zero_message)
         done = ("False", "ScaledToZero", "no replicas requested")
         return _Verdict("Pending", zero, done if rolled_out else ("True", "ScalingDown", tally),
                         degraded)
@@ -195,7 +210,7 @@ def compute_status(
     if failure is not None and check.valid:
         verdict = _failed(verdict, failure, observed, counts["ready"])
     old = (previous or {}).get("conditions") or []
-    kv = observed.kv_cache_utilization
+    kv, scaling = observed.kv_cache_utilization, observed.autoscaling
     return {
         "observedGeneration": generation,
         "replicas": counts["total"],
@@ -204,11 +219,16 @@ def compute_status(
         "selector": selector_string(name),
         "endpoint": endpoint(name, namespace),
         "kvCacheUtilization": None if kv is None or counts["ready"] == 0 else round(kv, 2),
+        "autoscaling": None if scaling is None else dict(scaling.status),
         "phase": verdict.phase,
         "conditions": [
             condition(old, "Ready", verdict.ready, generation, now),
             condition(old, "Progressing", verdict.progressing, generation, now),
             condition(old, "Degraded", verdict.degraded, generation, now),
+            *([] if observed.inference_pool is None else [
+                condition(old, POOL_CONDITION, observed.inference_pool, generation, now)]),
+            *(condition(old, kind, state, generation, now)
+              for kind, state in (scaling.conditions if scaling else ())),
         ],
     }
 

@@ -40,6 +40,7 @@ SERVICES = kmock.resource("", "v1", "services")
 PODS = kmock.resource("", "v1", "pods")
 PDBS = kmock.resource("policy", "v1", "poddisruptionbudgets")
 LEASES = kmock.resource("coordination.k8s.io", "v1", "leases")
+ENDPOINTSLICES = kmock.resource("discovery.k8s.io", "v1", "endpointslices")
 RESOURCES = {
     LLMD: kmock.ResourceInfo(kind=c.KIND, namespaced=True, shortnames={"llmd"},
                              subresources={"status", "scale"}),
@@ -50,6 +51,7 @@ RESOURCES = {
                              subresources={"status"}),
     kmock.resource("", "v1", "events"): kmock.ResourceInfo(kind="Event", namespaced=True),
     LEASES: kmock.ResourceInfo(kind="Lease", namespaced=True),
+    ENDPOINTSLICES: kmock.ResourceInfo(kind="EndpointSlice", namespaced=True),
     # Kopf's backbone waits for these to be discoverable even with scanning disabled.
     kmock.resource("", "v1", "namespaces"): kmock.ResourceInfo(kind="Namespace", namespaced=False),
     kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions"):
@@ -226,6 +228,7 @@ async def run_operator(
         kv_interval_s=0.1, backoff=Backoff(base_s=0.05, cap_s=0.4, jitter=0.0),
         instance=instance, lease_namespace=NS, lease_duration_s=LEASE_DURATION_S,
         lease_renew_deadline_s=10, lease_retry_period_s=0.1,
+        activator_port=0, pod_ip="127.0.0.1",  # the activator on any free port of this host
     )
     client = client or KubeClient(timeout_s=5)
     elector = LeaderElector(client, config, monotonic=clock or FakeClock())

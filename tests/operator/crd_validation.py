@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
 from collections.abc import Iterator
 from fractions import Fraction
@@ -315,6 +316,11 @@ def _validator() -> jsonschema.Draft4Validator:
     return jsonschema.Draft4Validator(_strict(openapi_schema()))
 
 
+@functools.cache
+def _validator_of(schema_text: str) -> jsonschema.Draft4Validator:
+    return jsonschema.Draft4Validator(_strict(json.loads(schema_text)))
+
+
 def _cel_errors(schema: dict[str, Any], obj: Any, path: str) -> list[str]:
     errors = []
     for rule in schema.get("x-kubernetes-validations") or []:
@@ -346,9 +352,19 @@ def _decoded(value: Any) -> Any:
 
 def validate_cr(obj: dict[str, Any]) -> list[str]:
     """Every reason the API server would refuse ``obj``; empty when it would accept it."""
-    schema = openapi_schema()
+    return validate_against(openapi_schema(), obj, _validator())
+
+
+def validate_against(
+    schema: dict[str, Any], obj: dict[str, Any],
+    validator: jsonschema.Draft4Validator | None = None,
+) -> list[str]:
+    """Every reason an API server with a CRD of ``openAPIV3Schema`` ``schema`` would refuse
+    ``obj`` (``validate_cr`` for another CRD, e.g. the Gateway API Inference Extension's)."""
+    if validator is None:
+        validator = _validator_of(json.dumps(schema, sort_keys=True))
     obj = apply_defaults(schema, _decoded(obj))
-    schema_errors = list(_validator().iter_errors(obj))
+    schema_errors = list(validator.iter_errors(obj))
     errors = [f"{'.'.join(str(p) for p in e.absolute_path)}: {e.message}" for e in schema_errors]
     blocked = any(e.validator in BLOCKING for e in schema_errors)
     for sub, value, path in _walk(schema, obj, ""):

@@ -11,9 +11,11 @@ KMock 0.8 stores objects and merges every PATCH into them. A real API server als
 * answers a no-op patch without a new resourceVersion or watch event;
 * garbage-collects objects whose owner (by ``ownerReferences[].uid``) was deleted;
 * answers JSON-patch (``application/json-patch+json``);
+* answers a write to an undeclared resource (a CRD not installed) with a 404, and admits custom
+  resources of the CRDs in ``emulator_crd.py`` (defaults, 422 ``Invalid``) as the server does;
 * knows the built-in schema of the kinds the operator writes (Deployment, Service,
   PodDisruptionBudget, Pod; from kubernetes-validate's strict JSON schemas, see ``BuiltinSchema``
-  in ``emulator_schema.py``):
+  in ``emulator_schema.py``) and those CRDs' schemas:
   a server-side apply with a field the schema does not declare is answered 500
   ``failed to create typed patch object (...): .path: field not declared in schema``, as
   structured-merge-diff answers it (real servers do, even with strict field validation);
@@ -55,6 +57,7 @@ import kmock
 import yaml
 from kmock._internal import dicts, enums
 
+from . import emulator_crd
 from .emulator_schema import builtin_schema
 from .emulator_schema import canonical_quantity as canonical_quantity  # re-exported for tests
 
@@ -154,6 +157,9 @@ class MetrolineEmulator(kmock.KubernetesEmulator):
         put = request.method.value == "PUT" and request.name is not None
         if request.resource is None or (request.action not in mutating and not put):
             return await super()._handle(request)
+        if request.resource not in self.resources:  # e.g. a CRD that is not installed
+            return StatusError(404, "the server could not find the requested resource",
+                               "NotFound", {}).response()
         try:
             async with self._lock:
                 if put:
@@ -188,8 +194,14 @@ class MetrolineEmulator(kmock.KubernetesEmulator):
     @staticmethod
     def _normalise(obj: dict[str, Any]) -> dict[str, Any]:
         """As a Go server re-encodes a built-in object (canonical quantities, no empty
-        optional fields); other objects as they are."""
+        optional fields), and admits a custom resource of a known CRD (defaults, or a 422:
+        ``emulator_crd.py``); other objects as they are."""
         schema = builtin_schema()
+        if emulator_crd.knows(obj):
+            stored, invalid = emulator_crd.admit(obj)
+            if invalid is not None:
+                raise StatusError(422, invalid, "Invalid")
+            return stored
         return schema.normalise(obj).obj if schema.knows(obj) else obj
 
     @staticmethod
@@ -198,9 +210,12 @@ class MetrolineEmulator(kmock.KubernetesEmulator):
         the schema lacks fails that conversion, and the API server answers 500 with SMD's
         words (no ``reason``: it is not a ``metav1.Status`` error)."""
         schema = builtin_schema()
-        if not schema.knows(applied):
+        if schema.knows(applied):
+            undeclared = schema.normalise(applied).undeclared
+        elif emulator_crd.knows(applied):
+            undeclared = emulator_crd.undeclared(applied)
+        else:
             return
-        undeclared = schema.normalise(applied).undeclared
         if not undeclared:
             return
         meta = applied.get("metadata") or {}

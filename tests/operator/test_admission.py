@@ -142,6 +142,23 @@ def test_managed_flags_in_extra_args_are_refused(args, flag):
     assert len(problems) == 1 and flag in problems[0], problems
 
 
+@pytest.mark.parametrize(("args", "flag", "instead"), [
+    (["--revision", "v2"], "--revision", "write the revision into model.uri, hf://org/name@"),
+    (["--rev=v2"], "--rev", "write the revision into model.uri"),
+    (["--config", "/etc/serve.yaml"], "--config", "put the flags in engine.extraArgs"),
+])
+@pytest.mark.parametrize("uri", ["hf://org/model@v1", "pvc://weights/model", "/models/m"])
+def test_revision_and_config_in_extra_args_are_refused(args, flag, instead, uri):
+    """The operator renders the model as a local directory (an hf:// model downloaded into
+    one), where ``metroline serve`` refuses ``--revision`` at start: a crash loop otherwise;
+    flags in a ``--config`` file would pass unchecked (managed ones, --drain-timeout)."""
+    errors, problems = _both(_body(model={"uri": uri}, engine={"extraArgs": args}))
+    assert errors and all("hf://org/name@revision; a --config file's flags in engine.extraArgs"
+                          in e for e in errors), errors
+    assert len(problems) == 1 and flag in problems[0] and instead in problems[0], problems
+    assert "use the matching spec field" not in problems[0]
+
+
 @settings(max_examples=400, deadline=None)
 @given(arg=st.one_of(
     st.sampled_from(sorted(MANAGED_FLAGS)).flatmap(

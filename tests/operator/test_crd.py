@@ -66,13 +66,16 @@ def test_schema_is_structural_and_patterns_are_re2():
 
 def test_defaults_match_the_models():
     spec = defaulted({"spec": {"model": {"uri": "/models/x"}}})["spec"]
-    assert spec["replicas"] == 1
+    # No default for replicas: the CRD could not tell a defaulted one from one set beside
+    # autoscaling (refused); the operator reads an unset one as 1.
+    assert "replicas" not in spec
     assert spec["engine"] == {"tensorParallelSize": 1, "enablePrefixCaching": True}
     assert spec["readiness"] == {"kvCacheThreshold": 0.95}
     assert spec["startupTimeoutSeconds"] == 1800
     assert spec["rollout"] == {"strategy": "RollingUpdate"}
     model = check_spec("x", spec).spec
-    assert model is not None and model.replicas == 1 and model.readiness.kv_cache_threshold == 0.95
+    assert model is not None and model.fixed_replicas == 1
+    assert model.readiness.kv_cache_threshold == 0.95
     assert (model.rollout.strategy, model.rollout.surge, model.rollout.unavailable) == (
         "RollingUpdate", 0, 1)
 
