@@ -48,3 +48,26 @@ def validate_request(spec: EngineCoreRequest, config: EngineConfig) -> None:
         raise ValueError(
             f"bad_words must tokenise to token ids in [0, {vocab}); got {shown(bad[:5])}"
         )
+    if allowed is not None:
+        _check_some_token_stays(spec, set(allowed))
+
+
+def _check_some_token_stays(spec: EngineCoreRequest, allowed: set[int]) -> None:
+    """A row whose every token is banned would have only -inf logits (NaN probabilities, an
+    arbitrary token): refuse ``allowed_token_ids`` that the bans leave empty."""
+    params = spec.sampling_params
+    always_banned = {word[0] for word in spec.bad_words_token_ids if len(word) == 1}
+    left = allowed - always_banned
+    if not left:
+        raise ValueError(
+            "allowed_token_ids are all banned by bad_words: no token would be left to generate"
+        )
+    if params.min_tokens > 0:
+        eos = () if params.ignore_eos else spec.eos_token_ids
+        ends = set(params.stop_token_ids) | set(eos)
+        if not left - ends:
+            rest = ", beside those bad_words ban," if always_banned else ""
+            raise ValueError(
+                f"allowed_token_ids leave{rest} only end-of-sequence or stop_token_ids tokens, "
+                f"which min_tokens ({params.min_tokens}) bans: no token would be left to generate"
+            )

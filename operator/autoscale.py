@@ -25,9 +25,15 @@ the current count as a recommendation made now. A scale-up while some pod is Uns
 held at the current count (``GPUsUnavailable``): more pods would only wait for GPUs too.
 
 Scale to zero (``scaleToZeroAfterSeconds``): after that long without activity — a ready pod
-with running or waiting requests, a ready pod whose load is unknown, a starting pod, or a
-request at the activator — the answer is 0; at 0 it stays 0 until the activator has seen a
-request since, then ``minReplicas`` (``Activated``).
+with running or waiting requests, a ready pod that ran engine steps since its previous scrape
+(light traffic the gauges miss between scrapes), a ready pod whose load is unknown, a starting
+pod, an Unschedulable pod within ``activationTimeoutSeconds`` of a wake-up, or a request at the
+activator (one it still holds counts as activity now) — the answer is 0; at 0 it stays 0 until
+the activator has seen a request since, then ``minReplicas`` (``Activated``).
+
+Scraped figures are untrusted: each pod's load is clamped (``clamped``), a pod whose signals
+are not finite counts as unmeasured, and a recommendation is capped at ``MAX_RECOMMENDATION``
+before it is rounded, so no page can overflow the decision.
 """
 
 from __future__ import annotations
@@ -43,6 +49,10 @@ READY, STARTING, UNSCHEDULABLE = "ready", "starting", "unschedulable"
 TOLERANCE = 0.1
 MAX_RECOMMENDATIONS = 1024
 """Recommendations kept per object (runs of equal ones are folded into the newest)."""
+MAX_REQUESTS = 1e6
+"""A pod's running or waiting requests are clamped to this (the engine queues far fewer)."""
+MAX_RECOMMENDATION = 1e6
+"""A target's raw recommendation is capped here before rounding (over any ``maxReplicas``)."""
 SCALED_UP, SCALED_DOWN, SCALED_TO_ZERO, ACTIVATED, STEADY = (
     "ScaledUp",
     "ScaledDown",
@@ -64,13 +74,30 @@ class EngineLimits:
 
 @dataclass(frozen=True, slots=True)
 class PodLoad:
-    """One scrape of a ready pod: the gauges, and the mean tokens per engine step since the
-    previous scrape (0 when no step ran or there was none)."""
+    """One scrape of a ready pod: the gauges, the mean tokens per engine step since the
+    previous scrape (0 when no step ran or there was none) and how many steps ran since."""
 
     kv_cache_utilization: float
     waiting: float
     running: float
     tokens_per_step: float = 0.0
+    steps: float = 0.0
+
+
+def _bounded(value: float, high: float) -> float:
+    return min(max(value, 0.0), high) if math.isfinite(value) else 0.0
+
+
+def clamped(load: PodLoad, limits: EngineLimits) -> PodLoad:
+    """``load`` within what an engine can report: KV in [0, 1], requests up to
+    ``MAX_REQUESTS``, tokens per step up to the step's budget; a non-finite figure is 0."""
+    return PodLoad(
+        _bounded(load.kv_cache_utilization, 1.0),
+        _bounded(load.waiting, MAX_REQUESTS),
+        _bounded(load.running, MAX_REQUESTS),
+        _bounded(load.tokens_per_step, float(limits.max_num_batched_tokens)),
+        _bounded(load.steps, math.inf),
+    )
 
 
 def saturation(load: PodLoad, limits: EngineLimits) -> float:
@@ -86,7 +113,9 @@ def saturation(load: PodLoad, limits: EngineLimits) -> float:
 
 
 def pod_signals(load: PodLoad, limits: EngineLimits) -> dict[str, float]:
-    """The pod's value of each target's signal, by the targets' wire names."""
+    """The pod's value of each target's signal (of its clamped load), by the targets' wire
+    names."""
+    load = clamped(load, limits)
     values = (load.kv_cache_utilization, load.waiting, saturation(load, limits))
     return dict(zip(TARGET_FIELDS, values))
 
@@ -113,6 +142,7 @@ class Policy:
     scale_to_zero_after_s: float | None = None
     limits: EngineLimits = field(default_factory=EngineLimits)
     tolerance: float = TOLERANCE
+    activation_timeout_s: float = 300.0
 
     @classmethod
     def from_spec(cls, spec: LLMDeploymentSpec, *, can_scale_to_zero: bool = True) -> Policy:
@@ -130,17 +160,19 @@ class Policy:
         to_zero = scaling.scale_to_zero_after_seconds if can_scale_to_zero else None
         return cls(scaling.min_replicas, scaling.max_replicas, targets,
                    scaling.scale_up_stabilization_seconds,
-                   scaling.scale_down_stabilization_seconds, to_zero, limits)  # fmt: skip
+                   scaling.scale_down_stabilization_seconds, to_zero, limits,
+                   activation_timeout_s=scaling.activation_timeout_seconds)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
 class Memory:
-    """What one decision leaves for the next: timed recommendations, the last activity, and
-    since when the answer has been 0."""
+    """What one decision leaves for the next: timed recommendations, the last activity,
+    since when the answer has been 0, and the time of the last wake-up (``Activated``)."""
 
     recommendations: tuple[tuple[float, int], ...] = ()
     last_active: float | None = None
     zero_since: float | None = None
+    activated_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,19 +201,24 @@ def recommend(values: Sequence[float], target: float, capacity: int, current: in
         return current
     total, unmeasured = sum(values), capacity - len(values)
     if total / (target * capacity) > 1 + tolerance:
-        return _ceil(total / target)
+        return _ceil(min(total / target, MAX_RECOMMENDATION))
     if (total + target * unmeasured) / (target * capacity) < 1 - tolerance:
-        return _ceil(total / target + unmeasured)
+        return min(_ceil(min(total / target + unmeasured, MAX_RECOMMENDATION)), current)
     return current
 
 
-def _last_active(pods: Sequence[PodState], memory: Memory, now: float,
+def _busy(pod: PodState, waking: bool) -> bool:
+    if pod.state == READY:
+        load = pod.load
+        return load is None or load.running + load.waiting > 0 or load.steps > 0
+    return pod.state == STARTING or waking  # Unschedulable: only while a wake-up waits
+
+
+def _last_active(policy: Policy, pods: Sequence[PodState], memory: Memory, now: float,
                  demand_at: float | None) -> float:  # fmt: skip
-    busy = any(
-        p.state == STARTING
-        or (p.state == READY and (p.load is None or p.load.running + p.load.waiting > 0))
-        for p in pods
-    )
+    woke = memory.activated_at
+    waking = woke is not None and now - woke < policy.activation_timeout_s
+    busy = any(_busy(p, waking) for p in pods)
     active = now if busy or memory.last_active is None else memory.last_active
     return active if demand_at is None else max(active, demand_at)
 
@@ -208,7 +245,7 @@ def _at_zero(policy: Policy, memory: Memory, now: float, demand_at: float | None
     since = memory.zero_since  # None: not known (a new leader), any request wakes it
     if demand_at is not None and (since is None or demand_at >= since):
         desired = policy.min_replicas
-        woken = Memory(recommendations=((now, desired),), last_active=now)
+        woken = Memory(recommendations=((now, desired),), last_active=now, activated_at=now)
         return Decision(desired, ACTIVATED, f"a request reached the activator: 0 -> {desired}",
                         signals, 0, woken)  # fmt: skip
     asleep = Memory(last_active=memory.last_active, zero_since=since)
@@ -220,6 +257,7 @@ def decide(policy: Policy, current: int, pods: Sequence[PodState], memory: Memor
     """The replicas to ask for now (see the module docstring)."""
     loads = [p.load for p in pods if p.state == READY and p.load is not None]
     per_pod = [pod_signals(load, policy.limits) for load in loads]
+    per_pod = [s for s in per_pod if all(math.isfinite(v) for v in s.values())]
     means = (
         {name: sum(s[name] for s in per_pod) / len(per_pod) for name in TARGET_FIELDS}
         if per_pod
@@ -228,13 +266,13 @@ def decide(policy: Policy, current: int, pods: Sequence[PodState], memory: Memor
     to_zero = policy.scale_to_zero_after_s
     if current == 0 and to_zero is not None:
         return _at_zero(policy, memory, now, demand_at, means)
-    active = _last_active(pods, memory, now, demand_at)
+    active = _last_active(policy, pods, memory, now, demand_at)
     if to_zero is not None and now - active >= to_zero:
         message = (
             f"no request for {now - active:.0f} s (scaleToZeroAfterSeconds {to_zero:g}): "
             f"{current} -> 0; the activator holds the next request and wakes it"
         )
-        return Decision(0, SCALED_TO_ZERO, message, means, len(loads),
+        return Decision(0, SCALED_TO_ZERO, message, means, len(per_pod),
                         Memory(last_active=active, zero_since=now))  # fmt: skip
     capacity = sum(1 for p in pods if p.state != UNSCHEDULABLE)
     recs = {
@@ -245,7 +283,7 @@ def decide(policy: Policy, current: int, pods: Sequence[PodState], memory: Memor
     raw = current if driver is None else recs[driver]
     wanted = min(max(raw, policy.min_replicas), policy.max_replicas)
     desired, history = _stabilised(policy, memory, now, current, wanted)
-    after = Memory(history, active)
+    after = Memory(history, active, activated_at=memory.activated_at)
     unschedulable = sum(1 for p in pods if p.state == UNSCHEDULABLE)
     limited = None
     if desired > current and unschedulable:
@@ -262,8 +300,8 @@ def decide(policy: Policy, current: int, pods: Sequence[PodState], memory: Memor
             f"the load asks for {raw} replicas; maxReplicas is {policy.max_replicas}",
         )
     reason = SCALED_UP if desired > current else SCALED_DOWN if desired < current else STEADY
-    return Decision(desired, reason, _why(policy, driver, means, len(loads), current, desired),
-                    means, len(loads), after, limited)  # fmt: skip
+    return Decision(desired, reason, _why(policy, driver, means, len(per_pod), current, desired),
+                    means, len(per_pod), after, limited)  # fmt: skip
 
 
 def _why(policy: Policy, driver: str | None, means: Mapping[str, float], measured: int,

@@ -224,7 +224,8 @@ class Controller:
         await self.client.close()
 
     def _on_leadership(self, leading: bool) -> None:
-        """The elector's word: take over in a task of its own, or stop at once."""
+        """The elector's word: take over in a task of its own, or stop (``Scaler.reset``)."""
+        self.scaler.reset()
         if self._takeover is not None:
             self._takeover.cancel()
             self._takeover = None
@@ -238,12 +239,8 @@ class Controller:
         self.failures.clear()
 
     async def _take_over(self) -> None:
-        """Scrape KV figures first (a status written without them would drop the old
-        leader's), then queue every known LLMDeployment."""
-        try:
-            await self.sample_kv()
-        except Exception:  # never hold the Lease without working
-            logger.exception("KV scrape on taking over failed; reconciling without it")
+        """Scrape KV figures first (a status without them drops the old leader's), queue all."""
+        await self.sample_kv()  # never raises: never hold the Lease without working
         self._active = True
         for key in self.cache.llmd_keys():
             self._enqueue(key)
@@ -281,9 +278,14 @@ class Controller:
                 await self.sample_kv()
 
     async def sample_kv(self) -> None:
-        """Scrape the ready pods once: refresh the KV averages and let the autoscaler decide
-        (``scaler.py``); wake the LLMDeployments whose rounded figures or replicas changed."""
-        for key in await self.scaler.sample(self.kv):
+        """Scrape ready pods: KV averages, autoscaler (``scaler.py``); wake what changed. A
+        failure is logged, never raised: the KV loop and a take-over go on without it."""
+        try:
+            keys = await self.scaler.sample(self.kv)
+        except Exception:
+            logger.exception("KV scrape and autoscaling tick failed; the next tick retries")
+            return
+        for key in keys:
             self._enqueue(key)
 
     # Reconciliation.

@@ -31,6 +31,9 @@ _SAMPLE = re.compile(
 )
 MAX_PAGE_BYTES = 1 << 20
 """A larger /metrics page is no sample (the engine's is tens of kB)."""
+MAX_VALUE = float(2**53)
+"""A sample above this (where floats stop counting exactly) is ignored, as a negative or
+non-finite one is: the sums over a bounded page stay finite."""
 _GAUGES = {
     c.KV_METRIC: "kv",
     c.WAITING_METRIC: "waiting",
@@ -64,7 +67,7 @@ def parse_sample(text: str) -> PodSample | None:
             value = float(match.group("value"))
         except ValueError:
             continue
-        if math.isfinite(value) and value >= 0:
+        if math.isfinite(value) and 0 <= value <= MAX_VALUE:
             values.setdefault(field, []).append(value)
     kv = values.get("kv")
     if not kv:

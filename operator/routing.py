@@ -144,7 +144,6 @@ def render_inference_pool(
         "spec": {
             "selector": {"matchLabels": dict(pod_selector)},
             "targetPorts": [{"number": c.HTTP_PORT}],
-            "appProtocol": "http",
             "endpointPickerRef": {
                 "kind": "Service",
                 "name": picker.name,

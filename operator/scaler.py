@@ -10,12 +10,17 @@ changed are returned for reconcile, which renders the Deployment with ``plan``'s
 (through the one apply path of every child) and writes ``report`` into status. The operator
 never writes ``spec.replicas``.
 
-The replicas asked for now are the last decision's; before this replica's first decision (a
-new leader), the live Deployment's, else ``minReplicas``. The scale-to-zero part: with
-``scaleToZeroAfterSeconds`` and this replica's pod IP known (``OperatorConfig.pod_ip``), the
-Service gets the activator's EndpointSlice from the decision to go to zero until an engine
-pod is ready again; a request at the activator (``demand``) wakes a deployment at zero at once.
-State is per replica and in memory: a new leader starts its windows afresh.
+The replicas asked for now are the last decision's (within the spec's current bounds); before
+this term's first decision, the live Deployment's, else ``minReplicas``. ``reset`` forgets
+every table when this replica loses or takes leadership, and a tick that ran across a change
+of term decides nothing, so a new term never acts on what an old one remembered.
+
+The scale-to-zero part: with ``scaleToZeroAfterSeconds`` and this replica's pod IP known
+(``OperatorConfig.pod_ip``), the Service gets the activator's EndpointSlice from the decision
+to go to zero until an engine pod is ready again; a request at the activator (``demand``)
+wakes a deployment at zero at once, and one it still holds counts as activity at every tick.
+State is per replica and in memory: a new leader starts its windows afresh. One LLMDeployment
+whose decision fails is logged and skipped; the others are still decided.
 """
 
 from __future__ import annotations
@@ -46,7 +51,6 @@ from .checks import SpecCheck
 from .config import OperatorConfig
 from .events import EventNote
 from .kvmetrics import KvScraper, PodSample, kv_average
-from .modeluri import parse_model_uri
 from .podhealth import Pod, is_live, is_ready
 from .render import Scaling
 from .spec import LLMDeploymentSpec
@@ -88,7 +92,9 @@ class Scaler:
         self.cache, self.scraper, self.pod_ip = cache, scraper, config.pod_ip
         self.record, self.clock, self.enqueue, self.leading = record, clock, enqueue, leading
         self.monotonic = monotonic
-        self.activator = Activator(self, config.metrics_port, config.activator_port)
+        self.activator = Activator(self, config.metrics_port, config.activator_port,
+                                   host=listen_host(config.pod_ip))  # fmt: skip
+        self._term = 0
         self._memory: dict[Key, Memory] = {}
         self._decisions: dict[Key, Decision] = {}
         self._desired: dict[Key, int] = {}
@@ -101,22 +107,36 @@ class Scaler:
         for table in (self._memory, self._decisions, self._desired, self._last, self._demand):
             table.pop(key, None)
 
+    def reset(self) -> None:
+        """Forget everything (leadership changed hands): the next decisions start afresh from
+        the live Deployments; a tick in flight is discarded."""
+        for table in (self._memory, self._decisions, self._desired, self._last, self._demand,
+                      self._steps):  # fmt: skip
+            table.clear()
+        self._term += 1
+
     # The KV tick.
     async def sample(self, kv: dict[Key, float | None]) -> list[Key]:
         """Scrape, refresh ``kv`` (rounded averages) and decide; the keys to reconcile."""
-        keys = self.cache.llmd_keys()
+        keys, term = self.cache.llmd_keys(), self._term
         ready = {key: [p for p in self.cache.pods(key) if is_ready(p)] for key in keys}
         scraped = await asyncio.gather(*(self.scraper.samples(ready[key]) for key in keys))
+        if term != self._term:
+            return []  # leadership changed hands while scraping
         steps, wake = {}, []
         for key, samples in zip(keys, scraped):
-            value = kv_average(samples.values())
-            rounded = None if value is None else round(value, 2)
-            loads = {
-                name: self._load(pod, samples[name], steps)
-                for pod in ready[key]
-                if (name := pod["metadata"]["name"]) in samples
-            }
-            changed = self._decide(key, loads)
+            try:
+                value = kv_average(samples.values())
+                rounded = None if value is None else round(value, 2)
+                loads = {
+                    name: self._load(pod, samples[name], steps)
+                    for pod in ready[key]
+                    if (name := pod["metadata"]["name"]) in samples
+                }
+                changed = self._decide(key, loads)
+            except Exception:  # one object's bug must not stop the others' autoscaling
+                logger.exception("autoscaling %s/%s failed this tick", *key)
+                continue
             if kv.get(key) != rounded or changed:
                 kv[key] = rounded
                 wake.append(key)
@@ -125,20 +145,21 @@ class Scaler:
 
     def _load(self, pod: Pod, sample: PodSample, steps: dict[str, tuple[float, float]]
               ) -> PodLoad | None:  # fmt: skip
-        """The pod's load; None when the page lacks the request gauges (load unknown)."""
+        """The pod's load; None when the page lacks the request gauges (load unknown). Steps
+        count only when at least one ran; counters that went back (a restart) give no step
+        figure for this tick. ``decide`` clamps what it reads (``autoscale.clamped``)."""
         uid = pod["metadata"].get("uid") or pod["metadata"]["name"]
-        tokens_per_step = 0.0
+        tokens_per_step = ran = 0.0
         if sample.step_tokens is not None and sample.steps is not None:
             before = self._steps.get(uid)
             steps[uid] = (sample.step_tokens, sample.steps)
-            if before is not None and sample.steps > before[1]:
-                tokens_per_step = max(0.0, sample.step_tokens - before[0]) / (
-                    sample.steps - before[1]
-                )
+            if before is not None and sample.steps - before[1] >= 1:
+                ran, tokens = sample.steps - before[1], sample.step_tokens - before[0]
+                tokens_per_step = tokens / ran if tokens >= 0 else 0.0
         if sample.waiting is None or sample.running is None:
             return None
         return PodLoad(sample.kv_cache_utilization, sample.waiting, sample.running,
-                       tokens_per_step)  # fmt: skip
+                       tokens_per_step, ran)  # fmt: skip
 
     def _decide(self, key: Key, loads: Mapping[str, PodLoad | None]) -> bool:
         """Run ``decide`` for ``key``; whether what reconcile renders or reports changed."""
@@ -150,9 +171,10 @@ class Scaler:
             return had
         policy = Policy.from_spec(spec, can_scale_to_zero=self.pod_ip is not None)
         pods = [_pod_state(p, loads) for p in self.cache.pods(key) if is_live(p)]
-        current = self.replicas(key, spec)
-        decision = decide(policy, current, pods, self._memory.get(key, Memory()),
-                          self.monotonic(), self._demand.get(key))  # fmt: skip
+        current, now = self.replicas(key, spec), self.monotonic()
+        demand_at = now if self.activator.holding(key) else self._demand.get(key)
+        decision = decide(policy, current, pods, self._memory.get(key, Memory()), now,
+                          demand_at)  # fmt: skip
         before = self._decisions.get(key)
         self._memory[key], self._decisions[key] = decision.memory, decision
         self._desired[key] = decision.desired
@@ -173,10 +195,13 @@ class Scaler:
     # What reconcile asks.
     def replicas(self, key: Key, spec: LLMDeploymentSpec) -> int:
         """The replicas asked for now (see the module docstring)."""
-        if key in self._desired:
-            return self._desired[key]
         scaling = spec.autoscaling
         assert scaling is not None
+        if key in self._desired:
+            desired = self._desired[key]
+            if desired == 0 and scaling.scale_to_zero_after_seconds is not None:
+                return 0
+            return min(max(desired, scaling.min_replicas), scaling.max_replicas)
         live = ((self.cache.child(key, "Deployment") or {}).get("spec") or {}).get("replicas")
         if not isinstance(live, int):
             return scaling.min_replicas
@@ -237,24 +262,19 @@ class Scaler:
         return ("True", "NoRequests", message) if desired == 0 else ("False", "Serving", "")
 
     # The activator's directory (activator.Directory).
-    def find(self, host: str, model: str | None) -> Key | None:
-        """The LLMDeployment that scales to zero named by ``host`` (``name.namespace``,
-        ``name.namespace.svc[.domain]``, or a short name unique among them), else the one
-        whose served model is ``model``. Only such specs are parsed (bounded per request)."""
+    def find(self, host: str) -> Key | None:
+        """The LLMDeployment whose Service ``host`` names (``name``, ``name.namespace``,
+        ``name.namespace.svc``, ``name.namespace.svc.<cluster domain>``, with an optional
+        ``:port``; a short name only when unique) among those that scale to zero and whose
+        Service the activator fronts now (their EndpointSlice exists); else None. Nothing
+        the client sends besides the Host header chooses the target."""
         labels = host.rsplit(":", 1)[0].lower().split(".") if host else []
-        keys = [k for k in self.cache.llmd_keys() if _scales_to_zero(self.cache.llmd(k))]
+        keys = [k for k in self.cache.llmd_keys() if _scales_to_zero(self.cache.llmd(k))
+                and self.cache.child(k, "EndpointSlice") is not None]  # fmt: skip
         if len(labels) >= 2 and labels[2:3] in ([], ["svc"]) and (labels[1], labels[0]) in keys:
             return labels[1], labels[0]
         named = [key for key in keys if labels == [key[1]]]
-        if len(named) == 1:
-            return named[0]
-        served = []
-        for key in keys if model is not None else ():
-            spec = autoscaled(self.cache.llmd(key))
-            if spec is not None and model == (spec.model.served_name or
-                                               _default_name(spec.model.uri)):  # fmt: skip
-                served.append(key)
-        return served[0] if len(served) == 1 else None
+        return named[0] if len(named) == 1 else None
 
     def demand(self, key: Key) -> None:
         """A request for ``key`` reached the activator: activity, and a wake-up at zero."""
@@ -296,8 +316,7 @@ def _rounded(signals: Mapping[str, float]) -> dict[str, float]:
     return {name: round(value, 2) for name, value in signals.items()}
 
 
-def _default_name(uri: str) -> str | None:
-    try:
-        return parse_model_uri(uri).default_served_name
-    except ValueError:
-        return None
+def listen_host(pod_ip: str | None) -> str:
+    """Where the activator binds: all addresses of the pod IP's family (``::`` also accepts
+    IPv4 on a dual-stack host)."""
+    return "::" if pod_ip is not None and ":" in pod_ip else "0.0.0.0"

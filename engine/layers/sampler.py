@@ -11,7 +11,7 @@ Log-probabilities are those of the raw model distribution, before any of these t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -37,13 +37,12 @@ class SamplingMetadata:
     repetition_penalty: torch.Tensor | None  # [B] fp32
     output_token_counts: torch.Tensor | None  # [B, V] fp32 counts of generated tokens
     prompt_token_mask: torch.Tensor | None  # [B, V] bool: token occurs in the prompt
-    min_tokens_mask: list[tuple[int, list[int]]]  # (row, token ids banned for now)
     generators: dict[int, torch.Generator]  # row -> the request's own generator
     max_num_logprobs: int | None  # largest ``logprobs`` asked for, None if no row asks
     #: True where ``allowed_token_ids`` bans a token ([B, V] bool; None if no row has any).
     allowed_token_mask: torch.Tensor | None = None
-    #: (row, token ids) that the row's bad words ban at this step.
-    bad_word_bans: list[tuple[int, list[int]]] = field(default_factory=list)
+    #: Bad-word and min-tokens bans of every row, flat: rows [N] int64, token ids [N] int64.
+    token_bans: tuple[torch.Tensor, torch.Tensor] | None = None
     #: ``logit_bias`` of every row, flat: rows [E] int64, token ids [E] int64, biases [E] fp32.
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -57,18 +56,16 @@ class SamplerOutput:
 
 def apply_token_constraints(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     """``allowed_token_ids``, bad words and min-tokens bans (-inf), then ``logit_bias``
-    (added). ``logits`` itself is never changed: a copy is returned when any applies."""
-    bans = meta.min_tokens_mask + meta.bad_word_bans
-    if meta.allowed_token_mask is None and not bans and meta.logit_bias is None:
+    (added). ``logits`` itself is never changed: a copy is returned when any applies. Every
+    index is a device tensor already: nothing here copies from the host or synchronises."""
+    if meta.allowed_token_mask is None and meta.token_bans is None and meta.logit_bias is None:
         return logits
     logits = logits.clone()
     if meta.allowed_token_mask is not None:
         logits.masked_fill_(meta.allowed_token_mask, float("-inf"))
-    if bans:
-        rows = [row for row, token_ids in bans for _ in token_ids]
-        token_ids = [token for _, tokens in bans for token in tokens]
-        index = torch.tensor([rows, token_ids], dtype=torch.int64).to(logits.device)
-        logits[index[0], index[1]] = float("-inf")
+    if meta.token_bans is not None:
+        rows, token_ids = meta.token_bans
+        logits[rows, token_ids] = float("-inf")  # a fill kernel: no host tensor
     if meta.logit_bias is not None:
         rows, token_ids, biases = meta.logit_bias
         logits.index_put_((rows, token_ids), biases, accumulate=True)

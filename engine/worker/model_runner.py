@@ -18,7 +18,7 @@ from ..config import EngineConfig
 from ..distributed import get_tp_group
 from ..host_timing import HostTimer
 from ..layers.sampler import Sampler
-from ..messages import SchedulerOutput
+from ..messages import NewRequestData, SchedulerOutput
 from ..outputs import PositionLogprobs
 from ..sampling_params import shorten
 from .cuda_graphs import StepGraphs, mixed_pool_bytes, use_mixed_step_graphs
@@ -32,6 +32,7 @@ from .step_inputs import (
     build_step_inputs,
 )
 from .step_result import StepResult
+from .token_constraints import RequestConstraints, request_constraints
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class ModelRunner:
                 sampling_params=params,
                 eos_token_ids=new.eos_token_ids,
                 generator=generator,
-                bad_words_token_ids=new.bad_words_token_ids,
+                constraints=self._constraints_of(new) if self.is_driver else None,
                 wants_prompt_logprobs=wants_prompt_logprobs,
             )
             if wants_prompt_logprobs:
@@ -104,6 +105,17 @@ class ModelRunner:
             state.token_ids.extend(running.new_token_ids)
             state.block_ids.extend(running.new_block_ids)
             state.num_computed_tokens = running.num_computed_tokens
+
+    def _constraints_of(self, new: NewRequestData) -> RequestConstraints | None:
+        """The request's logits constraints on the device, built once (freed with its
+        state when it finishes or is preempted)."""
+        return request_constraints(
+            new.sampling_params,
+            new.eos_token_ids,
+            new.bad_words_token_ids,
+            self.vocab_size,
+            self.device,
+        )
 
     @torch.inference_mode()
     def execute_model_async(self, scheduled: SchedulerOutput) -> StepResult:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,6 +13,7 @@ from ..layers.sampler import SamplingMetadata
 from ..messages import SchedulerOutput
 from ..sampling_params import SamplingParams
 from .host_staging import StepStaging
+from .token_constraints import RequestConstraints, plan_step_constraints
 
 
 @dataclass(slots=True)
@@ -29,7 +29,9 @@ class WorkerRequestState:
     sampling_params: SamplingParams
     eos_token_ids: tuple[int, ...]
     generator: torch.Generator | None = None
-    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    #: Device tensors of ``allowed_token_ids``, ``logit_bias``, bad words and min-tokens
+    #: bans, built once on arrival (None without any: see :mod:`.token_constraints`).
+    constraints: RequestConstraints | None = None
     #: Prompt log-probs are still to be computed for the prompt chunks this worker runs
     #: (false once output exists: a resumed request's were delivered before).
     wants_prompt_logprobs: bool = False
@@ -186,34 +188,23 @@ def build_sampling_metadata(
             )
             prompt_mask[row, prompt] = True
 
-    min_tokens_mask = []
-    for row, state in enumerate(states):
-        p = state.sampling_params
-        if len(state.output_token_ids) < p.min_tokens:
-            banned = set(p.stop_token_ids)
-            if not p.ignore_eos:
-                banned.update(state.eos_token_ids)
-            banned = sorted(t for t in banned if t < vocab_size)
-            if banned:
-                min_tokens_mask.append((row, banned))
-
-    restricted = [row for row, p in enumerate(params) if p.restricts_tokens]
-    if restricted:
-        _token_constraint_columns(states, restricted, column)
+    constrained = [
+        (row, s.constraints, s.token_ids, len(s.token_ids) - s.num_prompt_tokens)
+        for row, s in enumerate(states)
+        if s.constraints is not None
+    ]
+    step_constraints = plan_step_constraints(constrained, staging.add) if constrained else None
 
     asked = [p.logprobs for p in params if p.logprobs is not None]
     column("temperature", [p.temperature for p in params])
     column("greedy", greedy, torch.bool)
     on_device = staging.to_device()
     tensors = {name: on_device[index] for name, index in columns.items()}
-    allowed_mask = None
-    if "allowed_rows" in tensors:
-        allowed_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
-        allowed_mask[tensors["allowed_rows"]] = True
-        allowed_mask[tensors["allowed_row_of"], tensors["allowed_ids"]] = False
-    logit_bias = None
-    if "bias_rows" in tensors:
-        logit_bias = (tensors["bias_rows"], tensors["bias_ids"], tensors["bias_values"])
+    allowed_mask = bans = logit_bias = None
+    if step_constraints is not None:
+        allowed_mask, bans, logit_bias = step_constraints.to_device(
+            on_device, num_rows, vocab_size, device
+        )
     return SamplingMetadata(
         temperature=tensors["temperature"],
         greedy=tensors["greedy"],
@@ -226,46 +217,9 @@ def build_sampling_metadata(
         repetition_penalty=tensors.get("repetition"),
         output_token_counts=counts,
         prompt_token_mask=prompt_mask,
-        min_tokens_mask=min_tokens_mask,
         generators={row: s.generator for row, s in enumerate(states) if s.generator is not None},
         max_num_logprobs=max(asked) if asked else None,
         allowed_token_mask=allowed_mask,
-        bad_word_bans=[
-            (row, banned)
-            for row in restricted
-            if (banned := bad_word_bans(states[row], vocab_size))
-        ],
+        token_bans=bans,
         logit_bias=logit_bias,
     )
-
-
-def _token_constraint_columns(
-    states: list[WorkerRequestState], rows: list[int], column: Callable[..., None]
-) -> None:
-    """Columns of ``allowed_token_ids`` and ``logit_bias`` (one flat entry per token)."""
-    allowed = [(row, states[row].sampling_params.allowed_token_ids) for row in rows]
-    allowed = [(row, ids) for row, ids in allowed if ids is not None]
-    if allowed:
-        column("allowed_rows", [row for row, _ in allowed], torch.int64)
-        column("allowed_row_of", [row for row, ids in allowed for _ in ids], torch.int64)
-        column("allowed_ids", [t for _, ids in allowed for t in ids], torch.int64)
-    biases = [(row, states[row].sampling_params.logit_bias) for row in rows]
-    biases = [(row, bias) for row, bias in biases if bias]
-    if biases:
-        column("bias_rows", [row for row, bias in biases for _ in bias], torch.int64)
-        column("bias_ids", [t for _, bias in biases for t in bias], torch.int64)
-        column("bias_values", [v for _, bias in biases for v in bias.values()])
-
-
-def bad_word_bans(state: WorkerRequestState, vocab_size: int) -> list[int]:
-    """Tokens the request's bad words ban now: each word's last token, when the output
-    ends with the tokens before it (a one-token word is always banned)."""
-    output_length = len(state.token_ids) - state.num_prompt_tokens
-    banned = []
-    for word in state.bad_words_token_ids:
-        *prefix, last = word
-        if len(prefix) <= output_length and (
-            not prefix or state.token_ids[-len(prefix) :] == prefix
-        ):
-            banned.append(last)
-    return sorted({t for t in banned if t < vocab_size})

@@ -93,7 +93,6 @@ def _meta(rows, vocab, **extra) -> SamplingMetadata:
         repetition_penalty=None,
         output_token_counts=None,
         prompt_token_mask=None,
-        min_tokens_mask=[],
         generators={},
         max_num_logprobs=None,
     )

@@ -23,6 +23,11 @@ def llm(path) -> LLM:
 
 
 @pytest.fixture(scope="module")
+def async_llm(path) -> LLM:
+    return LLM(model=str(path), kv_cache_memory_bytes=4 * 2**20, async_scheduling=True)
+
+
+@pytest.fixture(scope="module")
 def hf_model(path):
     from transformers import AutoModelForCausalLM
 
@@ -113,12 +118,8 @@ def _contains(tokens: list[int], sequence: list[int]) -> bool:
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_bad_words_are_never_generated(path, llm, hf_model, async_scheduling):
-    engine = (
-        llm
-        if not async_scheduling
-        else LLM(model=str(path), kv_cache_memory_bytes=4 * 2**20, async_scheduling=True)
-    )
+def test_bad_words_are_never_generated(llm, async_llm, hf_model, async_scheduling):
+    engine = async_llm if async_scheduling else llm
     tokenizer = llm.get_tokenizer()
     prompt = make_prompts([12], seed=60)[0]
     base = _run(engine, prompt, max_tokens=24, ignore_eos=True).token_ids
@@ -142,6 +143,55 @@ def test_bad_words_are_never_generated(path, llm, hf_model, async_scheduling):
     assert out.token_ids != base
     assert not any(_contains(out.token_ids, s) for s in sequences)
     assert _contains(base, sequences[0])  # the ban had something to do
+
+
+def _single_token_words(tokenizer, tokens: list[int]) -> list[str]:
+    """Words of ``tokens`` that are one token both alone and after a space."""
+    words = []
+    for token in tokens:
+        word = tokenizer.decode([token]).strip()
+        if (
+            word
+            and word not in words
+            and all(
+                len(tokenizer.encode(text, add_special_tokens=False)) == 1
+                for text in (word, " " + word)
+            )
+        ):
+            words.append(word)
+    return words
+
+
+def test_single_token_bad_words_keep_asynchronous_scheduling(llm, async_llm, hf_model):
+    """Only single-token bad words: the engine stays asynchronous (no exact history), the
+    banned tokens never appear, and the other rows of the batch are unchanged."""
+    tokenizer = llm.get_tokenizer()
+    prompts = make_prompts([12, 7, 20], seed=60)
+    free = [_run(llm, p, max_tokens=24, ignore_eos=True).token_ids for p in prompts]
+    words = _single_token_words(tokenizer, free[0])[:2]
+    assert words, free[0]
+    banned = {t for w in words for seq in _bad_word_sequences(tokenizer, w) for t in seq}
+    core = async_llm.engine_core
+    probe = SamplingParams(temperature=0, bad_words=words)
+    core.add_request(
+        async_llm.input_processor.process("probe", prompts[0], probe, 0.0).core_requests[0]
+    )
+    assert core.async_scheduling and not core.scheduler.needs_exact_history()
+    core.finish_requests(["probe"])
+
+    def without(logits, _output):
+        logits[sorted(banned)] = float("-inf")
+        return logits
+
+    params = [
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, bad_words=words),
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+    ]
+    outs = [o.outputs[0].token_ids for o in async_llm.generate(prompts, params, use_tqdm=False)]
+    assert outs[0] == _greedy_reference(hf_model, prompts[0], 24, without)
+    assert outs[0] != free[0] and not banned & set(outs[0])
+    assert outs[1:] == free[1:]
 
 
 def _stop_string(llm, prompt) -> tuple[str, str]:
@@ -217,3 +267,20 @@ def test_bounds_of_the_new_fields(fields, message):
 def test_token_ids_are_checked_against_the_vocabulary(llm, fields, message):
     with pytest.raises(ValueError, match=message):
         llm.generate([[5, 6]], SamplingParams(**fields), use_tqdm=False)
+
+
+def test_constraints_that_ban_every_token_are_refused(llm):
+    tokenizer = llm.get_tokenizer()
+    word = _single_token_words(tokenizer, make_prompts([40], seed=75)[0])[0]
+    ids = [t for seq in _bad_word_sequences(tokenizer, word) for t in seq]
+    with pytest.raises(ValueError, match="allowed_token_ids are all banned by bad_words"):
+        llm.generate([[5, 6]], SamplingParams(allowed_token_ids=ids, bad_words=[word]))
+    ends = SamplingParams(allowed_token_ids=[7], stop_token_ids=[7], min_tokens=1)
+    with pytest.raises(ValueError, match=r"allowed_token_ids .* min_tokens \(1\) bans"):
+        llm.generate([[5, 6]], ends)
+    eos = llm.input_processor.eos_token_ids[0]
+    with pytest.raises(ValueError, match="min_tokens"):
+        llm.generate([[5, 6]], SamplingParams(allowed_token_ids=[eos], min_tokens=2))
+    # One token left: accepted, and it is the one generated while min_tokens holds.
+    fields = dict(allowed_token_ids=[7, 8], stop_token_ids=[7], min_tokens=3, max_tokens=3)
+    assert _run(llm, [5, 6], **fields).token_ids == [8, 8, 8]

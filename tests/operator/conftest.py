@@ -249,3 +249,34 @@ async def run_operator(
         stop.set()
         await asyncio.to_thread(thread.join, 10)
     assert not thread.is_alive(), "operator did not stop"
+
+
+class Engine:
+    """A tiny engine pod for the activator's tests: /v1/completions streams three chunks and
+    echoes what it got."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict] = []
+
+    async def completions(self, request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
+        self.seen.append({"path": request.path_qs, "body": await request.json(),
+                          "headers": dict(request.headers)})  # fmt: skip
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                       "X-Engine": "pod-0"})  # fmt: skip
+        await response.prepare(request)
+        for part in ("alpha", "beta", "gamma"):
+            await response.write(f"data: {part}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+
+@pytest_asyncio.fixture
+async def engine() -> AsyncIterator[tuple[Engine, int]]:
+    fake = Engine()
+    app = aiohttp.web.Application()
+    app.router.add_post("/v1/completions", fake.completions)
+    runner = aiohttp.web.AppRunner(app)
+    await runner.setup()
+    await aiohttp.web.TCPSite(runner, "127.0.0.1", 0).start()
+    yield fake, runner.addresses[0][1]
+    await runner.cleanup()

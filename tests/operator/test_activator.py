@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 
 import aiohttp
 import aiohttp.web
 import kubernetes_validate
 import pytest
-import pytest_asyncio
 
 from metroline.operator import constants as c
 from metroline.operator.activator import RETRY_AFTER_S, Activator
@@ -42,8 +40,8 @@ class Directory:
         self.demands: list[Key] = []
         self.hold = hold_s
 
-    def find(self, host: str, model: str | None) -> Key | None:
-        return KEY if host == HOST or model == "llama-7b" else None
+    def find(self, host: str) -> Key | None:
+        return KEY if host == HOST else None
 
     def demand(self, key: Key) -> None:
         self.demands.append(key)
@@ -53,36 +51,6 @@ class Directory:
 
     def hold_s(self, key: Key) -> float:
         return self.hold
-
-
-class Engine:
-    """A tiny engine pod: /v1/completions streams three chunks and echoes what it got."""
-
-    def __init__(self) -> None:
-        self.seen: list[dict] = []
-
-    async def completions(self, request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
-        self.seen.append({"path": request.path_qs, "body": await request.json(),
-                          "headers": dict(request.headers)})  # fmt: skip
-        response = aiohttp.web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                                       "X-Engine": "pod-0"})  # fmt: skip
-        await response.prepare(request)
-        for part in ("alpha", "beta", "gamma"):
-            await response.write(f"data: {part}\n\n".encode())
-        await response.write(b"data: [DONE]\n\n")
-        return response
-
-
-@pytest_asyncio.fixture
-async def engine() -> AsyncIterator[tuple[Engine, int]]:
-    fake = Engine()
-    app = aiohttp.web.Application()
-    app.router.add_post("/v1/completions", fake.completions)
-    runner = aiohttp.web.AppRunner(app)
-    await runner.setup()
-    await aiohttp.web.TCPSite(runner, "127.0.0.1", 0).start()
-    yield fake, runner.addresses[0][1]
-    await runner.cleanup()
 
 
 async def started(directory: Directory, engine_port: int, **bounds) -> Activator:
@@ -159,8 +127,9 @@ async def test_bounds_and_requests_for_no_deployment(engine):
     try:
         status, _, body = await post(activator, b"x" * 1025)
         assert status == 413 and json.loads(body)["error"]["code"] == "too_large"
-        status, _, body = await post(activator, {"model": "other"}, host="other.ns.svc:8000")
-        assert status == 404 and "'other.ns.svc:8000'" in json.loads(body)["error"]["message"]
+        status, _, body = await post(activator, {"model": "llama-7b"}, host="other.ns.svc:8000")
+        assert status == 404  # the body's model never chooses the target
+        assert "'other.ns.svc:8000'" in json.loads(body)["error"]["message"]
         first = asyncio.create_task(post(activator, {"prompt": "a"}))
         await until(lambda: activator.held == 1)
         status, headers, body = await post(activator, {"prompt": "b"})
@@ -184,6 +153,14 @@ async def test_a_pod_that_does_not_answer_is_a_502():
     assert status == 502 and json.loads(body)["error"]["code"] == "bad_gateway"
 
 
+def slice_of(name: str, namespace: str) -> dict:
+    """The activator's EndpointSlice of an LLMDeployment (present while it is at zero)."""
+    owner = {"apiVersion": f"{c.GROUP}/{c.VERSION}", "kind": c.KIND, "name": name,
+             "controller": True, "uid": "u"}  # fmt: skip
+    meta = {"name": name, "namespace": namespace, "ownerReferences": [owner]}
+    return {"kind": "EndpointSlice", "metadata": meta}
+
+
 def test_which_deployment_a_request_is_for():
     cache = ClusterCache()
     scaled = {"maxReplicas": 2, "scaleToZeroAfterSeconds": 600}
@@ -202,20 +179,24 @@ def test_which_deployment_a_request_is_for():
         if "replicas" not in spec:
             body["spec"].pop("replicas")
         cache.put_llmd(body)
+        if (name, ns) != ("qwen", "other"):  # at zero: the activator fronts its Service
+            cache.put_child(slice_of(name, ns))
     config = OperatorConfig(pod_ip="10.0.0.5", activator_port=0)
     scaler = Scaler(cache, KvScraper(), config, record=lambda *_: None, clock=lambda: "",
                     enqueue=lambda _: None, leading=lambda: True)  # fmt: skip
     find = scaler.find
-    assert find("llama.ml.svc:8000", None) == ("ml", "llama")
-    assert find("llama.ml.svc.cluster.local", None) == ("ml", "llama")
-    assert find("LLAMA.ml", "anything") == ("ml", "llama")
-    assert find("qwen.other.svc:8000", None) == ("other", "qwen")
-    assert find("api.example.com", "qwen3") == ("ml", "qwen")  # a gateway's host: the model
-    assert find("api.example.com", "meta/llama-7b") == ("ml", "llama")  # default name
-    assert find("llama:8000", None) == ("ml", "llama")  # a short name that is unique
-    assert find("qwen:8000", None) is None  # two namespaces have one
-    assert find("fixed.ml.svc:8000", None) is None
-    assert find("llama.ml.example.com", None) is None
+    assert find("llama.ml.svc:8000") == ("ml", "llama")
+    assert find("llama.ml.svc.cluster.local") == ("ml", "llama")
+    assert find("LLAMA.ml") == ("ml", "llama")
+    assert find("qwen:8000") == ("ml", "qwen")  # a short name unique among those at zero
+    assert find("llama") == ("ml", "llama")
+    assert find("qwen.other.svc:8000") is None  # awake: its pods serve, not the activator
+    cache.put_child(slice_of("qwen", "other"))
+    assert find("qwen.other.svc:8000") == ("other", "qwen")
+    assert find("qwen:8000") is None  # now two namespaces have one
+    assert find("api.example.com") is None  # no Host naming the Service: nothing chosen
+    assert find("fixed.ml.svc:8000") is None
+    assert find("llama.ml.example.com") is None
 
 
 def test_the_install_gives_the_activator_its_port_address_and_slices():

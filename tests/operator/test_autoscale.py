@@ -4,7 +4,8 @@ admission, defaults) and the engine page it scrapes (the engine's own metrics).
 
 The numbers of docs/operator.md's worked example are the ones here: saturation target 0.8,
 two pods at KV 0.32 with 7800 tokens per step of an 8192-token budget, 12 running and 6 waiting
--> saturation 1.43 -> 4 replicas, where a KV target of 0.7 alone would scale down to 1.
+-> saturation 1.43 -> 4 replicas, where a KV target of 0.7 alone would recommend 1
+(clamped to minReplicas 2).
 """
 
 from __future__ import annotations
@@ -43,10 +44,12 @@ def ready(name: str, load: PodLoad | None) -> PodState:
 
 
 def share(demand: float, pods: int) -> list[PodState]:
-    """``pods`` ready pods that split a saturation ``demand`` (in pods' worth) evenly, each at
-    its KV threshold with ``running`` 1 and no queue: saturation = demand / pods."""
-    kv = LIMITS.kv_cache_threshold * demand / pods
-    return [ready(f"p{i}", PodLoad(kv, 0, 1)) for i in range(pods)]
+    """``pods`` ready pods that split a saturation ``demand`` (in pods' worth) evenly, each
+    with ``running`` 1: up to 1 per pod from KV (up to its threshold), the rest as a queue:
+    saturation = demand / pods."""
+    each = demand / pods
+    kv, waiting = LIMITS.kv_cache_threshold * min(each, 1.0), max(each - 1.0, 0.0)
+    return [ready(f"p{i}", PodLoad(kv, waiting, 1)) for i in range(pods)]
 
 
 def policy(**overrides) -> Policy:

@@ -35,7 +35,7 @@ IDLE = {"kv": 0.02, "running": 0, "waiting": 0, "tokens_per_step": 0}
 
 class FakePod:
     """One engine pod's HTTP face on ``ip``: /metrics with the figures of ``load`` (the step
-    histogram advances by one step of ``tokens_per_step`` tokens per scrape), and
+    histogram advances by one step of ``tokens_per_step`` tokens per scrape, if any), and
     /v1/completions."""
 
     def __init__(self, ip: str) -> None:
@@ -43,8 +43,9 @@ class FakePod:
         self.tokens = self.steps = 0.0
 
     async def metrics(self, _: aiohttp.web.Request) -> aiohttp.web.Response:
-        self.tokens += self.load["tokens_per_step"]
-        self.steps += 1
+        if self.load["tokens_per_step"]:  # an idle engine runs no steps
+            self.tokens += self.load["tokens_per_step"]
+            self.steps += 1
         name = '{model_name="llama"}'
         return aiohttp.web.Response(
             text="".join(

@@ -199,6 +199,16 @@ def test_bad_words_are_never_generated(client, path):
         assert error_of(post(client, path, bad_words=bad))["param"].startswith("bad_words")
 
 
+@pytest.mark.parametrize("path", [COMPLETIONS, CHAT])
+def test_constraints_that_ban_every_token_are_a_400(client, path):
+    x = token_ids(client, "x")
+    error = error_of(post(client, path, allowed_token_ids=x, bad_words=["x"]))
+    assert error["param"] == "allowed_token_ids" and "bad_words" in error["message"]
+    ends = {"allowed_token_ids": x, "stop_token_ids": x, "min_tokens": 2}
+    error = error_of(post(client, path, **ends))
+    assert error["param"] == "allowed_token_ids" and "min_tokens (2)" in error["message"]
+
+
 def test_the_engine_request_id_carries_the_clients_x_request_id(client, server):
     ids = []
     for path in (COMPLETIONS, COMPLETIONS, CHAT):
