@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_suite.sh setup correct w3 w1 ...
 # Sections:
 #   setup      install the project (and, if .whl/ exists, the server's wheels into /tmp/site)
-#   correct    tiny models' greedy tokens == transformers, also with asynchronous scheduling
+#   correct    tiny models' greedy tokens == transformers, also with asynchronous scheduling;
+#              logits processing and prompt log-probs as served (sampling_extras_check.py)
 #   kcheck     the Triton kernels against their references at real sizes
 #   kernels    kernel benchmarks
 #   w3         W3 decode grid, synchronous and asynchronous scheduling, one engine each
@@ -96,7 +97,10 @@ for section in "$@"; do
       $PY -P -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/gpus.csv"
       ;;
-    correct) run correct env OUT="$RESULTS" $PY -P tests/gpu/engine_vs_transformers.py tiny ;;
+    correct)
+      run correct env OUT="$RESULTS" $PY -P tests/gpu/engine_vs_transformers.py tiny
+      run sampling-extras env OUT="$RESULTS" $PY -P tests/gpu/sampling_extras_check.py
+      ;;
     kcheck) run kcheck $PY -P tests/gpu/check_kernels.py --out "$RESULTS" ;;
     kernels) run kernels $PY -P benchmarks/kernels.py --out "$RESULTS" ;;
     w3)
