@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import gpu_slug
 from peer_tokenizer import write_word_level_tokenizer
 from records import save_record
-from serve import free_port, run_rate
+from serve import free_port, run_rate, stop_server
 from shapes import SHAPES, write_shape
 from sse_client import get_status
 from workloads import make_workload
@@ -137,12 +137,7 @@ def run_engine(
             row.pop("per_request")
             result["w1_rows"].append(row)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server)
 
 
 def print_table(record: dict[str, Any]) -> None:

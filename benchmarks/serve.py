@@ -44,6 +44,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM (the server drains), then SIGKILL if it is still there after 120 s."""
+    server.terminate()
+    try:
+        server.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -250,12 +260,7 @@ def main() -> None:
                 )
         finally:
             if server is not None:
-                server.terminate()
-                try:
-                    server.wait(timeout=120)
-                except subprocess.TimeoutExpired:
-                    server.kill()
-                    server.wait()
+                stop_server(server)
                 timings = server_timings(log_path)
                 for row in rows:
                     add_server_side(row, timings)
