@@ -24,6 +24,9 @@
 #              (benchmarks/step_profile.py at STEP_FLAGS, default the engine's defaults)
 #   vparts     copy the carried vLLM bundle parts (.vparts/vllm-part*) to /tmp/vparts; a
 #              command that carries a part runs this, the one that carries the last adds peer
+#   structured the structured-output tests on CUDA (with the other logits-processing and
+#              async/graph tests; needs .whl: xgrammar, pytest, jsonschema), then W7
+#              (benchmarks/structured.py) with the bounded and the long schemas
 #   peer       vLLM 0.26.0 side by side, offline (unpacks the bundle once all parts came):
 #              W1 PEER_RUNS times (default 2) on each engine at its defaults (PEER_EQUAL=1:
 #              vLLM once more at Metroline's max_num_seqs / max_num_batched_tokens, which
@@ -100,6 +103,17 @@ for section in "$@"; do
     correct)
       run correct env OUT="$RESULTS" $PY -P tests/gpu/engine_vs_transformers.py tiny
       run sampling-extras env OUT="$RESULTS" $PY -P tests/gpu/sampling_extras_check.py
+      ;;
+    structured)
+      run structured-tests env PYTHONPATH=/tmp/site $PY -P -m pytest -q -p no:cacheprovider \
+        tests/engine/test_structured_outputs.py tests/engine/test_grammar_core.py \
+        tests/engine/test_sampling_extras.py tests/engine/test_token_constraints.py \
+        tests/engine/test_prompt_logprobs.py tests/engine/test_async_scheduling.py \
+        tests/engine/test_step_graphs.py -k "not tensor_parallel and not cpu_engine"
+      for schemas in bounded long; do
+        run "structured-$schemas" env PYTHONPATH=/tmp/site $PY -P benchmarks/structured.py \
+          --model "$MODEL" --schemas "$schemas" --out "$RESULTS"
+      done
       ;;
     kcheck) run kcheck $PY -P tests/gpu/check_kernels.py --out "$RESULTS" ;;
     kernels) run kernels $PY -P benchmarks/kernels.py --out "$RESULTS" ;;

@@ -165,11 +165,14 @@ def render_chat(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     template_option: str = "--chat-template",
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
-    """The prompt text for ``conversation`` (dicts with ``role`` and ``content``).
+    """The prompt text for ``conversation`` (dicts with ``role`` and ``content``, and as
+    Hugging Face templates take them ``tool_calls`` with dict arguments, ``tool_call_id``).
 
     ``chat_template`` (the template text) replaces the tokenizer's; ``template_option``
-    names how a caller gives one, for the error when neither exists. With
+    names how a caller gives one, for the error when neither exists. ``tools`` (OpenAI's
+    ``{"type": "function", "function": {...}}`` dicts) reach the template as ``tools``. With
     ``continue_final_message`` the prompt ends inside the last message, which must be the
     assistant's, so that generation continues it; it excludes ``add_generation_prompt``.
     Raises :class:`ChatTemplateError`."""
@@ -209,6 +212,7 @@ def render_chat(
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
+            **({"tools": [dict(tool) for tool in tools]} if tools else {}),
             **kwargs,
         )
     except Exception as error:  # a template may reject any conversation

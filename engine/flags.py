@@ -1,12 +1,13 @@
 """Command-line flags generated from a dataclass's fields: one home for each knob's default,
 type and help.
 
-A field's ``metadata`` may hold ``help``, ``flag`` (the flag's name; default ``--field-name``)
-and ``aliases``. The type comes from the annotation: ``bool`` fields become ``--x/--no-x``,
-``int`` fields take human-readable integers as vLLM's do (:func:`human_readable_int`),
-``float`` fields parse as such (``X | None`` as X), ``tuple[str, ...]`` fields take one or
-more values (or one JSON list, vLLM's form), anything else takes a string. Every flag's help
-ends with its default.
+A field's ``metadata`` may hold ``help``, ``flag`` (the flag's name; default ``--field-name``),
+``aliases`` and ``choices`` (the values a string flag takes; argparse exits 2 listing them).
+The type comes from the annotation: ``bool`` fields become ``--x/--no-x``, ``int`` fields
+take human-readable integers as vLLM's do (:func:`human_readable_int`), ``float`` fields
+parse as such (``X | None`` as X), ``tuple[str, ...]`` fields take one or more values (or
+one JSON list, vLLM's form), anything else takes a string. Every flag's help ends with its
+default.
 """
 
 from __future__ import annotations
@@ -19,11 +20,19 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 
-def knob(default: Any, help: str, *, flag: str | None = None, aliases: tuple[str, ...] = ()) -> Any:
-    """A dataclass field with its default, its help and optionally its flag's name and
-    aliases: what :func:`add_flags` reads."""
+def knob(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    aliases: tuple[str, ...] = (),
+    choices: tuple[str, ...] = (),
+) -> Any:
+    """A dataclass field with its default, its help and optionally its flag's name,
+    aliases and the values it may take: what :func:`add_flags` reads."""
     return dataclasses.field(
-        default=default, metadata={"help": help, "flag": flag, "aliases": aliases}
+        default=default,
+        metadata={"help": help, "flag": flag, "aliases": aliases, "choices": choices},
     )
 
 
@@ -100,6 +109,8 @@ def add_flags(
             options["type"] = human_readable_int
         elif kind is not None:
             options["type"] = kind
+        if field.metadata.get("choices"):
+            options["choices"] = field.metadata["choices"]
         group.add_argument(*names, **options)
 
 

@@ -26,6 +26,15 @@ from .sampling_params import SamplingParams
 # ---- request identity and state (every process) ----------------------------------------
 
 
+#: The error of a request left with no token it may generate next: its structured output
+#: allowed none that its other constraints (allowed_token_ids, bad_words, min_tokens,
+#: logit_bias bans) let through. The request's own fault, answered as a bad request.
+NO_ALLOWED_TOKEN = (
+    "no token meets all of the request's constraints (its structured output, "
+    "allowed_token_ids, bad_words, min_tokens or logit_bias)"
+)
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -200,6 +209,9 @@ class SchedulerOutput:
     #: Requests whose last scheduled token ends their known tokens: the step samples one
     #: token for each, in this order.
     sampling_request_ids: list[str] = field(default_factory=list)
+    #: The sampling requests whose output follows a grammar: the driver samples them only
+    #: after the core hands it their bitmask rows (see ``PendingSample``).
+    grammar_request_ids: frozenset[str] = frozenset()
 
     def without(self, request_ids: set[str] | dict[str, str]) -> SchedulerOutput:
         """This plan less some requests (whose inputs could not be built); every rank drops
@@ -213,6 +225,7 @@ class SchedulerOutput:
             finished_request_ids=self.finished_request_ids,
             preempted_request_ids=self.preempted_request_ids,
             sampling_request_ids=[r for r in self.sampling_request_ids if r not in request_ids],
+            grammar_request_ids=self.grammar_request_ids.difference(request_ids),
         )
 
     @property

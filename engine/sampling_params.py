@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
+
+from .structured_outputs import StructuredOutputsParams
 
 #: Temperatures below this are treated as greedy decoding.
 GREEDY_EPS = 1e-5
@@ -79,8 +82,20 @@ class SamplingParams:
     #: Words never generated: a word's last token is banned while its other tokens have
     #: just been generated (tokenised with and without a leading space).
     bad_words: list[str] | tuple[str, ...] | None = None
+    #: What the output must match (a JSON schema, a regex, ...; a dict of the same fields is
+    #: taken too). The grammar itself is checked where the request enters the engine.
+    structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = _structured_outputs(self.structured_outputs)
+        elif self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            raise ValueError(
+                "structured_outputs must be StructuredOutputsParams, a dict of its fields or "
+                f"None, got {type(self.structured_outputs).__name__}"
+            )
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         for name in ("stop", "stop_token_ids", "bad_words"):
@@ -219,6 +234,17 @@ def _logit_bias(value: object) -> dict[int, float]:
             raise ValueError(f"logit_bias must be {allowed}, got {shown(amount)} for token {token}")
         bias[token] = float(amount)
     return bias
+
+
+def _structured_outputs(fields: dict[str, Any]) -> StructuredOutputsParams:
+    known = {f.name for f in dataclasses.fields(StructuredOutputsParams) if f.init}
+    unknown = sorted(str(name) for name in fields if name not in known)
+    if unknown:
+        raise ValueError(
+            f"structured_outputs has no field {shorten(unknown[0], 60)!r}; the fields are "
+            f"{', '.join(sorted(known))}"
+        )
+    return StructuredOutputsParams(**fields)
 
 
 def shorten(text: str, limit: int) -> str:

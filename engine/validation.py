@@ -41,6 +41,8 @@ def validate_request(spec: EngineCoreRequest, config: EngineConfig) -> None:
                 f"allowed_token_ids must be at most {vocab} token ids in [0, {vocab}); got "
                 f"{shown(bad[:5]) if bad else f'{len(allowed)} ids'}"
             )
+    if params.structured_outputs is not None and not config.model.has_tokenizer:
+        raise ValueError("structured outputs need the model's tokenizer; this model has none")
     if params.bad_words and not spec.bad_words_token_ids:
         raise ValueError("bad_words were not tokenised: add the request through an InputProcessor")
     bad = [t for word in spec.bad_words_token_ids for t in word if not 0 <= t < vocab]

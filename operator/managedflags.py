@@ -80,6 +80,8 @@ ENGINE_FLAGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ('--allow-unknown-fields --no-allow-unknown-fields', 'bool', ()),
     ('--chat-template', 'str', ()),
     ('--trust-request-chat-template --no-trust-request-chat-template', 'bool', ()),
+    ('--enable-auto-tool-choice --no-enable-auto-tool-choice', 'bool', ()),
+    ('--tool-call-parser', 'str', ('llama3_json', 'hermes', 'mistral')),
     ('--log-stats-interval', 'float', ()),
     ('--disable-log-stats --no-disable-log-stats', 'bool', ()),
     ('--allowed-origins', 'str+', ()),

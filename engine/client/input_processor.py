@@ -10,6 +10,7 @@ from ..checkpoint import PromptTooLongError, make_encoder
 from ..config import EngineConfig
 from ..messages import EngineCoreRequest
 from ..sampling_params import SamplingParams
+from ..structured_outputs import check_grammar
 from ..validation import validate_request
 
 __all__ = ["InputProcessor", "ProcessedPrompt", "PromptTooLongError", "PromptType"]
@@ -75,6 +76,10 @@ class InputProcessor:
         text, token_ids = self.tokenize(prompt)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
+        if params.structured_outputs is not None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need a tokenizer; this model has none")
+            check_grammar(params.structured_outputs)
         bad_words: tuple[tuple[int, ...], ...] = ()
         if params.bad_words:
             if self.encode is None:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from ..config import EngineConfig
 from ..host_timing import HostTimer, merge_reports
@@ -28,7 +30,8 @@ from ..messages import (
 )
 from ..validation import validate_request
 from ..worker.executor import create_executor
-from ..worker.step_result import StepResult
+from ..worker.step_result import PendingSample, StepResult
+from .grammars import GrammarManager, RequestGrammar
 from .kv_cache import KVCacheManager
 from .request import Request
 from .scheduler import Scheduler
@@ -65,10 +68,29 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
         self._in_flight: tuple[SchedulerOutput, StepResult] | None = None
         self.host_timer = HostTimer()
+        self.grammars = GrammarManager(config)
+        #: Requests whose grammar is still compiling, in arrival order, with when they came.
+        self._compiling: dict[str, tuple[Request, Future, float]] = {}
+        #: Outputs of requests failed while their step's bitmask was filled.
+        self._grammar_failures: list[EngineCoreOutput] = []
 
     def add_request(self, spec: EngineCoreRequest) -> None:
         validate_request(spec, self.config)
-        self.scheduler.add_request(Request(spec))
+        request_id = spec.request_id
+        if request_id in self._compiling or request_id in self.scheduler.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = Request(spec)
+        structured = spec.sampling_params.structured_outputs
+        if structured is None:
+            self.scheduler.add_request(request)
+            return
+        if len(self._compiling) >= MAX_COMPILING_REQUESTS:
+            raise ValueError(
+                f"{MAX_COMPILING_REQUESTS} requests already wait for their grammar to "
+                "compile; retry later"
+            )
+        future = self.grammars.compile(structured)
+        self._compiling[request_id] = (request, future, time.monotonic())
 
     def finish_requests(
         self,
@@ -77,11 +99,20 @@ class EngineCore:
     ) -> None:
         """End requests from outside (aborted by default, or stopped by a stop string the
         client found); they produce nothing more and their blocks are free at once."""
+        request_ids = list(request_ids)
+        for request_id in request_ids:
+            entry = self._compiling.pop(request_id, None)
+            if entry is not None and all(f is not entry[1] for _, f, _ in self._compiling.values()):
+                entry[1].cancel()  # nobody waits for it: a compile not yet started never runs
         self.scheduler.finish_requests(request_ids, status)
 
     def has_unfinished_requests(self) -> bool:
         """True while a request is unfinished or a step's tokens are still to be read."""
-        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+        return (
+            self.scheduler.has_unfinished_requests()
+            or self._in_flight is not None
+            or bool(self._compiling)
+        )
 
     def step(self) -> list[EngineCoreOutput]:
         """Advance the engine by one step; returns the tokens that became known.
@@ -90,21 +121,84 @@ class EngineCore:
         before it, if any. In the plain order (no async scheduling, or a request that needs
         exact token history) nothing is left in flight: a step still in flight from the
         asynchronous order is finished first, and the new step is finished at once."""
+        failed = self._admit_compiled()
         exact = not self.async_scheduling or self.scheduler.needs_exact_history()
         if exact and self._in_flight is not None:
-            return self._finish_in_flight()
+            return failed + self._finish_in_flight()
         timer = self.host_timer
         with timer.phase("core.schedule"):
             scheduled = self.scheduler.schedule()
+            self._mark_grammar_rows(scheduled)
         launched = None
         if not scheduled.is_empty or scheduled.finished_request_ids:
             with timer.phase("core.launch"):
                 launched = (scheduled, self.executor.execute_model_async(scheduled))
         outputs = self._finish_in_flight() if self._in_flight is not None else []
+        if launched is not None and isinstance(launched[1], PendingSample):
+            with timer.phase("core.grammar_bitmask"):
+                launched = (scheduled, self._sample_with_grammars(scheduled, launched[1]))
         self._in_flight = launched
         if exact and self._in_flight is not None:
             outputs = self._finish_in_flight()
+        if self._grammar_failures:
+            failed, self._grammar_failures = failed + self._grammar_failures, []
+        return failed + outputs
+
+    def _admit_compiled(self) -> list[EngineCoreOutput]:
+        """Hand the requests whose grammar compiled to the scheduler (in arrival order);
+        fail those whose grammar could not compile. With nothing else to run, wait a
+        little for a compile to end rather than spin."""
+        if not self._compiling:
+            return []
+        if not self.scheduler.has_unfinished_requests() and self._in_flight is None:
+            wait([f for _, f, _ in self._compiling.values()], GRAMMAR_POLL_S, FIRST_COMPLETED)
+        outputs = []
+        now = time.monotonic()
+        for request_id, (request, future, since) in list(self._compiling.items()):
+            if not future.done():
+                if now - since > COMPILE_TIMEOUT_S:
+                    del self._compiling[request_id]
+                    message = f"its grammar did not compile within {COMPILE_TIMEOUT_S:.0f} s"
+                    outputs.append(grammar_failed(request, message))
+                continue
+            del self._compiling[request_id]
+            try:
+                request.grammar = RequestGrammar(future.result(), tuple(request.eos_token_ids))
+            except Exception as error:
+                logger.warning("the grammar of %s did not compile: %s", request_id, error)
+                outputs.append(grammar_failed(request, f"its grammar did not compile: {error}"))
+                continue
+            self.scheduler.add_request(request)
         return outputs
+
+    def _mark_grammar_rows(self, scheduled: SchedulerOutput) -> None:
+        requests = self.scheduler.requests
+        rows = frozenset(
+            r for r in scheduled.sampling_request_ids if requests[r].grammar is not None
+        )
+        if rows:
+            scheduled.grammar_request_ids = rows
+
+    def _sample_with_grammars(self, scheduled: SchedulerOutput, pending: PendingSample):
+        """Sample the launched step once its grammar rows are known: the tokens of the step
+        before were taken (and fed to the grammars) just now. Rows of requests without a
+        grammar, or that finished meanwhile (their token is dropped), allow every token."""
+        requests = self.scheduler.requests
+        grammar_rows = scheduled.grammar_request_ids
+        grammars = [
+            getattr(requests.get(r), "grammar", None) if r in grammar_rows else None
+            for r in scheduled.sampling_request_ids
+        ]
+        bitmask, failed = self.grammars.fill_bitmask(grammars)
+        result = pending.sample(bitmask)
+        if failed:
+            ids = scheduled.sampling_request_ids
+            self._grammar_failures.extend(
+                self.scheduler.fail_requests(
+                    {ids[row]: reason for row, reason in failed.items() if ids[row] in requests}
+                )
+            )
+        return result
 
     def _finish_in_flight(self) -> list[EngineCoreOutput]:
         scheduled, result = self._in_flight
@@ -122,14 +216,38 @@ class EngineCore:
         return ranks
 
     def stats(self) -> SchedulerStats:
-        return self.scheduler.stats()
+        """The scheduler's figures; requests whose grammar compiles count as waiting."""
+        stats = self.scheduler.stats()
+        if self._compiling:
+            stats = dataclasses.replace(stats, num_waiting=stats.num_waiting + len(self._compiling))
+        return stats
 
     def running_request_ids(self) -> list[str]:
         """Requests scheduled in the last step and still running (for queue-time metrics)."""
         return [request.request_id for request in self.scheduler.running]
 
     def shutdown(self) -> None:
+        self.grammars.shutdown()
         self.executor.shutdown()
+
+
+#: Seconds an otherwise idle core waits for a grammar to compile before looking at its
+#: messages again.
+GRAMMAR_POLL_S = 0.01
+#: Most requests that may wait for their grammar to compile at once.
+MAX_COMPILING_REQUESTS = 1024
+#: Seconds a request may wait for its grammar to compile before it is failed.
+COMPILE_TIMEOUT_S = 60.0
+
+
+def grammar_failed(request: Request, message: str) -> EngineCoreOutput:
+    """The output of a request that ends before it was scheduled."""
+    return EngineCoreOutput(
+        request_id=request.request_id,
+        new_token_ids=[],
+        finish_reason=RequestStatus.FINISHED_ERROR.value,
+        error=message,
+    )
 
 
 def use_async_scheduling(wanted: bool | None, device_type: str) -> bool:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..messages import EngineCoreRequest, RequestStatus
 from ..outputs import PositionLogprobs
+
+if TYPE_CHECKING:
+    from .grammars import RequestGrammar
 
 
 class Request:
@@ -21,6 +26,7 @@ class Request:
         "block_hashes",
         "cache_salt",
         "eos_token_ids",
+        "grammar",
         "num_cached_tokens",
         "num_computed_tokens",
         "num_pending_samples",
@@ -58,6 +64,9 @@ class Request:
         self.num_preemptions = 0
         self.block_hashes: list[bytes] = []
         self.stop_reason: int | str | None = None
+        #: With structured outputs: the request's matcher (set once its grammar compiled,
+        #: before the scheduler sees the request); it has accepted every output token.
+        self.grammar: RequestGrammar | None = None
         #: With ``prompt_logprobs``: the entries gathered so far, one per prompt token from
         #: the first (None); handed to the first output, then None.
         self.prompt_logprobs: list[PositionLogprobs | None] | None = (

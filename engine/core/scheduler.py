@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from .. import faults
 from ..config import SchedulerConfig
 from ..messages import (
+    NO_ALLOWED_TOKEN,
     EngineCoreOutput,
     ModelRunnerOutput,
     NewRequestData,
@@ -79,6 +80,13 @@ class Scheduler:
             else:
                 self.waiting.remove(request)
             self._finish(request, status)
+
+    def fail_requests(self, reasons: dict[str, str]) -> list[EngineCoreOutput]:
+        """Finish these requests with an error now (their blocks return at once); a token
+        a step still samples for them is dropped."""
+        outputs = [self._fail(self.requests[r], why) for r, why in reasons.items()]
+        self.running = [r for r in self.running if r.status == RequestStatus.RUNNING]
+        return outputs
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -205,6 +213,11 @@ class Scheduler:
             faults.inject("update", request_id)
         request.num_pending_samples -= 1
         token = runner_output.sampled_token_ids[request_id]
+        if token < 0:
+            return self._fail(request, NO_ALLOWED_TOKEN)
+        refused = request.grammar.accept(token) if request.grammar is not None else None
+        if refused is not None:
+            return self._fail(request, refused)
         request.append_output_token(token)
         status = self._stop_status(request, token)
         logprobs = runner_output.logprobs.get(request_id)

@@ -47,9 +47,14 @@ class SamplingMetadata:
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
+#: The token of a row whose every logit is -inf after the constraints (nothing may come
+#: next): the scheduler fails that request.
+NO_TOKEN = -1
+
+
 @dataclass
 class SamplerOutput:
-    sampled: torch.Tensor  # [B] int64
+    sampled: torch.Tensor  # [B] int64; NO_TOKEN where no token is allowed
     #: Per row: top log-probabilities plus the sampled token's (None where not asked).
     logprobs: list[PositionLogprobs | None]
 
@@ -116,7 +121,8 @@ class Sampler:
         )
         logits = apply_token_constraints(logits, meta)
         logits = apply_penalties(logits, meta)
-        greedy_tokens = logits.argmax(dim=-1)
+        best, greedy_tokens = logits.max(dim=-1)
+        blocked = torch.isneginf(best)
         if meta.all_greedy:
             sampled = greedy_tokens
         else:
@@ -128,6 +134,7 @@ class Sampler:
                 race[row].exponential_(generator=generator)
             drawn = (probs / race).argmax(dim=-1)
             sampled = torch.where(meta.greedy, greedy_tokens, drawn)
+        sampled = sampled.masked_fill(blocked, NO_TOKEN)
         logprobs: list[PositionLogprobs | None] = [None] * logits.shape[0]
         if raw_logprobs is not None:
             logprobs = gather_logprobs(raw_logprobs, sampled, meta.max_num_logprobs or 0)
@@ -140,8 +147,9 @@ def gather_logprobs(
     """Sampled token's log-probability and rank, plus the ``num_top`` best, per row.
 
     Every row gets ``num_top`` alternatives; callers trim to what each request asked for.
+    A row sampled as :data:`NO_TOKEN` (nothing allowed) gets ``None``.
     """
-    sampled_lp = raw_logprobs.gather(-1, sampled[:, None])
+    sampled_lp = raw_logprobs.gather(-1, sampled.clamp(min=0)[:, None])
     ranks = (raw_logprobs > sampled_lp).sum(dim=-1) + 1
     top_values, top_ids = raw_logprobs.topk(num_top, dim=-1) if num_top else (None, None)
     rows: list[PositionLogprobs | None] = []
@@ -151,6 +159,9 @@ def gather_logprobs(
     top_values_list = top_values.tolist() if top_values is not None else None
     top_ids_list = top_ids.tolist() if top_ids is not None else None
     for row, token in enumerate(sampled_list):
+        if token == NO_TOKEN:
+            rows.append(None)
+            continue
         entry: PositionLogprobs = {}
         if top_ids_list is not None:
             for rank, (tid, value) in enumerate(zip(top_ids_list[row], top_values_list[row])):

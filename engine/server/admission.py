@@ -28,6 +28,7 @@ from .errors import OpenAIError, bad_request, unavailable
 from .protocol import PromptTokensDetails, SamplingFields, UsageInfo, unknown_fields
 from .request_ids import current_request_id
 from .state import ServerState
+from .structured_request import StructuredOutput
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -258,9 +259,11 @@ def sampling_params(
     logprobs: int | None,
     aliases: dict[str, str],
     defaults: Mapping[str, Any] | None = None,
+    structured: StructuredOutput | None = None,
 ) -> SamplingParams:
     """``aliases`` maps engine field names to the request's (e.g. max_tokens); fields the
-    request leaves unset take the model's ``defaults`` (see generation_defaults)."""
+    request leaves unset take the model's ``defaults`` (see generation_defaults);
+    ``structured`` is the request's :func:`.structured_request.structured_outputs_of`."""
     fields = {
         "n": body.n,
         "temperature": body.temperature,
@@ -283,6 +286,7 @@ def sampling_params(
         "logit_bias": body.logit_bias,
         "allowed_token_ids": body.allowed_token_ids,
         "bad_words": body.bad_words,
+        "structured_outputs": structured.params if structured is not None else None,
     }
     try:
         return SamplingParams(**request_sampling_fields(fields, defaults or {}))
@@ -297,11 +301,15 @@ def process(
     params: SamplingParams,
     prompt_param: str,
     prompt_text: str | None = None,
+    structured: StructuredOutput | None = None,
 ) -> ProcessedPrompt:
     try:
         processed = engine.input_processor.process(request_id, token_ids, params, time.monotonic())
     except ValueError as error:  # about the prompt, unless it names a sampling field
-        raise bad_request(str(error), param=_param_of(str(error), {}) or prompt_param) from None
+        param = _param_of(str(error), {}) or prompt_param
+        if structured is not None and "structured output" in str(error).lower():
+            param = structured.param  # e.g. a schema keyword the grammar compiler lacks
+        raise bad_request(str(error), param=param) from None
     processed.prompt = prompt_text
     return processed
 

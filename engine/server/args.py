@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..chat_templates import load_chat_template
 from ..flags import knob
 from .protocol import MAX_PROMPTS
+from .tool_parsers import TOOL_PARSERS
 
 #: Most values of one CORS flag (--allowed-origins and the like).
 MAX_CORS_VALUES = 64
@@ -77,6 +78,17 @@ class ServerArgs:
     trust_request_chat_template: bool = knob(
         False, "accept a chat_template field in chat requests (it runs on the server's CPU)"
     )
+    enable_auto_tool_choice: bool = knob(
+        False,
+        'let the model call tools when it decides to (tool_choice "auto", the default when a '
+        "request has tools); needs --tool-call-parser",
+    )
+    tool_call_parser: str | None = knob(
+        None,
+        'how tool calls are read from the model\'s text with tool_choice "auto" (the '
+        "model's format)",
+        choices=tuple(TOOL_PARSERS),
+    )
     log_stats_interval: float = knob(
         10.0,
         "seconds between two stats log lines (throughput, requests, KV usage, prefix-cache "
@@ -144,6 +156,13 @@ class ServerArgs:
                 )
         if self.chat_template is not None:
             load_chat_template(self.chat_template)  # raises ValueError naming the flag
+        parsers = ", ".join(TOOL_PARSERS)
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(
+                f"--tool-call-parser {self.tool_call_parser!r} is not one of {parsers}"
+            )
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser ({parsers})")
 
     @property
     def model_name(self) -> str:

@@ -18,6 +18,7 @@ from ..client.async_llm import (
     RequestStream,
 )
 from ..client.input_processor import ProcessedPrompt
+from ..messages import NO_ALLOWED_TOKEN
 from ..outputs import RequestOutput
 from .admission import ClientGone, sse, wait_for_disconnect
 from .errors import OpenAIError, bad_request, unavailable
@@ -34,6 +35,8 @@ def stream_error(error: Exception) -> str:
 def engine_error(error: Exception) -> OpenAIError:
     if isinstance(error, RequestRejectedError):
         return bad_request(str(error))
+    if isinstance(error, RequestFailedError) and str(error) == NO_ALLOWED_TOKEN:
+        return bad_request(str(error), code="constraints_conflict")
     if isinstance(error, RequestFailedError):
         # A bug met by this request alone; the server goes on serving the others.
         return OpenAIError(500, f"the engine failed this request: {error}", code="engine_error")

@@ -19,6 +19,16 @@ from .protocol import (
     by_shape,
     logprobs_field,
 )
+from .structured_request import StructuredFields
+from .tool_calls_history import template_tool_calls
+from .tool_calls_protocol import (
+    MAX_TOOL_CALL_ID,
+    DeltaToolCall,
+    ToolCallOut,
+    ToolCallsIn,
+    ToolChoice,
+    Tools,
+)
 
 
 class TextContentPart(RequestModel):
@@ -39,6 +49,10 @@ class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Content | None = None
     name: str | None = None
+    tool_calls: ToolCallsIn | None = Field(None, description="An assistant's calls.")
+    tool_call_id: str | None = Field(
+        None, max_length=MAX_TOOL_CALL_ID, description="The call a tool message answers."
+    )
 
     def text(self) -> str:
         """The content as text (parts joined as :func:`message_text` joins them)."""
@@ -46,16 +60,22 @@ class ChatMessage(RequestModel):
             return message_text([{"type": "text", "text": part.text} for part in self.content])
         return message_text(self.content)
 
-    def for_template(self) -> dict[str, Any]:
-        """The message as a chat template sees it."""
+    def for_template(self, index: int) -> dict[str, Any]:
+        """The message (number ``index``) as a chat template sees it."""
         return {
             "role": self.role,
             "content": self.text(),
             **({"name": self.name} if self.name else {}),
+            **(
+                {"tool_calls": template_tool_calls(self.tool_calls, index)}
+                if self.tool_calls
+                else {}
+            ),
+            **({"tool_call_id": self.tool_call_id} if self.tool_call_id is not None else {}),
         }
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, StructuredFields):
     messages: Annotated[list[ChatMessage], Field(fail_fast=True)] = Field(
         min_length=1, max_length=MAX_MESSAGES
     )
@@ -65,8 +85,11 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[Count, Field(ge=1)] | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = logprobs_field("Alternatives per position (needs logprobs).")
-    tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: Tools | None = None
+    tool_choice: ToolChoice | None = Field(
+        None, description='"none", "auto" (the default with tools), "required" or a function.'
+    )
+    parallel_tool_calls: bool = True
     # Extras beyond OpenAI (as in vLLM).
     echo: bool = Field(
         False,
@@ -93,6 +116,7 @@ class ChatCompletionRequest(SamplingFields):
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] = Field(default_factory=list)
 
 
 class TopLogprob(BaseModel):
@@ -130,6 +154,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

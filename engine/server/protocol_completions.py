@@ -19,6 +19,7 @@ from .protocol import (
     by_shape,
     logprobs_field,
 )
+from .structured_request import StructuredFields
 
 #: A string, a list of strings, token ids, or a list of token-id lists (how many prompts one
 #: request may carry is the server's --max-sequences-per-request, with ``n``).
@@ -36,7 +37,7 @@ Prompt = by_shape(
 )
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, StructuredFields):
     prompt: Prompt
     max_tokens: Annotated[Count, Field(ge=1)] | None = 16
     logprobs: int | None = logprobs_field("Log-probabilities of the top N tokens per position.")

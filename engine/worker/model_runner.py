@@ -17,13 +17,15 @@ from .. import faults
 from ..config import EngineConfig
 from ..distributed import get_tp_group
 from ..host_timing import HostTimer
-from ..layers.sampler import Sampler
+from ..layers.sampler import NO_TOKEN, Sampler
 from ..messages import NewRequestData, SchedulerOutput
 from ..outputs import PositionLogprobs
 from ..sampling_params import shorten
 from .cuda_graphs import StepGraphs, mixed_pool_bytes, use_mixed_step_graphs
+from .grammar_bitmask import apply_token_bitmask
 from .host_staging import StepStaging
 from .prompt_logprobs import compute_prompt_logprobs, prompt_logprob_rows
+from .sampled_rows import plain_greedy, wanted_logprobs
 from .step_inputs import (
     PreviousSample,
     StepInputs,
@@ -31,7 +33,7 @@ from .step_inputs import (
     build_sampling_metadata,
     build_step_inputs,
 )
-from .step_result import StepResult
+from .step_result import PendingSample, StepResult
 from .token_constraints import RequestConstraints, request_constraints
 
 logger = logging.getLogger(__name__)
@@ -118,9 +120,10 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute_model_async(self, scheduled: SchedulerOutput) -> StepResult:
+    def execute_model_async(self, scheduled: SchedulerOutput) -> StepResult | PendingSample:
         """Launch one step and return without waiting for the device. Only the driver
-        (rank 0) samples; other ranks' results are ``None``."""
+        (rank 0) samples; other ranks' results are ``None``. With grammar rows among the
+        sampled requests the driver's sampling waits (a :class:`PendingSample`)."""
         timer = self.host_timer
         with timer.phase("runner.build_inputs"):
             self.update_states(scheduled)
@@ -145,10 +148,43 @@ class ModelRunner:
                 prompt_logprobs = self._prompt_logprobs(hidden, scheduled, failed)
         if not inputs.sampled_request_ids:
             return StepResult.empty(self.is_driver, failed, unwritten, prompt_logprobs)
+        grammar_rows = scheduled.grammar_request_ids
+        if self.is_driver and not grammar_rows.isdisjoint(inputs.sampled_request_ids):
+            return self._pending_sample(
+                hidden, scheduled, inputs, failed, unwritten, prompt_logprobs
+            )
         with timer.phase("runner.logits_and_sampling"):
             result = self._sample(hidden, inputs, failed, unwritten)
         result.prompt_logprobs = prompt_logprobs
         return result
+
+    def _pending_sample(
+        self,
+        hidden: torch.Tensor,
+        scheduled: SchedulerOutput,
+        inputs: StepInputs,
+        failed: dict[str, str],
+        unwritten: frozenset[str],
+        prompt_logprobs: dict[str, tuple[int, list[PositionLogprobs]]],
+    ) -> PendingSample:
+        """The driver's step with grammar rows: the logits are computed (and, with TP,
+        gathered) now, the sampling once the core gives the bitmask."""
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        planned = scheduled.sampling_request_ids
+        kept = inputs.sampled_request_ids
+        position = {r: row for row, r in enumerate(planned)} if kept != planned else {}
+        keep = [position[r] for r in kept] if position else None
+
+        def sample(bitmask: torch.Tensor) -> StepResult:
+            with torch.inference_mode(), self.host_timer.phase("runner.logits_and_sampling"):
+                masked = logits.float()
+                rows = bitmask if keep is None else bitmask[torch.tensor(keep)]
+                apply_token_bitmask(masked, rows)
+                result = self._sample_logits(masked, inputs, failed, unwritten)
+            result.prompt_logprobs = prompt_logprobs
+            return result
+
+        return PendingSample(sample)
 
     def _prompt_logprobs(
         self, hidden: torch.Tensor, scheduled: SchedulerOutput, failed: dict[str, str]
@@ -215,7 +251,16 @@ class ModelRunner:
                 )
                 self._remember_sample(get_tp_group().broadcast(tokens), inputs)
             return StepResult.empty(False, failed, unwritten)
-        logits = logits.float()
+        return self._sample_logits(logits.float(), inputs, failed, unwritten)
+
+    def _sample_logits(
+        self,
+        logits: torch.Tensor,
+        inputs: StepInputs,
+        failed: dict[str, str],
+        unwritten: frozenset[str],
+    ) -> StepResult:
+        """The driver's sampling of ``logits`` (fp32, one row per sampled request)."""
         states = [self.states[r] for r in inputs.sampled_request_ids]
         generators = [s.generator for s in states if s.generator is not None]
         saved = [g.get_state() for g in generators]
@@ -227,9 +272,12 @@ class ModelRunner:
             for generator, state in zip(generators, saved):
                 generator.set_state(state)  # the retry draws what the batch would have
             tokens, logprobs = self._sample_each_row(logits, states, failed, error)
+        # A row left without any allowed token is sampled as -1 (the scheduler fails that
+        # request); the next step's inputs, here and on the other ranks, read token 0.
+        next_inputs = tokens.to(torch.int64).clamp(min=0)
         if self.share_samples:
-            tokens = get_tp_group().broadcast(tokens.to(torch.int64).contiguous())
-        self._remember_sample(tokens, inputs)
+            next_inputs = get_tp_group().broadcast(next_inputs.contiguous())
+        self._remember_sample(next_inputs, inputs)
         return StepResult(inputs.sampled_request_ids, tokens, logprobs, failed, unwritten)
 
     def _sample_rows(
@@ -239,13 +287,14 @@ class ModelRunner:
         if faults.ACTIVE:
             for state in states:
                 faults.inject("sampling", state.request_id)
-        if all(_plain_greedy(state) for state in states):
-            return logits.argmax(dim=-1), {}
+        if all(plain_greedy(state) for state in states):
+            best, tokens = logits.max(dim=-1)
+            return tokens.masked_fill(torch.isneginf(best), NO_TOKEN), {}
         meta = build_sampling_metadata(states, self.vocab_size, self.sampling_staging)
         result = self.sampler(logits, meta)
         logprobs = {}
         if meta.max_num_logprobs is not None:  # log-probs were read back already
-            logprobs = _wanted_logprobs(states, result.sampled.tolist(), result.logprobs)
+            logprobs = wanted_logprobs(states, result.sampled.tolist(), result.logprobs)
         return result.sampled, logprobs
 
     def _sample_each_row(
@@ -337,30 +386,3 @@ def _others(scheduled: SchedulerOutput, request_id: str) -> set[str]:
 
 def _describe(error: Exception) -> str:
     return shorten(f"{type(error).__name__}: {error}", 500)
-
-
-def _plain_greedy(state: WorkerRequestState) -> bool:
-    """Argmax of the raw logits is the whole answer: no penalties, bans, biases or
-    log-probs."""
-    params = state.sampling_params
-    return (
-        params.greedy
-        and not params.uses_penalties
-        and not params.restricts_tokens
-        and params.logprobs is None
-        and len(state.token_ids) - state.num_prompt_tokens >= params.min_tokens
-    )
-
-
-def _wanted_logprobs(
-    states: list[WorkerRequestState], tokens: list[int], entries: list[PositionLogprobs | None]
-) -> dict[str, PositionLogprobs]:
-    """Each request's sampled token plus the top ``logprobs`` it asked for."""
-    wanted: dict[str, PositionLogprobs] = {}
-    for state, token, entry in zip(states, tokens, entries):
-        asked = state.sampling_params.logprobs
-        if entry is not None and asked is not None:
-            wanted[state.request_id] = {
-                tid: lp for tid, lp in entry.items() if tid == token or lp.rank <= asked
-            }
-    return wanted

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..messages import ModelRunnerOutput
@@ -62,3 +63,22 @@ class StepResult:
         return ModelRunnerOutput(
             sampled, self.logprobs, self.failed, self.unwritten, self.prompt_logprobs
         )
+
+
+class PendingSample:
+    """A launched step whose forward pass is queued but whose sampling waits for the
+    grammar bitmask of its structured-output requests (driver only). :meth:`sample` must be
+    called once, before the next step is launched; it launches the sampling and returns the
+    step's :class:`StepResult`."""
+
+    def __init__(self, sample: Callable[[Any], StepResult]) -> None:
+        self._sample: Callable[[Any], StepResult] | None = sample
+
+    def sample(self, bitmask: Any) -> StepResult:
+        """``bitmask``: int32 ``[len(sampling_request_ids), ceil(vocab / 32)]`` on the host,
+        one row per request the plan samples, in its order; bit ``t`` of a row set when
+        token ``t`` is allowed (all set: unconstrained)."""
+        sample, self._sample = self._sample, None
+        if sample is None:
+            raise RuntimeError("a step's sampling was launched twice")
+        return sample(bitmask)

@@ -119,14 +119,14 @@ def test_sampling_fault_after_the_draws_keeps_seeded_tokens(llm, monkeypatch):
 
     expected = run(llm)
     target = str(next_request_id(llm) + 3)  # a seeded request with log-probs
-    real = model_runner._wanted_logprobs
+    real = model_runner.wanted_logprobs
 
     def fail_for_target(states, *args):
         if any(state.request_id == target for state in states):
             raise RuntimeError("log-probs failed")
         return real(states, *args)
 
-    monkeypatch.setattr(model_runner, "_wanted_logprobs", fail_for_target)
+    monkeypatch.setattr(model_runner, "wanted_logprobs", fail_for_target)
     outputs = run(llm)
     assert outputs[3].error is not None and "log-probs failed" in outputs[3].error
     for index in (0, 1, 2):

@@ -1,7 +1,9 @@
 """``POST /v1/chat/completions``: a chat template (the request's, --chat-template's or the
 tokenizer's: :mod:`metroline.engine.chat_templates`) turns ``messages`` into one prompt;
 ``n`` choices come from one engine request. With ``echo``, each answer starts with the last
-message's content when that message is the assistant's (as vLLM does)."""
+message's content when that message is the assistant's (as vLLM does). Tool calls (tools,
+tool_choice, parallel_tool_calls, calls in the history): :mod:`..tool_calls` and its
+siblings."""
 
 from __future__ import annotations
 
@@ -33,12 +35,20 @@ from ..protocol_chat import (
 from ..responses import GENERATION_RESPONSES
 from ..state import ServerState
 from ..streaming import StreamCursors
+from ..structured_request import structured_outputs_of, structured_sources
+from ..tool_calls import ToolPlan, adjust_sampling, plan_tools
+from ..tool_calls_history import check_history
+from ..tool_calls_response import ToolCallStreams, answer_of
+from ..tool_calls_schema import check_exclusive, forced_output
 
 router = APIRouter(route_class=StrictJSONRoute)
 
 
-def render_prompt(state: ServerState, engine: AsyncLLM, body: ChatCompletionRequest) -> str:
-    """The prompt text: 400 naming the field at fault when it cannot be rendered."""
+def render_prompt(
+    state: ServerState, engine: AsyncLLM, body: ChatCompletionRequest, tools: ToolPlan | None = None
+) -> str:
+    """The prompt text (with the request's tools): 400 naming the field at fault when it
+    cannot be rendered."""
     template = body.chat_template
     if template is not None:
         try:
@@ -50,28 +60,22 @@ def render_prompt(state: ServerState, engine: AsyncLLM, body: ChatCompletionRequ
     try:
         return render_conversation(
             engine.tokenizer,
-            [m.for_template() for m in body.messages],
+            [m.for_template(i) for i, m in enumerate(body.messages)],
             chat_template=template,
             chat_template_kwargs=body.chat_template_kwargs,
             add_generation_prompt=body.add_generation_prompt,
             continue_final_message=body.continue_final_message,
+            tools=tools.tools if tools is not None else None,
         )
     except ChatTemplateError as error:
         raise bad_request(str(error), param=error.param) from None
 
 
-def _check(state: ServerState, body: ChatCompletionRequest) -> None:
+def _check(state: ServerState, body: ChatCompletionRequest) -> ToolPlan | None:
+    """400 for what cannot be served; the request's tool plan."""
     admission.reject_unsupported(body)
-    if body.tools:
-        raise bad_request("tools are not supported", param="tools")
-    response_format = body.response_format
-    if response_format is not None and (
-        response_format.get("type") != "text" or set(response_format) != {"type"}
-    ):
-        raise bad_request(
-            'only response_format {"type": "text"} is supported (no other type, no other key)',
-            "response_format",
-        )
+    tools = plan_tools(body, state.args)
+    check_exclusive(tools, structured_sources(body))
     if body.top_logprobs and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
     if body.chat_template is not None and not state.args.trust_request_chat_template:
@@ -81,10 +85,13 @@ def _check(state: ServerState, body: ChatCompletionRequest) -> None:
             param="chat_template",
         )
     check_contents(body.messages)
+    return tools
 
 
 def check_contents(messages: list[ChatMessage]) -> None:
-    """400 for a message without content, unless it is the assistant's (as OpenAI allows)."""
+    """400 for a message without content, unless it is the assistant's (as OpenAI allows),
+    and for tool fields on the wrong role."""
+    check_history(messages)
     for index, message in enumerate(messages):
         if message.content is None and message.role != "assistant":
             raise bad_request(
@@ -106,16 +113,18 @@ async def create_chat_completion(
 ) -> Response:
     admission.check_unknown_fields(state, body)
     engine = admission.admit(state, body.model)
-    _check(state, body)
+    tools = _check(state, body)
     admission.check_sequences(state, 1, body.n)
     try:
-        processed = await admission.prepare(state, raw_request, _process, state, engine, body)
+        processed = await admission.prepare(
+            state, raw_request, _process, state, engine, body, tools
+        )
     except admission.ClientGone:
         return Response(status_code=499)
     if body.stream:
         streams = engine_calls.start(engine, [processed], stream=True)
         return StreamingResponse(
-            _stream(state, body, processed, streams),
+            _stream(state, body, processed, streams, tools),
             media_type="text/event-stream",
         )
     try:
@@ -124,14 +133,18 @@ async def create_chat_completion(
     except admission.ClientGone:
         return Response(status_code=499)
     return await state.off_loop(
-        lambda: JSONResponse(_response(state, body, output).model_dump()), respond=True
+        lambda: JSONResponse(_response(state, body, output, tools).model_dump()), respond=True
     )
 
 
-def _process(state: ServerState, engine: AsyncLLM, body: ChatCompletionRequest) -> ProcessedPrompt:
+def _process(
+    state: ServerState, engine: AsyncLLM, body: ChatCompletionRequest, tools: ToolPlan | None
+) -> ProcessedPrompt:
     """Render the template, tokenise and validate (a worker thread: this grows with the
     input)."""
-    prompt = render_prompt(state, engine, body)
+    structured = structured_outputs_of(body)
+    structured = forced_output(tools) or structured  # _check refused both at once
+    prompt = render_prompt(state, engine, body, tools)
     requested, param = body.max_completion_tokens, "max_completion_tokens"
     if requested is None and body.max_tokens is not None:
         requested, param = body.max_tokens, "max_tokens"
@@ -152,9 +165,12 @@ def _process(state: ServerState, engine: AsyncLLM, body: ChatCompletionRequest) 
     )
     num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     aliases = {"max_tokens": param, "logprobs": "top_logprobs"}
-    params = admission.sampling_params(body, max_tokens, num_logprobs, aliases, defaults)
+    params = admission.sampling_params(
+        body, max_tokens, num_logprobs, aliases, defaults, structured
+    )
+    adjust_sampling(tools, body, params)
     request_id = admission.new_request_id("chatcmpl")
-    return admission.process(engine, request_id, token_ids, params, "messages", prompt)
+    return admission.process(engine, request_id, token_ids, params, "messages", prompt, structured)
 
 
 def _echo(body: ChatCompletionRequest) -> str:
@@ -174,19 +190,25 @@ def _logprobs(
 
 
 def _choice(
-    state: ServerState, body: ChatCompletionRequest, c: CompletionOutput, echo: str
+    state: ServerState,
+    body: ChatCompletionRequest,
+    c: CompletionOutput,
+    echo: str,
+    tools: ToolPlan | None,
 ) -> ChatChoice:
+    answer = answer_of(tools, c.text, c.finish_reason)
+    content = echo + answer.content if answer.content is not None else (echo or None)
     return ChatChoice(
         index=c.index,
-        message=ChatMessageOut(content=echo + c.text),
+        message=ChatMessageOut(content=content, tool_calls=answer.tool_calls),
         logprobs=_logprobs(state, body, c.token_ids, c.logprobs),
-        finish_reason=c.finish_reason,
+        finish_reason=answer.finish_reason,
         stop_reason=c.stop_reason,
     )
 
 
 def _response(
-    state: ServerState, body: ChatCompletionRequest, output: RequestOutput
+    state: ServerState, body: ChatCompletionRequest, output: RequestOutput, tools: ToolPlan | None
 ) -> ChatCompletionResponse:
     echo = _echo(body)
     prompt = None
@@ -195,7 +217,7 @@ def _response(
     return ChatCompletionResponse(
         id=output.request_id,
         model=body.model,
-        choices=[_choice(state, body, c, echo) for c in output.outputs],
+        choices=[_choice(state, body, c, echo, tools) for c in output.outputs],
         usage=admission.usage_of([output]),
         prompt_logprobs=prompt,
     )
@@ -206,9 +228,11 @@ async def _stream(
     body: ChatCompletionRequest,
     processed: ProcessedPrompt,
     streams: list[RequestStream],
+    tools: ToolPlan | None,
 ) -> AsyncIterator[str]:
-    """Server-sent chunks: the role, the echo (if any), the deltas, then the usage (with
-    ``include_usage``; in every chunk as well with ``continuous_usage_stats``)."""
+    """Server-sent chunks: the role, the echo (if any), the deltas (content and tool calls),
+    then the usage (with ``include_usage``; in every chunk as well with
+    ``continuous_usage_stats``)."""
     latest: RequestOutput | None = None
     prompt_usage = admission.usage_of([])
     prompt_usage.prompt_tokens = prompt_usage.total_tokens = len(processed.prompt_token_ids)
@@ -234,7 +258,7 @@ async def _stream(
         yield chunk(
             [ChatChunkChoice(index=i, delta=DeltaMessage(content=echo)) for i in range(body.n)]
         )
-    cursors = StreamCursors()
+    cursors, tool_streams = StreamCursors(), ToolCallStreams(tools)
     try:
         async for _, output in engine_calls.merged(streams):
             latest = output
@@ -244,12 +268,15 @@ async def _stream(
                 if delta is None:
                     continue
                 positions: list[PositionLogprobs] | None = delta.logprobs
+                text, calls, finish_reason = tool_streams.step(
+                    c.index, delta.text, delta.finish_reason
+                )
                 choices.append(
                     ChatChunkChoice(
                         index=c.index,
-                        delta=DeltaMessage(content=delta.text or None),
+                        delta=DeltaMessage(content=text or None, tool_calls=calls or None),
                         logprobs=_logprobs(state, body, delta.token_ids, positions),
-                        finish_reason=delta.finish_reason,
+                        finish_reason=finish_reason,
                     )
                 )
             if choices:

@@ -20,6 +20,7 @@ from ..protocol_completions import CompletionChoice, CompletionRequest, Completi
 from ..responses import GENERATION_RESPONSES
 from ..state import ServerState
 from ..streaming import StreamCursors
+from ..structured_request import structured_outputs_of
 
 router = APIRouter(route_class=StrictJSONRoute)
 
@@ -89,6 +90,7 @@ def _process(
     """Tokenise and validate every prompt (a worker thread: this grows with the input)."""
     max_len = state.config.model.max_model_len
     keep = admission.truncation(body, max_len)
+    structured = structured_outputs_of(body)
     processed = []
     for index, prompt in enumerate(prompts):
         token_ids = admission.tokenize(engine, prompt, "prompt", keep)
@@ -96,10 +98,14 @@ def _process(
         max_tokens = admission.resolve_max_tokens(
             body.max_tokens, len(token_ids), max_len, "max_tokens", "prompt", defaults
         )
-        params = admission.sampling_params(body, max_tokens, body.logprobs, {}, defaults)
+        params = admission.sampling_params(
+            body, max_tokens, body.logprobs, {}, defaults, structured
+        )
         text = prompt if isinstance(prompt, str) else None
         engine_id = request_id if len(prompts) == 1 else f"{request_id}-{index}"
-        processed.append(admission.process(engine, engine_id, token_ids, params, "prompt", text))
+        processed.append(
+            admission.process(engine, engine_id, token_ids, params, "prompt", text, structured)
+        )
     return processed
 
 
