@@ -33,6 +33,15 @@ NO_ALLOWED_TOKEN = (
     "no token meets all of the request's constraints (its structured output, "
     "allowed_token_ids, bad_words, min_tokens or logit_bias)"
 )
+#: Host seconds one request's grammar may take to fill its bitmask row or take a token in
+#: one step (core/grammars.py): a grammar whose cost grows with the output (an ambiguous
+#: one) must not slow every other request's steps.
+GRAMMAR_STEP_BUDGET_S = 0.05
+#: The error of a request whose grammar ran over that budget: the request's own fault.
+GRAMMAR_TOO_COSTLY = (
+    f"its grammar took more than {GRAMMAR_STEP_BUDGET_S * 1e3:.0f} ms of a step to follow; "
+    "simplify it (an ambiguous grammar costs more with every token)"
+)
 
 
 class RequestStatus(enum.Enum):

@@ -24,7 +24,7 @@ import torch
 
 from ..checkpoint import load_tokenizer
 from ..config import EngineConfig
-from ..messages import NO_ALLOWED_TOKEN
+from ..messages import GRAMMAR_STEP_BUDGET_S, GRAMMAR_TOO_COSTLY, NO_ALLOWED_TOKEN
 from ..structured_outputs import StructuredOutputsParams, build_grammar
 
 logger = logging.getLogger(__name__)
@@ -34,10 +34,9 @@ COMPILE_THREADS = 2
 #: Compiled grammars kept for reuse (most recently used), by count and by their memory.
 CACHE_SIZE = 128
 CACHE_BYTES = 2 * 2**30
-#: Host seconds one request's grammar may take to fill its bitmask row or take a token in
-#: one step; a request whose grammar takes longer (an ambiguous grammar whose cost grows
-#: with the output) is failed, so that it cannot slow every other request's steps.
-STEP_BUDGET_S = 0.05
+#: The per-row budget of a step (messages.GRAMMAR_STEP_BUDGET_S; a name here, so tests may
+#: change it).
+STEP_BUDGET_S = GRAMMAR_STEP_BUDGET_S
 #: Threads that fill a step's bitmask rows (each row costs up to a fraction of a
 #: millisecond for a large vocabulary: a step of hundreds of rows is spread over them).
 FILL_THREADS = max(1, min(16, (os.cpu_count() or 2) // 2))
@@ -72,7 +71,7 @@ class RequestGrammar:
         started = time.perf_counter()
         if not self.matcher.accept_token(token_id):
             return NO_ALLOWED_TOKEN
-        return TOO_COSTLY if time.perf_counter() - started > STEP_BUDGET_S else None
+        return GRAMMAR_TOO_COSTLY if time.perf_counter() - started > STEP_BUDGET_S else None
 
 
 class GrammarManager:
@@ -212,15 +211,8 @@ def _fill_rows(buffer: torch.Tensor, rows: list[tuple[int, Any]]) -> dict[int, s
             failed[row] = f"its grammar failed: {type(error).__name__}: {error}"[:500]
             continue
         if time.perf_counter() - started > STEP_BUDGET_S:
-            failed[row] = TOO_COSTLY
+            failed[row] = GRAMMAR_TOO_COSTLY
     return failed
-
-
-#: Why a request whose grammar ran over :data:`STEP_BUDGET_S` ended.
-TOO_COSTLY = (
-    f"its grammar took more than {STEP_BUDGET_S * 1e3:.0f} ms of a step; simplify it (an "
-    "ambiguous grammar costs more with every token)"
-)
 
 
 def _failed(future: Future) -> bool:

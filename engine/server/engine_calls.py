@@ -18,7 +18,7 @@ from ..client.async_llm import (
     RequestStream,
 )
 from ..client.input_processor import ProcessedPrompt
-from ..messages import NO_ALLOWED_TOKEN
+from ..messages import GRAMMAR_TOO_COSTLY, NO_ALLOWED_TOKEN
 from ..outputs import RequestOutput
 from .admission import ClientGone, sse, wait_for_disconnect
 from .errors import OpenAIError, bad_request, unavailable
@@ -37,6 +37,8 @@ def engine_error(error: Exception) -> OpenAIError:
         return bad_request(str(error))
     if isinstance(error, RequestFailedError) and str(error) == NO_ALLOWED_TOKEN:
         return bad_request(str(error), code="constraints_conflict")
+    if isinstance(error, RequestFailedError) and str(error) == GRAMMAR_TOO_COSTLY:
+        return bad_request(str(error), code="grammar_too_costly")
     if isinstance(error, RequestFailedError):
         # A bug met by this request alone; the server goes on serving the others.
         return OpenAIError(500, f"the engine failed this request: {error}", code="engine_error")

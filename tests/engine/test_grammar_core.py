@@ -11,7 +11,7 @@ import torch
 
 from metroline.engine import LLM, SamplingParams
 from metroline.engine.core import grammars as grammars_module
-from metroline.engine.messages import NO_ALLOWED_TOKEN, EngineCoreRequest
+from metroline.engine.messages import GRAMMAR_TOO_COSTLY, NO_ALLOWED_TOKEN, EngineCoreRequest
 from metroline.engine.structured_outputs import StructuredOutputsParams
 from metroline.engine.worker.grammar_bitmask import apply_token_bitmask
 
@@ -157,7 +157,7 @@ def test_a_grammar_that_runs_over_its_step_budget_fails_alone(core, monkeypatch)
     core.add_request(_request("plain", SamplingParams(max_tokens=3, temperature=0)))
     outputs = _run(core)
     (failed,) = outputs["slow"]
-    assert failed.finish_reason == "error" and failed.error == grammars_module.TOO_COSTLY
+    assert failed.finish_reason == "error" and failed.error == GRAMMAR_TOO_COSTLY
     assert outputs["plain"][-1].finish_reason == "length"
     assert core.kv_cache_manager.usage == 0
 
