@@ -13,7 +13,9 @@ that a bad one is a 400 naming the field.
   ``"required"``; with ``"auto"`` the calls after the first are dropped, as vLLM does).
 
 Bounds: at most :data:`~.tool_calls_protocol.MAX_TOOLS` tools, :data:`MAX_TOOLS_BYTES` of
-JSON in all, parameter schemas :data:`~.structured_request.MAX_SCHEMA_DEPTH` levels deep.
+JSON in all (the specification bound of a grammar, since forced calls compile them into one),
+parameter schemas :data:`~metroline.engine.structured_outputs.MAX_SCHEMA_DEPTH` levels deep,
+describing objects, with local ``$ref`` only into their ``$defs`` / ``definitions``.
 Errors about ``tools`` name ``tools`` as the param and the tool in the message.
 """
 
@@ -25,8 +27,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..sampling_params import shorten
+from ..structured_outputs import MAX_SCHEMA_DEPTH, MAX_SPEC_BYTES, schema_depth
 from .errors import bad_request
-from .structured_request import MAX_SCHEMA_DEPTH, schema_depth
 from .tool_parsers import ToolParser, tool_parser
 from .tool_parsers.base import FUNCTION_NAME, openai_call_id
 
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     from .protocol_chat import ChatCompletionRequest
 
 #: Most bytes of all tools' JSON text (the forced-call grammar is built from it).
-MAX_TOOLS_BYTES = 128 * 1024
+MAX_TOOLS_BYTES = MAX_SPEC_BYTES
 _TOOL_KEYS = frozenset({"type", "function"})
 _FUNCTION_KEYS = frozenset({"name", "description", "parameters", "strict"})
 _AUTO_NEEDS_FLAGS = (
@@ -129,6 +131,8 @@ def check_tools(tools: list[dict[str, Any]] | None) -> tuple[dict[str, Any], ...
         return ()
     if not tools:
         raise bad_request("tools must hold at least one tool (or be left out)", "tools")
+    if _larger_than(tools, MAX_TOOLS_BYTES):  # before any walk of the tools: bounded work
+        raise bad_request(f"tools hold more than {MAX_TOOLS_BYTES} bytes of JSON", "tools")
     names: set[str] = set()
     for index, tool in enumerate(tools):
         name = _check_tool(tool, f"tools.{index}")
@@ -179,7 +183,56 @@ def _check_tool(tool: Any, where: str) -> str:
             raise fail("function.parameters must be a JSON schema object")
         if schema_depth(parameters) > MAX_SCHEMA_DEPTH:
             raise fail(f"function.parameters nests more than {MAX_SCHEMA_DEPTH} levels deep")
+        if parameters.get("type", "object") != "object":
+            raise fail("function.parameters must describe an object (arguments are one)")
+        bad_ref = next(_local_refs_outside_defs(parameters), None)
+        if bad_ref is not None:
+            raise fail(
+                f"function.parameters: $ref {shorten(bad_ref, 80)!r} is not supported; refer "
+                "to #/$defs/NAME or #/definitions/NAME"
+            )
     return name
+
+
+def _larger_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` surely takes more than ``limit`` bytes as JSON: each node counts
+    at most its JSON size, and the walk stops once past ``limit`` (work bounded by it)."""
+    budget, stack = limit, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            budget -= 2 + 4 * len(item)
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            budget -= 2 + len(item)
+            stack.extend(item)
+        elif isinstance(item, str):
+            budget -= 2 + len(item)
+        else:
+            budget -= 1
+        if budget < 0:
+            return True
+    return False
+
+
+def _local_refs_outside_defs(schema: Any):
+    """``$ref`` values inside ``schema`` that point into it anywhere but its definitions
+    (the forced-call schema embeds the parameters, so only those stay valid)."""
+    stack = [schema]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            ref = item.get("$ref")
+            if (
+                isinstance(ref, str)
+                and ref.startswith("#")
+                and not ref.startswith(("#/$defs/", "#/definitions/"))
+            ):
+                yield ref
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def adjust_sampling(plan: ToolPlan | None, body: ChatCompletionRequest, params: Any) -> None:
