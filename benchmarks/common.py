@@ -79,6 +79,20 @@ def matmul_flops(n: int = 8192) -> float:
     return 2 * n**3 / (ms * 1e-3)
 
 
+def fp8_matmul_flops(n: int = 8192) -> float:
+    """e4m3 ``n x n x n`` matmul rate in FLOP/s (``torch._scaled_mm``, row-wise scales, bf16
+    out: the engine's fp8 projections)."""
+    a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn).t()
+    scale_a = torch.ones(n, 1, device="cuda")
+    scale_b = torch.ones(1, n, device="cuda")
+    ms = median_ms(
+        lambda: torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16),
+        reps=30,
+    )
+    return 2 * n**3 / (ms * 1e-3)
+
+
 def l2_cache_bytes() -> int:
     props = torch.cuda.get_device_properties(0)
     return int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
@@ -92,7 +106,10 @@ def environment() -> dict[str, Any]:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         driver = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, check=True, timeout=30,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
         ).stdout.strip()
     commit = os.environ.get("METROLINE_COMMIT", "")
     if not commit:

@@ -128,8 +128,10 @@ def main() -> None:
         init_s = time.perf_counter() - started
         asynchronous = llm.engine_core.async_scheduling
         rows = []
-        weights = weight_bytes(args.model) / args.tensor_parallel_size
-        per_token = kv_bytes_per_token(args.model) / args.tensor_parallel_size
+        fp8_weights = args.quantization == "fp8"
+        kv_bytes = 1 if args.kv_cache_dtype != "auto" else 2
+        weights = weight_bytes(args.model, fp8_projections=fp8_weights) / args.tensor_parallel_size
+        per_token = kv_bytes_per_token(args.model, kv_bytes) / args.tensor_parallel_size
         kv_tokens = llm.engine_core.num_blocks * llm.config.cache.block_size
         budget = llm.config.scheduler.max_num_batched_tokens
         for context in contexts:
@@ -186,13 +188,16 @@ def main() -> None:
             f"tp{args.tensor_parallel_size}",
             "eager" if args.enforce_eager else "graphs",
             "async" if asynchronous else "sync",
+            *(["fp8"] if args.quantization == "fp8" else []),
+            *(["kvfp8"] if args.kv_cache_dtype != "auto" else []),
         ],
         record,
     )
     print(
         f"\nW3 decode on {args.model} (TP={args.tensor_parallel_size}, "
         f"{'eager' if args.enforce_eager else 'CUDA graphs'}, "
-        f"{'asynchronous' if asynchronous else 'synchronous'} scheduling), {env['gpu']}; copy "
+        f"{'asynchronous' if asynchronous else 'synchronous'} scheduling, weights "
+        f"{args.quantization or 'bf16'}, KV {args.kv_cache_dtype}), {env['gpu']}; copy "
         f"{bandwidth / 1e12:.2f} TB/s; weight-read floor {weights / bandwidth * 1e3:.2f} ms; "
         f"engine start {init_s:.1f} s"
     )

@@ -32,6 +32,13 @@
 #              vLLM once more at Metroline's max_num_seqs / max_num_batched_tokens, which
 #              today equal vLLM's own H200 defaults), W3 at batch 1 and 256 (context 512),
 #              then the peer table (benchmarks/peer_table.py)
+#   fp8        fp8 weights and KV (issue 18): tests/gpu/fp8_check.py (kernels at real sizes,
+#              8B-shape logits and greedy agreement vs bf16, KV capacity, the demo model's
+#              perplexity), then W3 at batches FP8_BATCHES (default 1,8,256), context 512, bf16
+#              and fp8 weights + fp8 KV, one engine each
+#   fp8w1      W1 on Metroline FP8_RUNS times (default 1) in bf16 and in fp8 weights + KV
+#   fp8peer    vLLM 0.26.0 W1 with quantization=fp8 and kv_cache_dtype=fp8, FP8_RUNS times
+#              (unpacks the bundle once all parts came), then the peer table
 #   peerserve  W6: vllm bench serve against metroline serve and vllm serve in turn
 #              (RATES_W6, default 10,20,30,inf; W6_PROMPTS, default 300), start-up times,
 #              then the peer table
@@ -188,6 +195,31 @@ for section in "$@"; do
       fi
       run w3-peer $PY -P benchmarks/decode.py --model "$MODEL" --batches 1,256 --contexts 512 \
         --out "$RESULTS"
+      run peer-table $PY -P benchmarks/peer_table.py "$RESULTS"
+      ;;
+    fp8)
+      run fp8-check env OUT="$RESULTS" $PY -P tests/gpu/fp8_check.py
+      W3=(benchmarks/decode.py --model "$MODEL" --batches "${FP8_BATCHES:-1,8,256}" --contexts 512
+        --out "$RESULTS")
+      run w3-bf16 $PY -P "${W3[@]}"
+      run w3-fp8 $PY -P "${W3[@]}" --quantization fp8 --kv-cache-dtype fp8
+      ;;
+    fp8w1)
+      W1=(benchmarks/throughput.py --model "$MODEL" --workload W1 --out "$RESULTS")
+      for i in $(seq "${FP8_RUNS:-1}"); do
+        run "w1-bf16-$i" $PY -P "${W1[@]}" --backend metroline
+        run "w1-fp8-$i" $PY -P "${W1[@]}" --backend metroline --quantization fp8 \
+          --kv-cache-dtype fp8
+      done
+      ;;
+    fp8peer)
+      unpack_vllm || { status=1; continue; }
+      W1=(benchmarks/throughput.py --model "$MODEL" --workload W1 --out "$RESULTS")
+      for i in $(seq "${FP8_RUNS:-1}"); do
+        run "w1-vllm-fp8-$i" "${VLLM_ENV[@]}" $PY -P "${W1[@]}" --backend vllm \
+          --quantization fp8 --kv-cache-dtype fp8
+        gpu_idle
+      done
       run peer-table $PY -P benchmarks/peer_table.py "$RESULTS"
       ;;
     peerserve)

@@ -41,9 +41,23 @@ def card_of(record: dict[str, Any]) -> str:
     return record.get("environment", {}).get("gpu") or record.get("gpu") or "unknown"
 
 
+def precision_of(record: dict[str, Any]) -> str:
+    """"" for the model dtype; "-fp8" for fp8 weights and KV, "-fp8w" / "-fp8kv" for one."""
+    parameters = record.get("parameters", {})
+    weights = parameters.get("quantization") == "fp8"
+    kv = parameters.get("kv_cache_dtype", "auto") not in ("auto", None)
+    return {(False, False): "", (True, True): "-fp8", (True, False): "-fp8w"}.get(
+        (weights, kv), "-fp8kv"
+    )
+
+
+W1_CONFIGS = ("metroline", "vllm", "vllm-equal", "metroline-fp8", "vllm-fp8")
+
+
 def w1_runs(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """W1 output tok/s per configuration: metroline, vllm (defaults), vllm-equal."""
-    runs: dict[str, list[dict[str, Any]]] = {"metroline": [], "vllm": [], "vllm-equal": []}
+    """W1 output tok/s per configuration: metroline, vllm (defaults), vllm-equal, and each
+    with its precision suffix (:func:`precision_of`)."""
+    runs: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         if r["benchmark"] != "throughput" or r["workload"]["name"] != "W1":
             continue
@@ -51,8 +65,9 @@ def w1_runs(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
             if backend not in r:
                 continue
             key = "vllm-equal" if backend == "vllm" and r["parameters"].get("vllm_arg") else backend
+            key += precision_of(r)
             result = r[backend]
-            runs[key].append(
+            runs.setdefault(key, []).append(
                 {
                     "file": r["_file"],
                     "output_tokens_per_s": result["output_tokens_per_s"],
@@ -89,11 +104,18 @@ def build(records: list[dict[str, Any]]) -> dict[str, Any]:
     runs = w1_runs(records)
     w1 = {name: {"runs": rows, "median_output_tokens_per_s": median_of(rows, "output_tokens_per_s")}
           for name, rows in runs.items() if rows}  # fmt: skip
-    ours = w1.get("metroline", {}).get("median_output_tokens_per_s")
-    for name in ("vllm", "vllm-equal"):
-        theirs = w1.get(name, {}).get("median_output_tokens_per_s")
-        if ours and theirs:
-            w1[f"metroline_over_{name.replace('-', '_')}"] = ours / theirs
+    def median(name: str) -> float | None:
+        return w1.get(name, {}).get("median_output_tokens_per_s")
+
+    for ours, theirs in (
+        ("metroline", "vllm"),
+        ("metroline", "vllm-equal"),
+        ("metroline-fp8", "vllm-fp8"),
+        ("metroline-fp8", "metroline"),
+    ):
+        if median(ours) and median(theirs):
+            key = f"{ours}_over_{theirs}".replace("-", "_")
+            w1[key] = median(ours) / median(theirs)
     if "metroline" in w1:
         w1["metroline"]["median_roofline_fraction"] = median_of(
             runs["metroline"], "roofline_fraction"
@@ -101,7 +123,7 @@ def build(records: list[dict[str, Any]]) -> dict[str, Any]:
     peer["W1"] = w1
     for r in records:
         if r["benchmark"] == "decode-W3":
-            peer["W3"] = [
+            peer["W3" + precision_of(r)] = [
                 {k: row.get(k) for k in ("batch", "context", "step_s_median", "weight_floor_s",
                                          "bandwidth_fraction")}
                 for row in r["rows"] if "skipped" not in row
@@ -118,7 +140,7 @@ def print_table(peer: dict[str, Any]) -> None:
     v = peer["versions"]
     print(f"\nMetroline {str(v['metroline_commit'])[:10]} vs vLLM {v['vllm']}, {peer['gpu']}")
     w1 = peer.get("W1", {})
-    for name in ("metroline", "vllm", "vllm-equal"):
+    for name in W1_CONFIGS:
         if name in w1:
             runs = ", ".join(f"{r['output_tokens_per_s']:.0f}" for r in w1[name]["runs"])
             settings = w1[name]["runs"][0]["settings"]
@@ -127,14 +149,13 @@ def print_table(peer: dict[str, Any]) -> None:
                 f"(runs {runs}; seqs {settings.get('max_num_seqs')}, tokens "
                 f"{settings.get('max_num_batched_tokens')})"
             )
-    for key in ("metroline_over_vllm", "metroline_over_vllm_equal"):
-        if key in w1:
-            print(f"W1 {key}: {w1[key]:.3f}x")
+    for key in [k for k in w1 if "_over_" in k]:
+        print(f"W1 {key}: {w1[key]:.3f}x")
     if w1.get("metroline", {}).get("median_roofline_fraction"):
         print(f"W1 Metroline roofline fraction: {w1['metroline']['median_roofline_fraction']:.0%}")
-    for row in peer.get("W3", []):
+    for key, row in [(k, row) for k in peer if k.startswith("W3") for row in peer[k]]:
         print(
-            f"W3 B={row['batch']} C={row['context']}: {row['step_s_median'] * 1e3:.2f} ms, "
+            f"{key} B={row['batch']} C={row['context']}: {row['step_s_median'] * 1e3:.2f} ms, "
             f"{row['step_s_median'] / row['weight_floor_s']:.2f}x weight floor, "
             f"{row['bandwidth_fraction']:.0%} of copy bandwidth"
         )

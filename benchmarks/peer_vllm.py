@@ -36,17 +36,27 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 
 
 def vllm_engine_kwargs(shape_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The ``vllm.LLM`` arguments: what the workload fixes, then the overrides."""
-    return {
-        "model": str(shape_dir),
-        "load_format": "dummy",
-        "dtype": args.dtype,
-        "max_model_len": args.max_model_len,
-        "enable_prefix_caching": True,
-        "tensor_parallel_size": args.tensor_parallel_size,
-        "seed": 0,
-        "skip_tokenizer_init": True,
-    } | parse_overrides(args.vllm_arg)
+    """The ``vllm.LLM`` arguments: what the workload fixes (our fp8 flags included: both
+    engines then quantize the same way, in vLLM's spelling), then the overrides."""
+    fp8 = {}
+    if getattr(args, "quantization", None) is not None:
+        fp8["quantization"] = args.quantization
+    if getattr(args, "kv_cache_dtype", "auto") != "auto":
+        fp8["kv_cache_dtype"] = args.kv_cache_dtype
+    return (
+        {
+            "model": str(shape_dir),
+            "load_format": "dummy",
+            "dtype": args.dtype,
+            "max_model_len": args.max_model_len,
+            "enable_prefix_caching": True,
+            "tensor_parallel_size": args.tensor_parallel_size,
+            "seed": 0,
+            "skip_tokenizer_init": True,
+        }
+        | fp8
+        | parse_overrides(args.vllm_arg)
+    )
 
 
 def _settings(llm: Any) -> dict[str, Any]:

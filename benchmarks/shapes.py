@@ -120,15 +120,27 @@ def write_shape(name: str, directory: Path, **overrides: Any) -> Path:
     return directory
 
 
-def weight_bytes(name: str, bytes_per_param: int = 2) -> int:
-    """Bytes of the model's weights (embeddings and LM head included)."""
+def weight_bytes(name: str, bytes_per_param: int = 2, fp8_projections: bool = False) -> int:
+    """Bytes of the model's weights (embeddings and LM head included); ``fp8_projections``:
+    the decoder's projections hold one byte per weight (``quantization="fp8"``), the rest
+    ``bytes_per_param``."""
     c = SHAPES[name]
     hidden, layers, inter, vocab = (
-        c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
+        c["hidden_size"],
+        c["num_hidden_layers"],
+        c["intermediate_size"],
+        c["vocab_size"],
     )
     head_dim = c.get("head_dim", hidden // c["num_attention_heads"])
     q = c["num_attention_heads"] * head_dim
     kv = c["num_key_value_heads"] * head_dim
-    per_layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter + 2 * hidden
+    projections = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter
     embeddings = vocab * hidden * (1 if c.get("tie_word_embeddings") else 2)
-    return bytes_per_param * (layers * per_layer + embeddings + hidden)
+    rest = layers * 2 * hidden + embeddings + hidden
+    projection_bytes = 1 if fp8_projections else bytes_per_param
+    return projection_bytes * layers * projections + bytes_per_param * rest
+
+
+def param_count(name: str) -> int:
+    """Parameters of the model (embeddings and LM head included)."""
+    return weight_bytes(name, bytes_per_param=1)

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import copy_bandwidth, environment, gpu_slug, matmul_flops
+from common import copy_bandwidth, environment, fp8_matmul_flops, gpu_slug, matmul_flops
 from peer_vllm import run_vllm
 from records import save_record
 from roofline import prefill_flops, w1_roofline_seconds
@@ -207,12 +207,15 @@ def main() -> None:
 
     env = environment()
     bandwidth, matmul = copy_bandwidth(), matmul_flops()
+    fp8_weights = args.quantization == "fp8"
+    kv_bytes_per_value = 1 if args.kv_cache_dtype != "auto" else 2
+    fp8_matmul = fp8_matmul_flops() if fp8_weights else None
     workload = make_workload(args.workload, SHAPES[args.model]["vocab_size"], args.num_requests)
     record: dict[str, Any] = {
         "benchmark": "throughput",
         "environment": env,
         "parameters": vars(args) | {"out": str(args.out)},
-        "ceilings": {"copy_bytes_per_s": bandwidth, "bf16_flops": matmul},
+        "ceilings": {"copy_bytes_per_s": bandwidth, "bf16_flops": matmul, "fp8_flops": fp8_matmul},
         "workload": {
             "name": workload.name,
             "requests": len(workload.prompts),
@@ -259,7 +262,9 @@ def main() -> None:
                     result["kv_tokens"] * args.tensor_parallel_size,
                     max_num_seqs,
                     bandwidth * args.tensor_parallel_size,
-                    matmul * args.tensor_parallel_size,
+                    (fp8_matmul or matmul) * args.tensor_parallel_size,
+                    fp8_weights,
+                    kv_bytes_per_value,
                 )
                 result["roofline"] = roof | {"fraction_achieved": roof["total_s"] / elapsed}
             if backend == "metroline" and workload.name == "W4":
@@ -275,6 +280,8 @@ def main() -> None:
         )
     tp = args.tensor_parallel_size
     parts = [gpu_slug(env["gpu"]), args.workload, args.model, f"tp{tp}", args.backend]
+    parts += ["fp8"] if fp8_weights else []
+    parts += ["kvfp8"] if kv_bytes_per_value == 1 else []
     if "metroline" in record:
         parts.append("async" if record["metroline"]["async_scheduling"] else "sync")
         if record["metroline"]["mixed_step_graphs"]:
@@ -284,7 +291,7 @@ def main() -> None:
     print(
         f"\n{workload.name} on {args.model} (TP={args.tensor_parallel_size}), {env['gpu']}; copy "
         f"{bandwidth / 1e12:.2f} TB/s, bf16 {matmul / 1e12:.0f} TFLOP/s; weights "
-        f"{weight_bytes(args.model) / 1e9:.1f} GB"
+        f"{weight_bytes(args.model, fp8_projections=fp8_weights) / 1e9:.1f} GB"
     )
     print(
         f"{'backend':10s} {'req/s':>8s} {'out tok/s':>10s} {'total tok/s':>12s} "

@@ -56,6 +56,9 @@ class ModelArchConfig:
     dtype: str | None
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
+    #: config.json's ``quantization_config`` as written, or None (see
+    #: :mod:`metroline.engine.quantization`).
+    quantization_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -154,6 +157,7 @@ def parse_arch_config(
         dtype=str(dtype) if dtype else None,
         eos_token_ids=tuple(eos),
         bos_token_id=raw.get("bos_token_id"),
+        quantization_config=raw.get("quantization_config"),
     )
 
 

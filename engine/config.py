@@ -18,6 +18,14 @@ from .checkpoint import ModelArchConfig, check_remote_code, check_safetensors, l
 from .flags import knob
 from .generation_defaults import load_sampling_defaults
 from .model_resolution import resolve_model_path
+from .quantization import (
+    KV_CACHE_DTYPES,
+    QUANTIZATION_METHODS,
+    Fp8Config,
+    check_fp8_device,
+    resolve_kv_cache_dtype,
+    resolve_quantization,
+)
 from .rope_scaling import context_limit
 
 logger = logging.getLogger(__name__)
@@ -86,6 +94,8 @@ class ModelConfig:
     #: The model's default sampling parameters (SamplingParams fields; see
     #: :mod:`metroline.engine.generation_defaults`), {} for none.
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    #: fp8 weights (online or from the checkpoint), or None for the model dtype throughout.
+    quantization: Fp8Config | None = None
 
     @classmethod
     def create(
@@ -100,6 +110,7 @@ class ModelConfig:
         tokenizer: str | None = None,
         trust_remote_code: bool = False,
         generation_config: str = "auto",
+        quantization: str | None = None,
     ) -> ModelConfig:
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}; got {load_format!r}")
@@ -146,6 +157,7 @@ class ModelConfig:
             has_tokenizer=has_tokenizer,
             tokenizer_path=tokenizer_path,
             generation_defaults=load_sampling_defaults(path, generation_config),
+            quantization=resolve_quantization(quantization, arch.quantization_config, load_format),
         )
 
 
@@ -158,8 +170,11 @@ class CacheConfig:
     enable_prefix_caching: bool
     #: Size of the KV pool in bytes; on CUDA it overrides profiling.
     kv_cache_memory_bytes: int | None
+    #: "auto" (the model dtype) or "fp8" (e4m3 with per-layer scales).
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "kv_cache_dtype", resolve_kv_cache_dtype(self.kv_cache_dtype))
         if self.block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {BLOCK_SIZES}; got {self.block_size!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -229,6 +244,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.parallel.check_model(self.model.arch)
+        check_fp8_device(self.device, self.model.quantization, self.cache.kv_cache_dtype)
         if self.scheduler.max_model_len != self.model.max_model_len:
             raise ValueError("scheduler.max_model_len must equal model.max_model_len")
         self._check_kv_budget()
@@ -240,7 +256,14 @@ class EngineConfig:
         arch = self.model.arch
         kv_heads = max(1, arch.num_key_value_heads // self.parallel.tensor_parallel_size)
         per_token = 2 * arch.num_hidden_layers * kv_heads * arch.head_dim
-        return per_token * self.cache.block_size * self.model.dtype.itemsize
+        return per_token * self.cache.block_size * self.kv_cache_dtype.itemsize
+
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        """Element type of the KV pool: the model dtype, or float8_e4m3fn."""
+        import torch
+
+        return torch.float8_e4m3fn if self.cache.kv_cache_dtype == "fp8" else self.model.dtype
 
     def _check_kv_budget(self) -> None:
         """A given ``kv_cache_memory_bytes`` must hold one sequence of max_model_len tokens:
@@ -302,6 +325,19 @@ class EngineArgs:
         f"{DEFAULT_CPU_KV_CACHE_BYTES // 2**20} MiB)",
     )
     dtype: str | torch.dtype = knob("auto", "auto (the checkpoint's), float32, bfloat16 or float16")
+    quantization: str | None = knob(
+        None,
+        "fp8: quantize the projections' weights at load (one scale per output channel) and "
+        "their inputs per token; unset: as the checkpoint says (fp8 checkpoints load as such)",
+        aliases=("-q",),
+        choices=QUANTIZATION_METHODS,
+    )
+    kv_cache_dtype: str = knob(
+        "auto",
+        "auto (the model dtype) or fp8 (e4m3, scales from the checkpoint or 1.0): twice the "
+        "tokens in the same memory",
+        choices=KV_CACHE_DTYPES,
+    )
     load_format: str = knob("auto", "auto, safetensors or dummy (random weights)")
     enforce_eager: bool = knob(False, "run every step eagerly (no CUDA graphs)")
     async_scheduling: bool | None = knob(
@@ -329,6 +365,7 @@ class EngineArgs:
             tokenizer=self.tokenizer,
             trust_remote_code=self.trust_remote_code,
             generation_config=self.generation_config,
+            quantization=self.quantization,
         )
         return EngineConfig(
             model=model,
@@ -337,6 +374,7 @@ class EngineArgs:
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 enable_prefix_caching=self.enable_prefix_caching,
                 kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                kv_cache_dtype=self.kv_cache_dtype,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,

@@ -22,6 +22,10 @@ request's context is cut into ``num_splits`` partitions computed by separate pro
 merged by :mod:`metroline.kernels.split_kv`. Launch sizes that change every step (requests,
 splits) are runtime arguments, never specialised on: the compiled variants are fixed by the
 tile shape alone, so serving compiles nothing new once :mod:`metroline.kernels.warmup` ran.
+FP8 caches (:mod:`metroline.kernels.kv_cache`, constexpr ``FP8``): ``k_scale`` folds into the
+softmax scale, ``v_scale`` scales each program's result (split partials too: the merge is linear).
+K/V widen in registers to fp16 for 16-bit queries (exact and cheap; a bf16 query is clamped to
++-65504 once per program), to fp32 for fp32 ones; tiles and output follow the query's dtype.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .kv_cache import is_fp8_kv
 from .split_kv import merge_splits
 from .utils import (
     cdiv,
@@ -47,7 +52,7 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _attend_tile(
     acc, l_i, m_i,  # [BLOCK_M, BLOCK_D] fp32, [BLOCK_M] fp32, [BLOCK_M] fp32 (base-2 max)
-    q,  # [BLOCK_M, BLOCK_D] in the cache dtype
+    q,  # [BLOCK_M, BLOCK_D] in the dot dtype: the cache's, or for fp8 caches fp16 / fp32
     q_pos,  # [BLOCK_M] int32: absolute position of each row (padding rows clamped)
     start, kv_hi,  # first key of this tile; keys >= kv_hi are outside the program's range
     block_table_ptr,  # [max_blocks] int32: this request's row of the block table
@@ -72,7 +77,7 @@ def _attend_tile(
     # int64: block * stride can pass 2**31 elements in a large pool.
     rows = block.to(tl.int64) * stride_cache_block + (offs_n % BLOCK_SIZE) * stride_cache_row
     kv_offs = rows[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
-    k = tl.load(key_ptr + kv_offs, mask=kv_mask, other=0.0)
+    k = tl.load(key_ptr + kv_offs, mask=kv_mask, other=0.0).to(q.dtype)  # a no-op unless FP8
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
     if MASKED:
         visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
@@ -86,7 +91,7 @@ def _attend_tile(
     p = tl.exp2(s * scale_log2 - m_new_safe[:, None])
     alpha = tl.exp2(m_i - m_new_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(value_ptr + kv_offs, mask=kv_mask, other=0.0)
+    v = tl.load(value_ptr + kv_offs, mask=kv_mask, other=0.0).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
@@ -108,6 +113,7 @@ def _paged_attention_kernel(
     out_ptr,  # [num_tokens, num_heads, head_dim] (not SPLIT)
     split_out_ptr,  # [num_tokens, num_heads, num_splits, head_dim] fp32 (SPLIT)
     split_lse_ptr,  # [num_tokens, num_heads, num_splits] fp32, base-2 (SPLIT)
+    k_scale_ptr, v_scale_ptr,  # [num_kv_heads] fp32 (FP8)
     scale_log2,  # softmax scale * log2(e)
     num_seqs,
     tiles_per_seq,  # SEARCH=False: query tiles per request (grid axis 0 = num_seqs * this)
@@ -123,6 +129,7 @@ def _paged_attention_kernel(
     SPLIT: tl.constexpr,  # num_splits > 1: write partials for the merge kernel
     SEARCH: tl.constexpr,  # map grid axis 0 to (request, tile) by binary search of cu_seqlens_q
     DOT_PRECISION: tl.constexpr,
+    FP8: tl.constexpr,  # the caches are float8_e4m3fn, dequantized by k_scale / v_scale
 ):
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -171,6 +178,10 @@ def _paged_attention_kernel(
     q_rows = (q_start + row_tok).to(tl.int64) * stride_q_tok + row_head * stride_q_head
     io_mask = row_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = tl.load(query_ptr + q_rows[:, None] + offs_d[None, :], mask=io_mask, other=0.0)
+    if FP8:  # scores of dequantized keys: q . (k * k_scale) = (q . k) * k_scale
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr + kv_head)
+        if q.dtype == tl.bfloat16:  # both dots then run in fp16, which fp8 widens to exactly
+            q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
     # Keys this program covers: its split's part of [0, pos_hi], cut at the causal diagonal.
     if not SPLIT:
@@ -206,6 +217,8 @@ def _paged_attention_kernel(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only an empty split has l == 0
     result = acc / l_safe[:, None]
+    if FP8:
+        result = result * tl.load(v_scale_ptr + kv_head)
     if not SPLIT:
         o_rows = (q_start + row_tok).to(tl.int64) * stride_o_tok + row_head * stride_o_head
         o_ptrs = out_ptr + o_rows[:, None] + offs_d[None, :]
@@ -281,6 +294,8 @@ def paged_attention(
     *,
     num_splits: int | None = None,  # override the split rule (tests, benchmarks)
     config: AttentionConfig | None = None,  # override the tile rules (benchmarks)
+    k_scale: torch.Tensor | None = None,  # [num_kv_heads] fp32, fp8 caches only
+    v_scale: torch.Tensor | None = None,  # [num_kv_heads] fp32, fp8 caches only
 ) -> torch.Tensor:
     """Triton paged attention; same contract as :func:`paged_attention_ref`. No host sync:
     launch shapes come from tensor shapes and the two host-side maxima."""
@@ -291,7 +306,8 @@ def paged_attention(
     group = num_heads // num_kv_heads
     num_seqs = seq_lens.shape[0]
     query = row_major_last_dim(query)
-    if query.dtype != key_cache.dtype:
+    fp8 = is_fp8_kv(key_cache, k_scale, v_scale)
+    if query.dtype != key_cache.dtype and not fp8:
         query = query.to(key_cache.dtype)
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -300,7 +316,7 @@ def paged_attention(
     assert out.stride(-1) == 1
     sms = num_sms(query.device)
     cfg = config or attention_config(
-        key_cache.dtype, head_dim, group, max(1, max_seqlen_q), num_seqs * num_kv_heads < 2 * sms
+        query.dtype, head_dim, group, max(1, max_seqlen_q), num_seqs * num_kv_heads < 2 * sms
     )
 
     # Grid axis 0: dense (one tile per request) for decodes; for prompt chunks, a bound on the
@@ -323,13 +339,14 @@ def paged_attention(
     _paged_attention_kernel[(grid_tiles, num_kv_heads, num_splits)](
         query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,
         out, split_out, split_lse,
+        k_scale if fp8 else seq_lens, v_scale if fp8 else seq_lens,  # unused unless fp8
         scale * LOG2E, num_seqs, tiles_per_seq, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
         BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n,
-        SPLIT=num_splits > 1, SEARCH=search, DOT_PRECISION=dot_precision(key_cache.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SPLIT=num_splits > 1, SEARCH=search, DOT_PRECISION=dot_precision(query.dtype),
+        FP8=fp8, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:
         merge_splits(split_out, split_lse, out, cu_seqlens_q, num_seqs)
@@ -345,11 +362,15 @@ def paged_attention_ref(
     cu_seqlens_q: torch.Tensor,  # [num_seqs + 1] int32
     scale: float,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
+    k_scale: torch.Tensor | None = None,  # [num_kv_heads] fp32, fp8 caches only
+    v_scale: torch.Tensor | None = None,  # [num_kv_heads] fp32, fp8 caches only
 ) -> torch.Tensor:
-    """Reference: gather each request's K/V, causal softmax in fp32, one request at a time."""
+    """Reference: gather each request's K/V (dequantized when fp8: ``k.float() * k_scale``),
+    causal softmax in fp32, one request at a time; the output takes the query's dtype."""
     _, num_heads, head_dim = query.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // num_kv_heads
+    fp8 = is_fp8_kv(key_cache, k_scale, v_scale)
     if out is None:
         out = torch.empty_like(query)
     cu = cu_seqlens_q.tolist()
@@ -363,6 +384,8 @@ def paged_attention_ref(
         blocks = block_tables[b, :num_blocks].long()
         k = key_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
         v = value_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        if fp8:
+            k, v = k.float() * k_scale[None, :, None], v.float() * v_scale[None, :, None]
         k = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [H, S, D]
         v = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
         q = query[q_start:q_end].float().transpose(0, 1)  # [H, Q, D]

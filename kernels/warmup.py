@@ -9,8 +9,10 @@ are fixed by the tile shapes (:func:`attention_config`), whether a context is sp
 power of two that bounds the split count in the merge kernel. :func:`warm_up_attention`
 launches each of them once on the real cache, reading block 0 and writing scratch outputs.
 
-The elementwise kernels (RMSNorm, RoPE, SiLU-and-mul, KV write) have one variant per model
-shape; the engine's memory-profiling pass already compiles them.
+With an fp8 cache the variants follow the query's dtype and the FP8 switch (pass both).
+
+The elementwise kernels (RMSNorm, RoPE, SiLU-and-mul, KV write, fp8 activation quantization)
+have one variant per model shape; the engine's memory-profiling pass already compiles them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 import torch
 import triton
 
-from . import activation, kv_cache, paged_attention, rmsnorm, rotary, split_kv
+from . import activation, fp8_quant, kv_cache, paged_attention, rmsnorm, rotary, split_kv
 from .paged_attention import AttentionConfig, attention_config
 from .split_kv import merge_splits
 from .utils import next_power_of_2
@@ -31,7 +33,7 @@ logger = logging.getLogger(__name__)
 #: choose_num_splits never splits a context into more parts than this.
 MAX_SPLITS = 64
 
-_MODULES = (activation, kv_cache, paged_attention, rmsnorm, rotary, split_kv)
+_MODULES = (activation, fp8_quant, kv_cache, paged_attention, rmsnorm, rotary, split_kv)
 
 
 def compiled_variants() -> int:
@@ -70,19 +72,25 @@ def warm_up_attention(
     value_cache: torch.Tensor,
     num_heads: int,
     max_query_len: int,
+    *,
+    query_dtype: torch.dtype | None = None,  # the model's dtype; defaults to the cache's
+    k_scale: torch.Tensor | None = None,  # [num_kv_heads] fp32, fp8 caches only
+    v_scale: torch.Tensor | None = None,  # [num_kv_heads] fp32, fp8 caches only
 ) -> float:
-    """Compile every attention and merge variant for this cache and head layout; returns the
-    seconds taken. Reads the cache, never writes it."""
+    """Compile every attention and merge variant for this cache, query dtype and head layout;
+    returns the seconds taken. Reads the cache, never writes it. An fp8 cache needs the query
+    dtype (the variants follow it) and the scales serving will pass."""
     started = time.perf_counter()
     before = compiled_variants()
     device = key_cache.device
     _, block_size, num_kv_heads, head_dim = key_cache.shape
     group = num_heads // num_kv_heads
-    for query_len, config in attention_configs(
-        key_cache.dtype, head_dim, group, max(1, max_query_len)
-    ):
+    if kv_cache.is_fp8_kv(key_cache, k_scale, v_scale) and query_dtype in (None, key_cache.dtype):
+        raise ValueError("an fp8 KV cache is read by bf16/fp16/fp32 queries: pass query_dtype")
+    dtype = query_dtype or key_cache.dtype
+    for query_len, config in attention_configs(dtype, head_dim, group, max(1, max_query_len)):
         seq_len = max(query_len, 2 * block_size)
-        query = torch.zeros(query_len, num_heads, head_dim, dtype=key_cache.dtype, device=device)
+        query = torch.zeros(query_len, num_heads, head_dim, dtype=dtype, device=device)
         block_tables = torch.zeros(1, -(-seq_len // block_size), dtype=torch.int32, device=device)
         seq_lens = torch.tensor([seq_len], dtype=torch.int32, device=device)
         cu_seqlens_q = torch.tensor([0, query_len], dtype=torch.int32, device=device)
@@ -90,12 +98,13 @@ def warm_up_attention(
             paged_attention.paged_attention(
                 query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, 1.0,
                 query_len, seq_len, num_splits=num_splits, config=config,
+                k_scale=k_scale, v_scale=v_scale,
             )  # fmt: skip
     block_s = 2
     while block_s <= MAX_SPLITS:
         split_out = torch.zeros(1, num_heads, block_s, head_dim, device=device)
         split_lse = torch.zeros(1, num_heads, block_s, device=device)
-        out = torch.empty(1, num_heads, head_dim, dtype=key_cache.dtype, device=device)
+        out = torch.empty(1, num_heads, head_dim, dtype=dtype, device=device)
         cu_seqlens_q = torch.tensor([0, 1], dtype=torch.int32, device=device)
         merge_splits(split_out, split_lse, out, cu_seqlens_q, 1)
         block_s = next_power_of_2(block_s + 1)

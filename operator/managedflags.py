@@ -64,6 +64,8 @@ ENGINE_FLAGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ('--enable-prefix-caching --no-enable-prefix-caching', 'bool', ()),
     ('--kv-cache-memory-bytes', 'int', ()),
     ('--dtype', 'str', ()),
+    ('--quantization -q', 'str', ('fp8',)),
+    ('--kv-cache-dtype', 'str', ('auto', 'fp8', 'fp8_e4m3')),
     ('--load-format', 'str', ()),
     ('--enforce-eager --no-enforce-eager', 'bool', ()),
     ('--async-scheduling --no-async-scheduling', 'bool', ()),

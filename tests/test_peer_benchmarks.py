@@ -44,6 +44,9 @@ def test_vllm_arguments_are_the_workloads_plus_overrides(tmp_path):
     assert "max_num_batched_tokens" not in kwargs  # vLLM's own default unless asked
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_overrides(["max_num_seqs"])
+    args.quantization, args.kv_cache_dtype, args.vllm_arg = "fp8", "fp8", []
+    fp8 = vllm_engine_kwargs(tmp_path, args)
+    assert fp8["quantization"] == "fp8" and fp8["kv_cache_dtype"] == "fp8"
 
 
 def test_w6_commands_carry_the_documented_flags(tmp_path):
@@ -72,8 +75,8 @@ def test_decode_roofline_is_bounded_by_matmuls_at_large_batches():
     )  # at an H200's matmul rate, reads bound batch 1
 
 
-def _throughput(backend: str, tok_s: float, vllm_arg=None, gpu="NVIDIA H200") -> dict:
-    return {
+def _throughput(backend: str, tok_s: float, vllm_arg=None, gpu="NVIDIA H200", fp8=False) -> dict:
+    record = {
         "benchmark": "throughput",
         "environment": {"gpu": gpu, "commit": "abc123", "torch": "2.11", "triton": "3.6"}
         | ({"vllm": "0.26.0"} if backend == "vllm" else {}),
@@ -84,6 +87,9 @@ def _throughput(backend: str, tok_s: float, vllm_arg=None, gpu="NVIDIA H200") ->
         | ({"settings": {"max_num_seqs": 1024, "max_num_batched_tokens": 16384}}
            if backend == "vllm" else {}),
     }  # fmt: skip
+    if fp8:
+        record["parameters"] |= {"quantization": "fp8", "kv_cache_dtype": "fp8"}
+    return record
 
 
 def test_the_peer_table_takes_medians_and_ratios(tmp_path, capsys):
@@ -91,6 +97,7 @@ def test_the_peer_table_takes_medians_and_ratios(tmp_path, capsys):
         _throughput("metroline", 10_000), _throughput("metroline", 10_400),
         _throughput("metroline", 10_200), _throughput("vllm", 9_900), _throughput("vllm", 10_100),
         _throughput("vllm", 9_000, vllm_arg=["max_num_seqs=256"]),
+        _throughput("metroline", 15_300, fp8=True), _throughput("vllm", 13_000, fp8=True),
         {"benchmark": "serve-W6", "gpu": "NVIDIA H200", "vllm_version": "0.26.0",
          "metroline": {"rows": [{"rate": "30", "mean_ttft_ms": 90.0, "mean_tpot_ms": 20.0,
                                  "output_throughput": 3000.0}], "start_to_serving_s": 12.0},
@@ -103,6 +110,8 @@ def test_the_peer_table_takes_medians_and_ratios(tmp_path, capsys):
     assert peer["W1"]["metroline"]["median_output_tokens_per_s"] == 10_200
     assert peer["W1"]["metroline_over_vllm"] == pytest.approx(10_200 / 10_000)
     assert peer["W1"]["metroline_over_vllm_equal"] == pytest.approx(10_200 / 9_000)
+    assert peer["W1"]["metroline_fp8_over_vllm_fp8"] == pytest.approx(15_300 / 13_000)
+    assert peer["W1"]["metroline_fp8_over_metroline"] == pytest.approx(15_300 / 10_200)
     assert peer["versions"]["vllm"] == "0.26.0" and peer["gpu"] == "NVIDIA H200"
     peer_table.print_table(peer)
     printed = capsys.readouterr().out

@@ -6,11 +6,13 @@ to every attention layer."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import ops
+from .weights import new_parameter, read_all, source_shape
 
 
 @dataclass(slots=True)
@@ -34,10 +36,20 @@ class Attention(nn.Module):
     """Holds one layer's slice of the KV pool (bound by the worker after allocation).
 
     With ``attn_metadata=None`` (the memory-profiling pass, before the pool exists) it
-    returns zeros of the output's shape and touches no cache.
+    returns zeros of the output's shape and touches no cache. With ``kv_fp8`` the pool is
+    e4m3 and ``k_scale``/``v_scale`` (fp32, one per local KV head, 1.0 unless the checkpoint
+    gives them per tensor or per head) dequantize it: ``K ~= key_cache * k_scale[head]``.
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        kv_fp8: bool = False,
+        kv_head_start: int = 0,
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -45,6 +57,29 @@ class Attention(nn.Module):
         self.scale = scale
         self.key_cache: torch.Tensor | None = None
         self.value_cache: torch.Tensor | None = None
+        self.kv_head_start = kv_head_start
+        self.k_scale = self.v_scale = None
+        if kv_fp8:
+            self.k_scale = new_parameter(num_kv_heads, loader=self.kv_scale_loader)
+            self.v_scale = new_parameter(num_kv_heads, loader=self.kv_scale_loader)
+            for param in (self.k_scale, self.v_scale):
+                param.data = param.data.float().fill_(1.0)
+                param.optional = True  # type: ignore[attr-defined]
+
+    def kv_scale_loader(self, param: nn.Parameter, source: Any, shard_id: Any = None) -> None:
+        """A checkpoint's ``k_scale``/``v_scale``: one value (per tensor) or one per KV head."""
+        del shard_id
+        shape = source_shape(source)
+        loaded = read_all(source).reshape(-1).float()
+        if loaded.numel() == 1:
+            param.data.fill_(loaded.item())
+        elif len(shape) == 1:
+            start = min(self.kv_head_start, loaded.numel() - 1)
+            param.data.copy_(loaded[start : start + self.num_kv_heads])
+        else:
+            raise ValueError(f"KV scales must be per tensor or per KV head; got shape {shape}")
+        if not bool(torch.isfinite(param.data).all() and (param.data > 0).all()):
+            raise ValueError("KV cache scales must be finite and > 0")
 
     def bind_kv_cache(self, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
         self.key_cache, self.value_cache = key_cache, value_cache
@@ -58,7 +93,15 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         if attn_metadata is None or self.key_cache is None or self.value_cache is None:
             return torch.zeros_like(query)
-        ops.write_kv_cache(key, value, self.key_cache, self.value_cache, attn_metadata.slot_mapping)
+        ops.write_kv_cache(
+            key,
+            value,
+            self.key_cache,
+            self.value_cache,
+            attn_metadata.slot_mapping,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
+        )
         return ops.paged_attention(
             query,
             self.key_cache,
@@ -69,4 +112,6 @@ class Attention(nn.Module):
             self.scale,
             attn_metadata.max_seqlen_q,
             attn_metadata.max_seqlen_k,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
         )

@@ -6,10 +6,46 @@ kernel beside it. Layers call only these functions, so the model code is device-
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from metroline.kernels import activation, kv_cache, rmsnorm, rotary, warmup
+from metroline.kernels import activation, fp8_quant, kv_cache, rmsnorm, rotary, warmup
 from metroline.kernels import paged_attention as attention
+
+
+class Fp8Activation(NamedTuple):
+    """A projection's input already quantized per token: ``x ~= data.float() * scale``, in
+    the model dtype ``dtype`` before quantization (see :func:`fp8_linear`)."""
+
+    data: torch.Tensor  # [num_tokens, in] float8_e4m3fn
+    scale: torch.Tensor  # [num_tokens, 1] fp32
+    dtype: torch.dtype
+
+
+def rms_norm_quant_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Fp8Activation:
+    """``rms_norm`` then per-token e4m3 quantization of its output, in one kernel on CUDA."""
+    quantize = rmsnorm.rms_norm_quant_fp8 if x.is_cuda else rmsnorm.rms_norm_quant_fp8_ref
+    return Fp8Activation(*quantize(x, weight, eps), x.dtype)
+
+
+def fused_add_rms_norm_quant_fp8(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> Fp8Activation:
+    """``residual += x`` in place; returns ``rms_norm(residual)`` quantized per token."""
+    if x.is_cuda:
+        quantized = rmsnorm.fused_add_rms_norm_quant_fp8(x, residual, weight, eps)
+    else:
+        quantized = rmsnorm.fused_add_rms_norm_quant_fp8_ref(x, residual, weight, eps)
+    return Fp8Activation(*quantized, x.dtype)
+
+
+def silu_and_mul_quant_fp8(x: torch.Tensor) -> Fp8Activation:
+    """``silu_and_mul`` then per-token e4m3 quantization of its output."""
+    quantize = (
+        activation.silu_and_mul_quant_fp8 if x.is_cuda else activation.silu_and_mul_quant_fp8_ref
+    )
+    return Fp8Activation(*quantize(x), x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -42,17 +78,77 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return activation.silu_and_mul_ref(x)
 
 
+def fp8_linear(
+    x: torch.Tensor | Fp8Activation,  # [..., in], or [num_tokens, in] already quantized
+    weight: torch.Tensor,  # [out, in] float8_e4m3fn
+    weight_scale: torch.Tensor,  # [out] fp32
+    input_scale: torch.Tensor | None,  # [1] fp32 (static), or None: per token
+) -> torch.Tensor:
+    """``x W^T`` with ``W = weight * weight_scale[:, None]``, the input quantized to e4m3
+    (per token, or with the static scale), accumulated in fp32, returned in ``x``'s dtype. On
+    CUDA: the Triton quantizer and cuBLASLt's fp8 matmul (``torch._scaled_mm``, row-wise
+    scales); elsewhere, and for shapes it does not take (dimensions not multiples of 16), the
+    same arithmetic dequantized in fp32. An :class:`Fp8Activation` (dynamic scales only) skips
+    the quantization: a fused kernel produced it."""
+    if isinstance(x, Fp8Activation):
+        x_fp8, x_scale, dtype = x
+        shape, rows, on_cuda = x_fp8.shape, x_fp8.shape[0], x_fp8.is_cuda
+    else:
+        shape, dtype = x.shape, x.dtype
+        x_fp8, x_scale = _quantize_input(x.reshape(-1, shape[-1]), input_scale)
+        rows, on_cuda = x_fp8.shape[0], x.is_cuda
+    out_features = weight.shape[0]
+    if on_cuda and rows and shape[-1] % 16 == 0 and out_features % 16 == 0:
+        y = torch._scaled_mm(
+            x_fp8,
+            weight.t(),
+            scale_a=x_scale,
+            scale_b=weight_scale.view(1, -1),
+            out_dtype=torch.bfloat16,
+        )
+    else:
+        dequantized = weight.float() * weight_scale[:, None]
+        y = (x_fp8.float() * x_scale) @ dequantized.t()
+    return y.to(dtype).reshape(*shape[:-1], out_features)
+
+
+def _quantize_input(
+    x2: torch.Tensor, input_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_fp8, scale [rows, 1])``: per token, or with the static per-tensor scale."""
+    rows = x2.shape[0]
+    if x2.is_cuda:
+        if input_scale is None:
+            x_fp8, x_scale = fp8_quant.per_token_quant_fp8(x2)
+        else:
+            x_fp8 = fp8_quant.static_quant_fp8(x2, input_scale)
+            x_scale = input_scale.view(1, 1).expand(rows, 1).contiguous()
+    elif input_scale is None:
+        x_fp8, x_scale = fp8_quant.per_token_quant_fp8_ref(x2)
+    else:
+        x_fp8 = fp8_quant.static_quant_fp8_ref(x2, input_scale)
+        x_scale = input_scale.view(1, 1).expand(rows, 1)
+    return x_fp8, x_scale
+
+
 def write_kv_cache(
     key: torch.Tensor,
     value: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
+    """Scatter this step's K/V into the cache; an fp8 cache stores ``x / scale`` per KV head."""
     if key.is_cuda:
-        kv_cache.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+        kv_cache.write_kv_cache(
+            key, value, key_cache, value_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale
+        )
     else:
-        kv_cache.write_kv_cache_ref(key, value, key_cache, value_cache, slot_mapping)
+        kv_cache.write_kv_cache_ref(
+            key, value, key_cache, value_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale
+        )
 
 
 def paged_attention(
@@ -66,9 +162,12 @@ def paged_attention(
     max_seqlen_q: int,
     max_seqlen_k: int,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the step's queries over the paged cache (see kernels.paged_attention).
-    ``max_seqlen_q``/``max_seqlen_k`` are host-side upper bounds that shape the GPU launch."""
+    ``max_seqlen_q``/``max_seqlen_k`` are host-side upper bounds that shape the GPU launch;
+    an fp8 cache is read with its per-KV-head scales."""
     if query.is_cuda:
         return attention.paged_attention(
             query,
@@ -81,18 +180,43 @@ def paged_attention(
             max_seqlen_q,
             max_seqlen_k,
             out=out,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
     return attention.paged_attention_ref(
-        query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, out=out
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        seq_lens,
+        cu_seqlens_q,
+        scale,
+        out=out,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )
 
 
 def warm_up_kernels(
-    key_cache: torch.Tensor, value_cache: torch.Tensor, num_heads: int, max_query_len: int
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    num_heads: int,
+    max_query_len: int,
+    query_dtype: torch.dtype,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Compile every attention variant serving can meet (CUDA; nothing to do on the CPU)."""
     if key_cache.is_cuda:
-        warmup.warm_up_attention(key_cache, value_cache, num_heads, max_query_len)
+        warmup.warm_up_attention(
+            key_cache,
+            value_cache,
+            num_heads,
+            max_query_len,
+            query_dtype=query_dtype,
+            k_scale=k_scale,
+            v_scale=v_scale,
+        )
 
 
 def compiled_kernel_variants() -> int:

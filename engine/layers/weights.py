@@ -10,6 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
+
+
+def new_parameter(*shape: int, loader: Any, dtype: torch.dtype | None = None) -> nn.Parameter:
+    """An uninitialised frozen parameter that checkpoint loading fills through ``loader``."""
+    param = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+    param.weight_loader = loader  # type: ignore[attr-defined]
+    return param
 
 
 def source_shape(source: Any) -> tuple[int, ...]:
@@ -30,7 +38,7 @@ def read_narrow(source: Any, dim: int, start: int, length: int) -> torch.Tensor:
 def read_all(source: Any) -> torch.Tensor:
     if isinstance(source, torch.Tensor):
         return source
-    return source[:]
+    return source[...]  # also a 0-dim tensor (a per-tensor scale), which ``[:]`` refuses
 
 
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str = "") -> None:

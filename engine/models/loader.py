@@ -5,6 +5,11 @@ Loading walks checkpoint tensors by name and hands each to its parameter's
 Every parameter shard must be filled exactly once, otherwise loading fails naming what is
 missing. ``load_format="dummy"`` feeds the same path with random tensors generated per
 checkpoint name from the seed, so every tensor-parallel layout sees the same weights.
+Afterwards each layer's ``finish_loading`` runs (fp8 layers quantize or check their scales).
+
+KV-cache scales (``self_attn.k_scale``/``v_scale``, or the older ``k_proj``/``v_proj``
+``output_scale``) are optional: an fp8 pool without them uses 1.0; a pool in the model dtype
+needs none, and they are skipped with a log line.
 """
 
 from __future__ import annotations
@@ -31,6 +36,14 @@ logger = logging.getLogger(__name__)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 #: Standard deviation of the synthetic (normally distributed) weights.
 DUMMY_STD = 0.02
+#: Checkpoint spellings of KV-cache scales -> the attention layer's parameters.
+_KV_SCALE_NAMES = {
+    ".self_attn.k_scale": (".self_attn.attn.k_scale",),
+    ".self_attn.v_scale": (".self_attn.attn.v_scale",),
+    ".self_attn.k_proj.output_scale": (".self_attn.attn.k_scale",),
+    ".self_attn.v_proj.output_scale": (".self_attn.attn.v_scale",),
+    ".self_attn.kv_scale": (".self_attn.attn.k_scale", ".self_attn.attn.v_scale"),
+}
 
 
 @contextlib.contextmanager
@@ -43,21 +56,31 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def build_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
-    """Instantiate the architecture on ``device`` in the configured dtype, weights unset."""
+def build_model(model_config: ModelConfig, device: torch.device, kv_fp8: bool = False) -> nn.Module:
+    """Instantiate the architecture on ``device`` in the configured dtype, weights unset;
+    ``kv_fp8``: the attention layers get KV-cache scales."""
     cls = model_class(model_config.arch.architecture)
     with torch.device(device), _default_dtype(model_config.dtype):
-        model = cls(model_config.arch, max_positions=model_config.max_model_len)
+        model = cls(
+            model_config.arch,
+            max_positions=model_config.max_model_len,
+            fp8=model_config.quantization,
+            kv_fp8=kv_fp8,
+        )
     return model.eval()
 
 
-def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
-    model = build_model(model_config, device)
+def load_model(model_config: ModelConfig, device: torch.device, kv_fp8: bool = False) -> nn.Module:
+    model = build_model(model_config, device, kv_fp8)
     if model_config.load_format == "dummy":
         tensors = synthetic_checkpoint(model_config.arch, model_config.seed, device)
     else:
         tensors = checkpoint_tensors(model_config.path)
     load_weights(model, tensors)
+    for module in model.modules():
+        finish = getattr(module, "finish_loading", None)
+        if finish is not None:
+            finish()
     return model
 
 
@@ -140,10 +163,13 @@ def load_weights(model: nn.Module, tensors: Iterator[tuple[str, Any]]) -> None:
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     expected = _expected_shards(params, packed)
     seen: set[tuple[str, Any]] = set()
-    for name, source in tensors:
-        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+    skipped_kv_scales = 0
+    for name, source, target, shard_id in _targets(tensors, packed):
+        if target is None or (tied and name == "lm_head.weight"):
             continue
-        target, shard_id = _map_name(name, packed)
+        if target.endswith((".attn.k_scale", ".attn.v_scale")) and target not in params:
+            skipped_kv_scales += 1
+            continue
         param = params.get(target)
         if param is None:
             raise ValueError(f"checkpoint tensor {name!r} matches no model parameter")
@@ -157,11 +183,34 @@ def load_weights(model: nn.Module, tensors: Iterator[tuple[str, Any]]) -> None:
         except ValueError as error:
             raise ValueError(f"while loading {name!r}: {error}") from error
         seen.add((target, shard_id))
+    if skipped_kv_scales:
+        logger.info(
+            "checkpoint holds %d KV-cache scales, unused: the KV cache is not fp8 "
+            "(kv_cache_dtype='fp8' uses them)",
+            skipped_kv_scales,
+        )
     missing = sorted(f"{n}[{s}]" if s is not None else n for n, s in expected - seen)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         shown = ", ".join(missing[:5]) + more
         raise ValueError(f"checkpoint lacks weights for: {shown}")
+
+
+def _targets(
+    tensors: Iterator[tuple[str, Any]], packed: dict[str, tuple[str, Any]]
+) -> Iterator[tuple[str, Any, str | None, Any]]:
+    """``(checkpoint name, source, parameter name or None to skip, shard id)``."""
+    for name, source in tensors:
+        if name.endswith(_IGNORED_SUFFIXES):
+            yield name, source, None, None
+            continue
+        kv_suffix = next((s for s in _KV_SCALE_NAMES if name.endswith(s)), None)
+        if kv_suffix is not None:
+            for target_suffix in _KV_SCALE_NAMES[kv_suffix]:
+                yield name, source, name[: -len(kv_suffix)] + target_suffix, None
+            continue
+        target, shard_id = _map_name(name, packed)
+        yield name, source, target, shard_id
 
 
 def _map_name(name: str, packed: dict[str, tuple[str, Any]]) -> tuple[str, Any]:
@@ -179,7 +228,9 @@ def _expected_shards(
     for packed_part, shard_id in packed.values():
         shards_of.setdefault(packed_part, []).append(shard_id)
     expected = set()
-    for name in params:
+    for name, param in params.items():
+        if getattr(param, "optional", False):
+            continue
         module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
         for shard_id in shards_of.get(module, [None]):
             expected.add((name, shard_id))

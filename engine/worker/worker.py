@@ -38,7 +38,9 @@ class Worker:
         torch.manual_seed(config.model.seed)
         started = time.perf_counter()
         rss_before = current_rss_bytes()
-        self.model = load_model(config.model, self.device)
+        self.model = load_model(
+            config.model, self.device, kv_fp8=config.cache.kv_cache_dtype == "fp8"
+        )
         self.load_report = {
             "rank": rank,
             "seconds": time.perf_counter() - started,
@@ -147,7 +149,7 @@ class Worker:
     def initialize_cache(self, num_blocks: int) -> None:
         arch = self.config.model.arch
         shape = (num_blocks, self.config.cache.block_size, self.kv_heads_per_rank, arch.head_dim)
-        dtype = self.config.model.dtype
+        dtype = self.config.kv_cache_dtype
         self.key_caches, self.value_caches = [], []
         for layer in self.model.attention_layers():
             # Zeroed so that masked-out reads of never-written slots can never be NaN.
@@ -164,6 +166,9 @@ class Worker:
                 self.value_caches[0],
                 layer.num_heads,
                 self.config.scheduler.max_num_batched_tokens,
+                query_dtype=self.config.model.dtype,
+                k_scale=layer.k_scale,
+                v_scale=layer.v_scale,
             )
             if not self.config.enforce_eager:
                 self.model_runner.capture_cuda_graphs()

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
+import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +59,66 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> list[dict[str, 
     return rows
 
 
-def report(results: dict[str, Any], name: str, title: str) -> None:
-    """Write ``$OUT/<name>.json`` (or ./) and print the results as a table, last."""
+def report(
+    results: dict[str, Any], name: str, title: str, table: dict[str, Any] | None = None
+) -> None:
+    """Write ``$OUT/<name>.json`` (or ./) and print the results as a table, last (``table``:
+    print that summary instead of the whole of ``results``)."""
     out = Path(os.environ.get("OUT", "."))
     (out / f"{name}.json").write_text(json.dumps(results, indent=2))
     print(f"\n==== {title} ====")
-    width = max(len(key) for key in results) + 2
-    for key, value in results.items():
+    rows = results if table is None else table
+    width = max(len(key) for key in rows) + 2
+    for key, value in rows.items():
         print(f"{key:{width}s} {value}")
+
+
+class Verdicts:
+    """The checks of one GPU script: each printed as it is made and kept (``details``, for the
+    JSON), summary rows (``table``, printed last), and the names of those that failed."""
+
+    def __init__(self) -> None:
+        self.details: list[dict[str, Any]] = []
+        self.table: dict[str, Any] = {}
+        self.failed: list[str] = []
+
+    def check(self, name: str, ok: bool, **values: Any) -> None:
+        self.details.append({"check": name, "ok": bool(ok), **values})
+        if not ok:
+            self.failed.append(name)
+        shown = " ".join(
+            f"{key}={value:.3e}" if isinstance(value, float) else f"{key}={value}"
+            for key, value in values.items()
+        )
+        print(f"{'ok  ' if ok else 'FAIL'} {name} {shown}", flush=True)
+
+    def summarize(self, label: str, prefix: str, metric: str | None = None) -> None:
+        """One table row for the checks whose names start with ``prefix``: how many passed
+        and, with ``metric``, its worst (largest; NaN counts as infinite) value."""
+        rows = [d for d in self.details if d["check"].startswith(prefix) and "ok" in d]
+        passed = sum(d["ok"] for d in rows)
+        text = f"{'ok' if rows and passed == len(rows) else 'FAIL'} {passed}/{len(rows)}"
+        if metric and rows:
+            worst = max(d[metric] if math.isfinite(d[metric]) else math.inf for d in rows)
+            text += f", worst {metric} {worst:.2e}"
+        self.table[label] = text
+
+    def failure(self, label: str, error: Exception) -> None:
+        """A part that raised: traceback now, a FAILED row in the table."""
+        traceback.print_exc()
+        self.failed.append(label)
+        self.table[f"{label} FAILED"] = repr(error)[:300]
+
+    def section(self, label: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, or None when it raised: one broken part must not hide the rest.
+        Device memory is given back afterwards; the seconds it took go to ``details``."""
+        started = time.perf_counter()
+        try:
+            return fn(*args)
+        except Exception as error:
+            self.failure(label, error)
+            return None
+        finally:
+            release()
+            seconds = time.perf_counter() - started
+            self.details.append({"check": f"{label} time", "seconds": seconds})

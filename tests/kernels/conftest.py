@@ -63,8 +63,44 @@ def _fix_interpreter_bf16() -> None:
     InterpreterBuilder.cast_impl = cast_impl
 
 
+def _fix_interpreter_fp8() -> None:
+    """Make the interpreter's e4m3 conversions match the GPU's. Triton 3.9's interpreter rounds
+    to e4m3 half-up, loses the carry into the exponent and decodes the NaN code as 480; the GPU
+    converts with ``cvt.rn.satfinite`` (round to nearest even, out-of-range to +-448, which is
+    torch's rounding on in-range values) and keeps NaN. Both directions go through torch here."""
+    import numpy as np
+    import torch
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle, _get_np_dtype
+
+    as_torch = {tl.float32: torch.float32, tl.float16: torch.float16, tl.bfloat16: torch.bfloat16}
+    original = InterpreterBuilder.create_fp_to_fp
+
+    def to_torch(handle, dtype):  # the handle's numpy storage, reinterpreted as ``dtype``
+        flat = np.ascontiguousarray(handle.data).reshape(-1).view(np.uint8)
+        return torch.from_numpy(flat.copy()).view(dtype).reshape(np.shape(handle.data))
+
+    def to_numpy(t, dst_type):
+        flat = t.reshape(-1).contiguous().view(torch.uint8).numpy()
+        return flat.view(_get_np_dtype(dst_type)).reshape(tuple(t.shape))
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        src_ty, dst_ty = src.dtype.scalar, dst_type.scalar
+        if dst_ty == tl.float8e4nv and src_ty in as_torch:
+            wide = to_torch(src, as_torch[src_ty]).float()
+            fp8 = wide.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+            return TensorHandle(to_numpy(fp8, dst_type), dst_ty)
+        if src_ty == tl.float8e4nv and dst_ty in as_torch:
+            wide = to_torch(src, torch.float8_e4m3fn).to(as_torch[dst_ty])
+            return TensorHandle(to_numpy(wide, dst_type), dst_ty)
+        return original(self, src, dst_type, rounding_mode)
+
+    InterpreterBuilder.create_fp_to_fp = create_fp_to_fp
+
+
 if interpreting():
     _fix_interpreter_bf16()
+    _fix_interpreter_fp8()
 
 
 class _ChildRun(pytest.Item):

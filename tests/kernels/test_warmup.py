@@ -30,3 +30,20 @@ def test_warm_up_runs_on_the_cache_without_writing_it():
     before = key_cache.clone(), value_cache.clone()
     warm_up_attention(key_cache, value_cache, num_heads=4, max_query_len=40)
     assert torch.equal(key_cache, before[0]) and torch.equal(value_cache, before[1])
+
+
+def test_warm_up_reads_an_fp8_cache_with_the_model_dtype():
+    """An fp8 cache is warmed with the queries serving sends (the model's dtype) and its
+    scales; without the query dtype the variants would be the wrong ones: refused."""
+    shape = (6, 16, 2, 64)
+    key_cache = torch.randn(shape).to(torch.float8_e4m3fn)
+    value_cache = torch.randn(shape).to(torch.float8_e4m3fn)
+    scales = {"k_scale": torch.tensor([0.5, 2.0]), "v_scale": torch.tensor([1.0, 0.25])}
+    before = key_cache.view(torch.uint8).clone(), value_cache.view(torch.uint8).clone()
+    with pytest.raises(ValueError, match="query_dtype"):
+        warm_up_attention(key_cache, value_cache, num_heads=4, max_query_len=8, **scales)
+    warm_up_attention(
+        key_cache, value_cache, num_heads=4, max_query_len=8, query_dtype=torch.bfloat16, **scales
+    )
+    assert torch.equal(key_cache.view(torch.uint8), before[0])
+    assert torch.equal(value_cache.view(torch.uint8), before[1])

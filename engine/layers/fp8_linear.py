@@ -1,0 +1,134 @@
+"""fp8 (e4m3) weights of one projection: the parameters, their loaders, and the matmul.
+
+A quantized projection holds ``weight`` as ``float8_e4m3fn`` ``[out, in]`` and ``weight_scale``
+fp32 ``[out]``, so that ``W ~= weight.float() * weight_scale[:, None]``; with static activation
+scales also ``input_scale`` fp32 ``[1]``. Internally every weight scale is per output channel: a
+checkpoint's per-tensor scale of one packed shard (q, k, v; gate, up) fills that shard's rows,
+which is exact (nothing is quantized twice).
+
+Online quantization (a model-dtype checkpoint) loads the weight in the model dtype and
+quantizes it in :func:`finish_fp8_loading`, with each row's scale ``amax(|row|) / 448``. A
+row-parallel layer's rows are split across ranks: the amax is reduced over the group, so every
+TP degree holds the same fp8 weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from metroline.kernels.fp8_quant import FP8_DTYPE, FP8_MAX
+
+from ..distributed import TensorParallelGroup
+from ..quantization import Fp8Config
+from . import ops
+from .weights import copy_checked, new_parameter, read_all, read_narrow, source_shape
+
+#: Smallest weight scale online quantization uses: an all-zero row must not divide by zero.
+MIN_WEIGHT_SCALE = 1e-12
+
+#: ``(param_offset, size, source_start)``: which rows of the parameter a checkpoint shard
+#: fills, and where they start in the checkpoint tensor.
+ShardRows = Any
+
+
+def weight_dtype(fp8: Fp8Config | None) -> torch.dtype | None:
+    """The weight parameter's dtype while loading (None: the model dtype)."""
+    return FP8_DTYPE if fp8 is not None and fp8.from_checkpoint else None
+
+
+def create_fp8_params(layer: nn.Module, fp8: Fp8Config, rows: int, shard_rows: Any) -> None:
+    """Add ``weight_scale`` (and ``input_scale``) to ``layer``, whose ``rows`` output channels
+    map to checkpoint shards through ``shard_rows(shard_id) -> (offset, size, start)``; with
+    ``shard_rows`` None the rows are never split (a row-parallel layer)."""
+    layer.fp8 = fp8
+    if not fp8.from_checkpoint:
+        layer.register_buffer("weight_scale", None, persistent=False)
+        layer.input_scale = None
+        return
+
+    def load_weight_scale(param: nn.Parameter, source: Any, shard_id: Any = None) -> None:
+        offset, size, start = shard_rows(shard_id) if shard_rows else (0, rows, 0)
+        target = param.data.narrow(0, offset, size)
+        shape = source_shape(source)
+        if _numel(shape) == 1:  # per tensor: one scale for the whole shard
+            target.fill_(read_all(source).reshape(()).item())
+            return
+        if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
+            raise ValueError(
+                f"weight_scale of shape {shape} is neither per tensor nor per output channel "
+                "(block-wise scales are not supported)"
+            )
+        loaded = read_narrow(source, 0, start, size) if shard_rows else read_all(source)
+        copy_checked(target, loaded.reshape(-1).float())
+
+    layer.weight_scale = new_parameter(rows, loader=load_weight_scale, dtype=torch.float32)
+    if fp8.activation_scheme == "static":
+        layer.input_scale = new_parameter(1, loader=_load_input_scale, dtype=torch.float32)
+        layer.input_scale.data.zero_()
+    else:
+        layer.input_scale = None
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
+
+
+def _load_input_scale(param: nn.Parameter, source: Any, shard_id: Any = None) -> None:
+    """Static activation scale; packed shards share one input, so the largest scale wins
+    (every shard's input then stays within the e4m3 range)."""
+    del shard_id
+    loaded = read_all(source)
+    if loaded.numel() != 1:
+        raise ValueError(
+            f"input_scale must be one value per tensor; got shape {tuple(loaded.shape)}"
+        )
+    param.data.copy_(torch.maximum(param.data, loaded.reshape(1).float().to(param.device)))
+
+
+def quantize_per_channel(
+    weight: torch.Tensor, amax: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight_fp8, scale)`` with ``scale = max(amax / 448, MIN_WEIGHT_SCALE)`` per row."""
+    scale = (amax.float() / FP8_MAX).clamp(min=MIN_WEIGHT_SCALE)
+    quantized = torch.empty(weight.shape, dtype=FP8_DTYPE, device=weight.device)
+    for start in range(0, weight.shape[0], 4096):  # bounds the fp32 copy's memory
+        rows = slice(start, start + 4096)
+        scaled = weight[rows].float() / scale[rows, None]
+        quantized[rows] = scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return quantized, scale
+
+
+def finish_fp8_loading(layer: nn.Module, row_group: TensorParallelGroup | None = None) -> None:
+    """After every shard is loaded: quantize an online layer (``row_group``: the group over
+    which each row's input features are split), or check a checkpoint's scales."""
+    if layer.fp8.from_checkpoint:
+        for name in ("weight_scale", "input_scale"):
+            scale = getattr(layer, name)
+            if scale is not None and not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+                raise ValueError(f"checkpoint {name} holds values that are not finite and > 0")
+        return
+    weight = layer.weight.data
+    amax = weight.abs().amax(dim=1).float()
+    if row_group is not None:
+        row_group.all_reduce_max(amax)
+    quantized, scale = quantize_per_channel(weight, amax)
+    layer.weight = nn.Parameter(quantized, requires_grad=False)
+    layer.weight_scale = scale
+
+
+def takes_fp8_input(layer: nn.Module) -> bool:
+    """Whether ``layer`` may be fed an :class:`~metroline.engine.layers.ops.Fp8Activation`:
+    fp8 weights with dynamic (per-token) input scales."""
+    fp8 = getattr(layer, "fp8", None)
+    return fp8 is not None and fp8.activation_scheme == "dynamic"
+
+
+def fp8_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x W^T`` in the input's dtype (no bias) through the fp8 matmul."""
+    return ops.fp8_linear(x, layer.weight, layer.weight_scale, layer.input_scale)
