@@ -3,15 +3,13 @@ the schemas that force calls (checked with jsonschema), the chat template's view
 and of a history with calls, the flags, and real servers answering in OpenAI's shape.
 
 The engine constrains forced calls with its grammar (engine/core/grammars.py): the HTTP
-test asserts that the arguments follow the schema only where the engine core has one
-(``grammar`` in engine_core.py), so that this file also runs before it landed.
+tests assert that the arguments follow the schema.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -28,10 +26,6 @@ from metroline.engine.server.tool_calls_response import answer_of
 from metroline.engine.server.tool_calls_schema import forced_output, forced_schema
 
 from .conftest import API_KEY
-
-ENGINE_CORE = Path(__file__).resolve().parents[2] / "engine/core/engine_core.py"
-#: Whether the engine enforces structured outputs (see the module docstring).
-HAS_GRAMMAR = "grammar" in ENGINE_CORE.read_text()
 
 WEATHER = {
     "type": "function",
@@ -292,15 +286,13 @@ def chat(http: httpx.Client, **fields) -> dict:
 
 
 def test_required_over_http_answers_tool_calls(tool_server):
-    """tool_choice "required" answers in OpenAI's shape; the arguments follow the schema
-    once the engine's grammar enforces it (HAS_GRAMMAR)."""
+    """tool_choice "required" answers in OpenAI's shape; the grammar makes the arguments
+    follow the schema."""
     answer = chat(tool_server, tools=[WEATHER, TIME], tool_choice="required",
                   parallel_tool_calls=False)  # fmt: skip
     (choice,) = answer["choices"]
     message = choice["message"]
     assert message["role"] == "assistant"
-    if not HAS_GRAMMAR:  # free text from a random model: rarely a call
-        return
     assert choice["finish_reason"] == "tool_calls", message
     assert message["content"] is None
     (call,) = message["tool_calls"]
