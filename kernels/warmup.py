@@ -23,7 +23,7 @@ import time
 import torch
 import triton
 
-from . import activation, fp8_quant, kv_cache, paged_attention, rmsnorm, rotary, split_kv
+from . import activation, fp8_gemm, fp8_quant, kv_cache, paged_attention, rmsnorm, rotary, split_kv
 from .paged_attention import AttentionConfig, attention_config
 from .split_kv import merge_splits
 from .utils import next_power_of_2
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 #: choose_num_splits never splits a context into more parts than this.
 MAX_SPLITS = 64
 
-_MODULES = (activation, fp8_quant, kv_cache, paged_attention, rmsnorm, rotary, split_kv)
+_MODULES = (activation, fp8_gemm, fp8_quant, kv_cache, paged_attention, rmsnorm, rotary, split_kv)
 
 
 def compiled_variants() -> int:

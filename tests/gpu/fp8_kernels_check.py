@@ -28,7 +28,7 @@ from gpu_helpers import Verdicts
 
 from metroline.engine.layers import ops
 from metroline.engine.layers.fp8_linear import quantize_per_channel
-from metroline.kernels import fp8_quant, kv_cache
+from metroline.kernels import fp8_gemm, fp8_quant, kv_cache
 from metroline.kernels import paged_attention as attention
 from metroline.kernels.fp8_quant import FP8_DTYPE, FP8_MAX
 
@@ -242,7 +242,54 @@ def check_fp8_linear(v: Verdicts, sizes: KernelSizes) -> None:
     v.table["1 ops.fp8_linear paths"] = {p: paths.count(p) for p in sorted(set(paths))}
 
 
+def _median_us(fn: Any, *args: Any, reps: int = 20, **kwargs: Any) -> float:
+    """Median device time of ``fn(*args, **kwargs)`` in microseconds, after one warm-up."""
+    fn(*args, **kwargs)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*args, **kwargs)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def check_small_m_gemm(v: Verdicts, sizes: KernelSizes) -> None:
+    """kernels.fp8_gemm (not yet routed by ops.fp8_linear) against its reference, and its
+    time against ``torch._scaled_mm`` at decode-sized M (CUDA only)."""
+    if sizes.device != "cuda":
+        return
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for name, n, k in sizes.linear_shapes:
+        if n % 16 or k % 16:
+            continue
+        w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+        weight, weight_scale = quantize_per_channel(w, w.abs().amax(dim=1).float())
+        for m in (1, 7, fp8_gemm.SMALL_M_MAX):
+            x = torch.randn(m, k, device="cuda", generator=gen)
+            x_fp8, x_scale = fp8_quant.per_token_quant_fp8(x)
+            operands = (x_fp8, x_scale, weight, weight_scale)
+            y = fp8_gemm.fp8_gemm_small_m(*operands, torch.bfloat16)
+            ref = fp8_gemm.fp8_gemm_small_m_ref(*operands, torch.float32)
+            err = check_kernels.rel_err(y, ref)
+            ours = _median_us(fp8_gemm.fp8_gemm_small_m, *operands, torch.bfloat16)
+            library = _median_us(
+                torch._scaled_mm, x_fp8, weight.t(), scale_a=x_scale,
+                scale_b=weight_scale.view(1, -1), out_dtype=torch.bfloat16,
+            )  # fmt: skip
+            v.check(f"fp8_gemm_small_m {name} {n}x{k} M={m}", err < LINEAR_BOUND, rel_err=err,
+                    triton_us=ours, scaled_mm_us=library)  # fmt: skip
+            v.table[f"1 fp8_gemm_small_m {name} M={m}: triton / scaled_mm us"] = (
+                f"{ours:.1f} / {library:.1f}"
+            )
+    v.summarize("1 fp8_gemm_small_m vs ref", "fp8_gemm_small_m", "rel_err")
+
+
 def check_fp8_kernels(v: Verdicts, sizes: KernelSizes) -> None:
     """Every part of section 1, each on its own (one that raises leaves the others)."""
-    for part in (check_quantizers, check_kv_write, check_attention, check_fp8_linear):
+    for part in (
+        check_quantizers, check_kv_write, check_attention, check_fp8_linear, check_small_m_gemm
+    ):
         v.section(f"1 {part.__name__}", part, v, sizes)
