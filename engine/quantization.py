@@ -138,6 +138,11 @@ def _parse_fp8(config: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
 
 def _parse_compressed_tensors(config: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
     """llm-compressor's layout: every config group must be W8A8 fp8 on Linear layers."""
+    if config.get("format") not in ("float-quantized", "naive-quantized"):
+        raise ValueError(
+            f"compressed-tensors format {config.get('format')!r} is not supported; supported: "
+            "'float-quantized' (fp8 weights stored as e4m3 with their scales)"
+        )
     groups = config.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise ValueError("compressed-tensors quantization_config needs config_groups")

@@ -72,7 +72,7 @@ def _silu_and_mul_quant_kernel(
     amax = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, intermediate, BLOCK):
         y = _gated_tile(x_row, start + tl.arange(0, BLOCK), intermediate, dtype)
-        amax = tl.maximum(amax, tl.abs(y.to(tl.float32)))
+        amax = tl.maximum(amax, tl.abs(y.to(tl.float32)), propagate_nan=tl.PropagateNan.ALL)
     scale = tl.maximum(tl.math.div_rn(tl.max(amax, 0), _FP8_MAX), _MIN_SCALE)
     tl.store(scale_ptr + token, scale)
     for start in range(0, intermediate, BLOCK):

@@ -40,7 +40,9 @@ def quantize_fp8(x, scale):
     broadcastable to ``x``), the division correctly rounded (IEEE), so it equals
     ``(x.float() / scale).clamp(...).to(fp8)``."""
     y = tl.math.div_rn(x, tl.broadcast_to(scale, x.shape))
-    y = tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)
+    # NaN stays NaN (as torch's cast): the default clamp would turn it into -448.
+    nan = tl.PropagateNan.ALL
+    y = tl.minimum(tl.maximum(y, -_FP8_MAX, propagate_nan=nan), _FP8_MAX, propagate_nan=nan)
     return y.to(tl.float8e4nv)
 
 
@@ -48,7 +50,7 @@ def quantize_fp8(x, scale):
 def per_token_scale(amax):
     """``max(amax / FP8_MAX, MIN_SCALE)`` for an fp32 row amax, the division correctly rounded
     (as the reference's; torch on CUDA divides by a Python number through its reciprocal)."""
-    return tl.maximum(tl.math.div_rn(amax, _FP8_MAX), _MIN_SCALE)
+    return tl.maximum(tl.math.div_rn(amax, _FP8_MAX), _MIN_SCALE, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -67,7 +69,7 @@ def _per_token_quant_kernel(
     for start in range(0, K, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
+        amax = tl.maximum(amax, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
     scale = per_token_scale(tl.max(amax, 0))
     tl.store(scale_ptr + row, scale)
     for start in range(0, K, BLOCK):

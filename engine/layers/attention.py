@@ -49,6 +49,7 @@ class Attention(nn.Module):
         scale: float,
         kv_fp8: bool = False,
         kv_head_start: int = 0,
+        total_kv_heads: int | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -58,6 +59,8 @@ class Attention(nn.Module):
         self.key_cache: torch.Tensor | None = None
         self.value_cache: torch.Tensor | None = None
         self.kv_head_start = kv_head_start
+        #: KV heads of the whole model (all ranks): a per-head checkpoint scale has this many.
+        self.total_kv_heads = total_kv_heads or num_kv_heads
         self.k_scale = self.v_scale = None
         if kv_fp8:
             self.k_scale = new_parameter(num_kv_heads, loader=self.kv_scale_loader)
@@ -73,11 +76,14 @@ class Attention(nn.Module):
         loaded = read_all(source).reshape(-1).float()
         if loaded.numel() == 1:
             param.data.fill_(loaded.item())
-        elif len(shape) == 1:
-            start = min(self.kv_head_start, loaded.numel() - 1)
+        elif loaded.numel() == self.total_kv_heads:
+            start = self.kv_head_start
             param.data.copy_(loaded[start : start + self.num_kv_heads])
         else:
-            raise ValueError(f"KV scales must be per tensor or per KV head; got shape {shape}")
+            raise ValueError(
+                f"KV scales must be one value or one per KV head ({self.total_kv_heads}); got "
+                f"shape {shape}"
+            )
         if not bool(torch.isfinite(param.data).all() and (param.data > 0).all()):
             raise ValueError("KV cache scales must be finite and > 0")
 

@@ -87,9 +87,10 @@ def fp8_linear(
     """``x W^T`` with ``W = weight * weight_scale[:, None]``, the input quantized to e4m3
     (per token, or with the static scale), accumulated in fp32, returned in ``x``'s dtype. On
     CUDA: the Triton quantizer and cuBLASLt's fp8 matmul (``torch._scaled_mm``, row-wise
-    scales); elsewhere, and for shapes it does not take (dimensions not multiples of 16), the
-    same arithmetic dequantized in fp32. An :class:`Fp8Activation` (dynamic scales only) skips
-    the quantization: a fused kernel produced it."""
+    scales; its output is bf16, then cast to ``x``'s dtype); elsewhere, and for shapes it does
+    not take (dimensions not multiples of 16), the same arithmetic dequantized in fp32. An
+    :class:`Fp8Activation` (dynamic scales only) skips the quantization: a fused kernel
+    produced it."""
     if isinstance(x, Fp8Activation):
         x_fp8, x_scale, dtype = x
         shape, rows, on_cuda = x_fp8.shape, x_fp8.shape[0], x_fp8.is_cuda
@@ -98,7 +99,9 @@ def fp8_linear(
         x_fp8, x_scale = _quantize_input(x.reshape(-1, shape[-1]), input_scale)
         rows, on_cuda = x_fp8.shape[0], x.is_cuda
     out_features = weight.shape[0]
-    if on_cuda and rows and shape[-1] % 16 == 0 and out_features % 16 == 0:
+    if rows == 0:
+        return torch.empty(*shape[:-1], out_features, dtype=dtype, device=weight.device)
+    if on_cuda and shape[-1] % 16 == 0 and out_features % 16 == 0:
         y = torch._scaled_mm(
             x_fp8,
             weight.t(),

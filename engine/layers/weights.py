@@ -42,6 +42,11 @@ def read_all(source: Any) -> torch.Tensor:
 
 
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str = "") -> None:
+    if param.dtype == torch.float8_e4m3fn and loaded.dtype != param.dtype:
+        raise ValueError(
+            f"checkpoint tensor {name or ''} is {loaded.dtype}, the fp8 checkpoint's weights "
+            "must be float8_e4m3fn (a checkpoint saved uncompressed is not an fp8 checkpoint)"
+        )
     if tuple(param.shape) != tuple(loaded.shape):
         raise ValueError(
             f"checkpoint tensor {name or ''} has shape {tuple(loaded.shape)}, "

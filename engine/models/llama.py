@@ -72,6 +72,7 @@ class LlamaAttention(nn.Module):
             head_dim**-0.5,
             kv_fp8=kv_fp8,
             kv_head_start=self.qkv_proj.kv_head_start,
+            total_kv_heads=config.num_key_value_heads,
         )
 
     def forward(

@@ -77,10 +77,6 @@ def load_model(model_config: ModelConfig, device: torch.device, kv_fp8: bool = F
     else:
         tensors = checkpoint_tensors(model_config.path)
     load_weights(model, tensors)
-    for module in model.modules():
-        finish = getattr(module, "finish_loading", None)
-        if finish is not None:
-            finish()
     return model
 
 
@@ -163,12 +159,16 @@ def load_weights(model: nn.Module, tensors: Iterator[tuple[str, Any]]) -> None:
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     expected = _expected_shards(params, packed)
     seen: set[tuple[str, Any]] = set()
-    skipped_kv_scales = 0
+    skipped = {"kv": 0, "input": 0}
+    finishers = _finishers(model, expected)
     for name, source, target, shard_id in _targets(tensors, packed):
         if target is None or (tied and name == "lm_head.weight"):
             continue
         if target.endswith((".attn.k_scale", ".attn.v_scale")) and target not in params:
-            skipped_kv_scales += 1
+            skipped["kv"] += 1
+            continue
+        if target.endswith(".input_scale") and target not in params and _dynamic_fp8(model, target):
+            skipped["input"] += 1  # a dynamic scheme computes its scales per token
             continue
         param = params.get(target)
         if param is None:
@@ -183,17 +183,65 @@ def load_weights(model: nn.Module, tensors: Iterator[tuple[str, Any]]) -> None:
         except ValueError as error:
             raise ValueError(f"while loading {name!r}: {error}") from error
         seen.add((target, shard_id))
-    if skipped_kv_scales:
+        module = target.rsplit(".", 1)[0]
+        if module in finishers:
+            remaining = finishers[module][1]
+            remaining.discard((target, shard_id))
+            if not remaining:  # every shard is in: quantize now, before the next layer loads
+                finishers.pop(module)[0].finish_loading()
+    if skipped["kv"]:
         logger.info(
             "checkpoint holds %d KV-cache scales, unused: the KV cache is not fp8 "
             "(kv_cache_dtype='fp8' uses them)",
-            skipped_kv_scales,
+            skipped["kv"],
         )
+    if skipped["input"]:
+        logger.info(
+            "skipped %d static input scales: activations are scaled per token", skipped["input"]
+        )
+    _warn_default_kv_scales(params, seen)
     missing = sorted(f"{n}[{s}]" if s is not None else n for n, s in expected - seen)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         shown = ", ".join(missing[:5]) + more
         raise ValueError(f"checkpoint lacks weights for: {shown}")
+
+
+def _finishers(
+    model: nn.Module, expected: set[tuple[str, Any]]
+) -> dict[str, tuple[nn.Module, set[tuple[str, Any]]]]:
+    """Modules with ``finish_loading`` (fp8 projections) and the shards each still awaits."""
+    by_module: dict[str, set[tuple[str, Any]]] = {}
+    for key in expected:
+        by_module.setdefault(key[0].rsplit(".", 1)[0], set()).add(key)
+    return {
+        name: (module, by_module[name])
+        for name, module in model.named_modules()
+        if hasattr(module, "finish_loading") and by_module.get(name)
+    }
+
+
+def _dynamic_fp8(model: nn.Module, target: str) -> bool:
+    """Whether ``target``'s module is an fp8 projection that scales its inputs per token."""
+    try:
+        module = model.get_submodule(target.rsplit(".", 1)[0])
+    except AttributeError:
+        return False
+    fp8 = getattr(module, "fp8", None)
+    return fp8 is not None and fp8.activation_scheme == "dynamic"
+
+
+def _warn_default_kv_scales(params: dict[str, nn.Parameter], seen: set[tuple[str, Any]]) -> None:
+    """An fp8 KV cache without checkpoint scales uses 1.0: values beyond 448 saturate."""
+    scales = [name for name in params if name.endswith((".attn.k_scale", ".attn.v_scale"))]
+    defaulted = [name for name in scales if (name, None) not in seen]
+    if defaulted:
+        logger.warning(
+            "fp8 KV cache: %d of %d KV-cache scales are not in the checkpoint and are 1.0 "
+            "(keys and values beyond +-448 saturate)",
+            len(defaulted),
+            len(scales),
+        )
 
 
 def _targets(

@@ -51,7 +51,8 @@ def _group(**changes) -> dict:
         (_group(weights={"num_bits": 4, "type": "int"}), "8-bit float"),
         (_group(targets=["Linear", "Embedding"]), "supported: \\['Linear'\\]"),
         (_group(input_activations={"dynamic": False, "strategy": "token"}), "per tensor"),
-        ({"quant_method": "compressed-tensors"}, "config_groups"),
+        ({"quant_method": "compressed-tensors", "format": "float-quantized"}, "config_groups"),
+        ({**COMPRESSED_TENSORS_CHANNEL, "format": "dense"}, "format 'dense' is not supported"),
         ([1, 2], "must be a JSON object"),
     ],
 )

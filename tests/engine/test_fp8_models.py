@@ -10,6 +10,8 @@ dequantized model's. What differs is the activations' rounding to e4m3 (relative
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -134,3 +136,28 @@ def test_fp8_kv_cache_exact_under_prefix_caching_and_preemption(checkpoints):
         assert stats.prefix_cache_hits > 0 and stats.num_preemptions > 0
     finally:
         tight.shutdown()
+
+
+def test_malformed_fp8_checkpoints_are_refused(checkpoints, tmp_path):
+    """Real-valued weights under an fp8 config (a checkpoint saved uncompressed) and per-head
+    KV scales of the wrong length fail loading, naming the tensor; never cast or sliced."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def variant(name: str, change) -> Path:
+        target = tmp_path / name
+        shutil.copytree(checkpoints["tensor"], target)
+        tensors = load_file(str(target / "model.safetensors"))
+        change(tensors)
+        save_file(tensors, str(target / "model.safetensors"))
+        return target
+
+    weight = "model.layers.0.mlp.down_proj.weight"
+    dense = variant("dense", lambda t: t.update({weight: t[weight].float().to(torch.bfloat16)}))
+    with pytest.raises(ValueError, match=r"down_proj.*must be float8_e4m3fn"):
+        LLM(model=str(dense), **SMALL)
+    scale = "model.layers.1.self_attn.k_scale"
+    wrong = variant("kv", lambda t: t.update({scale: torch.ones(3)}))
+    with pytest.raises(ValueError, match="one per KV head \\(2\\)"):
+        LLM(model=str(wrong), kv_cache_dtype="fp8", **SMALL)

@@ -108,3 +108,14 @@ def test_rejects_what_it_does_not_quantize():
         per_token_quant_fp8(torch.zeros((2, 3, 4)))
     with pytest.raises(ValueError, match="bf16/fp16/fp32"):
         static_quant_fp8(torch.zeros((2, 4), dtype=torch.float64), torch.ones(1))
+
+
+def test_nan_stays_nan():
+    """A NaN input yields a NaN code, as torch's cast does: never a finite value downstream."""
+    x = torch.randn(2, 64)
+    x[0, 5] = float("nan")
+    codes, _ = per_token_quant_fp8(x)
+    static = static_quant_fp8(x, torch.tensor([0.01]))
+    for quantized in (codes, static):
+        assert quantized[0, 5].float().isnan()
+        assert not quantized[1].float().isnan().any()
