@@ -123,3 +123,20 @@ def test_salted_requests_share_only_with_same_salt_when_caching_is_off():
     assert kv.get_computed_blocks(_request("c", tokens, salt="other"))[1] == 0
     assert kv.get_computed_blocks(_request("d", tokens))[1] == 0
     assert kv.prefix_cache_queries == 0  # statistics count prefix caching proper only
+
+
+def test_trim_returns_the_slots_past_the_kept_tokens():
+    """Slots allocated for speculative tokens beyond the real ones are never hashed, and
+    ``trim`` gives back the blocks the kept tokens do not need (never a cached one)."""
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    request = _request("a", list(range(6)))
+    kv.allocate_slots(request, 6 + 5)  # 6 real tokens + 5 speculative slots: 3 blocks
+    assert len(kv.block_ids(request)) == 3 and kv.num_cached_blocks["a"] == 1
+    kv.trim(request, 7)  # 6 real tokens and one accepted: 2 blocks
+    assert len(kv.block_ids(request)) == 2 and kv.pool.num_free_blocks == 6
+    kv.trim(request, 8)  # nothing to give back
+    assert len(kv.block_ids(request)) == 2
+    with pytest.raises(ValueError, match="prefix-cached"):
+        kv.trim(request, 0)  # the first block (4 real tokens) is cached
+    kv.free(request)
+    assert kv.pool.num_free_blocks == 8
