@@ -14,17 +14,25 @@ TP degree holds the same fp8 weights.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from torch import nn
 
-from metroline.kernels.fp8_quant import FP8_DTYPE, FP8_MAX
+from metroline.kernels import fp8_gemm
+from metroline.kernels.fp8_quant import FP8_DTYPE, FP8_MAX, per_token_quant_fp8
 
 from ..distributed import TensorParallelGroup
 from ..quantization import Fp8Config
 from . import ops
 from .weights import copy_checked, new_parameter, read_all, read_narrow, source_shape
+
+logger = logging.getLogger(__name__)
+
+#: Largest relative error of the small-batch kernel against the emulated product that its
+#: start-up check accepts (bf16 outputs round at 2**-9; the kernels agree to about 2e-3).
+SMALL_BATCH_CHECK_BOUND = 1e-2
 
 #: Smallest weight scale online quantization uses: an all-zero row must not divide by zero.
 MIN_WEIGHT_SCALE = 1e-12
@@ -132,3 +140,33 @@ def takes_fp8_input(layer: nn.Module) -> bool:
 def fp8_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x W^T`` in the input's dtype (no bias) through the fp8 matmul."""
     return ops.fp8_linear(x, layer.weight, layer.weight_scale, layer.input_scale)
+
+
+def check_small_batch_gemm(model: nn.Module, dtype: torch.dtype) -> str | None:
+    """Run ``kernels.fp8_gemm`` once on every distinct fp8 weight shape of ``model`` at one
+    and at ``SMALL_M_MAX`` rows, against the same product emulated in fp32; None when every
+    shape compiles and agrees within ``SMALL_BATCH_CHECK_BOUND``, else the reason. This also
+    compiles its variants before any CUDA graph is captured."""
+    seen: set[tuple[int, int]] = set()
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if getattr(module, "fp8", None) is None or weight is None or weight.dtype != FP8_DTYPE:
+            continue
+        shape = tuple(weight.shape)
+        if shape in seen:
+            continue
+        seen.add(shape)
+        for rows in (1, fp8_gemm.SMALL_M_MAX):
+            x = torch.randn(rows, shape[1], generator=generator).to(weight.device)
+            x_fp8, x_scale = per_token_quant_fp8(x.to(dtype))
+            operands = (x_fp8, x_scale, weight.data, module.weight_scale)
+            try:
+                y = fp8_gemm.fp8_gemm_small_m(*operands, dtype).float()
+            except Exception as error:  # a compile failure: the library GEMM serves instead
+                return f"{shape} x {rows} rows raised {error!r:.300}"
+            ref = fp8_gemm.fp8_gemm_small_m_ref(*operands, torch.float32)
+            error = float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+            if not error <= SMALL_BATCH_CHECK_BOUND:
+                return f"{shape} x {rows} rows: relative error {error:.2e}"
+    return None

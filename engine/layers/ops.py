@@ -10,8 +10,18 @@ from typing import NamedTuple
 
 import torch
 
-from metroline.kernels import activation, fp8_quant, kv_cache, rmsnorm, rotary, warmup
+from metroline.kernels import activation, fp8_gemm, fp8_quant, kv_cache, rmsnorm, rotary, warmup
 from metroline.kernels import paged_attention as attention
+
+#: Whether CUDA fp8 matmuls of at most ``fp8_gemm.SMALL_M_MAX`` rows take the Triton kernel
+#: that streams the weight: set per process by :func:`use_small_batch_fp8_gemm` once the
+#: kernel passed its start-up check on the model's shapes.
+_small_batch_fp8_gemm = False
+
+
+def use_small_batch_fp8_gemm(enabled: bool) -> None:
+    global _small_batch_fp8_gemm
+    _small_batch_fp8_gemm = enabled
 
 
 class Fp8Activation(NamedTuple):
@@ -86,11 +96,12 @@ def fp8_linear(
 ) -> torch.Tensor:
     """``x W^T`` with ``W = weight * weight_scale[:, None]``, the input quantized to e4m3
     (per token, or with the static scale), accumulated in fp32, returned in ``x``'s dtype. On
-    CUDA: the Triton quantizer and cuBLASLt's fp8 matmul (``torch._scaled_mm``, row-wise
-    scales; its output is bf16, then cast to ``x``'s dtype); elsewhere, and for shapes it does
-    not take (dimensions not multiples of 16), the same arithmetic dequantized in fp32. An
-    :class:`Fp8Activation` (dynamic scales only) skips the quantization: a fused kernel
-    produced it."""
+    CUDA: the Triton quantizer, then for decode-sized batches the Triton kernel that streams
+    the weight (once enabled, :func:`use_small_batch_fp8_gemm`), else cuBLASLt's fp8 matmul
+    (``torch._scaled_mm``, row-wise scales; its output is bf16, then cast to ``x``'s dtype);
+    elsewhere, and for shapes it does not take (dimensions not multiples of 16), the same
+    arithmetic dequantized in fp32. An :class:`Fp8Activation` (dynamic scales only) skips the
+    quantization: a fused kernel produced it."""
     if isinstance(x, Fp8Activation):
         x_fp8, x_scale, dtype = x
         shape, rows, on_cuda = x_fp8.shape, x_fp8.shape[0], x_fp8.is_cuda
@@ -101,7 +112,9 @@ def fp8_linear(
     out_features = weight.shape[0]
     if rows == 0:
         return torch.empty(*shape[:-1], out_features, dtype=dtype, device=weight.device)
-    if on_cuda and shape[-1] % 16 == 0 and out_features % 16 == 0:
+    if on_cuda and _small_batch_fp8_gemm and rows <= fp8_gemm.SMALL_M_MAX:
+        y = fp8_gemm.fp8_gemm_small_m(x_fp8, x_scale, weight, weight_scale, dtype)
+    elif on_cuda and shape[-1] % 16 == 0 and out_features % 16 == 0:
         y = torch._scaled_mm(
             x_fp8,
             weight.t(),

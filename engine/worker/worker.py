@@ -12,6 +12,7 @@ import torch
 from ..config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from ..host_timing import HostTimer, merge_reports
 from ..layers import ops
+from ..layers.fp8_linear import check_small_batch_gemm
 from ..messages import SchedulerOutput
 from ..models.loader import load_model
 from .model_runner import ModelRunner
@@ -159,6 +160,8 @@ class Worker:
             self.key_caches.append(key_cache)
             self.value_caches.append(value_cache)
         if self.device.type == "cuda":
+            if self.config.model.quantization is not None:
+                self._choose_small_batch_fp8_gemm()
             # Compile now what serving would otherwise compile at its first steps.
             layer = next(iter(self.model.attention_layers()))
             ops.warm_up_kernels(
@@ -172,6 +175,19 @@ class Worker:
             )
             if not self.config.enforce_eager:
                 self.model_runner.capture_cuda_graphs()
+
+    def _choose_small_batch_fp8_gemm(self) -> None:
+        """Decode-sized fp8 matmuls take the Triton kernel that streams the weight if it
+        compiles and agrees with the emulated product on every fp8 weight shape here; else
+        the library GEMM, with the reason logged."""
+        problem = check_small_batch_gemm(self.model, self.config.model.dtype)
+        ops.use_small_batch_fp8_gemm(problem is None)
+        if problem is None:
+            logger.info("fp8: decode-sized matmuls use the Triton small-batch kernel")
+        else:
+            logger.warning(
+                "fp8: the small-batch kernel failed its check (%s); using cuBLASLt", problem
+            )
 
     def execute_model_async(self, scheduled: SchedulerOutput) -> StepResult:
         """Launch one step; its tokens come from the result's ``result()``."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from metroline.kernels import fp8_gemm
 from metroline.kernels.fp8_gemm import (
     SMALL_M_MAX,
     fp8_gemm_small_m,
@@ -135,3 +136,31 @@ def test_reference_takes_any_row_count():
     operands = fp8_operands(SMALL_M_MAX + 9, 32, 64, seed=4)
     exact, bound = exact_and_bound(*operands)
     assert_close(fp8_gemm_small_m_ref(*operands, torch.float32), exact, bound)
+
+
+def test_start_up_check_accepts_the_kernel_and_names_a_failure(monkeypatch):
+    """engine/layers/fp8_linear.check_small_batch_gemm: the worker routes decode-sized fp8
+    matmuls through this kernel only when it compiles and agrees on every weight shape."""
+    from torch import nn
+
+    from metroline.engine.layers import fp8_linear
+    from metroline.engine.quantization import Fp8Config
+
+    model = nn.Module()
+    for name, (n, k) in {"a": (64, 96), "b": (32, 64), "c": (64, 96)}.items():
+        layer = nn.Module()
+        weight = torch.randn(n, k) * 0.02
+        layer.weight, layer.weight_scale = fp8_linear.quantize_per_channel(
+            weight, weight.abs().amax(dim=1)
+        )
+        layer.fp8 = Fp8Config(from_checkpoint=False)
+        model.add_module(name, layer)
+    assert fp8_linear.check_small_batch_gemm(model, torch.float32) is None
+    monkeypatch.setattr(fp8_gemm, "fp8_gemm_small_m", lambda *args: torch.zeros(1, 64))
+    assert "relative error" in fp8_linear.check_small_batch_gemm(model, torch.float32)
+
+    def broken(*args):
+        raise RuntimeError("no such MMA")
+
+    monkeypatch.setattr(fp8_gemm, "fp8_gemm_small_m", broken)
+    assert "no such MMA" in fp8_linear.check_small_batch_gemm(model, torch.float32)
