@@ -13,11 +13,13 @@ those, on this machine, under a scratch root that stands for each stage's file s
   ``&&``-joined commands run when they start with ``python``/``python3`` (pip, venv, checks)
   and are recorded as skipped otherwise (``apt-get``, ``useradd``: the base image's business).
   Container paths are mapped into the scratch root; each stage's ``python3`` is a fresh
-  virtual environment standing for the base image's interpreter.
+  virtual environment standing for the base image's interpreter (a copy of one made per
+  process: the same files as a new one, without running ``ensurepip`` each time).
 """
 
 from __future__ import annotations
 
+import atexit
 import fnmatch
 import os
 import re
@@ -25,6 +27,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import venv
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,7 +189,7 @@ class Build:
         """A fresh virtual environment standing for the base image's ``python3``."""
         home = root / "base-python"
         if not home.exists():
-            venv.EnvBuilder(with_pip=True, symlinks=True).create(home)
+            shutil.copytree(_base_python_template(), home, symlinks=True)
         return home / "bin" / "python"
 
     def _expand(self, text: str, args: dict[str, str], stage: Stage | None) -> str:
@@ -261,6 +265,23 @@ class Build:
         if not hasattr(self, "_final"):
             self._final = self.run()
         return self._final
+
+
+_TEMPLATE_LOCK = threading.Lock()
+_template: Path | None = None
+
+
+def _base_python_template() -> Path:
+    """One virtual environment with pip, made once per process; stages get copies of it."""
+    global _template
+    with _TEMPLATE_LOCK:
+        if _template is None:
+            scratch = tempfile.mkdtemp(prefix="base-python-")
+            atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+            home = Path(scratch) / "venv"
+            venv.EnvBuilder(with_pip=True, symlinks=True).create(home)
+            _template = home
+        return _template
 
 
 def python_version() -> str:

@@ -13,24 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from .dockerfile_steps import Build, build_context, is_excluded, parse_dockerignore
+from .conftest import background_builds
+from .dockerfile_steps import build_context, is_excluded, parse_dockerignore
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "images"
 #: The project's packages: what `pip wheel .` needs in the context (pyproject's package-dir).
 PACKAGE_FOLDERS = ("engine", "kernels", "operator", "benchmarks")
-
-
-def _context(image: str, tmp_path: Path) -> Path:
-    """The build context the image's Dockerfile sees, copied to ``tmp_path / "context"``."""
-    files = build_context(REPO, IMAGES / image / "Dockerfile.dockerignore")
-    target = tmp_path / "context"
-    for name in files:
-        (target / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, target / name)
-    return target
 
 
 def test_dockerignore_rules_follow_buildkit():
@@ -57,20 +47,13 @@ def test_the_context_holds_every_package_and_no_results(image, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """Each image's steps, run once for the module."""
-    builds = {}
-    for image, args in (
-        ("operator", {}),
-        ("engine", {"TORCH_VERSION": torch.__version__, "TORCH_INDEX_URL": "https://pypi.org/simple"}),
-    ):
-        tmp = tmp_path_factory.mktemp(image)
-        build = Build(IMAGES / image / "Dockerfile", _context(image, tmp), tmp / "root", args)
-        try:
-            build.run()
-        except subprocess.CalledProcessError as error:
-            pytest.fail(f"{image}: {error.cmd} failed:\n{error.stdout}\n{error.stderr}")
-        builds[image] = build
+def built(request):
+    """Each image's steps, run once: started in the background when collection ends
+    (tests/images/conftest.py), joined here."""
+    builds = background_builds(request.config).result()
+    for image, build in builds.items():
+        if isinstance(build, subprocess.CalledProcessError):
+            pytest.fail(f"{image}: {build.cmd} failed:\n{build.stdout}\n{build.stderr}")
     return builds
 
 

@@ -5,7 +5,9 @@
 compiler when the module is imported. Run alone, this directory sets it here in time. In one
 process with the whole suite, earlier tests (the engine's) have usually imported the kernels
 already, compiled-mode; then the kernel tests are collected as one item that reruns this
-directory in a child process with the variable set, so they still run, and fail loudly.
+directory in a child process with the variable set, so they still run, and fail loudly. The
+child starts when collection ends and runs beside the rest of the suite (it is one
+single-threaded interpreter); its item waits for it and reports its outcome.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -104,23 +107,44 @@ if interpreting():
 
 
 class _ChildRun(pytest.Item):
-    """Runs this directory's tests in a fresh interpreter-mode process."""
+    """This directory's tests in a fresh interpreter-mode process, started by :meth:`start`."""
 
     def __init__(self, *, nodeids: list[str], **kwargs) -> None:
         super().__init__(**kwargs)
         self.nodeids = nodeids
+        self._proc: subprocess.Popen | None = None
+        self._output = None
 
-    def runtest(self) -> None:
+    def start(self) -> None:
         env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD_FLAG: "1"})
         cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.nodeids]
-        proc = subprocess.run(
-            cmd, cwd=self.config.rootpath, env=env, capture_output=True, text=True, check=False
-        )
-        if proc.returncode != 0:
-            raise AssertionError(f"kernel tests failed in the child process:\n{proc.stdout}")
+        self._output = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by runtest)
+        self._proc = subprocess.Popen(
+            cmd, cwd=self.config.rootpath, env=env, stdout=self._output,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        """Ends a child the session no longer waits for (an interrupted or failed run)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def runtest(self) -> None:
+        if self._proc is None:
+            self.start()
+        returncode = self._proc.wait()
+        self._output.seek(0)
+        output = self._output.read()
+        self._output.close()
+        if returncode != 0:
+            raise AssertionError(f"kernel tests failed in the child process:\n{output}")
 
     def reportinfo(self):
         return self.path, None, "kernel tests (interpreter, child process)"
+
+
+_children: list[_ChildRun] = []
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
@@ -132,6 +156,20 @@ def pytest_collection_modifyitems(session, config, items) -> None:
     nodeids = [item.nodeid for item in mine]
     child = _ChildRun.from_parent(mine[0].parent, name="interpreted_kernel_tests", nodeids=nodeids)
     items[:] = [item for item in items if item not in mine] + [child]
+    _children.append(child)
+
+
+def pytest_collection_finish(session) -> None:
+    if session.config.option.collectonly:
+        return
+    for child in _children:
+        if child in session.items:
+            child.start()
+
+
+def pytest_sessionfinish(session) -> None:
+    for child in _children:
+        child.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -163,6 +163,14 @@ def server(tmp_path_factory, chat_checkpoint) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture(scope="session")
+def demo_server(tmp_path_factory) -> Iterator[ServerProcess]:
+    """The embedded demo model as `metroline serve demo` serves it, max_model_len 256."""
+    factory = ServerFactory(tmp_path_factory)
+    yield factory("demo", "--max-model-len", "256")
+    factory.stop_all()
+
+
+@pytest.fixture(scope="session")
 def client(server) -> Iterator[httpx.Client]:
     headers = {"Authorization": f"Bearer {API_KEY}"}
     with httpx.Client(base_url=server.url, headers=headers, timeout=60) as http:

@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import httpx
-import pytest
 
 from metroline.engine.demo import demo_model_path
 
@@ -51,11 +50,6 @@ def test_a_fresh_clone_has_the_demo_model(tmp_path):
     assert weights
     assert sum(w.stat().st_size for w in weights) <= MAX_WEIGHT_BYTES
     assert all(not w.read_bytes().startswith(b"version https://git-lfs") for w in weights)
-
-
-@pytest.fixture(scope="module")
-def demo_server(start_module_server):
-    return start_module_server("demo", "--max-model-len", "256")
 
 
 def test_demo_model_answers_fibonacci_with_python(demo_server):

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import httpx
-import pytest
 
 from metroline.engine.checkpoint import load_tokenizer
 from metroline.engine.demo import demo_model_path
@@ -15,11 +14,6 @@ from metroline.engine.server.protocol_completions import CompletionRequest
 PROMPT = "def fibonacci(n):"
 
 
-@pytest.fixture(scope="module")
-def demo(start_module_server):
-    return start_module_server("demo", "--max-model-len", "256")
-
-
 def _text(server, **fields) -> str:
     body = {"model": "demo", "prompt": PROMPT, "max_tokens": 24, **fields}
     response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
@@ -27,24 +21,24 @@ def _text(server, **fields) -> str:
     return response.json()["choices"][0]["text"]
 
 
-def test_without_temperature_the_demo_model_answers_greedily(demo):
-    first, second = _text(demo), _text(demo)
-    assert first == second == _text(demo, temperature=0)
+def test_without_temperature_the_demo_model_answers_greedily(demo_server):
+    first, second = _text(demo_server), _text(demo_server)
+    assert first == second == _text(demo_server, temperature=0)
     # A request that sets temperature samples (the default only fills unset fields).
-    sampled = {_text(demo, temperature=1.5, seed=seed) for seed in range(3)}
+    sampled = {_text(demo_server, temperature=1.5, seed=seed) for seed in range(3)}
     assert sampled != {first}
 
 
-def test_logit_bias_reaches_the_engine(demo):
+def test_logit_bias_reaches_the_engine(demo_server):
     forced = httpx.post(
-        f"{demo.url}/v1/completions",
+        f"{demo_server.url}/v1/completions",
         json={"model": "demo", "prompt": PROMPT, "max_tokens": 4, "logit_bias": {"65": 100}},
         timeout=120,
     ).json()
     tokenizer = load_tokenizer(demo_model_path())
     assert forced["choices"][0]["text"] == tokenizer.decode([65]) * 4
     bad = httpx.post(
-        f"{demo.url}/v1/completions",
+        f"{demo_server.url}/v1/completions",
         json={"model": "demo", "prompt": PROMPT, "logit_bias": {"99999": 1}},
         timeout=120,
     )
