@@ -39,6 +39,9 @@
 #   fp8w1      W1 on Metroline FP8_RUNS times (default 1) in bf16 and in fp8 weights + KV
 #   fp8peer    vLLM 0.26.0 W1 with quantization=fp8 and kv_cache_dtype=fp8, FP8_RUNS times
 #              (unpacks the bundle once all parts came), then the peer table
+#   spec       W8 speculative decoding (issue 20): TPOT at SPEC_BATCHES (default 1,8), K=4,
+#              plain vs drafts replayed at forced acceptance 1.0/0.7/0.5 and n-gram on
+#              repetitive prompts (benchmarks/spec_decode.py)
 #   peerserve  W6: vllm bench serve against metroline serve and vllm serve in turn
 #              (RATES_W6, default 10,20,30,inf; W6_PROMPTS, default 300), start-up times,
 #              then the peer table
@@ -203,6 +206,14 @@ for section in "$@"; do
         --out "$RESULTS")
       run w3-bf16 $PY -P "${W3[@]}"
       run w3-fp8 $PY -P "${W3[@]}" --quantization fp8 --kv-cache-dtype fp8
+      ;;
+    spec)
+      if [ -d /tmp/site/_pytest ]; then  # the CPU suite's speculative tests, on CUDA
+        run spec-tests env PYTHONPATH=/tmp/site $PY -P -m pytest -q -p no:cacheprovider \
+          tests/engine/test_spec_decode.py -k "not tensor_parallel"
+      fi
+      run w8 $PY -P benchmarks/spec_decode.py --model "$MODEL" --batches "${SPEC_BATCHES:-1,8}" \
+        --out "$RESULTS"
       ;;
     fp8w1)
       W1=(benchmarks/throughput.py --model "$MODEL" --workload W1 --out "$RESULTS")

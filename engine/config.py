@@ -27,6 +27,7 @@ from .quantization import (
     resolve_quantization,
 )
 from .rope_scaling import context_limit
+from .spec_decode.config import SpeculativeConfig, parse_speculative_config
 
 logger = logging.getLogger(__name__)
 
@@ -241,9 +242,16 @@ class EngineConfig:
     enforce_eager: bool
     async_scheduling: bool | None
     mixed_step_graphs: bool | None
+    #: Speculative decoding, or None (off).
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         self.parallel.check_model(self.model.arch)
+        if self.speculative is not None and self.speculative.method != "ngram":
+            raise ValueError(
+                f"speculative_config: method {self.speculative.method!r} is not implemented "
+                "yet; use 'ngram'"
+            )
         check_fp8_device(self.device, self.model.quantization, self.cache.kv_cache_dtype)
         if self.scheduler.max_model_len != self.model.max_model_len:
             raise ValueError("scheduler.max_model_len must equal model.max_model_len")
@@ -350,6 +358,12 @@ class EngineArgs:
         "CUDA graphs also for steps with prompt chunks, up to 4096 tokens (default: on at "
         "tensor-parallel size 2 or more, where the host bounds those steps)",
     )
+    speculative_config: str | None = knob(
+        None,
+        'speculative decoding as JSON, vLLM\'s spelling: {"method": "ngram", '
+        '"num_speculative_tokens": K, "prompt_lookup_min": a, "prompt_lookup_max": b} '
+        "(LLM() also takes the dict); steps then run in the plain order (no async scheduling)",
+    )
     seed: int = knob(0, "seed of the random number generator (dummy weights, unseeded sampling)")
     device: str = knob("auto", "auto, cpu or cuda")
 
@@ -386,4 +400,5 @@ class EngineArgs:
             enforce_eager=self.enforce_eager,
             async_scheduling=self.async_scheduling,
             mixed_step_graphs=self.mixed_step_graphs,
+            speculative=parse_speculative_config(self.speculative_config),
         )

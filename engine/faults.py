@@ -72,3 +72,10 @@ def poisons_engine(error: BaseException) -> bool:
         return True
     text = str(error)
     return any(marker in text for marker in _DEVICE_MARKERS)
+
+
+def describe(error: BaseException) -> str:
+    """``Type: message`` of a request's failure, at most 500 characters."""
+    from .sampling_params import shorten
+
+    return shorten(f"{type(error).__name__}: {error}", 500)

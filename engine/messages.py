@@ -125,6 +125,12 @@ class SchedulerStats:
     num_steps: int = 0
     num_prefill_steps: int = 0
     num_scheduled_tokens: int = 0
+    #: Speculative decoding, since the engine started: request-steps that verified drafts,
+    #: draft tokens verified, drafts accepted, and accepted drafts by position (0 first).
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_position: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -201,6 +207,9 @@ class RunningRequestData:
     #: Tokens computed before this step: this step computes the ones that follow. The last
     #: of them may not be in the workers' token list yet (sampled by the step in flight).
     num_computed_tokens: int
+    #: After speculative decoding trimmed the request's blocks: how many of its block ids
+    #: the workers keep before appending ``new_block_ids`` (-1: all of them).
+    num_kept_blocks: int = -1
 
 
 @dataclass
@@ -221,6 +230,10 @@ class SchedulerOutput:
     #: The sampling requests whose output follows a grammar: the driver samples them only
     #: after the core hands it their bitmask rows (see ``PendingSample``).
     grammar_request_ids: frozenset[str] = frozenset()
+    #: Speculative decoding: draft tokens per sampling request that has any. Such a request's
+    #: scheduled tokens are its next token then these drafts; the step verifies them and
+    #: returns the accepted ones plus one token of the target's.
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
     def without(self, request_ids: set[str] | dict[str, str]) -> SchedulerOutput:
         """This plan less some requests (whose inputs could not be built); every rank drops
@@ -235,6 +248,9 @@ class SchedulerOutput:
             preempted_request_ids=self.preempted_request_ids,
             sampling_request_ids=[r for r in self.sampling_request_ids if r not in request_ids],
             grammar_request_ids=self.grammar_request_ids.difference(request_ids),
+            spec_token_ids={
+                r: d for r, d in self.spec_token_ids.items() if r not in request_ids
+            },
         )
 
     @property
@@ -264,3 +280,8 @@ class ModelRunnerOutput:
     #: Request id -> (index of the first prompt token covered, one entry per prompt token
     #: from there), for the requests with ``prompt_logprobs`` whose prompt the step computed.
     prompt_logprobs: dict[str, tuple[int, list[PositionLogprobs]]] = field(default_factory=dict)
+    #: Requests that verified drafts: every token the step emitted for them (the accepted
+    #: drafts, then the target's own), in order; ``sampled_token_ids`` holds the first. With
+    #: ``logprobs``, one entry per emitted token in ``spec_logprobs``.
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    spec_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)

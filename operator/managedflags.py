@@ -70,6 +70,7 @@ ENGINE_FLAGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ('--enforce-eager --no-enforce-eager', 'bool', ()),
     ('--async-scheduling --no-async-scheduling', 'bool', ()),
     ('--mixed-step-graphs --no-mixed-step-graphs', 'bool', ()),
+    ('--speculative-config', 'str', ()),
     ('--seed', 'int', ()),
     ('--device', 'str', ()),
     ('--host', 'str', ()),

@@ -47,7 +47,9 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         # Decided before the workers start: with TP they must know whether to expect each
         # step's sampled tokens from rank 0.
-        self.async_scheduling = use_async_scheduling(config.async_scheduling, config.device.type)
+        self.async_scheduling = use_async_scheduling(
+            config.async_scheduling, config.device.type, config.speculative is not None
+        )
         config = dataclasses.replace(config, async_scheduling=self.async_scheduling)
         self.config = config
         self.executor = create_executor(config)
@@ -65,7 +67,9 @@ class EngineCore:
         self.kv_cache_manager = KVCacheManager(
             num_blocks, block_size, config.cache.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
+        self.scheduler = Scheduler(
+            config.scheduler, self.kv_cache_manager, config.speculative
+        )
         self._in_flight: tuple[SchedulerOutput, StepResult] | None = None
         self.host_timer = HostTimer()
         self.grammars = GrammarManager(config)
@@ -250,10 +254,16 @@ def grammar_failed(request: Request, message: str) -> EngineCoreOutput:
     )
 
 
-def use_async_scheduling(wanted: bool | None, device_type: str) -> bool:
+def use_async_scheduling(wanted: bool | None, device_type: str, speculative: bool = False) -> bool:
     """Whether the core keeps a step in flight. Unset means on for CUDA (the measurements
     are in docs/engine.md, "Asynchronous scheduling"); on the CPU the model runs inline, so
-    there is nothing to overlap."""
+    there is nothing to overlap. Speculative decoding proposes from the tokens the last step
+    accepted, so it runs in the plain order (logged when that overrides a wish or default)."""
     if wanted is None:
-        return device_type == "cuda"
+        wanted = device_type == "cuda"
+    if wanted and speculative:
+        logger.warning(
+            "speculative decoding runs steps in the plain order: asynchronous scheduling is off"
+        )
+        return False
     return wanted

@@ -223,19 +223,21 @@ class KVCacheManager:
         self.num_cached_blocks.pop(request.request_id, None)
         self.pool.release(reversed(blocks))
 
-    def trim(self, request: Request, num_tokens: int) -> None:
+    def trim(self, request: Request, num_tokens: int) -> int | None:
         """Keep only the blocks that the request's first ``num_tokens`` tokens need; the rest
-        (slots of rejected speculative tokens) return to the pool. Blocks registered in the
+        (slots of rejected speculative tokens) return to the pool. Returns how many blocks
+        the request keeps, or None when nothing was dropped. Blocks registered in the
         prefix cache hold only real tokens, which ``num_tokens`` must cover."""
         held = self.req_blocks.get(request.request_id)
         keep = -(-num_tokens // self.block_size)
         if not held or keep >= len(held):
-            return
+            return None
         if keep < self.num_cached_blocks.get(request.request_id, 0):
             raise ValueError(f"trim to {num_tokens} tokens would drop prefix-cached blocks")
         extra = held[keep:]
         del held[keep:]
         self.pool.release(reversed(extra))
+        return keep
 
     def forget_unwritten(self, request: Request, from_token: int) -> list[KVBlock]:
         """The request's KV from token ``from_token`` on was never written (its step ran

@@ -15,8 +15,9 @@ class Request:
     """Scheduler-side state of one sequence.
 
     Invariants: ``all_token_ids == prompt_token_ids + output_token_ids``;
-    ``0 <= num_computed_tokens <= num_tokens + num_pending_samples``; the blocks the KV cache
-    manager holds for this request have a slot for each of the first ``num_computed_tokens``.
+    ``0 <= num_computed_tokens <= num_tokens + num_pending_samples`` (plus the step's draft
+    tokens while a speculative step is in flight); the blocks the KV cache manager holds for
+    this request have a slot for each of the first ``num_computed_tokens``.
     """
 
     __slots__ = (

@@ -6,6 +6,12 @@ token, a prefill as large a chunk as the budget allows), then admits waiting req
 arrival order while the budget, ``max_num_seqs`` and free KV blocks allow. When a running
 request cannot get a block, the newest running request is preempted by recompute: its blocks
 are freed and it returns to the head of the queue, keeping the tokens it generated.
+
+With speculative decoding a decoding request may also schedule draft tokens after its next
+one (:mod:`.speculation`); they count against the budget and get KV slots like any token.
+Once the step verified them, the request keeps the accepted drafts and the target's token
+(stop conditions checked token by token), and the slots past its computed tokens are
+trimmed.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ from ..messages import (
     SchedulerOutput,
     SchedulerStats,
 )
+from ..spec_decode.config import SpeculativeConfig
 from .kv_cache import KVBlock, KVCacheManager
 from .request import Request
+from .speculation import Speculation, may_draft
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +47,16 @@ class Scheduler:
     ``len(running) <= max_num_seqs``; finished requests hold no KV blocks.
     """
 
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_cache_manager: KVCacheManager,
+        speculative: SpeculativeConfig | None = None,
+    ) -> None:
         self.config = config
+        self.speculation = (
+            Speculation(speculative, config.max_model_len) if speculative is not None else None
+        )
         self.kv_cache_manager = kv_cache_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -52,6 +68,8 @@ class Scheduler:
         self._finished_since_last_step: set[str] = set()
         # How many of each request's tokens the workers already know, for diffs.
         self._sent_tokens: dict[str, int] = {}
+        # Requests whose blocks were trimmed since the workers last saw them: blocks kept.
+        self._kept_blocks: dict[str, int] = {}
         self._num_exact_history = 0
 
     # ---- requests in and out -------------------------------------------------------------
@@ -93,6 +111,7 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         kv = self.kv_cache_manager
+        spec = self.speculation
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
@@ -103,6 +122,10 @@ class Scheduler:
             num_steps=self.num_steps,
             num_prefill_steps=self.num_prefill_steps,
             num_scheduled_tokens=self.num_scheduled_tokens,
+            spec_num_drafts=spec.num_drafts if spec else 0,
+            spec_num_draft_tokens=spec.num_draft_tokens if spec else 0,
+            spec_num_accepted_tokens=spec.num_accepted_tokens if spec else 0,
+            spec_accepted_per_position=tuple(spec.accepted_per_position) if spec else (),
         )
 
     # ---- one step ------------------------------------------------------------------------
@@ -124,16 +147,20 @@ class Scheduler:
                 continue
             target = request.num_tokens + request.num_pending_samples
             num_new = min(target - request.num_computed_tokens, budget)
-            while (new_blocks := kv.allocate_slots(request, num_new)) is None:
-                victim = self.running.pop()
-                self._preempt(victim, out)
-                if victim is request:
-                    break
+            drafts = self._drafts(request, budget)
+            new_blocks = kv.allocate_slots(request, num_new + len(drafts)) if drafts else None
             if new_blocks is None:
-                break
+                drafts = []  # no room for them: decode one token (preempting if need be)
+                while (new_blocks := kv.allocate_slots(request, num_new)) is None:
+                    victim = self.running.pop()
+                    self._preempt(victim, out)
+                    if victim is request:
+                        break
+                if new_blocks is None:
+                    break
             out.running_requests.append(self._diff(request, new_blocks))
-            self._account(request, num_new, out)
-            budget -= num_new
+            self._account(request, num_new, out, drafts)
+            budget -= num_new + len(drafts)
             index += 1
 
         while (
@@ -195,7 +222,7 @@ class Scheduler:
             if request is None:
                 continue  # finished, aborted or failed while the step ran: no token
             try:
-                output = self._take_token(request, runner_output)
+                output = self._take_token(request, scheduled, runner_output)
             except Exception as error:
                 if faults.poisons_engine(error):
                     raise
@@ -207,24 +234,48 @@ class Scheduler:
             self.running = [r for r in self.running if r.status == RequestStatus.RUNNING]
         return outputs
 
-    def _take_token(self, request: Request, runner_output: ModelRunnerOutput) -> EngineCoreOutput:
+    def _take_token(
+        self, request: Request, scheduled: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> EngineCoreOutput:
+        """Append the token(s) the step gave ``request``: one, or after verifying drafts the
+        accepted ones and the target's (each checked for a stop; the rest are dropped)."""
         request_id = request.request_id
         if faults.ACTIVE:
             faults.inject("update", request_id)
         request.num_pending_samples -= 1
-        token = runner_output.sampled_token_ids[request_id]
-        if token < 0:
-            return self._fail(request, NO_ALLOWED_TOKEN)
-        refused = request.grammar.accept(token) if request.grammar is not None else None
-        if refused is not None:
-            return self._fail(request, refused)
-        request.append_output_token(token)
-        status = self._stop_status(request, token)
-        logprobs = runner_output.logprobs.get(request_id)
+        tokens = runner_output.spec_token_ids.get(request_id)
+        if tokens is None:
+            tokens = [runner_output.sampled_token_ids[request_id]]
+            logprobs = runner_output.logprobs.get(request_id)
+            entries = [logprobs] if logprobs is not None else None
+        else:
+            drafts = scheduled.spec_token_ids[request_id]
+            self.speculation.record(len(drafts), len(tokens) - 1)
+            entries = runner_output.spec_logprobs.get(request_id)
+        status = None
+        taken = 0
+        for token in tokens:
+            if token < 0:
+                return self._fail(request, NO_ALLOWED_TOKEN)
+            refused = request.grammar.accept(token) if request.grammar is not None else None
+            if refused is not None:
+                return self._fail(request, refused)
+            request.append_output_token(token)
+            taken += 1
+            status = self._stop_status(request, token)
+            if status is not None:
+                break
+        if request_id in scheduled.spec_token_ids and status is None:
+            # KV exists for every token but the last (the target's): the slots of rejected
+            # drafts go back to the pool.
+            request.num_computed_tokens = request.num_tokens - 1
+            kept = self.kv_cache_manager.trim(request, request.num_computed_tokens)
+            if kept is not None:
+                self._kept_blocks[request_id] = kept
         output = EngineCoreOutput(
             request_id=request_id,
-            new_token_ids=[token],
-            new_logprobs=[logprobs] if logprobs is not None else None,
+            new_token_ids=tokens[:taken],
+            new_logprobs=entries[:taken] if entries is not None else None,
             num_cached_tokens=max(request.num_cached_tokens, 0),
         )
         if request.prompt_logprobs is not None:
@@ -300,14 +351,24 @@ class Scheduler:
             return True
         return request.num_tokens + pending >= self.config.max_model_len
 
-    def _account(self, request: Request, num_new: int, out: SchedulerOutput) -> None:
-        """Record ``num_new`` scheduled tokens; mark the request as sampling if they reach
-        the end of its tokens."""
-        out.num_scheduled_tokens[request.request_id] = num_new
+    def _drafts(self, request: Request, budget: int) -> list[int]:
+        if self.speculation is None or not may_draft(request, _needs_exact_history(request)):
+            return []
+        return self.speculation.drafts(request, budget)
+
+    def _account(
+        self, request: Request, num_new: int, out: SchedulerOutput, drafts: list[int] = ()
+    ) -> None:
+        """Record ``num_new`` scheduled tokens (plus any drafts after them); mark the
+        request as sampling if they reach the end of its tokens."""
+        out.num_scheduled_tokens[request.request_id] = num_new + len(drafts)
         request.num_computed_tokens += num_new
         if request.num_computed_tokens == request.num_tokens + request.num_pending_samples:
             request.num_pending_samples += 1
             out.sampling_request_ids.append(request.request_id)
+        if drafts:
+            request.num_computed_tokens += len(drafts)
+            out.spec_token_ids[request.request_id] = list(drafts)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         if _needs_exact_history(request):
@@ -331,6 +392,7 @@ class Scheduler:
 
     def _forget_sent(self, request_id: str) -> None:
         self._sent_tokens.pop(request_id, None)
+        self._kept_blocks.pop(request_id, None)
 
     def _whole(self, request: Request) -> NewRequestData:
         """A request the workers do not know (new, or resumed after preemption), sent before
@@ -358,6 +420,7 @@ class Scheduler:
             new_token_ids=request.all_token_ids[sent_tokens:],
             new_block_ids=[block.block_id for block in new_blocks],
             num_computed_tokens=request.num_computed_tokens,
+            num_kept_blocks=self._kept_blocks.pop(request_id, -1),
         )
 
 

@@ -113,31 +113,50 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, meta: SamplingMetadata) -> tor
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+@dataclass
+class RowDistributions:
+    """What the sampler decides from, per row: the argmax after constraints and penalties
+    (what greedy rows take), rows left with no allowed token, the probabilities the other
+    rows draw from (None when every row is greedy), and the raw log-probabilities (None
+    when no row asks for log-probs)."""
+
+    greedy_tokens: torch.Tensor  # [B] int64
+    blocked: torch.Tensor  # [B] bool
+    probs: torch.Tensor | None  # [B, V] fp32: after temperature, min-p, top-k, top-p
+    raw_logprobs: torch.Tensor | None  # [B, V] fp32
+
+
 class Sampler:
-    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        """``logits`` is ``[B, V]`` fp32; returns one token per row."""
+    def distributions(self, logits: torch.Tensor, meta: SamplingMetadata) -> RowDistributions:
+        """``logits`` is ``[B, V]`` fp32; every transform of the module docstring, no draw."""
         raw_logprobs = (
             torch.log_softmax(logits, dim=-1) if meta.max_num_logprobs is not None else None
         )
         logits = apply_token_constraints(logits, meta)
         logits = apply_penalties(logits, meta)
         best, greedy_tokens = logits.max(dim=-1)
-        blocked = torch.isneginf(best)
-        if meta.all_greedy:
-            sampled = greedy_tokens
-        else:
+        probs = None
+        if not meta.all_greedy:
             temperature = torch.where(meta.greedy, 1.0, meta.temperature)
             scaled = apply_top_k_top_p_min_p(logits / temperature[:, None], meta)
             probs = torch.softmax(scaled, dim=-1)
-            race = torch.empty_like(probs).exponential_()
+        return RowDistributions(greedy_tokens, torch.isneginf(best), probs, raw_logprobs)
+
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        """``logits`` is ``[B, V]`` fp32; returns one token per row."""
+        rows = self.distributions(logits, meta)
+        if rows.probs is None:
+            sampled = rows.greedy_tokens
+        else:
+            race = torch.empty_like(rows.probs).exponential_()
             for row, generator in meta.generators.items():
                 race[row].exponential_(generator=generator)
-            drawn = (probs / race).argmax(dim=-1)
-            sampled = torch.where(meta.greedy, greedy_tokens, drawn)
-        sampled = sampled.masked_fill(blocked, NO_TOKEN)
+            drawn = (rows.probs / race).argmax(dim=-1)
+            sampled = torch.where(meta.greedy, rows.greedy_tokens, drawn)
+        sampled = sampled.masked_fill(rows.blocked, NO_TOKEN)
         logprobs: list[PositionLogprobs | None] = [None] * logits.shape[0]
-        if raw_logprobs is not None:
-            logprobs = gather_logprobs(raw_logprobs, sampled, meta.max_num_logprobs or 0)
+        if rows.raw_logprobs is not None:
+            logprobs = gather_logprobs(rows.raw_logprobs, sampled, meta.max_num_logprobs or 0)
         return SamplerOutput(sampled=sampled, logprobs=logprobs)
 
 

@@ -106,6 +106,21 @@ class ServerMetrics:
             "prefix_cache_hits", "Prompt tokens served from the prefix cache."
         )
         self.preemptions = counter("num_preemptions", "Preemptions of running sequences.")
+        self.spec_drafts = counter(
+            "spec_decode_num_drafts", "Request-steps that verified speculative draft tokens."
+        )
+        self.spec_draft_tokens = counter(
+            "spec_decode_num_draft_tokens", "Speculative draft tokens verified."
+        )
+        self.spec_accepted = counter(
+            "spec_decode_num_accepted_tokens", "Speculative draft tokens accepted."
+        )
+        self.spec_accepted_per_pos = Counter(
+            "metroline:spec_decode_num_accepted_tokens_per_pos",
+            "Speculative draft tokens accepted, by position in the draft (0 first).",
+            ["model_name", "position"],
+            registry=self.registry,
+        )
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.request_success = Counter(
@@ -198,8 +213,24 @@ class ServerMetrics:
             (self.prefix_queries, stats.prefix_cache_queries, last and last.prefix_cache_queries),
             (self.prefix_hits, stats.prefix_cache_hits, last and last.prefix_cache_hits),
             (self.preemptions, stats.num_preemptions, last and last.num_preemptions),
+            (self.spec_drafts, stats.spec_num_drafts, last and last.spec_num_drafts),
+            (
+                self.spec_draft_tokens,
+                stats.spec_num_draft_tokens,
+                last and last.spec_num_draft_tokens,
+            ),
+            (
+                self.spec_accepted,
+                stats.spec_num_accepted_tokens,
+                last and last.spec_num_accepted_tokens,
+            ),
         ):
             counter.inc(max(0, value - (previous or 0)))
+        before = last.spec_accepted_per_position if last is not None else ()
+        for position, value in enumerate(stats.spec_accepted_per_position):
+            previous = before[position] if position < len(before) else 0
+            series = self.spec_accepted_per_pos.labels(self.model_name, str(position))
+            series.inc(max(0, value - previous))
         stepped = last is not None and stats.num_steps != last.num_steps
         self._last = stats
         if iteration.num_generation_tokens:

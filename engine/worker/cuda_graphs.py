@@ -63,10 +63,13 @@ def token_buckets(max_tokens: int) -> list[int]:
     return [s for s in sizes if s < max_tokens] + [max_tokens]
 
 
-def use_mixed_step_graphs(wanted: bool | None, tp_size: int) -> bool:
+def use_mixed_step_graphs(wanted: bool | None, tp_size: int, speculative: bool = False) -> bool:
     """Unset means on at TP >= 2, where the host bounds eager mixed steps (measured in
-    docs/engine.md, "Model runner")."""
-    return tp_size >= 2 if wanted is None else wanted
+    docs/engine.md, "Model runner"), and with speculative decoding, whose verification steps
+    (K + 1 tokens per request) are all mixed steps."""
+    if wanted is None:
+        return tp_size >= 2 or speculative
+    return wanted
 
 
 def mixed_pool_bytes(activation_bytes: int, max_num_batched_tokens: int) -> int:

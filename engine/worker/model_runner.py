@@ -20,12 +20,12 @@ from ..host_timing import HostTimer
 from ..layers.sampler import NO_TOKEN, Sampler
 from ..messages import NewRequestData, SchedulerOutput
 from ..outputs import PositionLogprobs
-from ..sampling_params import shorten
 from .cuda_graphs import StepGraphs, mixed_pool_bytes, use_mixed_step_graphs
 from .grammar_bitmask import apply_token_bitmask
 from .host_staging import StepStaging
 from .prompt_logprobs import compute_prompt_logprobs, prompt_logprob_rows
 from .sampled_rows import plain_greedy, wanted_logprobs
+from .spec_sampling import sample_drafted_batch
 from .step_inputs import (
     PreviousSample,
     StepInputs,
@@ -105,6 +105,8 @@ class ModelRunner:
         for running in scheduled.running_requests:
             state = self.states[running.request_id]
             state.token_ids.extend(running.new_token_ids)
+            if running.num_kept_blocks >= 0:
+                del state.block_ids[running.num_kept_blocks :]
             state.block_ids.extend(running.new_block_ids)
             state.num_computed_tokens = running.num_computed_tokens
 
@@ -179,6 +181,9 @@ class ModelRunner:
             with torch.inference_mode(), self.host_timer.phase("runner.logits_and_sampling"):
                 masked = logits.float()
                 rows = bitmask if keep is None else bitmask[torch.tensor(keep)]
+                if inputs.drafts is not None:  # a request with k drafts has k + 1 rows
+                    counts = torch.tensor([len(d) + 1 for d in inputs.drafts])
+                    rows = rows.repeat_interleave(counts, dim=0)
                 apply_token_bitmask(masked, rows)
                 result = self._sample_logits(masked, inputs, failed, unwritten)
             result.prompt_logprobs = prompt_logprobs
@@ -216,7 +221,7 @@ class ModelRunner:
             except Exception as error:
                 if faults.poisons_engine(error):
                     raise
-                failed[request_id] = f"building its inputs failed: {_describe(error)}"
+                failed[request_id] = f"building its inputs failed: {faults.describe(error)}"
         if not failed:  # no single request explains it
             raise whole_step_error
         logger.error("step inputs failed for %d request(s): %s", len(failed), failed)
@@ -260,8 +265,11 @@ class ModelRunner:
         failed: dict[str, str],
         unwritten: frozenset[str],
     ) -> StepResult:
-        """The driver's sampling of ``logits`` (fp32, one row per sampled request)."""
+        """The driver's sampling of ``logits`` (fp32, one row per sampled request, or with
+        drafts the rows of :mod:`.spec_sampling`)."""
         states = [self.states[r] for r in inputs.sampled_request_ids]
+        if inputs.drafts is not None:
+            return self._sample_drafted(logits, inputs, states, failed, unwritten)
         generators = [s.generator for s in states if s.generator is not None]
         saved = [g.get_state() for g in generators]
         try:
@@ -316,7 +324,7 @@ class ModelRunner:
             except Exception as error:
                 if faults.poisons_engine(error):
                     raise
-                newly_failed[state.request_id] = f"sampling failed: {_describe(error)}"
+                newly_failed[state.request_id] = f"sampling failed: {faults.describe(error)}"
                 tokens, row_logprobs = torch.zeros(1, dtype=torch.int64, device=logits.device), {}
             rows.append(tokens.to(torch.int64))
             logprobs.update(row_logprobs)
@@ -325,6 +333,31 @@ class ModelRunner:
         logger.error("sampling failed for %d request(s): %s", len(newly_failed), newly_failed)
         failed.update(newly_failed)
         return torch.cat(rows), logprobs
+
+    def _sample_drafted(
+        self,
+        logits: torch.Tensor,
+        inputs: StepInputs,
+        states: list[WorkerRequestState],
+        failed: dict[str, str],
+        unwritten: frozenset[str],
+    ) -> StepResult:
+        """A step in which some requests verify drafts. Speculative decoding runs steps in
+        the plain order, so nothing is remembered for the next step's inputs."""
+        width = self.config.speculative.num_speculative_tokens
+        done = sample_drafted_batch(
+            self.sampler, logits, states, inputs.drafts, width, self.vocab_size,
+            self.sampling_staging, failed,
+        )  # fmt: skip
+        return StepResult(
+            inputs.sampled_request_ids,
+            done.tokens,
+            done.logprobs,
+            failed,
+            unwritten,
+            spec_token_ids=done.spec_tokens,
+            spec_logprobs=done.spec_logprobs,
+        )
 
     def _remember_sample(self, tokens: torch.Tensor, inputs: StepInputs) -> None:
         self.previous_sample = PreviousSample(
@@ -335,7 +368,11 @@ class ModelRunner:
         return (
             self.device.type == "cuda"
             and not self.config.enforce_eager
-            and use_mixed_step_graphs(self.config.mixed_step_graphs, get_tp_group().world_size)
+            and use_mixed_step_graphs(
+                self.config.mixed_step_graphs,
+                get_tp_group().world_size,
+                self.config.speculative is not None,
+            )
         )
 
     def graph_pool_reserve(self, activation_bytes: int) -> int:
@@ -382,7 +419,3 @@ class ModelRunner:
 
 def _others(scheduled: SchedulerOutput, request_id: str) -> set[str]:
     return {r for r in scheduled.num_scheduled_tokens if r != request_id}
-
-
-def _describe(error: Exception) -> str:
-    return shorten(f"{type(error).__name__}: {error}", 500)

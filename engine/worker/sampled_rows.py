@@ -28,7 +28,10 @@ def wanted_logprobs(
     for state, token, entry in zip(states, tokens, entries):
         asked = state.sampling_params.logprobs
         if entry is not None and asked is not None:
-            wanted[state.request_id] = {
-                tid: lp for tid, lp in entry.items() if tid == token or lp.rank <= asked
-            }
+            wanted[state.request_id] = wanted_entry(entry, token, asked)
     return wanted
+
+
+def wanted_entry(entry: PositionLogprobs, token: int, asked: int) -> PositionLogprobs:
+    """``entry`` trimmed to the ``token`` taken plus the top ``asked``."""
+    return {tid: lp for tid, lp in entry.items() if tid == token or lp.rank <= asked}

@@ -46,8 +46,12 @@ class StepInputs:
     input_ids: torch.Tensor  # [num_tokens] int64
     positions: torch.Tensor  # [num_tokens] int64
     attn_metadata: AttentionMetadata
-    logits_indices: torch.Tensor  # [num_sampled] int64: rows whose logits are sampled
+    logits_indices: torch.Tensor  # [num_rows] int64: rows whose logits are sampled
     sampled_request_ids: list[str] = field(default_factory=list)
+    #: With speculative decoding: each sampled request's drafts (empty for most), in the
+    #: order of ``sampled_request_ids``; a request with ``k`` drafts has ``k + 1`` rows in
+    #: ``logits_indices`` (its next token's position, then each draft's). None: no drafts.
+    drafts: list[list[int]] | None = None
 
 
 @dataclass(slots=True)
@@ -71,7 +75,8 @@ def build_step_inputs(
     Per request only the token ids and the block-table row are gathered in Python; positions
     and slots are computed for the whole step at once. A request whose last scheduled token
     is not in its state yet (sampled by the step in flight) gets it from ``previous`` on the
-    device, without a host round trip.
+    device, without a host round trip. A request with drafts (``spec_token_ids``) feeds its
+    next token then the drafts, and has a logits row at each of those positions.
     """
     request_ids = list(scheduled.num_scheduled_tokens)
     step_states = [states[r] for r in request_ids]
@@ -88,8 +93,15 @@ def build_step_inputs(
     seq_lens = starts + counts
     chunks = []
     pending_slots, pending_rows = [], []
+    spec = scheduled.spec_token_ids
     for row, (state, start, count) in enumerate(zip(step_states, starts.tolist(), counts.tolist())):
-        chunk = state.token_ids[start : start + count]
+        drafts = spec.get(request_ids[row]) if spec else None
+        if drafts:
+            chunk = [*state.token_ids[start : start + count - len(drafts)], *drafts]
+            if len(chunk) != count:
+                raise RuntimeError(f"request {request_ids[row]} is missing input tokens")
+        else:
+            chunk = state.token_ids[start : start + count]
         if len(chunk) < count:  # the last token is still being sampled
             if previous is None or len(chunk) != count - 1:
                 raise RuntimeError(f"request {request_ids[row]} is missing input tokens")
@@ -111,6 +123,14 @@ def build_step_inputs(
     sampling = set(scheduled.sampling_request_ids)
     sampled = np.fromiter((i for i, r in enumerate(request_ids) if r in sampling), dtype=np.int64)
     logits_indices = cu_seqlens[1:][sampled] - 1
+    step_drafts = None
+    if spec:
+        step_drafts = [spec.get(request_ids[i], []) for i in sampled.tolist()]
+        rows_per_request = np.fromiter((len(d) + 1 for d in step_drafts), dtype=np.int64)
+        # Request i's rows end at its last token: ends - (k_i, ..., 1, 0).
+        ends = np.repeat(logits_indices, rows_per_request)
+        back = np.repeat(np.cumsum(rows_per_request), rows_per_request) - 1
+        logits_indices = ends - (back - np.arange(ends.shape[0]))
 
     add = staging.add
     queued = [
@@ -144,6 +164,7 @@ def build_step_inputs(
         attn_metadata=metadata,
         logits_indices=logits_rows,
         sampled_request_ids=[request_ids[i] for i in sampled.tolist()],
+        drafts=step_drafts,
     )
 
 

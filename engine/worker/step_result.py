@@ -22,8 +22,13 @@ class StepResult:
         failed: dict[str, str] | None = None,
         unwritten: frozenset[str] = frozenset(),
         prompt_logprobs: dict[str, tuple[int, list[PositionLogprobs]]] | None = None,
+        spec_token_ids: dict[str, list[int]] | None = None,
+        spec_logprobs: dict[str, list[PositionLogprobs]] | None = None,
     ) -> None:
         self.request_ids = request_ids
+        #: As in ModelRunnerOutput (already on the host).
+        self.spec_token_ids = spec_token_ids or {}
+        self.spec_logprobs = spec_logprobs or {}
         self.logprobs = logprobs
         #: As in ModelRunnerOutput (already on the host).
         self.prompt_logprobs = prompt_logprobs or {}
@@ -61,7 +66,13 @@ class StepResult:
         tokens = self._tokens if isinstance(self._tokens, list) else self._tokens.tolist()
         sampled = {r: t for r, t in zip(self.request_ids, tokens) if r not in self.failed}
         return ModelRunnerOutput(
-            sampled, self.logprobs, self.failed, self.unwritten, self.prompt_logprobs
+            sampled,
+            self.logprobs,
+            self.failed,
+            self.unwritten,
+            self.prompt_logprobs,
+            {r: t for r, t in self.spec_token_ids.items() if r not in self.failed},
+            {r: e for r, e in self.spec_logprobs.items() if r not in self.failed},
         )
 
 

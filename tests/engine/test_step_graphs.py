@@ -45,6 +45,8 @@ def test_token_buckets():
     assert token_buckets(7) == [7] and token_buckets(1) == []
     assert use_mixed_step_graphs(None, 1) is False and use_mixed_step_graphs(None, 2) is True
     assert use_mixed_step_graphs(True, 1) is True and use_mixed_step_graphs(False, 4) is False
+    assert use_mixed_step_graphs(None, 1, speculative=True) is True
+    assert use_mixed_step_graphs(False, 1, speculative=True) is False
 
 
 def test_mixed_pool_reserve_scales_the_profiled_activations():

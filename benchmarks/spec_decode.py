@@ -1,0 +1,191 @@
+"""W8 - speculative decoding at low batch (issue 20): time per output token at batch B with
+and without draft tokens, one engine for each, back to back.
+
+``python -P benchmarks/spec_decode.py --model llama3-8b [--batches 1,8] [--k 4]``
+
+Workloads (prompt ``--prompt-len`` tokens, ``--new-tokens`` greedy tokens each, no EOS):
+
+- ``plain``: no speculation, the engine's defaults (asynchronous scheduling on CUDA); its
+  greedy outputs are recorded for the replayed runs.
+- ``replay-A``: drafts replayed from the plain outputs with a share ``1 - A`` corrupted
+  (benchmarks/spec_replay.py): each draft is right with probability A (1.0, 0.7, 0.5), the
+  acceptance rate alpha of Leviathan et al., forced by construction. A step then emits
+  ``(1 - A**(K+1)) / (1 - A)`` tokens on average; the measured ``accepted / drafted`` (vLLM's
+  acceptance rate) is lower, as drafts after the first wrong one count as drafted.
+- ``ngram``: the prompt-lookup proposer on prompts that repeat one phrase (prompts that
+  contain their answer); acceptance as measured (with dummy weights it says little about
+  real text).
+
+TPOT is (time of the whole batch - time of a one-token batch) / (new tokens - 1), the
+median of ``--repeats`` runs; proposer time is measured separately (host seconds inside the
+proposer per step). Every speculative run checks that its tokens equal the plain run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import environment, gpu_slug
+from records import save_record
+from shapes import SHAPES, write_shape
+from spec_replay import ReplayProposer
+
+from metroline.engine.config import EngineArgs
+from metroline.engine.flags import add_flags, flag_values
+
+ENGINE_FLAGS_FIXED = ("model", "load_format", "max_model_len", "enable_prefix_caching",
+                      "speculative_config")  # fmt: skip
+ACCEPTANCE = (1.0, 0.7, 0.5)
+#: Each engine's KV pool: both engines live in one process, so neither profiles memory.
+KV_BYTES = 4 * 2**30
+
+
+def prompts_for(batch: int, length: int, vocab: int, repetitive: bool) -> list[list[int]]:
+    rng = random.Random(batch * 7919 + length + repetitive)
+    if not repetitive:
+        return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(batch)]
+    phrase_len = 64
+    prompts = []
+    for _ in range(batch):
+        phrase = [rng.randrange(100, vocab) for _ in range(phrase_len)]
+        prompts.append((phrase * (length // phrase_len + 1))[:length])
+    return prompts
+
+
+def timed_generate(llm: Any, prompts: list[list[int]], new_tokens: int, repeats: int):
+    """(TPOT seconds median, outputs of the last run)."""
+    from metroline.engine import SamplingParams
+
+    full = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.generate(prompts, full, use_tqdm=False)  # warm-up (graphs, kernels)
+    tpots, outputs = [], None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        llm.generate(prompts, first, use_tqdm=False)
+        one = time.perf_counter() - started
+        started = time.perf_counter()
+        outputs = llm.generate(prompts, full, use_tqdm=False)
+        whole = time.perf_counter() - started
+        tpots.append((whole - one) / (new_tokens - 1))
+    return statistics.median(tpots), [o.outputs[0].token_ids for o in outputs]
+
+
+class TimedProposer:
+    """Wraps a proposer, adding up the host seconds it takes."""
+
+    def __init__(self, propose) -> None:
+        self.propose, self.seconds, self.calls = propose, 0.0, 0
+
+    def __call__(self, request, room):
+        started = time.perf_counter()
+        try:
+            return self.propose(request, room)
+        finally:
+            self.seconds += time.perf_counter() - started
+            self.calls += 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama3-8b", choices=sorted(SHAPES))
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    add_flags(parser.add_argument_group("engine"), EngineArgs, skip=ENGINE_FLAGS_FIXED,
+              defaults={"dtype": "bfloat16", "kv_cache_memory_bytes": KV_BYTES})  # fmt: skip
+    parser.add_argument("--out", type=Path, default=Path("."))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    import torch
+
+    from metroline.engine import LLM
+
+    env = environment() if torch.cuda.is_available() else {"gpu": "cpu"}
+    batches = [int(b) for b in args.batches.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    engine = flag_values(args, EngineArgs, skip=ENGINE_FLAGS_FIXED)
+    common = dict(load_format="dummy", max_model_len=args.prompt_len + args.new_tokens + 64,
+                  enable_prefix_caching=False, **engine)  # fmt: skip
+    ngram = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": 2,
+             "prompt_lookup_max": 5}  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(write_shape(args.model, Path(tmp) / args.model))
+        plain = LLM(model=path, **common)
+        spec = LLM(model=path, speculative_config=ngram, **common)
+        vocab = plain.config.model.arch.vocab_size
+        speculation = spec.engine_core.scheduler.speculation
+        for batch in batches:
+            for repetitive in (False, True):
+                prompts = prompts_for(batch, args.prompt_len, vocab, repetitive)
+                base, reference = timed_generate(plain, prompts, args.new_tokens, args.repeats)
+                rows.append({"batch": batch, "workload": "plain", "repetitive": repetitive,
+                             "tpot_s": base})  # fmt: skip
+                modes = [("ngram", None)] if repetitive else [
+                    (f"replay-{a:.1f}", 1.0 - a) for a in ACCEPTANCE
+                ]
+                for name, corrupt in modes:
+                    propose = (
+                        speculation.propose_ngram
+                        if corrupt is None
+                        else ReplayProposer(zip(prompts, reference), vocab, corrupt, seed=batch)
+                    )
+                    timer = TimedProposer(propose)
+                    speculation.propose = timer
+                    before = spec.engine_core.stats()
+                    tpot, tokens = timed_generate(spec, prompts, args.new_tokens, args.repeats)
+                    after = spec.engine_core.stats()
+                    drafted = after.spec_num_draft_tokens - before.spec_num_draft_tokens
+                    verified = after.spec_num_drafts - before.spec_num_drafts
+                    accepted = after.spec_num_accepted_tokens - before.spec_num_accepted_tokens
+                    steps = after.num_steps - before.num_steps
+                    row = {
+                        "batch": batch, "workload": name, "repetitive": repetitive,
+                        "tpot_s": tpot, "vs_plain": tpot / base,
+                        "acceptance": accepted / drafted if drafted else 0.0,
+                        "draft_tokens": drafted, "accepted_tokens": accepted,
+                        "acceptance_length": 1 + accepted / verified if verified else 1.0,
+                        "proposer_s_per_step": timer.seconds / max(1, steps),
+                        "equal_to_plain": tokens == reference,
+                    }  # fmt: skip
+                    rows.append(row)
+                    print(row, flush=True)
+        spec.shutdown()
+        plain.shutdown()
+    record = {
+        "benchmark": "spec-decode-W8",
+        "environment": env,
+        "parameters": vars(args) | {"out": str(args.out)},
+        "rows": rows,
+    }
+    save_record(args.out, [gpu_slug(env["gpu"]), "W8", args.model, f"k{args.k}"], record)
+    print(f"\nW8 speculative decoding on {args.model}, K={args.k}, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, {env['gpu']}")  # fmt: skip
+    print(f"{'B':>3s} {'workload':>12s} {'TPOT ms':>8s} {'vs plain':>8s} {'accept':>7s} "
+          f"{'length':>6s} {'prop us':>8s} {'equal':>6s}")  # fmt: skip
+    for r in rows:
+        print(
+            f"{r['batch']:3d} {r['workload'] + ('*' if r['repetitive'] else ''):>12s} "
+            f"{r['tpot_s'] * 1e3:8.2f} {r.get('vs_plain', 1.0):8.2f} "
+            f"{r.get('acceptance', 0):7.0%} {r.get('acceptance_length', 1):6.2f} "
+            f"{r.get('proposer_s_per_step', 0) * 1e6:8.1f} "
+            f"{r.get('equal_to_plain', '')!s:>6s}"
+        )
+
+
+if __name__ == "__main__":
+    main()

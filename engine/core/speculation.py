@@ -1,0 +1,81 @@
+"""The scheduler's side of speculative decoding: which requests draft, how many tokens, and
+what verification accepted.
+
+A request drafts in a step when it is decoding (one token to compute, none in flight) and
+nothing about it needs the exact token history or a grammar at each position (penalties,
+``min_tokens``, bad words of several tokens, structured outputs): those requests decode one
+token at a time, as without speculation. Its drafts are bounded by the configured K, by the
+step's remaining token budget, and by the room left before ``max_tokens`` and
+``max_model_len``, so a verified step never emits past either.
+
+Counters are cumulative since the engine started (vLLM's ``spec_decode_*`` metrics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from ..spec_decode.config import SpeculativeConfig
+from ..spec_decode.ngram import MAX_LOOKUP_TOKENS, propose_ngram
+from .request import Request
+
+
+class Speculation:
+    """Proposes drafts for eligible requests and counts what verification accepted."""
+
+    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+        if config.method != "ngram":
+            raise ValueError(f"speculative method {config.method!r} has no proposer here")
+        self.config = config
+        self.max_model_len = max_model_len
+        self.num_drafts = 0
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        self.accepted_per_position = [0] * config.num_speculative_tokens
+        #: ``propose(request, room)`` -> up to ``room`` draft tokens. The n-gram proposer;
+        #: benchmarks and tests put their own here (drafts replayed from a first pass, to
+        #: force an acceptance rate).
+        self.propose: Callable[[Request, int], Sequence[int]] = self.propose_ngram
+
+    def drafts(self, request: Request, budget: int) -> list[int]:
+        """Draft tokens for ``request``'s next step (possibly none); ``budget`` is what the
+        step still has, its own next token included."""
+        room = min(
+            self.config.num_speculative_tokens,
+            budget - 1,
+            self.max_model_len - request.num_tokens - 1,
+        )
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None:
+            room = min(room, max_tokens - request.num_output_tokens - 1)
+        if room <= 0:
+            return []
+        return list(self.propose(request, room))[:room]
+
+    def propose_ngram(self, request: Request, room: int) -> list[int]:
+        """Prompt lookup over the request's last tokens (see ``spec_decode/ngram.py``)."""
+        window = np.array(request.all_token_ids[-MAX_LOOKUP_TOKENS:], dtype=np.int64)
+        config = self.config
+        proposal = propose_ngram(window, room, config.prompt_lookup_min, config.prompt_lookup_max)
+        return proposal.tolist()
+
+    def record(self, num_drafts: int, num_accepted: int) -> None:
+        """One request-step verified ``num_drafts`` drafts and accepted the first
+        ``num_accepted``."""
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        for position in range(num_accepted):
+            self.accepted_per_position[position] += 1
+
+
+def may_draft(request: Request, needs_exact_history: bool) -> bool:
+    """Whether ``request`` may draft this step (see the module docstring)."""
+    return (
+        request.num_pending_samples == 0
+        and request.num_computed_tokens == request.num_tokens - 1
+        and request.grammar is None
+        and not needs_exact_history
+    )
