@@ -40,9 +40,10 @@ def quantize_fp8(x, scale):
     broadcastable to ``x``), the division correctly rounded (IEEE), so it equals
     ``(x.float() / scale).clamp(...).to(fp8)``."""
     y = tl.math.div_rn(x, tl.broadcast_to(scale, x.shape))
-    # NaN stays NaN (as torch's cast): the default clamp would turn it into -448.
-    nan = tl.PropagateNan.ALL
-    y = tl.minimum(tl.maximum(y, -_FP8_MAX, propagate_nan=nan), _FP8_MAX, propagate_nan=nan)
+    # NaN stays NaN (as torch's cast): the default clamp would turn it into -448. The enum
+    # is spelled out in each call: compiled Triton cannot bind it to a local variable.
+    y = tl.maximum(y, -_FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    y = tl.minimum(y, _FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
     return y.to(tl.float8e4nv)
 
 

@@ -136,7 +136,8 @@ class ModelRunner:
         if inputs is None:  # every request of the step failed
             return StepResult.empty(self.is_driver, failed, unwritten)
         graphs = self.step_graphs
-        num_tokens, num_seqs = inputs.input_ids.shape[0], len(scheduled.num_scheduled_tokens)
+        # Attention rows, not requests: a verification step has one per token.
+        num_tokens, num_seqs = inputs.input_ids.shape[0], inputs.attn_metadata.seq_lens.shape[0]
         key = graphs.key_for(num_seqs, num_tokens) if graphs is not None else None
         if key is not None:
             with timer.phase(f"runner.forward_graph_{key[0]}"):

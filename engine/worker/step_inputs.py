@@ -12,8 +12,13 @@ from ..layers.attention import AttentionMetadata
 from ..layers.sampler import SamplingMetadata
 from ..messages import SchedulerOutput
 from ..sampling_params import SamplingParams
+from ..spec_decode.config import MAX_NUM_SPECULATIVE_TOKENS
 from .host_staging import StepStaging
 from .token_constraints import RequestConstraints, plan_step_constraints
+
+#: Steps that verify drafts and whose requests each compute at most this many tokens run
+#: their attention as one decode row per token (see :func:`build_step_inputs`).
+MAX_DECODE_ROW_QUERIES = MAX_NUM_SPECULATIVE_TOKENS + 1
 
 
 @dataclass(slots=True)
@@ -76,7 +81,9 @@ def build_step_inputs(
     and slots are computed for the whole step at once. A request whose last scheduled token
     is not in its state yet (sampled by the step in flight) gets it from ``previous`` on the
     device, without a host round trip. A request with drafts (``spec_token_ids``) feeds its
-    next token then the drafts, and has a logits row at each of those positions.
+    next token then the drafts, and has a logits row at each of those positions; such a step
+    (when no request computes more than :data:`MAX_DECODE_ROW_QUERIES` tokens) describes its
+    attention as one decode row per token.
     """
     request_ids = list(scheduled.num_scheduled_tokens)
     step_states = [states[r] for r in request_ids]
@@ -131,6 +138,15 @@ def build_step_inputs(
         ends = np.repeat(logits_indices, rows_per_request)
         back = np.repeat(np.cumsum(rows_per_request), rows_per_request) - 1
         logits_indices = ends - (back - np.arange(ends.shape[0]))
+    attn_counts = counts
+    if spec and int(counts.max()) <= MAX_DECODE_ROW_QUERIES:
+        # A verification step as a decode step: one attention row per token, attending to
+        # its own position and those before (exactly the causal rows of its request), so the
+        # decode kernels and decode CUDA graphs run it.
+        block_tables = block_tables[token_seq]
+        seq_lens = positions + 1
+        cu_seqlens = np.arange(num_tokens + 1, dtype=np.int64)
+        attn_counts = np.ones(1, dtype=np.int64)
 
     add = staging.add
     queued = [
@@ -155,7 +171,7 @@ def build_step_inputs(
         block_tables=tables,
         seq_lens=lens,
         cu_seqlens_q=cu_seqlens_q,
-        max_seqlen_q=int(counts.max()),
+        max_seqlen_q=int(attn_counts.max()),
         max_seqlen_k=int(seq_lens.max()),
     )
     return StepInputs(
