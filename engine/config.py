@@ -248,10 +248,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         self.parallel.check_model(self.model.arch)
         if self.speculative is not None and self.speculative.method != "ngram":
-            raise ValueError(
-                f"speculative_config: method {self.speculative.method!r} is not implemented "
-                "yet; use 'ngram'"
-            )
+            method = self.speculative.method
+            raise ValueError(f"speculative_config: method {method!r} is not implemented yet")
         check_fp8_device(self.device, self.model.quantization, self.cache.kv_cache_dtype)
         if self.scheduler.max_model_len != self.model.max_model_len:
             raise ValueError("scheduler.max_model_len must equal model.max_model_len")
@@ -359,11 +357,9 @@ class EngineArgs:
         "tensor-parallel size 2 or more, where the host bounds those steps)",
     )
     speculative_config: str | None = knob(
-        None,
-        'speculative decoding as JSON, vLLM\'s spelling: {"method": "ngram", '
-        '"num_speculative_tokens": K, "prompt_lookup_min": a, "prompt_lookup_max": b} '
-        "(LLM() also takes the dict); steps then run in the plain order (no async scheduling)",
-    )
+        None, 'n-gram drafts as JSON (vLLM\'s spelling): {"method": "ngram", '
+        '"num_speculative_tokens": K, "prompt_lookup_min": a, "prompt_lookup_max": b}',
+    )  # fmt: skip
     seed: int = knob(0, "seed of the random number generator (dummy weights, unseeded sampling)")
     device: str = knob("auto", "auto, cpu or cuda")
 

@@ -87,6 +87,17 @@ class Request:
             held.extend(entries[len(held) - first :])
 
     @property
+    def needs_exact_history(self) -> bool:
+        """Sampling reads the full token history (penalties, min_tokens, bad words of
+        several tokens): steps must not run ahead of the tokens read back."""
+        params = self.sampling_params
+        return (
+            params.uses_penalties
+            or params.min_tokens > 0
+            or any(len(word) > 1 for word in self.bad_words_token_ids)
+        )
+
+    @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
 

@@ -35,7 +35,8 @@ from ..messages import (
 from ..spec_decode.config import SpeculativeConfig
 from .kv_cache import KVBlock, KVCacheManager
 from .request import Request
-from .speculation import Speculation, may_draft
+from .speculation import Speculation
+from .stop_checks import at_limit, stop_status
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
         self.waiting.append(request)
-        if _needs_exact_history(request):
+        if request.needs_exact_history:
             self._num_exact_history += 1
 
     def needs_exact_history(self) -> bool:
@@ -142,12 +143,12 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            if self._at_limit(request):
+            if at_limit(request, self.config.max_model_len):
                 index += 1  # its last token is still being sampled; it finishes then
                 continue
             target = request.num_tokens + request.num_pending_samples
             num_new = min(target - request.num_computed_tokens, budget)
-            drafts = self._drafts(request, budget)
+            drafts = self.speculation.drafts(request, budget) if self.speculation else []
             new_blocks = kv.allocate_slots(request, num_new + len(drafts)) if drafts else None
             if new_blocks is None:
                 drafts = []  # no room for them: decode one token (preempting if need be)
@@ -262,14 +263,11 @@ class Scheduler:
                 return self._fail(request, refused)
             request.append_output_token(token)
             taken += 1
-            status = self._stop_status(request, token)
+            status = stop_status(request, token, self.config.max_model_len)
             if status is not None:
                 break
         if request_id in scheduled.spec_token_ids and status is None:
-            # KV exists for every token but the last (the target's): the slots of rejected
-            # drafts go back to the pool.
-            request.num_computed_tokens = request.num_tokens - 1
-            kept = self.kv_cache_manager.trim(request, request.num_computed_tokens)
+            kept = self.speculation.settle(request, self.kv_cache_manager)
             if kept is not None:
                 self._kept_blocks[request_id] = kept
         output = EngineCoreOutput(
@@ -327,35 +325,6 @@ class Scheduler:
 
     # ---- internals -----------------------------------------------------------------------
 
-    def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
-        params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens:
-            if not params.ignore_eos and token in request.eos_token_ids:
-                return RequestStatus.FINISHED_STOPPED
-            if token in params.stop_token_ids:
-                request.stop_reason = token
-                return RequestStatus.FINISHED_STOPPED
-        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        if request.num_tokens >= self.config.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
-
-    def _at_limit(self, request: Request) -> bool:
-        """Tokens in flight already take the request to max_tokens or max_model_len."""
-        pending = request.num_pending_samples
-        if not pending:
-            return False
-        max_tokens = request.sampling_params.max_tokens
-        if max_tokens is not None and request.num_output_tokens + pending >= max_tokens:
-            return True
-        return request.num_tokens + pending >= self.config.max_model_len
-
-    def _drafts(self, request: Request, budget: int) -> list[int]:
-        if self.speculation is None or not may_draft(request, _needs_exact_history(request)):
-            return []
-        return self.speculation.drafts(request, budget)
-
     def _account(
         self, request: Request, num_new: int, out: SchedulerOutput, drafts: list[int] = ()
     ) -> None:
@@ -371,7 +340,7 @@ class Scheduler:
             out.spec_token_ids[request.request_id] = list(drafts)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
-        if _needs_exact_history(request):
+        if request.needs_exact_history:
             self._num_exact_history -= 1
         request.status = status
         self.kv_cache_manager.free(request)
@@ -422,12 +391,3 @@ class Scheduler:
             num_computed_tokens=request.num_computed_tokens,
             num_kept_blocks=self._kept_blocks.pop(request_id, -1),
         )
-
-
-def _needs_exact_history(request: Request) -> bool:
-    params = request.sampling_params
-    return (
-        params.uses_penalties
-        or params.min_tokens > 0
-        or any(len(word) > 1 for word in request.bad_words_token_ids)
-    )

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..spec_decode.config import SpeculativeConfig
 from ..spec_decode.ngram import MAX_LOOKUP_TOKENS, propose_ngram
+from .kv_cache import KVCacheManager
 from .request import Request
 
 
@@ -40,8 +41,10 @@ class Speculation:
         self.propose: Callable[[Request, int], Sequence[int]] = self.propose_ngram
 
     def drafts(self, request: Request, budget: int) -> list[int]:
-        """Draft tokens for ``request``'s next step (possibly none); ``budget`` is what the
-        step still has, its own next token included."""
+        """Draft tokens for ``request``'s next step (none unless it may draft: see the module
+        docstring); ``budget`` is what the step still has, its own next token included."""
+        if not may_draft(request):
+            return []
         room = min(
             self.config.num_speculative_tokens,
             budget - 1,
@@ -61,6 +64,14 @@ class Speculation:
         proposal = propose_ngram(window, room, config.prompt_lookup_min, config.prompt_lookup_max)
         return proposal.tolist()
 
+    @staticmethod
+    def settle(request: Request, kv_cache_manager: KVCacheManager) -> int | None:
+        """After a verifying step that did not finish ``request``: KV exists for every token
+        but the last (the target's), so the slots of rejected drafts go back to the pool.
+        Returns the blocks the request keeps, or None when none were dropped."""
+        request.num_computed_tokens = request.num_tokens - 1
+        return kv_cache_manager.trim(request, request.num_computed_tokens)
+
     def record(self, num_drafts: int, num_accepted: int) -> None:
         """One request-step verified ``num_drafts`` drafts and accepted the first
         ``num_accepted``."""
@@ -71,11 +82,11 @@ class Speculation:
             self.accepted_per_position[position] += 1
 
 
-def may_draft(request: Request, needs_exact_history: bool) -> bool:
+def may_draft(request: Request) -> bool:
     """Whether ``request`` may draft this step (see the module docstring)."""
     return (
         request.num_pending_samples == 0
         and request.num_computed_tokens == request.num_tokens - 1
         and request.grammar is None
-        and not needs_exact_history
+        and not request.needs_exact_history
     )

@@ -216,9 +216,10 @@ class ModelRunner:
                 raise
             whole_step_error = error
         failed: dict[str, str] = {}
+        everyone = set(scheduled.num_scheduled_tokens)
         for request_id in scheduled.num_scheduled_tokens:
             try:
-                self._build_inputs_of(scheduled.without(_others(scheduled, request_id)))
+                self._build_inputs_of(scheduled.without(everyone - {request_id}))
             except Exception as error:
                 if faults.poisons_engine(error):
                     raise
@@ -269,8 +270,16 @@ class ModelRunner:
         """The driver's sampling of ``logits`` (fp32, one row per sampled request, or with
         drafts the rows of :mod:`.spec_sampling`)."""
         states = [self.states[r] for r in inputs.sampled_request_ids]
-        if inputs.drafts is not None:
-            return self._sample_drafted(logits, inputs, states, failed, unwritten)
+        if inputs.drafts is not None:  # plain-order steps: nothing to remember for the next
+            width = self.config.speculative.num_speculative_tokens
+            done = sample_drafted_batch(
+                self.sampler, logits, states, inputs.drafts, width, self.vocab_size,
+                self.sampling_staging, failed,
+            )  # fmt: skip
+            return StepResult(
+                inputs.sampled_request_ids, done.tokens, done.logprobs, failed, unwritten,
+                spec_token_ids=done.spec_tokens, spec_logprobs=done.spec_logprobs,
+            )  # fmt: skip
         generators = [s.generator for s in states if s.generator is not None]
         saved = [g.get_state() for g in generators]
         try:
@@ -335,46 +344,17 @@ class ModelRunner:
         failed.update(newly_failed)
         return torch.cat(rows), logprobs
 
-    def _sample_drafted(
-        self,
-        logits: torch.Tensor,
-        inputs: StepInputs,
-        states: list[WorkerRequestState],
-        failed: dict[str, str],
-        unwritten: frozenset[str],
-    ) -> StepResult:
-        """A step in which some requests verify drafts. Speculative decoding runs steps in
-        the plain order, so nothing is remembered for the next step's inputs."""
-        width = self.config.speculative.num_speculative_tokens
-        done = sample_drafted_batch(
-            self.sampler, logits, states, inputs.drafts, width, self.vocab_size,
-            self.sampling_staging, failed,
-        )  # fmt: skip
-        return StepResult(
-            inputs.sampled_request_ids,
-            done.tokens,
-            done.logprobs,
-            failed,
-            unwritten,
-            spec_token_ids=done.spec_tokens,
-            spec_logprobs=done.spec_logprobs,
-        )
-
     def _remember_sample(self, tokens: torch.Tensor, inputs: StepInputs) -> None:
         self.previous_sample = PreviousSample(
             tokens, {r: row for row, r in enumerate(inputs.sampled_request_ids)}
         )
 
     def wants_mixed_step_graphs(self) -> bool:
-        return (
-            self.device.type == "cuda"
-            and not self.config.enforce_eager
-            and use_mixed_step_graphs(
-                self.config.mixed_step_graphs,
-                get_tp_group().world_size,
-                self.config.speculative is not None,
-            )
-        )
+        config = self.config
+        if self.device.type != "cuda" or config.enforce_eager:
+            return False
+        tp, speculative = get_tp_group().world_size, config.speculative is not None
+        return use_mixed_step_graphs(config.mixed_step_graphs, tp, speculative)
 
     def graph_pool_reserve(self, activation_bytes: int) -> int:
         """Bytes to keep out of the KV pool for the mixed-step graphs (0 without them)."""
@@ -416,7 +396,3 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[:rows])
         if logits is not None:
             torch.softmax(logits.float(), dim=-1).sort(dim=-1)
-
-
-def _others(scheduled: SchedulerOutput, request_id: str) -> set[str]:
-    return {r for r in scheduled.num_scheduled_tokens if r != request_id}
