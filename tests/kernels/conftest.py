@@ -7,18 +7,23 @@ process with the whole suite, earlier tests (the engine's) have usually imported
 already, compiled-mode; then the kernel tests are collected as one item that reruns this
 directory in a child process with the variable set, so they still run, and fail loudly. The
 child starts when collection ends and runs beside the rest of the suite (it is one
-single-threaded interpreter); its item waits for it and reports its outcome.
+single-threaded interpreter); its item waits for it and reports its outcome, then compiles
+every launch the child recorded for sm_90 (``launch_records.py``: the interpreter accepts
+code that the compiler rejects).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from . import launch_records
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -104,6 +109,8 @@ def _fix_interpreter_fp8() -> None:
 if interpreting():
     _fix_interpreter_bf16()
     _fix_interpreter_fp8()
+    if os.environ.get(launch_records.ENV):
+        launch_records.install()
 
 
 class _ChildRun(pytest.Item):
@@ -116,7 +123,9 @@ class _ChildRun(pytest.Item):
         self._output = None
 
     def start(self) -> None:
+        self._launches = Path(tempfile.mkdtemp(prefix="kernel-launches-")) / "launches.jsonl"
         env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD_FLAG: "1"})
+        env[launch_records.ENV] = str(self._launches)
         cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.nodeids]
         self._output = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by runtest)
         self._proc = subprocess.Popen(
@@ -139,6 +148,15 @@ class _ChildRun(pytest.Item):
         self._output.close()
         if returncode != 0:
             raise AssertionError(f"kernel tests failed in the child process:\n{output}")
+        # Every launch those tests made, through the compiler for sm_90 (launch_records.py).
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        built = subprocess.run(
+            [sys.executable, "-P", str(HERE / "launch_records.py"), str(self._launches)],
+            cwd=self.config.rootpath, env=env, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        shutil.rmtree(self._launches.parent, ignore_errors=True)
+        if built.returncode != 0:
+            raise AssertionError(f"kernels that do not compile for sm_90:\n{built.stdout}")
 
     def reportinfo(self):
         return self.path, None, "kernel tests (interpreter, child process)"
@@ -170,6 +188,8 @@ def pytest_collection_finish(session) -> None:
 def pytest_sessionfinish(session) -> None:
     for child in _children:
         child.stop()
+    if interpreting() and os.environ.get(launch_records.ENV):
+        launch_records.dump(Path(os.environ[launch_records.ENV]))
 
 
 @pytest.fixture(autouse=True)
