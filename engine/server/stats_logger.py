@@ -1,6 +1,7 @@
 """The periodic stats line (as vLLM's): prompt and generation throughput since the last line,
 running and waiting requests, KV-cache usage and the prefix-cache hit rate, every
-``--log-stats-interval`` seconds while the server is busy.
+``--log-stats-interval`` seconds while the server is busy; with speculative decoding, the
+interval's mean acceptance length and draft acceptance rate too.
 
 Silent while idle: a line is written when this interval or the one before it saw tokens, or
 when requests run or wait; so the last busy interval is followed by one line of zeros, then
@@ -32,6 +33,8 @@ class StatsLogger:
         self._stats: SchedulerStats | None = None
         #: Prefix-cache counters (queries, hits) at the last line.
         self._prefix_at_line = (0, 0)
+        #: Speculative-decoding counters (drafts, draft tokens, accepted) at the last line.
+        self._spec_at_line = (0, 0, 0)
 
     def record(self, stats: SchedulerStats, iteration: IterationStats) -> None:
         self._stats = stats
@@ -72,7 +75,28 @@ class StatsLogger:
             "kv_cache_usage": round(usage, 4),
             "prefix_cache_hit_rate": round(hit_rate, 4),
         }
+        spec = self._spec_interval(stats)
+        if spec is not None:
+            length, rate = spec
+            message += (
+                f", Spec decode: mean acceptance length {length:.2f}, "
+                f"draft acceptance rate {rate * 100:.1f}%"
+            )
+            fields |= {"spec_acceptance_length": round(length, 3),
+                       "spec_draft_acceptance_rate": round(rate, 4)}  # fmt: skip
         return message, fields
+
+    def _spec_interval(self, stats: SchedulerStats | None) -> tuple[float, float] | None:
+        """(tokens a verifying step emitted on average, accepted / drafted) over the interval,
+        or None when no step verified drafts in it."""
+        if stats is None:
+            return None
+        now = (stats.spec_num_drafts, stats.spec_num_draft_tokens, stats.spec_num_accepted_tokens)
+        drafts, tokens, accepted = (a - b for a, b in zip(now, self._spec_at_line))
+        self._spec_at_line = now
+        if drafts <= 0 or tokens <= 0:
+            return None
+        return 1 + accepted / drafts, accepted / tokens
 
     async def run(self) -> None:
         """Write a line every ``interval`` seconds (while busy) until cancelled."""

@@ -38,3 +38,22 @@ def test_silent_when_idle_after_one_line_of_zeros():
     assert logger.line(now=4.0) is None and logger.line(now=5.0) is None
     logger.record(stats(0, waiting=1), IterationStats())  # waiting alone is busy
     assert logger.line(now=6.0) is not None
+
+
+def test_speculative_decoding_figures_per_interval():
+    logger = StatsLogger(10.0, now=0.0)
+
+    def spec(drafts, tokens, accepted) -> SchedulerStats:
+        return SchedulerStats(
+            1, 0, 0.1, 0, 0, 0, spec_num_drafts=drafts, spec_num_draft_tokens=tokens,
+            spec_num_accepted_tokens=accepted,
+        )  # fmt: skip
+
+    logger.record(spec(10, 40, 20), IterationStats(30, 0))
+    message, fields = logger.line(now=1.0)
+    assert message.endswith("Spec decode: mean acceptance length 3.00, draft acceptance rate 50.0%")
+    assert fields["spec_acceptance_length"] == 3.0
+    logger.record(spec(20, 80, 30), IterationStats(20, 0))  # this interval: 10 drafts, 10 accepted
+    assert logger.line(now=2.0)[1]["spec_draft_acceptance_rate"] == 0.25
+    logger.record(spec(20, 80, 30), IterationStats(1, 0))  # no step verified drafts
+    assert "Spec decode" not in logger.line(now=3.0)[0]
