@@ -27,7 +27,7 @@ from .quantization import (
     resolve_quantization,
 )
 from .rope_scaling import context_limit
-from .spec_decode.config import SpeculativeConfig, parse_speculative_config
+from .spec_decode.config import SpeculativeConfig, check_speculation, parse_speculative_config
 
 logger = logging.getLogger(__name__)
 
@@ -247,9 +247,8 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.parallel.check_model(self.model.arch)
-        if self.speculative is not None and self.speculative.method != "ngram":
-            method = self.speculative.method
-            raise ValueError(f"speculative_config: method {method!r} is not implemented yet")
+        if self.speculative is not None:
+            check_speculation(self.speculative, self.async_scheduling)
         check_fp8_device(self.device, self.model.quantization, self.cache.kv_cache_dtype)
         if self.scheduler.max_model_len != self.model.max_model_len:
             raise ValueError("scheduler.max_model_len must equal model.max_model_len")

@@ -46,6 +46,8 @@ class IncrementalDetokenizer:
         self._joined: str | None = ""
         #: The last ``_overlap`` characters of the text.
         self._tail = ""
+        #: How many tokens of the last :meth:`update` it took.
+        self.num_taken = 0
 
     @property
     def text(self) -> str:
@@ -62,8 +64,12 @@ class IncrementalDetokenizer:
         )
 
     def update(self, new_token_ids: list[int], check_stop: bool = True) -> str | None:
-        """Append tokens; return the stop string that ended the text, if one did."""
-        for token_id in new_token_ids:
+        """Append tokens; return the stop string that ended the text, if one did. Then
+        :attr:`num_taken` says how many of ``new_token_ids`` it took, the one that completed
+        the stop string included (a speculative step brings several; the rest are not the
+        output's)."""
+        self.num_taken = len(new_token_ids)
+        for index, token_id in enumerate(new_token_ids):
             self.token_ids.append(token_id)
             prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
             full_text = self._decode(self.token_ids[self.prefix_offset :])
@@ -72,6 +78,7 @@ class IncrementalDetokenizer:
                 self.read_offset = len(self.token_ids)
                 hit = self._append(full_text[len(prefix_text) :], check_stop and bool(self.stop))
                 if hit is not None:
+                    self.num_taken = index + 1
                     return hit
         return None
 

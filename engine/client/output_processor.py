@@ -210,6 +210,8 @@ class OutputProcessor:
                 new_token_ids = new_token_ids[:-1]  # EOS or a stop token id: not in the text
             stop_hit = sequence.detokenizer.update(new_token_ids, check_stop=check)
         if stop_hit is not None:
+            taken = sequence.detokenizer.num_taken
+            self._drop_after_stop(sequence, len(output.new_token_ids) - taken)
             sequence.finish_reason, sequence.stop_reason = "stop", stop_hit
             return not output.finished
         if output.finished:
@@ -218,6 +220,19 @@ class OutputProcessor:
             if sequence.detokenizer is not None and output.error is None:
                 sequence.detokenizer.flush()
         return False
+
+    @staticmethod
+    def _drop_after_stop(sequence: _Sequence, extra: int) -> None:
+        """Take back the ``extra`` last tokens (and their log-probs): a step brought them
+        after the token that completed a stop string."""
+        if extra <= 0:
+            return
+        removed = sequence.token_ids[-extra:]
+        del sequence.token_ids[-extra:]
+        if sequence.logprobs is not None and len(sequence.logprobs) >= extra:
+            for token_id, position in zip(removed, sequence.logprobs[-extra:]):
+                sequence.cumulative_logprob -= position[token_id].logprob
+            del sequence.logprobs[-extra:]
 
     def _decoded_prompt_logprobs(
         self, entries: list[PositionLogprobs | None]

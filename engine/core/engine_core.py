@@ -258,12 +258,10 @@ def use_async_scheduling(wanted: bool | None, device_type: str, speculative: boo
     """Whether the core keeps a step in flight. Unset means on for CUDA (the measurements
     are in docs/engine.md, "Asynchronous scheduling"); on the CPU the model runs inline, so
     there is nothing to overlap. Speculative decoding proposes from the tokens the last step
-    accepted, so it runs in the plain order (logged when that overrides a wish or default)."""
+    accepted, so it runs in the plain order (EngineConfig refuses asking for both)."""
     if wanted is None:
         wanted = device_type == "cuda"
-    if wanted and speculative:
-        logger.warning(
-            "speculative decoding runs steps in the plain order: asynchronous scheduling is off"
-        )
-        return False
+        if wanted and speculative:
+            logger.info("speculative decoding runs steps in the plain order (no async scheduling)")
+            return False
     return wanted

@@ -195,7 +195,8 @@ class Scheduler:
         if num_tokens:
             self.num_steps += 1
             self.num_scheduled_tokens += num_tokens
-            if num_tokens > len(out.num_scheduled_tokens):
+            drafts = sum(map(len, out.spec_token_ids.values()))  # verification, not prompts
+            if num_tokens - drafts > len(out.num_scheduled_tokens):
                 self.num_prefill_steps += 1
 
     def update_from_output(
@@ -256,11 +257,14 @@ class Scheduler:
         status = None
         taken = 0
         for token in tokens:
-            if token < 0:
-                return self._fail(request, NO_ALLOWED_TOKEN)
-            refused = request.grammar.accept(token) if request.grammar is not None else None
-            if refused is not None:
-                return self._fail(request, refused)
+            refused = NO_ALLOWED_TOKEN if token < 0 else None
+            if refused is None and request.grammar is not None:
+                refused = request.grammar.accept(token)
+            if refused is not None:  # the tokens taken before it still reach the client
+                failed = self._fail(request, refused)
+                failed.new_token_ids = tokens[:taken]
+                failed.new_logprobs = entries[:taken] if entries is not None and taken else None
+                return failed
             request.append_output_token(token)
             taken += 1
             status = stop_status(request, token, self.config.max_model_len)
@@ -347,6 +351,8 @@ class Scheduler:
         del self.requests[request.request_id]
         self._forget_sent(request.request_id)
         self._finished_since_last_step.add(request.request_id)
+        if self.speculation is not None:
+            self.speculation.forget(request.request_id)
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.kv_cache_manager.free(request)

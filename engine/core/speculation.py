@@ -3,8 +3,11 @@ what verification accepted.
 
 A request drafts in a step when it is decoding (one token to compute, none in flight) and
 nothing about it needs the exact token history or a grammar at each position (penalties,
-``min_tokens``, bad words of several tokens, structured outputs): those requests decode one
-token at a time, as without speculation. Its drafts are bounded by the configured K, by the
+``min_tokens``, bad words of several tokens, structured outputs), and it is not a seeded
+sampling request: those decode one token at a time, as without speculation. (A seeded
+request's tokens must not depend on the rest of the batch; how many drafts it could verify
+does: the step's budget and free blocks decide it. Undrafted, it draws exactly as without
+speculation.) Its drafts are bounded by the configured K, by the
 step's remaining token budget, and by the room left before ``max_tokens`` and
 ``max_model_len``, so a verified step never emits past either.
 
@@ -39,6 +42,7 @@ class Speculation:
         #: benchmarks and tests put their own here (drafts replayed from a first pass, to
         #: force an acceptance rate).
         self.propose: Callable[[Request, int], Sequence[int]] = self.propose_ngram
+        self._arrays: dict[str, tuple[np.ndarray, int]] = {}
 
     def drafts(self, request: Request, budget: int) -> list[int]:
         """Draft tokens for ``request``'s next step (none unless it may draft: see the module
@@ -59,10 +63,28 @@ class Speculation:
 
     def propose_ngram(self, request: Request, room: int) -> list[int]:
         """Prompt lookup over the request's last tokens (see ``spec_decode/ngram.py``)."""
-        window = np.array(request.all_token_ids[-MAX_LOOKUP_TOKENS:], dtype=np.int64)
+        window = self._tokens(request)[-MAX_LOOKUP_TOKENS:]
         config = self.config
         proposal = propose_ngram(window, room, config.prompt_lookup_min, config.prompt_lookup_max)
         return proposal.tolist()
+
+    def _tokens(self, request: Request) -> np.ndarray:
+        """The request's tokens as an array, kept per request and extended by what it gained
+        since the last call (tokens are only ever appended), so a step copies only those."""
+        tokens = request.all_token_ids
+        buffer, filled = self._arrays.get(request.request_id, (None, 0))
+        if buffer is None or len(tokens) > buffer.shape[0]:
+            grown = np.empty(max(64, 2 * len(tokens)), dtype=np.int64)
+            if buffer is not None:
+                grown[:filled] = buffer[:filled]
+            buffer = grown
+        buffer[filled : len(tokens)] = tokens[filled:]
+        self._arrays[request.request_id] = (buffer, len(tokens))
+        return buffer[: len(tokens)]
+
+    def forget(self, request_id: str) -> None:
+        """The request finished: drop its token array."""
+        self._arrays.pop(request_id, None)
 
     @staticmethod
     def settle(request: Request, kv_cache_manager: KVCacheManager) -> int | None:
@@ -89,4 +111,5 @@ def may_draft(request: Request) -> bool:
         and request.num_computed_tokens == request.num_tokens - 1
         and request.grammar is None
         and not request.needs_exact_history
+        and (request.sampling_params.seed is None or request.sampling_params.greedy)
     )

@@ -65,8 +65,9 @@ def token_buckets(max_tokens: int) -> list[int]:
 
 def use_mixed_step_graphs(wanted: bool | None, tp_size: int, speculative: bool = False) -> bool:
     """Unset means on at TP >= 2, where the host bounds eager mixed steps (measured in
-    docs/engine.md, "Model runner"), and with speculative decoding, whose verification steps
-    (K + 1 tokens per request) are all mixed steps."""
+    docs/engine.md, "Model runner"), and with speculative decoding, which runs in the plain
+    order: host time is not hidden, and steps mixing prompt chunks with verification are
+    common (pure verification steps run as decode steps)."""
     if wanted is None:
         return tp_size >= 2 or speculative
     return wanted

@@ -385,14 +385,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def profile_run(self) -> None:
-        """A forward pass at the largest step (``max_num_batched_tokens``) plus the sampler
-        at ``max_num_seqs`` rows, without the KV pool, to measure peak activation memory."""
+        """The largest step's forward pass, and the sampler at the most logits rows a step
+        can have (K + 1 a sequence with speculation), without the KV pool: peak memory."""
         sched = self.config.scheduler
         num_tokens = sched.max_num_batched_tokens
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         positions = torch.arange(num_tokens, device=self.device) % sched.max_model_len
         hidden = self.model(input_ids, positions, None)
-        rows = min(sched.max_num_seqs, num_tokens)
+        spec = self.config.speculative  # a verifying request has K + 1 logits rows
+        drafts = spec.num_speculative_tokens if spec else 0
+        rows = min(sched.max_num_seqs * (1 + drafts), num_tokens)
         logits = self.model.compute_logits(hidden[:rows])
         if logits is not None:
             torch.softmax(logits.float(), dim=-1).sort(dim=-1)

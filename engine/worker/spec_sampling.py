@@ -10,9 +10,9 @@ out: see ``core/speculation.py``), so one row's transforms hold for all of its r
   does (the argmax, or the exponential race from their own generator).
 - Greedy requests with drafts keep the longest prefix of drafts equal to the argmax, then the
   argmax after it: token for token what plain greedy decoding gives.
-- Sampling requests with drafts go through rejection sampling with a one-hot draft
-  distribution (n-gram drafts are deterministic), drafts padded to the configured K so that a
-  seeded request's draws depend only on its own history.
+- Sampling requests with drafts (unseeded: seeded ones never draft) go through rejection
+  sampling with a one-hot draft distribution (n-gram drafts are deterministic), drafts padded
+  to the configured K.
 
 A row left with no allowed token emits :data:`NO_TOKEN` there, and nothing after it.
 Log-probs, when asked, are those of each emitted token at its own row.

@@ -100,12 +100,15 @@ def test_with_prefix_caching_chunked_prefill_and_preemption(tiny_checkpoint, hf_
     stats = llm.engine_core.stats()
     assert stats.num_preemptions > 0
     assert stats.prefix_cache_hits > 0
-    assert stats.num_prefill_steps > 1  # prompts ran in chunks
+    assert stats.num_prefill_steps > len(prompts)  # prompts ran in chunks
     assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
     assert llm.engine_core.kv_cache_manager.usage == 0
-    # The same prompts again hit the blocks speculation filled: only real tokens were hashed.
-    again = _tokens(llm.generate(prompts, GREEDY, use_tqdm=False))
-    assert again == expected
+    # Prompts that continue the answers hit the blocks speculative steps filled with them:
+    # only real tokens were hashed, and their KV is right.
+    longer = [p + out[:24] for p, out in zip(prompts, expected)][:4]
+    hits = llm.engine_core.stats().prefix_cache_hits
+    assert _tokens(llm.generate(longer, GREEDY, use_tqdm=False)) == hf_greedy(path, longer)
+    assert llm.engine_core.stats().prefix_cache_hits - hits > sum(len(p) for p in prompts[:4])
 
 
 def test_tensor_parallel_two_ranks(tiny_checkpoint, hf_greedy):
@@ -121,28 +124,26 @@ def test_tensor_parallel_two_ranks(tiny_checkpoint, hf_greedy):
         llm.shutdown()
 
 
-def test_seeded_sampling_is_reproducible(tiny_checkpoint, hf_greedy):
+def test_seeded_sampling_draws_as_without_speculation(tiny_checkpoint, hf_greedy):
+    """Seeded sampling requests never draft: their tokens are those of the engine without
+    speculation, whatever else the batch holds; unseeded ones verify drafts by rejection
+    sampling."""
     path = tiny_checkpoint("llama")
     prompts = _prompts()
     greedy = hf_greedy(path, prompts)
-
-    def run(seed: int, temperature: float) -> tuple[list, int]:
-        llm = _spec_llm(path)
-        _replay(llm, prompts, greedy, 0.0)
-        params = SamplingParams(
-            temperature=temperature, top_p=0.95, seed=seed, max_tokens=MAX_NEW_TOKENS, n=2
-        )
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        return [[c.token_ids for c in o.outputs] for o in outputs], _counts(llm)[2]
-
-    # Cool sampling mostly follows the greedy path, so the replayed drafts are accepted
-    # (through rejection sampling) now and then; hot sampling leaves it at once.
-    cool, accepted = run(7, 0.3)
-    assert run(7, 0.3)[0] == cool
-    assert accepted > 0
-    hot = run(7, 1.5)[0]
-    assert run(7, 1.5)[0] == hot
-    assert run(8, 1.5)[0] != hot
+    seeded = SamplingParams(temperature=1.0, seed=5, max_tokens=MAX_NEW_TOKENS, n=2)
+    cool = SamplingParams(temperature=0.3, max_tokens=MAX_NEW_TOKENS)
+    plain = LLM(model=str(path), kv_cache_memory_bytes=4 * 2**20, max_num_batched_tokens=12)
+    alone = plain.generate(prompts[-1:], seeded, use_tqdm=False)[0]
+    llm = _spec_llm(path, max_num_batched_tokens=12)
+    _replay(llm, prompts, greedy, 0.0)
+    mixed = llm.generate(prompts, [GREEDY] * (len(prompts) - 1) + [seeded], use_tqdm=False)
+    assert [c.token_ids for c in mixed[-1].outputs] == [c.token_ids for c in alone.outputs]
+    assert _tokens(mixed[:-1]) == greedy[:-1]
+    before = _counts(llm)[2]
+    # Cool unseeded sampling mostly follows the greedy path: replayed drafts are accepted.
+    llm.generate(prompts, cool, use_tqdm=False)
+    assert _counts(llm)[2] > before
 
 
 def test_logprobs_stops_and_max_tokens_as_without_drafts(tiny_checkpoint, hf_greedy):
@@ -151,20 +152,25 @@ def test_logprobs_stops_and_max_tokens_as_without_drafts(tiny_checkpoint, hf_gre
     full = hf_greedy(path, prompts)
     # A stop token from inside each output (drafts run past it), and a short max_tokens.
     stops = sorted({out[len(out) // 2] for out in full if len(out) > 4})[:3]
+    plain = LLM(model=str(path), kv_cache_memory_bytes=4 * 2**20)
+    texts = [o.outputs[0].text for o in plain.generate(prompts, GREEDY, use_tqdm=False)]
+    strings = [t[len(t) // 2 : len(t) // 2 + 3] for t in texts if len(t) > 8][:4]
     cases = [
         SamplingParams(temperature=0, max_tokens=MAX_NEW_TOKENS, logprobs=3),
         SamplingParams(temperature=0, max_tokens=MAX_NEW_TOKENS, stop_token_ids=stops),
         SamplingParams(temperature=0, max_tokens=7),
+        # Stop strings end the text inside a step's several tokens: the tokens after the one
+        # that completed the string are not the output's.
+        SamplingParams(temperature=0, max_tokens=MAX_NEW_TOKENS, logprobs=1, stop=strings),
     ]
-    plain = LLM(model=str(path), kv_cache_memory_bytes=4 * 2**20)
     for params in cases:
         llm = _spec_llm(path)
         _replay(llm, prompts, full, 0.3)
         got = llm.generate(prompts, params, use_tqdm=False)
         want = plain.generate(prompts, params, use_tqdm=False)
         assert _tokens(got) == _tokens(want)
-        assert [o.outputs[0].finish_reason for o in got] == [
-            o.outputs[0].finish_reason for o in want
+        assert [(o.outputs[0].finish_reason, o.outputs[0].text) for o in got] == [
+            (o.outputs[0].finish_reason, o.outputs[0].text) for o in want
         ]
         assert _counts(llm)[2] > 0
         if params.logprobs is None:
@@ -175,6 +181,10 @@ def test_logprobs_stops_and_max_tokens_as_without_drafts(tiny_checkpoint, hf_gre
                 for token, logprob in want_entry.items():
                     assert got_entry[token].rank == logprob.rank
                     assert got_entry[token].logprob == pytest.approx(logprob.logprob, abs=1e-4)
+            assert len(g.outputs[0].logprobs) == len(g.outputs[0].token_ids)
+            assert g.outputs[0].cumulative_logprob == pytest.approx(
+                w.outputs[0].cumulative_logprob, abs=1e-3
+            )
 
 
 def test_requests_needing_exact_history_decode_without_drafts(tiny_checkpoint):
@@ -211,6 +221,8 @@ def test_config_through_engine_args_and_refusals(tiny_checkpoint):
     draft = {"method": "draft_model", "model": path, "num_speculative_tokens": 2}
     with pytest.raises(ValueError, match=r"draft_model.*not implemented"):
         EngineArgs(model=path, speculative_config=draft).create_config()
+    with pytest.raises(ValueError, match="async_scheduling"):
+        EngineArgs(model=path, speculative_config=NGRAM, async_scheduling=True).create_config()
     unknown = {**NGRAM, "acceptance_method": "x"}
     with pytest.raises(ValueError, match="unsupported key"):
         EngineArgs(model=path, speculative_config=unknown).create_config()
