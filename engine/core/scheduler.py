@@ -8,7 +8,8 @@ request cannot get a block, the newest running request is preempted by recompute
 are freed and it returns to the head of the queue, keeping the tokens it generated.
 
 With speculative decoding a decoding request may also schedule draft tokens after its next
-one (:mod:`.speculation`); they count against the budget and get KV slots like any token.
+one (:mod:`.speculation`), once every running request has its own tokens: they count against
+the budget and get KV slots like any token, but never preempt.
 Once the step verified them, the request keeps the accepted drafts and the target's token
 (stop conditions checked token by token), and the slots past its computed tokens are
 trimmed.
@@ -35,7 +36,7 @@ from ..messages import (
 from ..spec_decode.config import SpeculativeConfig
 from .kv_cache import KVBlock, KVCacheManager
 from .request import Request
-from .speculation import Speculation
+from .speculation import Speculation, may_draft
 from .stop_checks import at_limit, stop_status
 
 logger = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         kv = self.kv_cache_manager
 
+        drafting: list[tuple[Request, RunningRequestData]] = []
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
@@ -148,21 +150,23 @@ class Scheduler:
                 continue
             target = request.num_tokens + request.num_pending_samples
             num_new = min(target - request.num_computed_tokens, budget)
-            drafts = self.speculation.drafts(request, budget) if self.speculation else []
-            new_blocks = kv.allocate_slots(request, num_new + len(drafts)) if drafts else None
-            if new_blocks is None:
-                drafts = []  # no room for them: decode one token (preempting if need be)
-                while (new_blocks := kv.allocate_slots(request, num_new)) is None:
-                    victim = self.running.pop()
-                    self._preempt(victim, out)
-                    if victim is request:
-                        break
-                if new_blocks is None:
+            drafts_later = self.speculation is not None and may_draft(request)
+            while (new_blocks := kv.allocate_slots(request, num_new)) is None:
+                victim = self.running.pop()
+                self._preempt(victim, out)
+                if victim is request:
                     break
-            out.running_requests.append(self._diff(request, new_blocks))
-            self._account(request, num_new, out, drafts)
-            budget -= num_new + len(drafts)
+            if new_blocks is None:
+                break
+            diff = self._diff(request, new_blocks)
+            out.running_requests.append(diff)
+            self._account(request, num_new, out)
+            budget -= num_new
+            if drafts_later:
+                drafting.append((request, diff))
             index += 1
+        if drafting:  # after every running request's own tokens: drafts never preempt
+            budget = self.speculation.add_drafts(drafting, out, kv, budget)
 
         while (
             not out.preempted_request_ids
@@ -329,19 +333,14 @@ class Scheduler:
 
     # ---- internals -----------------------------------------------------------------------
 
-    def _account(
-        self, request: Request, num_new: int, out: SchedulerOutput, drafts: list[int] = ()
-    ) -> None:
-        """Record ``num_new`` scheduled tokens (plus any drafts after them); mark the
-        request as sampling if they reach the end of its tokens."""
-        out.num_scheduled_tokens[request.request_id] = num_new + len(drafts)
+    def _account(self, request: Request, num_new: int, out: SchedulerOutput) -> None:
+        """Record ``num_new`` scheduled tokens; mark the request as sampling if they reach
+        the end of its tokens."""
+        out.num_scheduled_tokens[request.request_id] = num_new
         request.num_computed_tokens += num_new
         if request.num_computed_tokens == request.num_tokens + request.num_pending_samples:
             request.num_pending_samples += 1
             out.sampling_request_ids.append(request.request_id)
-        if drafts:
-            request.num_computed_tokens += len(drafts)
-            out.spec_token_ids[request.request_id] = list(drafts)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         if request.needs_exact_history:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ..messages import RunningRequestData, SchedulerOutput
 from ..spec_decode.config import SpeculativeConfig
 from ..spec_decode.ngram import MAX_LOOKUP_TOKENS, propose_ngram
 from .kv_cache import KVCacheManager
@@ -44,14 +45,35 @@ class Speculation:
         self.propose: Callable[[Request, int], Sequence[int]] = self.propose_ngram
         self._arrays: dict[str, tuple[np.ndarray, int]] = {}
 
+    def add_drafts(
+        self,
+        drafting: list[tuple[Request, RunningRequestData]],
+        out: SchedulerOutput,
+        kv_cache_manager: KVCacheManager,
+        budget: int,
+    ) -> int:
+        """A step's second pass: drafts after the next token of each request that may draft
+        (``drafting``: scheduled this step, with the diff sent for it), in scheduling order,
+        while the budget and free blocks last (never preempting). Returns the budget left."""
+        for request, diff in drafting:
+            if budget <= 0:
+                break
+            drafts = self.drafts(request, budget)
+            blocks = kv_cache_manager.allocate_slots(request, len(drafts)) if drafts else None
+            if blocks is None:
+                continue
+            diff.new_block_ids.extend(block.block_id for block in blocks)
+            out.num_scheduled_tokens[request.request_id] += len(drafts)
+            out.spec_token_ids[request.request_id] = drafts
+            request.num_computed_tokens += len(drafts)
+            budget -= len(drafts)
+        return budget
+
     def drafts(self, request: Request, budget: int) -> list[int]:
-        """Draft tokens for ``request``'s next step (none unless it may draft: see the module
-        docstring); ``budget`` is what the step still has, its own next token included."""
-        if not may_draft(request):
-            return []
+        """Up to ``budget`` draft tokens to follow ``request``'s scheduled next token."""
         room = min(
             self.config.num_speculative_tokens,
-            budget - 1,
+            budget,
             self.max_model_len - request.num_tokens - 1,
         )
         max_tokens = request.sampling_params.max_tokens
