@@ -252,3 +252,30 @@ def test_metrics_count_drafts_and_accepted_positions():
     assert values[("metroline:spec_decode_num_accepted_tokens_total", None)] == 7
     per_pos = "metroline:spec_decode_num_accepted_tokens_per_pos_total"
     assert [values[(per_pos, str(p))] for p in range(3)] == [4, 2, 1]
+
+
+def test_drafts_never_preempt_another_requests_next_token():
+    """Two decoding requests, one free block: the one whose next token starts a block gets
+    it; the other's drafts, which would need it too, are dropped (no preemption)."""
+    from metroline.engine.config import SchedulerConfig
+    from metroline.engine.core.kv_cache import KVCacheManager
+    from metroline.engine.core.request import Request
+    from metroline.engine.core.scheduler import Scheduler
+    from metroline.engine.messages import EngineCoreRequest, ModelRunnerOutput
+    from metroline.engine.spec_decode.config import SpeculativeConfig
+
+    kv = KVCacheManager(num_blocks=3, block_size=4, enable_prefix_caching=False)
+    spec = SpeculativeConfig("ngram", K, prompt_lookup_min=1, prompt_lookup_max=3)
+    scheduler = Scheduler(SchedulerConfig(8, 64, 64), kv, spec)
+    scheduler.speculation.propose = lambda request, room: [7] * room
+    params = SamplingParams(temperature=0, max_tokens=16)
+    for request_id, prompt in (("a", [5, 6, 7]), ("b", [5, 6, 7, 8])):
+        scheduler.add_request(Request(EngineCoreRequest(request_id, prompt, params)))
+    first = scheduler.schedule()  # both prompts: one block each
+    assert not first.spec_token_ids
+    scheduler.update_from_output(first, ModelRunnerOutput({"a": 9, "b": 9}, {}))
+    second = scheduler.schedule()  # a's next token fits its block; b's starts a new one
+    assert not second.preempted_request_ids
+    assert second.num_scheduled_tokens == {"a": 1, "b": 1}
+    assert not second.spec_token_ids
+    assert kv.num_free_blocks == 0
