@@ -125,6 +125,28 @@ class RowDistributions:
     probs: torch.Tensor | None  # [B, V] fp32: after temperature, min-p, top-k, top-p
     raw_logprobs: torch.Tensor | None  # [B, V] fp32
 
+    def rows(self, index: torch.Tensor) -> RowDistributions:
+        """These rows only (``index``: row numbers on the device)."""
+        probs, raw = self.probs, self.raw_logprobs
+        return RowDistributions(
+            self.greedy_tokens[index],
+            self.blocked[index],
+            None if probs is None else probs[index],
+            None if raw is None else raw[index],
+        )
+
+    def draw(self, greedy: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+        """One token per row: the argmax for ``greedy`` rows, else the exponential race (a
+        row's own generator where it has one); :data:`NO_TOKEN` where nothing is allowed."""
+        sampled = self.greedy_tokens
+        if self.probs is not None:
+            race = torch.empty_like(self.probs).exponential_()
+            for row, generator in generators.items():
+                race[row].exponential_(generator=generator)
+            drawn = (self.probs / race).argmax(dim=-1)
+            sampled = torch.where(greedy, self.greedy_tokens, drawn)
+        return sampled.masked_fill(self.blocked, NO_TOKEN)
+
 
 class Sampler:
     def distributions(self, logits: torch.Tensor, meta: SamplingMetadata) -> RowDistributions:
@@ -145,15 +167,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """``logits`` is ``[B, V]`` fp32; returns one token per row."""
         rows = self.distributions(logits, meta)
-        if rows.probs is None:
-            sampled = rows.greedy_tokens
-        else:
-            race = torch.empty_like(rows.probs).exponential_()
-            for row, generator in meta.generators.items():
-                race[row].exponential_(generator=generator)
-            drawn = (rows.probs / race).argmax(dim=-1)
-            sampled = torch.where(meta.greedy, rows.greedy_tokens, drawn)
-        sampled = sampled.masked_fill(rows.blocked, NO_TOKEN)
+        sampled = rows.draw(meta.greedy, meta.generators)
         logprobs: list[PositionLogprobs | None] = [None] * logits.shape[0]
         if rows.raw_logprobs is not None:
             logprobs = gather_logprobs(rows.raw_logprobs, sampled, meta.max_num_logprobs or 0)

@@ -126,8 +126,10 @@ def sample_with_drafts(
 
     plain = [i for i, d in enumerate(drafts) if not d]
     if plain:
-        plain_rows = torch.as_tensor(starts[plain], device=device)
-        for i, token in zip(plain, _draw(rows, meta.greedy, plain_rows, states, plain)):
+        at = torch.as_tensor(starts[plain], device=device)
+        own = {r: states[i].generator for r, i in enumerate(plain)}
+        own = {r: g for r, g in own.items() if g is not None}
+        for i, token in zip(plain, rows.rows(at).draw(meta.greedy[at], own).tolist()):
             tokens[i] = token
 
     drafting = [i for i, d in enumerate(drafts) if d]
@@ -150,25 +152,6 @@ def sample_with_drafts(
         _add_logprobs(result, rows.raw_logprobs, states, starts, plain, emitted, emitted_rows,
                       meta.max_num_logprobs or 0)  # fmt: skip
     return result
-
-
-def _draw(
-    rows: RowDistributions,
-    greedy: torch.Tensor,
-    at: torch.Tensor,
-    states: list[WorkerRequestState],
-    which: list[int],
-) -> list[int]:
-    """One token per row ``at`` (requests ``which``), as the sampler draws it."""
-    chosen = rows.greedy_tokens[at]
-    if rows.probs is not None:
-        probs = rows.probs[at]
-        race = torch.empty_like(probs).exponential_()
-        for row, i in enumerate(which):
-            if states[i].generator is not None:
-                race[row].exponential_(generator=states[i].generator)
-        chosen = torch.where(greedy[at], chosen, (probs / race).argmax(dim=-1))
-    return chosen.masked_fill(rows.blocked[at], NO_TOKEN).tolist()
 
 
 def _verify(
