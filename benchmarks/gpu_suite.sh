@@ -40,8 +40,9 @@
 #   fp8peer    vLLM 0.26.0 W1 with quantization=fp8 and kv_cache_dtype=fp8, FP8_RUNS times
 #              (unpacks the bundle once all parts came), then the peer table
 #   spec       W8 speculative decoding (issue 20): TPOT at SPEC_BATCHES (default 1,8), K=4,
-#              plain vs drafts replayed at forced acceptance 1.0/0.7/0.5 and n-gram on
-#              repetitive prompts (benchmarks/spec_decode.py)
+#              plain vs drafts at forced acceptance 1.0/0.7/0.5, a llama3-1b-shape draft
+#              model (measured and forced acceptance) and n-gram on repetitive prompts
+#              (benchmarks/spec_decode.py)
 #   peerserve  W6: vllm bench serve against metroline serve and vllm serve in turn
 #              (RATES_W6, default 10,20,30,inf; W6_PROMPTS, default 300), start-up times,
 #              then the peer table
@@ -210,7 +211,8 @@ for section in "$@"; do
     spec)
       if [ -d /tmp/site/_pytest ]; then  # the CPU suite's speculative tests, on CUDA
         run spec-tests env PYTHONPATH=/tmp/site $PY -P -m pytest -q -p no:cacheprovider \
-          tests/engine/test_spec_decode.py -k "not tensor_parallel"
+          tests/engine/test_spec_decode.py tests/engine/test_spec_draft_model.py \
+          -k "not tensor_parallel"
       fi
       run w8 $PY -P benchmarks/spec_decode.py --model "$MODEL" --batches "${SPEC_BATCHES:-1,8}" \
         --out "$RESULTS"

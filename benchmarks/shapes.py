@@ -38,6 +38,27 @@ SHAPES: dict[str, dict[str, Any]] = {
         "eos_token_id": 128001,
         "torch_dtype": "bfloat16",
     },
+    # Llama 3.2 1B's layout with llama3-8b's context and RoPE (a draft model shares the
+    # target's vocabulary and must hold its max_model_len).
+    "llama3-1b": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "intermediate_size": 8192,
+        "vocab_size": 128256,
+        "rope_theta": 500000.0,
+        "rope_scaling": _LLAMA3_ROPE,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+        "torch_dtype": "bfloat16",
+    },
     "llama3-70b": {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

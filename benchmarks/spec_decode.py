@@ -20,6 +20,13 @@ Workloads (prompt ``--prompt-len`` tokens, ``--new-tokens`` greedy tokens each, 
 - ``ngram``: the prompt-lookup proposer on prompts that repeat one phrase (prompts that
   contain their answer); acceptance as measured (with dummy weights it says little about
   real text).
+- ``draft`` and ``draft-forced-A``: a draft model of shape ``--draft-model`` (default
+  llama3-1b, dummy weights) proposes K tokens each step; ``draft`` verifies them for real
+  (two unrelated random models: acceptance near zero, as measured), ``draft-forced-A``
+  with the forced verifier above, so the step pays the draft model's real cost (its
+  mirrored pass and K - 1 single-token passes) at a chosen acceptance. ``draft_s_per_step``
+  is the time inside the draft phase (it ends by reading the drafts back, so it holds the
+  draft's GPU time).
 
 TPOT is (time of the whole batch - time of a one-token batch) / (new tokens - 1), the
 median of ``--repeats`` runs; proposer time is measured separately (host seconds inside the
@@ -127,13 +134,47 @@ class TimedProposer:
     def __init__(self, propose) -> None:
         self.propose, self.seconds, self.calls = propose, 0.0, 0
 
-    def __call__(self, request, room):
+    def __call__(self, *args):
         started = time.perf_counter()
         try:
-            return self.propose(request, room)
+            return self.propose(*args)
         finally:
             self.seconds += time.perf_counter() - started
             self.calls += 1
+
+
+def run_mode(llm, name, alpha, batch, repetitive, prompts, reference, base, args,
+             spec_sampling, real_verifier) -> dict[str, Any]:  # fmt: skip
+    """One workload on ``llm`` (an engine with speculation): its row of the table."""
+    forced = alpha is not None
+    spec_sampling.verify_greedy = forced_verifier(alpha, seed=batch) if forced else real_verifier
+    speculation = llm.engine_core.scheduler.speculation
+    drafter = llm.engine_core.executor.worker.model_runner.drafter
+    timer = None
+    if drafter is None:
+        timer = TimedProposer(full_drafts if forced else speculation.propose_ngram)
+        speculation.propose = timer
+    else:  # the draft model proposes on the worker
+        if not isinstance(drafter.propose, TimedProposer):
+            drafter.propose = TimedProposer(drafter.propose)
+        timer = drafter.propose
+        timer.seconds, timer.calls = 0.0, 0
+    before = llm.engine_core.stats()
+    tpot, tokens = timed_generate(llm, prompts, args.new_tokens, args.repeats)
+    after = llm.engine_core.stats()
+    drafted = after.spec_num_draft_tokens - before.spec_num_draft_tokens
+    verified = after.spec_num_drafts - before.spec_num_drafts
+    accepted = after.spec_num_accepted_tokens - before.spec_num_accepted_tokens
+    steps = after.num_steps - before.num_steps
+    return {
+        "batch": batch, "workload": name, "repetitive": repetitive,
+        "tpot_s": tpot, "vs_plain": tpot / base,
+        "acceptance": accepted / drafted if drafted else 0.0,
+        "draft_tokens": drafted, "accepted_tokens": accepted,
+        "acceptance_length": 1 + accepted / verified if verified else 1.0,
+        "proposer_s_per_step": timer.seconds / max(1, steps),
+        "equal_to_plain": None if forced else tokens == reference,
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -145,6 +186,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default="", help="only these workloads (comma list)")
+    parser.add_argument("--draft-model", default="llama3-1b",
+                        help="shape of the draft model ('' for no draft-model runs)")  # fmt: skip
     add_flags(parser.add_argument_group("engine"), EngineArgs, skip=ENGINE_FLAGS_FIXED,
               defaults={"dtype": "bfloat16", "kv_cache_memory_bytes": KV_BYTES})  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("."))
@@ -165,12 +208,18 @@ def main() -> None:
     ngram = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": 2,
              "prompt_lookup_max": 5}  # fmt: skip
     rows: list[dict[str, Any]] = []
+    wanted = set(filter(None, args.modes.split(",")))
     with tempfile.TemporaryDirectory() as tmp:
         path = str(write_shape(args.model, Path(tmp) / args.model))
         plain = LLM(model=path, **common)
         spec = LLM(model=path, speculative_config=ngram, **common)
+        engines = {"ngram": spec}
+        if args.draft_model:
+            draft_path = str(write_shape(args.draft_model, Path(tmp) / args.draft_model))
+            drafting = {"method": "draft_model", "model": draft_path,
+                        "num_speculative_tokens": args.k}  # fmt: skip
+            engines["draft"] = LLM(model=path, speculative_config=drafting, **common)
         vocab = plain.config.model.arch.vocab_size
-        speculation = spec.engine_core.scheduler.speculation
         real_verifier = spec_sampling.verify_greedy
         for batch in batches:
             for repetitive in (False, True):
@@ -178,40 +227,24 @@ def main() -> None:
                 base, reference = timed_generate(plain, prompts, args.new_tokens, args.repeats)
                 rows.append({"batch": batch, "workload": "plain", "repetitive": repetitive,
                              "tpot_s": base})  # fmt: skip
-                modes = [("ngram", None)] if repetitive else [
-                    (f"forced-{a:.1f}", a) for a in ACCEPTANCE
-                ]
-                wanted = set(filter(None, args.modes.split(",")))
-                for name, alpha in modes:
+                if repetitive:
+                    modes = [("ngram", None, "ngram")]
+                else:
+                    modes = [(f"forced-{a:.1f}", a, "ngram") for a in ACCEPTANCE]
+                    if "draft" in engines:
+                        modes += [("draft", None, "draft")]
+                        modes += [(f"draft-forced-{a:.1f}", a, "draft") for a in ACCEPTANCE]
+                for name, alpha, engine_name in modes:
                     if wanted and name not in wanted:
                         continue
-                    forced = alpha is not None
-                    spec_sampling.verify_greedy = (
-                        forced_verifier(alpha, seed=batch) if forced else real_verifier
-                    )
-                    timer = TimedProposer(full_drafts if forced else speculation.propose_ngram)
-                    speculation.propose = timer
-                    before = spec.engine_core.stats()
-                    tpot, tokens = timed_generate(spec, prompts, args.new_tokens, args.repeats)
-                    after = spec.engine_core.stats()
-                    drafted = after.spec_num_draft_tokens - before.spec_num_draft_tokens
-                    verified = after.spec_num_drafts - before.spec_num_drafts
-                    accepted = after.spec_num_accepted_tokens - before.spec_num_accepted_tokens
-                    steps = after.num_steps - before.num_steps
-                    row = {
-                        "batch": batch, "workload": name, "repetitive": repetitive,
-                        "tpot_s": tpot, "vs_plain": tpot / base,
-                        "acceptance": accepted / drafted if drafted else 0.0,
-                        "draft_tokens": drafted, "accepted_tokens": accepted,
-                        "acceptance_length": 1 + accepted / verified if verified else 1.0,
-                        "proposer_s_per_step": timer.seconds / max(1, steps),
-                        "equal_to_plain": None if forced else tokens == reference,
-                    }  # fmt: skip
-                    rows.append(row)
-                    print(row, flush=True)
-        host = {"plain": plain.engine_core.host_timings(), "spec": spec.engine_core.host_timings()}
-        spec.shutdown()
-        plain.shutdown()
+                    rows.append(run_mode(engines[engine_name], name, alpha, batch, repetitive,
+                                         prompts, reference, base, args, spec_sampling,
+                                         real_verifier))  # fmt: skip
+                    print(rows[-1], flush=True)
+        host = {"plain": plain.engine_core.host_timings()}
+        host |= {name: llm.engine_core.host_timings() for name, llm in engines.items()}
+        for llm in [*engines.values(), plain]:
+            llm.shutdown()
     record = {
         "benchmark": "spec-decode-W8",
         "environment": env,
@@ -222,11 +255,11 @@ def main() -> None:
     save_record(args.out, [gpu_slug(env["gpu"]), "W8", args.model, f"k{args.k}"], record)
     print(f"\nW8 speculative decoding on {args.model}, K={args.k}, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, {env['gpu']}")  # fmt: skip
-    print(f"{'B':>3s} {'workload':>12s} {'TPOT ms':>8s} {'vs plain':>8s} {'accept':>7s} "
+    print(f"{'B':>3s} {'workload':>17s} {'TPOT ms':>8s} {'vs plain':>8s} {'accept':>7s} "
           f"{'length':>6s} {'prop us':>8s} {'equal':>6s}")  # fmt: skip
     for r in rows:
         print(
-            f"{r['batch']:3d} {r['workload'] + ('*' if r['repetitive'] else ''):>12s} "
+            f"{r['batch']:3d} {r['workload'] + ('*' if r['repetitive'] else ''):>17s} "
             f"{r['tpot_s'] * 1e3:8.2f} {r.get('vs_plain', 1.0):8.2f} "
             f"{r.get('acceptance', 0):7.0%} {r.get('acceptance_length', 1):6.2f} "
             f"{r.get('proposer_s_per_step', 0) * 1e6:8.1f} "

@@ -11,60 +11,46 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .checkpoint import ModelArchConfig, check_remote_code, check_safetensors, load_arch_config
+from .checkpoint import ModelArchConfig
 from .flags import knob
-from .generation_defaults import load_sampling_defaults
-from .model_resolution import resolve_model_path
+from .model_config import LOAD_FORMATS, ModelConfig, draft_model_config, resolve_dtype
 from .quantization import (
     KV_CACHE_DTYPES,
     QUANTIZATION_METHODS,
-    Fp8Config,
     check_fp8_device,
     resolve_kv_cache_dtype,
-    resolve_quantization,
 )
-from .rope_scaling import context_limit
 from .spec_decode.config import SpeculativeConfig, check_speculation, parse_speculative_config
+
+__all__ = [
+    "BLOCK_SIZES",
+    "DEFAULT_CPU_KV_CACHE_BYTES",
+    "LOAD_FORMATS",
+    "SERVING_DEFAULTS",
+    "CacheConfig",
+    "EngineArgs",
+    "EngineConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "SchedulerConfig",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
 
-#: dtype names a user may give, and the torch dtype each means.
-_DTYPES = {
-    "float32": "float32",
-    "float": "float32",
-    "bfloat16": "bfloat16",
-    "float16": "float16",
-    "half": "float16",
-}
 BLOCK_SIZES = (8, 16, 32, 64, 128)
-LOAD_FORMATS = ("auto", "safetensors", "dummy")
 #: Where ``metroline serve`` defaults differ from ``LLM()``'s (the EngineArgs fields): a
 #: smaller token budget bounds how long one step's prompt chunks delay every running
 #: stream's next token, where offline work only wants the most tokens per second.
 SERVING_DEFAULTS = {"max_num_batched_tokens": 8192}
 #: KV pool on CPU when the caller gives no byte budget.
 DEFAULT_CPU_KV_CACHE_BYTES = 512 * 1024**2
-
-
-def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str | None) -> torch.dtype:
-    """``"auto"`` takes the checkpoint's declared dtype (float32 when it declares none)."""
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype must be one of float32, bfloat16, float16; got {dtype}")
-        return dtype
-    if dtype == "auto":
-        dtype = checkpoint_dtype or "float32"
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16'; got {dtype!r}")
-    return getattr(torch, _DTYPES[dtype])
 
 
 def resolve_device(device: str) -> torch.device:
@@ -77,89 +63,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no CUDA device is available")
     return torch.device(device)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Which checkpoint, in which precision, up to which sequence length."""
-
-    path: Path
-    arch: ModelArchConfig
-    dtype: torch.dtype
-    max_model_len: int
-    load_format: str
-    seed: int
-    has_tokenizer: bool
-    #: Where the tokenizer files are: the checkpoint, unless ``tokenizer`` names a folder.
-    tokenizer_path: Path
-    #: The model's default sampling parameters (SamplingParams fields; see
-    #: :mod:`metroline.engine.generation_defaults`), {} for none.
-    generation_defaults: dict[str, Any] = field(default_factory=dict)
-    #: fp8 weights (online or from the checkpoint), or None for the model dtype throughout.
-    quantization: Fp8Config | None = None
-
-    @classmethod
-    def create(
-        cls,
-        model: str | Path,
-        *,
-        dtype: str | torch.dtype,
-        max_model_len: int | None,
-        load_format: str,
-        seed: int,
-        revision: str | None = None,
-        tokenizer: str | None = None,
-        trust_remote_code: bool = False,
-        generation_config: str = "auto",
-        quantization: str | None = None,
-    ) -> ModelConfig:
-        if load_format not in LOAD_FORMATS:
-            raise ValueError(f"load_format must be one of {LOAD_FORMATS}; got {load_format!r}")
-        path = resolve_model_path(model, revision)
-        check_remote_code(path, trust_remote_code)
-        arch = load_arch_config(path)
-        if load_format != "dummy":
-            check_safetensors(path)
-        limit, limit_reason = context_limit(arch.max_position_embeddings, arch.rope_scaling)
-        if max_model_len is None:
-            max_model_len = limit
-        elif not isinstance(max_model_len, int) or max_model_len < 1:
-            raise ValueError(f"max_model_len must be a positive integer; got {max_model_len!r}")
-        elif max_model_len > limit:
-            raise ValueError(f"max_model_len ({max_model_len}) exceeds the model's {limit_reason}")
-        if arch.sliding_window is not None and max_model_len > arch.sliding_window:
-            # Within the window, sliding-window attention equals full attention, so capping
-            # the length keeps results exact without a windowed kernel.
-            logger.warning(
-                "model uses a sliding attention window of %d tokens: max_model_len capped "
-                "from %d to %d",
-                arch.sliding_window,
-                max_model_len,
-                arch.sliding_window,
-            )
-            max_model_len = arch.sliding_window
-        tokenizer_path = path if tokenizer is None else Path(tokenizer).expanduser()
-        has_tokenizer = any(
-            (tokenizer_path / name).is_file()
-            for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-        )
-        if tokenizer is not None and not has_tokenizer:
-            raise ValueError(
-                f"tokenizer must be a folder holding tokenizer files (tokenizer.json, "
-                f"tokenizer.model or tokenizer_config.json); {tokenizer!s} is not one"
-            )
-        return cls(
-            path=path,
-            arch=arch,
-            dtype=resolve_dtype(dtype, arch.dtype),
-            max_model_len=max_model_len,
-            load_format=load_format,
-            seed=seed,
-            has_tokenizer=has_tokenizer,
-            tokenizer_path=tokenizer_path,
-            generation_defaults=load_sampling_defaults(path, generation_config),
-            quantization=resolve_quantization(quantization, arch.quantization_config, load_format),
-        )
 
 
 @dataclass(frozen=True)
@@ -244,11 +147,21 @@ class EngineConfig:
     mixed_step_graphs: bool | None
     #: Speculative decoding, or None (off).
     speculative: SpeculativeConfig | None = None
+    #: The draft model, present exactly when ``speculative.method`` is ``draft_model``.
+    draft: ModelConfig | None = None
 
     def __post_init__(self) -> None:
         self.parallel.check_model(self.model.arch)
         if self.speculative is not None:
             check_speculation(self.speculative, self.async_scheduling)
+        drafting = self.speculative is not None and self.speculative.method == "draft_model"
+        if drafting != (self.draft is not None):
+            raise ValueError("a draft ModelConfig goes with method 'draft_model' only")
+        if self.draft is not None:
+            try:
+                self.parallel.check_model(self.draft.arch)
+            except ValueError as error:
+                raise ValueError(f"the draft model: {error}") from None
         check_fp8_device(self.device, self.model.quantization, self.cache.kv_cache_dtype)
         if self.scheduler.max_model_len != self.model.max_model_len:
             raise ValueError("scheduler.max_model_len must equal model.max_model_len")
@@ -256,11 +169,16 @@ class EngineConfig:
 
     @property
     def kv_bytes_per_block(self) -> int:
-        """KV bytes of one block on one rank, keys and values of every layer (a rank holds
-        ``kv_heads / tp`` KV heads, or one when TP exceeds them)."""
-        arch = self.model.arch
-        kv_heads = max(1, arch.num_key_value_heads // self.parallel.tensor_parallel_size)
-        per_token = 2 * arch.num_hidden_layers * kv_heads * arch.head_dim
+        """KV bytes of one block on one rank, keys and values of every layer of the model and
+        of the draft model if any (a rank holds ``kv_heads / tp`` KV heads, or one when TP
+        exceeds them)."""
+        tp = self.parallel.tensor_parallel_size
+        per_token = 0
+        for model in (self.model, self.draft):  # a draft model's layers share the blocks
+            if model is not None:
+                arch = model.arch
+                kv_heads = max(1, arch.num_key_value_heads // tp)
+                per_token += 2 * arch.num_hidden_layers * kv_heads * arch.head_dim
         return per_token * self.cache.block_size * self.kv_cache_dtype.itemsize
 
     @property
@@ -356,8 +274,9 @@ class EngineArgs:
         "tensor-parallel size 2 or more, where the host bounds those steps)",
     )
     speculative_config: str | None = knob(
-        None, 'n-gram drafts as JSON (vLLM\'s spelling): {"method": "ngram", '
-        '"num_speculative_tokens": K, "prompt_lookup_min": a, "prompt_lookup_max": b}',
+        None, 'speculative decoding as JSON (vLLM\'s spelling): {"method": "ngram", '
+        '"num_speculative_tokens": K, "prompt_lookup_min": a, "prompt_lookup_max": b} or '
+        '{"method": "draft_model", "model": PATH, "num_speculative_tokens": K}',
     )  # fmt: skip
     seed: int = knob(0, "seed of the random number generator (dummy weights, unseeded sampling)")
     device: str = knob("auto", "auto, cpu or cuda")
@@ -376,6 +295,8 @@ class EngineArgs:
             generation_config=self.generation_config,
             quantization=self.quantization,
         )
+        speculative = parse_speculative_config(self.speculative_config)
+        drafts = speculative is not None and speculative.method == "draft_model"
         return EngineConfig(
             model=model,
             cache=CacheConfig(
@@ -395,5 +316,6 @@ class EngineArgs:
             enforce_eager=self.enforce_eager,
             async_scheduling=self.async_scheduling,
             mixed_step_graphs=self.mixed_step_graphs,
-            speculative=parse_speculative_config(self.speculative_config),
+            speculative=speculative,
+            draft=draft_model_config(speculative.model, model) if drafts else None,
         )

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..messages import RunningRequestData, SchedulerOutput
-from ..spec_decode.config import SpeculativeConfig
+from ..spec_decode.config import DRAFT_PAD_TOKEN, SpeculativeConfig
 from ..spec_decode.ngram import MAX_LOOKUP_TOKENS, propose_ngram
 from .kv_cache import KVCacheManager
 from .request import Request
@@ -31,18 +31,19 @@ class Speculation:
     """Proposes drafts for eligible requests and counts what verification accepted."""
 
     def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
-        if config.method != "ngram":
-            raise ValueError(f"speculative method {config.method!r} has no proposer here")
         self.config = config
         self.max_model_len = max_model_len
         self.num_drafts = 0
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         self.accepted_per_position = [0] * config.num_speculative_tokens
-        #: ``propose(request, room)`` -> up to ``room`` draft tokens. The n-gram proposer;
-        #: benchmarks and tests put their own here (drafts replayed from a first pass, to
-        #: force an acceptance rate).
-        self.propose: Callable[[Request, int], Sequence[int]] = self.propose_ngram
+        #: ``propose(request, room)`` -> up to ``room`` draft tokens. The n-gram proposer,
+        #: or with a draft model ``room`` placeholders that the workers' draft model fills
+        #: (:mod:`metroline.engine.worker.draft_proposer`); benchmarks and tests put their
+        #: own here (drafts replayed from a first pass, to force an acceptance rate).
+        self.propose: Callable[[Request, int], Sequence[int]] = (
+            self.propose_ngram if config.method == "ngram" else _placeholders
+        )
         self._arrays: dict[str, tuple[np.ndarray, int]] = {}
 
     def add_drafts(
@@ -124,6 +125,12 @@ class Speculation:
         self.num_accepted_tokens += num_accepted
         for position in range(num_accepted):
             self.accepted_per_position[position] += 1
+
+
+def _placeholders(request: Request, room: int) -> list[int]:
+    """``room`` slots for the draft model's tokens (the workers write them before the step's
+    forward pass)."""
+    return [DRAFT_PAD_TOKEN] * room
 
 
 def may_draft(request: Request) -> bool:

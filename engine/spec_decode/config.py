@@ -199,11 +199,9 @@ def _check_int(name: str, value: object, low: int, high: int) -> int:
 
 
 def check_speculation(config: SpeculativeConfig, async_scheduling: bool | None) -> None:
-    """Refuse what the engine cannot do with ``config`` yet (before any process starts): a
-    draft model, and asynchronous scheduling asked for explicitly (proposals read the tokens
-    the last step accepted, so steps run in order; unset, it is simply off)."""
-    if config.method != "ngram":
-        raise ValueError(f"speculative_config: method {config.method!r} is not implemented yet")
+    """Refuse what the engine cannot do with ``config`` (before any process starts):
+    asynchronous scheduling asked for explicitly (proposals read the tokens the last step
+    accepted, so steps run in order; unset, it is simply off)."""
     if async_scheduling:
         raise ValueError(
             "speculative decoding runs steps in order: it cannot be combined with "

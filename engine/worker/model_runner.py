@@ -21,8 +21,10 @@ from ..layers.sampler import NO_TOKEN, Sampler
 from ..messages import NewRequestData, SchedulerOutput
 from ..outputs import PositionLogprobs
 from .cuda_graphs import StepGraphs, mixed_pool_bytes, use_mixed_step_graphs
+from .draft_proposer import DraftProposer
 from .grammar_bitmask import apply_token_bitmask
 from .host_staging import StepStaging
+from .input_isolation import build_isolating
 from .prompt_logprobs import compute_prompt_logprobs, prompt_logprob_rows
 from .sampled_rows import plain_greedy, wanted_logprobs
 from .spec_sampling import sample_drafted_batch
@@ -47,9 +49,16 @@ class ModelRunner:
     """
 
     def __init__(
-        self, config: EngineConfig, model: nn.Module, device: torch.device, is_driver: bool = True
+        self,
+        config: EngineConfig,
+        model: nn.Module,
+        device: torch.device,
+        is_driver: bool = True,
+        drafter: DraftProposer | None = None,
     ) -> None:
         self.config = config
+        #: With a draft model: fills each step's placeholder drafts before its forward pass.
+        self.drafter = drafter
         self.is_driver = is_driver
         self.model = model
         self.device = device
@@ -94,6 +103,7 @@ class ModelRunner:
                 num_prompt_tokens=len(new.token_ids) - new.num_output_tokens,
                 block_ids=list(new.block_ids),
                 num_computed_tokens=new.num_computed_tokens,
+                num_draft_computed=new.num_computed_tokens,
                 sampling_params=params,
                 eos_token_ids=new.eos_token_ids,
                 generator=generator,
@@ -131,6 +141,10 @@ class ModelRunner:
             self.update_states(scheduled)
             if scheduled.is_empty:
                 return StepResult.empty(self.is_driver)
+        if self.drafter is not None:
+            with timer.phase("runner.draft_model"):
+                scheduled = self.drafter.propose(scheduled, self.states)
+        with timer.phase("runner.build_inputs"):
             inputs, failed = self._build_inputs(scheduled)
             unwritten = frozenset(failed)
         if inputs is None:  # every request of the step failed
@@ -206,31 +220,7 @@ class ModelRunner:
         return compute_prompt_logprobs(self.model, hidden, wanted, max_rows)
 
     def _build_inputs(self, scheduled: SchedulerOutput) -> tuple[StepInputs | None, dict[str, str]]:
-        """The step's inputs, and the requests left out because theirs could not be built.
-        Only when the whole step fails is each request tried alone, to find the culprits;
-        every rank finds the same ones (their states and plans are alike)."""
-        try:
-            return self._build_inputs_of(scheduled), {}
-        except Exception as error:
-            if faults.poisons_engine(error):
-                raise
-            whole_step_error = error
-        failed: dict[str, str] = {}
-        everyone = set(scheduled.num_scheduled_tokens)
-        for request_id in scheduled.num_scheduled_tokens:
-            try:
-                self._build_inputs_of(scheduled.without(everyone - {request_id}))
-            except Exception as error:
-                if faults.poisons_engine(error):
-                    raise
-                failed[request_id] = f"building its inputs failed: {faults.describe(error)}"
-        if not failed:  # no single request explains it
-            raise whole_step_error
-        logger.error("step inputs failed for %d request(s): %s", len(failed), failed)
-        remaining = scheduled.without(failed)
-        if remaining.is_empty:
-            return None, failed
-        return self._build_inputs_of(remaining), failed
+        return build_isolating(scheduled, self._build_inputs_of)
 
     def _build_inputs_of(self, scheduled: SchedulerOutput) -> StepInputs:
         if faults.ACTIVE:
@@ -377,6 +367,10 @@ class ModelRunner:
             mixed=mixed,
         )
         seconds = self.step_graphs.capture()
+        if self.drafter is not None:
+            self.drafter.capture_cuda_graphs(
+                sched.max_num_seqs, sched.max_num_batched_tokens, sched.max_model_len
+            )
         logger.info(
             "CUDA graphs hold %.2f GiB",
             (torch.cuda.memory_reserved(self.device) - reserved) / 2**30,
@@ -398,3 +392,6 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[:rows])
         if logits is not None:
             torch.softmax(logits.float(), dim=-1).sort(dim=-1)
+        del hidden, logits
+        if self.drafter is not None:  # its passes mirror the step's tokens, plus one a request
+            self.drafter.profile_run(num_tokens + sched.max_num_seqs, rows, sched.max_model_len)

@@ -33,6 +33,9 @@ class WorkerRequestState:
     num_computed_tokens: int
     sampling_params: SamplingParams
     eos_token_ids: tuple[int, ...]
+    #: With a draft model: the positions whose draft KV it wrote (see
+    #: :mod:`.draft_proposer`; valid up to ``min(this, num_computed_tokens)``).
+    num_draft_computed: int = 0
     generator: torch.Generator | None = None
     #: Device tensors of ``allowed_token_ids``, ``logit_bias``, bad words and min-tokens
     #: bans, built once on arrival (None without any: see :mod:`.token_constraints`).
@@ -97,7 +100,6 @@ def build_step_inputs(
     cu_seqlens = np.zeros(num_seqs + 1, dtype=np.int64)
     np.cumsum(counts, out=cu_seqlens[1:])
     num_tokens = int(cu_seqlens[-1])
-    seq_lens = starts + counts
     chunks = []
     pending_slots, pending_rows = [], []
     spec = scheduled.spec_token_ids
@@ -117,19 +119,10 @@ def build_step_inputs(
             chunk = [*chunk, 0]
         chunks.append(chunk)
     input_ids = np.fromiter(itertools.chain.from_iterable(chunks), dtype=np.int64, count=num_tokens)
-    token_seq = np.repeat(np.arange(num_seqs), counts)
-    positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(starts - cu_seqlens[:-1], counts)
-    max_blocks = max(len(s.block_ids) for s in step_states)
-    block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
-    for row, state in enumerate(step_states):
-        block_tables[row, : len(state.block_ids)] = state.block_ids
-    slot_mapping = (
-        block_tables[token_seq, positions // block_size].astype(np.int64) * block_size
-        + positions % block_size
-    )
+    layout = varlen_layout(counts, starts, [s.block_ids for s in step_states], block_size)
     sampling = set(scheduled.sampling_request_ids)
     sampled = np.fromiter((i for i, r in enumerate(request_ids) if r in sampling), dtype=np.int64)
-    logits_indices = cu_seqlens[1:][sampled] - 1
+    logits_indices = layout.cu_seqlens[1:][sampled] - 1
     step_drafts = None
     if spec:
         step_drafts = [spec.get(request_ids[i], []) for i in sampled.tolist()]
@@ -138,49 +131,111 @@ def build_step_inputs(
         ends = np.repeat(logits_indices, rows_per_request)
         back = np.repeat(np.cumsum(rows_per_request), rows_per_request) - 1
         logits_indices = ends - (back - np.arange(ends.shape[0]))
-    attn_counts = counts
-    if spec and int(counts.max()) <= MAX_DECODE_ROW_QUERIES:
-        # A verification step as a decode step: one attention row per token, attending to
-        # its own position and those before (exactly the causal rows of its request), so the
-        # decode kernels and decode CUDA graphs run it.
-        block_tables = block_tables[token_seq]
-        seq_lens = positions + 1
-        cu_seqlens = np.arange(num_tokens + 1, dtype=np.int64)
-        attn_counts = np.ones(1, dtype=np.int64)
-
-    add = staging.add
-    queued = [
-        add(slot_mapping, torch.int64),
-        add(block_tables, torch.int32),
-        add(seq_lens, torch.int32),
-        add(cu_seqlens, torch.int32),
-        add(input_ids, torch.int64),
-        add(positions, torch.int64),
-        add(logits_indices, torch.int64),
-    ]
+        if int(counts.max()) <= MAX_DECODE_ROW_QUERIES:
+            layout = layout.as_decode_rows()
+    layout.stage(staging)
+    ids_at, rows_at = staging.add(input_ids, torch.int64), staging.add(logits_indices, torch.int64)
     if pending_slots:
-        queued += [add(pending_slots, torch.int64), add(pending_rows, torch.int64)]
+        pending_at = staging.add(pending_slots, torch.int64), staging.add(pending_rows, torch.int64)
     on_device = staging.to_device()
-    slots, tables, lens, cu_seqlens_q = on_device[:4]
-    device_input_ids, device_positions, logits_rows = on_device[4:7]
+    device_input_ids, logits_rows = on_device[ids_at], on_device[rows_at]
     if pending_slots:
-        slots_of_pending, rows_of_pending = on_device[7:9]
+        slots_of_pending, rows_of_pending = (on_device[i] for i in pending_at)
         device_input_ids[slots_of_pending] = previous.tokens[rows_of_pending]
-    metadata = AttentionMetadata(
-        slot_mapping=slots,
-        block_tables=tables,
-        seq_lens=lens,
-        cu_seqlens_q=cu_seqlens_q,
-        max_seqlen_q=int(attn_counts.max()),
-        max_seqlen_k=int(seq_lens.max()),
-    )
     return StepInputs(
         input_ids=device_input_ids,
-        positions=device_positions,
-        attn_metadata=metadata,
+        positions=layout.device_positions(on_device),
+        attn_metadata=layout.metadata(on_device),
         logits_indices=logits_rows,
         sampled_request_ids=[request_ids[i] for i in sampled.tolist()],
         drafts=step_drafts,
+    )
+
+
+@dataclass(slots=True)
+class VarlenLayout:
+    """Host arrays of one flattened batch: each token's position and KV slot, and the
+    attention rows (one per request, or with :meth:`as_decode_rows` one per token)."""
+
+    positions: np.ndarray  # [num_tokens] int64
+    slot_mapping: np.ndarray  # [num_tokens] int64
+    token_seq: np.ndarray  # [num_tokens] int64: the request row each token belongs to
+    block_tables: np.ndarray  # [rows, max_blocks] int32
+    seq_lens: np.ndarray  # [rows] int64: context of each attention row
+    cu_seqlens: np.ndarray  # [rows + 1] int64: query tokens of each row
+    max_seqlen_q: int
+
+    def as_decode_rows(self) -> VarlenLayout:
+        """The same batch with one attention row per token, attending to its own position
+        and those before (exactly the causal rows of its request), so the decode kernels
+        and decode CUDA graphs run it."""
+        num_tokens = self.positions.shape[0]
+        return VarlenLayout(
+            positions=self.positions,
+            slot_mapping=self.slot_mapping,
+            token_seq=np.arange(num_tokens, dtype=np.int64),
+            block_tables=self.block_tables[self.token_seq],
+            seq_lens=self.positions + 1,
+            cu_seqlens=np.arange(num_tokens + 1, dtype=np.int64),
+            max_seqlen_q=1,
+        )
+
+    def stage(self, staging: StepStaging) -> None:
+        """Queue the arrays for the staging's next copy; they must be its first queued
+        (:meth:`metadata` and :meth:`device_positions` read them by index)."""
+        queued = [
+            staging.add(self.slot_mapping, torch.int64),
+            staging.add(self.block_tables, torch.int32),
+            staging.add(self.seq_lens, torch.int32),
+            staging.add(self.positions, torch.int64),
+            staging.add(self.cu_seqlens, torch.int32),
+        ]
+        if queued[0] != 0:
+            raise RuntimeError("a varlen layout must be staged first")
+
+    @staticmethod
+    def device_positions(on_device: list[torch.Tensor]) -> torch.Tensor:
+        return on_device[3]
+
+    def metadata(self, on_device: list[torch.Tensor]) -> AttentionMetadata:
+        """The attention metadata from the tensors :meth:`stage` queued first."""
+        slots, tables, lens, _, cu_seqlens_q = on_device[:5]
+        return AttentionMetadata(
+            slot_mapping=slots,
+            block_tables=tables,
+            seq_lens=lens,
+            cu_seqlens_q=cu_seqlens_q,
+            max_seqlen_q=self.max_seqlen_q,
+            max_seqlen_k=int(self.seq_lens.max()),
+        )
+
+
+def varlen_layout(
+    counts: np.ndarray, starts: np.ndarray, block_ids: list[list[int]], block_size: int
+) -> VarlenLayout:
+    """Request ``i`` computes ``counts[i]`` tokens from position ``starts[i]``, its KV in the
+    blocks ``block_ids[i]``; positions and slots are computed for the whole batch at once."""
+    num_seqs = counts.shape[0]
+    cu_seqlens = np.zeros(num_seqs + 1, dtype=np.int64)
+    np.cumsum(counts, out=cu_seqlens[1:])
+    num_tokens = int(cu_seqlens[-1])
+    token_seq = np.repeat(np.arange(num_seqs), counts)
+    positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(starts - cu_seqlens[:-1], counts)
+    block_tables = np.zeros((num_seqs, max(map(len, block_ids))), dtype=np.int32)
+    for row, ids in enumerate(block_ids):
+        block_tables[row, : len(ids)] = ids
+    slot_mapping = (
+        block_tables[token_seq, positions // block_size].astype(np.int64) * block_size
+        + positions % block_size
+    )
+    return VarlenLayout(
+        positions=positions,
+        slot_mapping=slot_mapping,
+        token_seq=token_seq,
+        block_tables=block_tables,
+        seq_lens=starts + counts,
+        cu_seqlens=cu_seqlens,
+        max_seqlen_q=int(counts.max()),
     )
 
 

@@ -15,6 +15,7 @@ from ..layers import ops
 from ..layers.fp8_linear import check_small_batch_gemm
 from ..messages import SchedulerOutput
 from ..models.loader import load_model
+from .draft_proposer import DraftProposer
 from .model_runner import ModelRunner
 from .step_result import StepResult
 
@@ -39,15 +40,23 @@ class Worker:
         torch.manual_seed(config.model.seed)
         started = time.perf_counter()
         rss_before = current_rss_bytes()
-        self.model = load_model(
-            config.model, self.device, kv_fp8=config.cache.kv_cache_dtype == "fp8"
+        kv_fp8 = config.cache.kv_cache_dtype == "fp8"
+        self.model = load_model(config.model, self.device, kv_fp8=kv_fp8)
+        #: The draft model of speculative decoding, or None.
+        self.draft_model = (
+            load_model(config.draft, self.device, kv_fp8=kv_fp8) if config.draft else None
         )
         self.load_report = {
             "rank": rank,
             "seconds": time.perf_counter() - started,
             "rss_before_bytes": rss_before,
             "peak_rss_bytes": peak_rss_bytes(),
-            "param_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
+            "param_bytes": sum(
+                p.numel() * p.element_size()
+                for model in (self.model, self.draft_model)
+                if model is not None
+                for p in model.parameters()
+            ),
         }
         logger.info(
             "loaded %s (%s, %s) in %.1f s; %.0f MiB of parameters; peak host memory %.0f MiB "
@@ -60,7 +69,12 @@ class Worker:
             self.load_report["peak_rss_bytes"] / 2**20,
             rss_before / 2**20,
         )
-        self.model_runner = ModelRunner(config, self.model, self.device, is_driver=rank == 0)
+        drafter = None
+        if self.draft_model is not None:
+            drafter = DraftProposer(self.draft_model, config.cache.block_size, self.device)
+        self.model_runner = ModelRunner(
+            config, self.model, self.device, is_driver=rank == 0, drafter=drafter
+        )
         #: The worker process's own phases (receiving plans); unused on rank 0.
         self.host_timer = HostTimer()
         self.key_caches: list[torch.Tensor] = []
@@ -70,11 +84,14 @@ class Worker:
         """Give this rank's device memory back at once, not whenever the collector gets to
         it: CUDA graphs first (they hold captured collectives), then the KV pool and the
         weights. The worker runs no step afterwards. Idempotent."""
-        if self.model_runner is not None and self.model_runner.step_graphs is not None:
-            self.model_runner.step_graphs.release()
+        runner = self.model_runner
+        if runner is not None and runner.step_graphs is not None:
+            runner.step_graphs.release()
+        if runner is not None and runner.drafter is not None:
+            runner.drafter.release()
         self.model_runner = None
         self.key_caches, self.value_caches = [], []
-        self.model = None
+        self.model = self.draft_model = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -148,31 +165,35 @@ class Worker:
         return budget
 
     def initialize_cache(self, num_blocks: int) -> None:
-        arch = self.config.model.arch
-        shape = (num_blocks, self.config.cache.block_size, self.kv_heads_per_rank, arch.head_dim)
-        dtype = self.config.kv_cache_dtype
+        """Bind ``num_blocks`` blocks of KV to every attention layer, the draft model's too
+        (same block ids, tensors of its own shape)."""
         self.key_caches, self.value_caches = [], []
-        for layer in self.model.attention_layers():
-            # Zeroed so that masked-out reads of never-written slots can never be NaN.
-            key_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-            value_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-            layer.bind_kv_cache(key_cache, value_cache)
-            self.key_caches.append(key_cache)
-            self.value_caches.append(value_cache)
+        models = [m for m in (self.model, self.draft_model) if m is not None]
+        for model in models:
+            layers = model.attention_layers()
+            head_dim = layers[0].head_dim
+            shape = (num_blocks, self.config.cache.block_size, layers[0].num_kv_heads, head_dim)
+            for layer in layers:
+                # Zeroed so that masked-out reads of never-written slots can never be NaN.
+                key_cache = torch.zeros(shape, dtype=self.config.kv_cache_dtype, device=self.device)
+                value_cache = torch.zeros_like(key_cache)
+                layer.bind_kv_cache(key_cache, value_cache)
+                self.key_caches.append(key_cache)
+                self.value_caches.append(value_cache)
         if self.device.type == "cuda":
             if self.config.model.quantization is not None:
                 self._choose_small_batch_fp8_gemm()
-            # Compile now what serving would otherwise compile at its first steps.
-            layer = next(iter(self.model.attention_layers()))
-            ops.warm_up_kernels(
-                self.key_caches[0],
-                self.value_caches[0],
-                layer.num_heads,
-                self.config.scheduler.max_num_batched_tokens,
-                query_dtype=self.config.model.dtype,
-                k_scale=layer.k_scale,
-                v_scale=layer.v_scale,
-            )
+            for model in models:  # compile now what serving would compile at its first steps
+                layer = model.attention_layers()[0]
+                ops.warm_up_kernels(
+                    layer.key_cache,
+                    layer.value_cache,
+                    layer.num_heads,
+                    self.config.scheduler.max_num_batched_tokens,
+                    query_dtype=self.config.model.dtype,
+                    k_scale=layer.k_scale,
+                    v_scale=layer.v_scale,
+                )
             if not self.config.enforce_eager:
                 self.model_runner.capture_cuda_graphs()
 

@@ -218,9 +218,6 @@ def test_config_through_engine_args_and_refusals(tiny_checkpoint):
     path = str(tiny_checkpoint("llama"))
     config = EngineArgs(model=path, speculative_config=json.dumps(NGRAM)).create_config()
     assert config.speculative.num_speculative_tokens == K
-    draft = {"method": "draft_model", "model": path, "num_speculative_tokens": 2}
-    with pytest.raises(ValueError, match=r"draft_model.*not implemented"):
-        EngineArgs(model=path, speculative_config=draft).create_config()
     with pytest.raises(ValueError, match="async_scheduling"):
         EngineArgs(model=path, speculative_config=NGRAM, async_scheduling=True).create_config()
     unknown = {**NGRAM, "acceptance_method": "x"}

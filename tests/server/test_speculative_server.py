@@ -1,4 +1,5 @@
-"""``metroline serve --speculative-config``: completions equal the plain server's (greedy),
+"""``metroline serve --speculative-config`` (n-gram, and a draft model: the served checkpoint
+drafting for itself): completions equal the plain server's (greedy),
 also when a stop string ends the text inside a step's several tokens, streamed or not, with
 log-probs; ``/metrics`` counts the drafts; a malformed config is an exit-2 error."""
 
@@ -20,15 +21,19 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
 PROMPTS = ["one two three one two three one two", "a b a b a b a b a b", "hello world hello"]
 
 
-@pytest.fixture(scope="module")
-def spec_server(start_module_server, chat_checkpoint):
+@pytest.fixture(scope="module", params=["ngram", "draft_model"])
+def spec_server(request, start_module_server, chat_checkpoint):
+    config = NGRAM
+    if request.param == "draft_model":
+        config = {"method": "draft_model", "model": str(chat_checkpoint)}
+        config["num_speculative_tokens"] = 3
     return start_module_server(
         chat_checkpoint,
         "--served-model-name", MODEL_NAME,
         "--max-model-len", str(MAX_MODEL_LEN),
         "--kv-cache-memory-bytes", str(2**22),
         "--api-key", API_KEY,
-        "--speculative-config", json.dumps(NGRAM),
+        "--speculative-config", json.dumps(config),
     )  # fmt: skip
 
 
@@ -70,6 +75,7 @@ def test_greedy_completions_equal_the_plain_server(spec_server, server):
     metrics = httpx.get(f"{spec_server.url}/metrics").text
     assert metric_value(metrics, "metroline:spec_decode_num_drafts_total") > 0
     assert metric_value(metrics, "metroline:spec_decode_num_draft_tokens_total") > 0
+    assert metric_value(metrics, "metroline:spec_decode_num_accepted_tokens_total") > 0
 
 
 def test_a_malformed_speculative_config_exits_2(chat_checkpoint):
