@@ -72,6 +72,12 @@ class Worker:
         drafter = None
         if self.draft_model is not None:
             drafter = DraftProposer(self.draft_model, config.cache.block_size, self.device)
+            logger.info(
+                "draft model %s (%s): %.0f MiB of parameters",
+                config.draft.path,
+                config.draft.arch.architecture,
+                sum(p.numel() * p.element_size() for p in self.draft_model.parameters()) / 2**20,
+            )
         self.model_runner = ModelRunner(
             config, self.model, self.device, is_driver=rank == 0, drafter=drafter
         )
