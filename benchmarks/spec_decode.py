@@ -177,6 +177,24 @@ def run_mode(llm, name, alpha, batch, repetitive, prompts, reference, base, args
     }  # fmt: skip
 
 
+def profile_steps(llm, name: str, batch: int, args) -> dict[str, float]:
+    """GPU time by kernel family of 10 steady steps of ``batch`` requests (the workload's
+    verifier still in place), and the profiler's table under ``--out``."""
+    from step_profile import add_requests, profiled_steps
+
+    core = llm.engine_core
+    ids = [f"prof-{name}-{i}" for i in range(batch)]
+    add_requests(core, ids, args.prompt_len, None, llm.config.model.arch.vocab_size, batch)
+    while not all(r.num_output_tokens >= 1 for r in core.scheduler.requests.values()):
+        core.step()
+    for _ in range(3):
+        core.step()
+    row = profiled_steps(core, 10, args.out, name)
+    core.finish_requests(ids)
+    core.step()
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama3-8b", choices=sorted(SHAPES))
@@ -186,6 +204,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default="", help="only these workloads (comma list)")
+    parser.add_argument("--profile", default="",
+                        help="after these workloads (comma list), a torch-profiler table of "
+                             "10 steps at each batch, under --out")  # fmt: skip
     parser.add_argument("--draft-model", default="llama3-1b",
                         help="shape of the draft model ('' for no draft-model runs)")  # fmt: skip
     add_flags(parser.add_argument_group("engine"), EngineArgs, skip=ENGINE_FLAGS_FIXED,
@@ -241,6 +262,11 @@ def main() -> None:
                                          prompts, reference, base, args, spec_sampling,
                                          real_verifier))  # fmt: skip
                     print(rows[-1], flush=True)
+                    if name in args.profile.split(","):
+                        rows[-1]["profile"] = profile_steps(
+                            engines[engine_name], f"{name}-b{batch}", batch, args
+                        )
+                        print(rows[-1]["profile"], flush=True)
         host = {"plain": plain.engine_core.host_timings()}
         host |= {name: llm.engine_core.host_timings() for name, llm in engines.items()}
         for llm in [*engines.values(), plain]:

@@ -61,7 +61,7 @@ def kernel_families(prof: Any, steps: int) -> dict[str, float]:
     return totals
 
 
-def _profiled(core: Any, steps: int, out: Path, name: str) -> dict[str, float]:
+def profiled_steps(core: Any, steps: int, out: Path, name: str) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -78,7 +78,9 @@ def _profiled(core: Any, steps: int, out: Path, name: str) -> dict[str, float]:
     return {"wall_ms_per_step": wall * 1e3, "gpu_ms_per_step": sum(families.values())} | families
 
 
-def _add(core: Any, ids: list[str], length: int, max_tokens: int | None, vocab: int, seed: int):
+def add_requests(
+    core: Any, ids: list[str], length: int, max_tokens: int | None, vocab: int, seed: int
+) -> None:
     from metroline.engine import SamplingParams
     from metroline.engine.messages import EngineCoreRequest
 
@@ -93,12 +95,12 @@ def profile_decode(llm: Any, out: Path, batch: int, context: int, steps: int = 1
     """Steady decode steps at ``batch`` requests of ``context`` tokens."""
     core = llm.engine_core
     ids = [f"prof-d{batch}-{i}" for i in range(batch)]
-    _add(core, ids, context, None, llm.config.model.arch.vocab_size, batch)
+    add_requests(core, ids, context, None, llm.config.model.arch.vocab_size, batch)
     while not all(r.num_output_tokens >= 1 for r in core.scheduler.requests.values()):
         core.step()
     for _ in range(3):
         core.step()
-    row = _profiled(core, steps, out, f"decode-b{batch}-c{context}")
+    row = profiled_steps(core, steps, out, f"decode-b{batch}-c{context}")
     core.finish_requests(ids)
     core.step()
     return row | {"kind": "decode", "batch": batch, "context": context, "tokens": batch}
@@ -112,8 +114,8 @@ def profile_prefill(llm: Any, out: Path, length: int = 1024, repeats: int = 3) -
     rows = []
     for repeat in range(repeats + 1):  # the first is a warm-up
         ids = [f"prof-p{repeat}-{i}" for i in range(count)]
-        _add(core, ids, length, 1, llm.config.model.arch.vocab_size, 7 + repeat)
-        row = _profiled(core, 1, out, "prefill")
+        add_requests(core, ids, length, 1, llm.config.model.arch.vocab_size, 7 + repeat)
+        row = profiled_steps(core, 1, out, "prefill")
         while core.scheduler.requests:
             core.step()
         if repeat:

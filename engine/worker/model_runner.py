@@ -137,7 +137,7 @@ class ModelRunner:
         (rank 0) samples; other ranks' results are ``None``. With grammar rows among the
         sampled requests the driver's sampling waits (a :class:`PendingSample`)."""
         timer = self.host_timer
-        with timer.phase("runner.build_inputs"):
+        with timer.phase("runner.update_states"):
             self.update_states(scheduled)
             if scheduled.is_empty:
                 return StepResult.empty(self.is_driver)

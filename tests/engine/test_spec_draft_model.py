@@ -155,7 +155,7 @@ def test_sampling_verifies_draft_model_proposals(tiny_checkpoint):
     want = plain.generate(prompts, seeded, use_tqdm=False)
     assert _tokens(llm.generate(prompts, seeded, use_tqdm=False)) == _tokens(want)
     assert _acceptance(llm) == (0, 0)
-    cool = SamplingParams(temperature=0.3, max_tokens=MAX_NEW_TOKENS)
+    cool = SamplingParams(temperature=0.3, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
     outputs = llm.generate(prompts, cool, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == MAX_NEW_TOKENS for o in outputs)
     drafted, accepted = _acceptance(llm)
