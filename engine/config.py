@@ -156,13 +156,18 @@ class EngineConfig:
             check_speculation(self.speculative, self.async_scheduling)
         drafting = self.speculative is not None and self.speculative.method == "draft_model"
         if drafting != (self.draft is not None):
-            raise ValueError("a draft ModelConfig goes with method 'draft_model' only")
+            raise ValueError(
+                "EngineConfig.draft (the draft model's ModelConfig) must be given exactly "
+                "when speculative.method is 'draft_model'"
+            )
         if self.draft is not None:
             try:
                 self.parallel.check_model(self.draft.arch)
             except ValueError as error:
                 raise ValueError(f"the draft model: {error}") from None
         check_fp8_device(self.device, self.model.quantization, self.cache.kv_cache_dtype)
+        if self.draft is not None:
+            check_fp8_device(self.device, self.draft.quantization, self.cache.kv_cache_dtype)
         if self.scheduler.max_model_len != self.model.max_model_len:
             raise ValueError("scheduler.max_model_len must equal model.max_model_len")
         self._check_kv_budget()

@@ -46,8 +46,6 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str | None) -> tor
     return getattr(torch, _DTYPES[dtype])
 
 
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     """Which checkpoint, in which precision, up to which sequence length."""

@@ -19,17 +19,19 @@ Per step, the draft runs:
    the batch of pass ``j`` is a prefix of the drafting rows).
 
 Invariant: ``state.num_draft_computed`` counts the positions for which the draft wrote the
-KV of the tokens the request had (or was drafting) when it wrote them; the valid prefix at a
-step is ``min(num_draft_computed, num_computed_tokens)``, as the target accepted at most the
-drafts it verified. A request whose every draft was accepted therefore recomputes one token
-(the last draft's). Where a request stops right after such a step, the block holding that
-token may enter the prefix cache with the draft's KV of that one position missing: a request
-that reuses the block then drafts from it, which only ever lowers acceptance, never changes
-what the target emits (drafts are proposals; verification decides).
+KV of the tokens the request had (or was drafting) when it wrote them; the runner lowers it
+to ``num_computed_tokens`` whenever the scheduler's update says fewer tokens were kept (the
+target accepted at most the drafts it verified), so the draft recomputes the positions of
+rejected drafts, and after a step that accepted every draft the last draft's one token.
 
 Drafts are the draft model's argmax (a one-hot proposal, which is what the verifier's
-rejection sampling assumes). If proposing raises, the step verifies placeholder drafts
-instead (all rejected, so the output is unchanged) and the error is logged.
+rejection sampling assumes). If proposing raises, the error is logged and the step verifies
+placeholder drafts (token 0: the verifier emits the target's own tokens, so the output is
+unchanged; the metrics count them as drafted); the next steps' passes recompute what that
+step's did not write. A pass holds at most ``max_pass_tokens`` tokens (what the memory
+profile ran), earliest first: a request cut short catches up over the next steps and
+verifies placeholders meanwhile. Draft KV only ever changes the drafts, never the target's
+output (drafts are proposals; verification decides).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from torch import nn
 
 from .. import faults
 from ..distributed import get_tp_group
+from ..layers.attention import AttentionMetadata
 from ..messages import SchedulerOutput
 from .cuda_graphs import StepGraphs
 from .host_staging import StepStaging
@@ -55,8 +58,13 @@ class DraftProposer:
     """Runs ``model`` (the draft) on this rank; every rank runs the same passes, the driver
     picks the tokens and broadcasts them."""
 
-    def __init__(self, model: nn.Module, block_size: int, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, block_size: int, device: torch.device, max_pass_tokens: int
+    ) -> None:
         self.model = model
+        #: Most tokens of one pass (the step's budget plus one a request: a request whose
+        #: every draft was accepted recomputes one); the memory profile runs this many.
+        self.max_pass_tokens = max_pass_tokens
         self.block_size = block_size
         self.device = device
         self.staging = StepStaging(device)
@@ -84,24 +92,40 @@ class DraftProposer:
     ) -> dict[str, list[int]]:
         spec = scheduled.spec_token_ids
         request_ids = list(scheduled.num_scheduled_tokens)
-        step_states = [states[r] for r in request_ids]
         widths = [len(spec.get(r, ())) for r in request_ids]
         ends = [
-            s.num_computed_tokens + scheduled.num_scheduled_tokens[r] - k
-            for r, s, k in zip(request_ids, step_states, widths)
+            states[r].num_computed_tokens + scheduled.num_scheduled_tokens[r] - k
+            for r, k in zip(request_ids, widths)
         ]
-        starts = [min(s.num_draft_computed, s.num_computed_tokens) for s in step_states]
-        chunks = [s.token_ids[a:b] for s, a, b in zip(step_states, starts, ends)]
-        for request_id, chunk, start, end in zip(request_ids, chunks, starts, ends):
-            if len(chunk) != end - start or end <= start:
+        # Each request's pass starts where its draft KV stops being valid; the pass holds at
+        # most max_pass_tokens (what the memory profile ran), earliest tokens first, and a
+        # request cut short catches up in later steps and does not draft in this one.
+        room = self.max_pass_tokens
+        picked, spans = [], []
+        for i, request_id in enumerate(request_ids):
+            state = states[request_id]
+            start = min(state.num_draft_computed, state.num_computed_tokens)
+            end = min(ends[i], start + room)
+            if len(state.token_ids) < ends[i] or ends[i] <= start:
                 raise RuntimeError(f"request {request_id} is missing input tokens")
+            if end > start:
+                picked.append(i)
+                spans.append((start, end))
+                room -= end - start
+            if end < ends[i]:
+                widths[i] = 0
+        step_states = [states[request_ids[i]] for i in picked]
+        chunks = [s.token_ids[a:b] for s, (a, b) in zip(step_states, spans)]
         counts = np.fromiter(map(len, chunks), dtype=np.int64, count=len(chunks))
         layout = varlen_layout(
-            counts, np.asarray(starts, dtype=np.int64), [s.block_ids for s in step_states],
-            self.block_size,
+            counts, np.asarray([a for a, _ in spans], dtype=np.int64),
+            [s.block_ids for s in step_states], self.block_size,
         )  # fmt: skip
-        # Drafting rows, longest drafts first: pass j runs the first rows with k > j.
-        rows = sorted((i for i, k in enumerate(widths) if k), key=lambda i: -widths[i])
+        # Drafting rows (indices into ``picked``), longest drafts first: pass j runs the
+        # first rows with k > j.
+        rows = sorted(
+            (n for n, i in enumerate(picked) if widths[i]), key=lambda n: -widths[picked[n]]
+        )
         last_token = layout.cu_seqlens[1:] - 1
         if int(counts.max()) <= MAX_DECODE_ROW_QUERIES:
             layout = layout.as_decode_rows()
@@ -112,24 +136,28 @@ class DraftProposer:
         hidden = self._forward(
             on_device[ids_at], layout.device_positions(on_device), layout.metadata(on_device)
         )
-        for state, end in zip(step_states, ends):
+        for state, (_, end) in zip(step_states, spans):
             state.num_draft_computed = end
+        # Requests cut short verify placeholders (see the module docstring).
+        drafts = {r: [0] * len(spec[r]) for r, k in zip(request_ids, widths) if r in spec and not k}
         if not rows:
-            return {}
-        width = max(widths)
-        tokens = torch.zeros((len(rows), width), dtype=torch.int64, device=self.device)
+            return drafts
+        row_widths = [widths[picked[n]] for n in rows]
+        tokens = torch.zeros((len(rows), row_widths[0]), dtype=torch.int64, device=self.device)
         tokens[:, 0] = self._greedy(hidden[on_device[rows_at]], len(rows))
-        drafting = [step_states[i] for i in rows]
-        positions = np.asarray([ends[i] for i in rows], dtype=np.int64)  # of draft 1
-        for j in range(1, width):
-            active = sum(1 for i in rows if widths[i] > j)
+        drafting = [step_states[n] for n in rows]
+        positions = np.asarray([spans[n][1] for n in rows], dtype=np.int64)  # of draft 1
+        for j in range(1, row_widths[0]):
+            active = sum(1 for k in row_widths if k > j)
             inputs = tokens[:active, j - 1]
             hidden = self._decode(drafting[:active], positions[:active] + j - 1, inputs)
             tokens[:active, j] = self._greedy(hidden, active)
-        for i, state in zip(rows, drafting):
-            state.num_draft_computed = ends[i] + widths[i] - 1
+        for state, start, k in zip(drafting, positions.tolist(), row_widths):
+            state.num_draft_computed = start + k - 1
         proposed = tokens.tolist()  # every rank: the target's inputs need them on the host
-        return {request_ids[i]: proposed[n][: widths[i]] for n, i in enumerate(rows)}
+        for n, row, k in zip(rows, proposed, row_widths):
+            drafts[request_ids[picked[n]]] = row[:k]
+        return drafts
 
     def _decode(
         self, states: list[WorkerRequestState], positions: np.ndarray, input_ids: torch.Tensor
@@ -143,7 +171,10 @@ class DraftProposer:
             input_ids, layout.device_positions(on_device), layout.metadata(on_device)
         )
 
-    def _forward(self, input_ids, positions, metadata) -> torch.Tensor:
+    def _forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        """The draft's forward pass: its decode graph when one fits, else eagerly."""
         graphs = self.graphs
         key = graphs.key_for(metadata.seq_lens.shape[0], input_ids.shape[0]) if graphs else None
         if key is not None:
@@ -170,14 +201,16 @@ class DraftProposer:
         )  # fmt: skip
         self.graphs.capture()
 
-    def profile_run(self, num_tokens: int, num_rows: int, max_model_len: int) -> None:
+    def profile_run(self, num_rows: int, max_model_len: int) -> None:
         """The draft's largest pass and logits rows, for the memory profile."""
+        num_tokens = self.max_pass_tokens
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         positions = torch.arange(num_tokens, device=self.device) % max_model_len
         hidden = self.model(input_ids, positions, None)
         self.model.compute_logits(hidden[: min(num_rows, num_tokens)])
 
     def release(self) -> None:
+        """Drop the draft's CUDA graphs and the model now (see ``Worker.shutdown``)."""
         if self.graphs is not None:
             self.graphs.release()
         self.graphs = None

@@ -119,6 +119,8 @@ class ModelRunner:
                 del state.block_ids[running.num_kept_blocks :]
             state.block_ids.extend(running.new_block_ids)
             state.num_computed_tokens = running.num_computed_tokens
+            # Draft KV past the target's accepted tokens is of rejected drafts: recomputed.
+            state.num_draft_computed = min(state.num_draft_computed, state.num_computed_tokens)
 
     def _constraints_of(self, new: NewRequestData) -> RequestConstraints | None:
         """The request's logits constraints on the device, built once (freed with its
@@ -393,5 +395,5 @@ class ModelRunner:
         if logits is not None:
             torch.softmax(logits.float(), dim=-1).sort(dim=-1)
         del hidden, logits
-        if self.drafter is not None:  # its passes mirror the step's tokens, plus one a request
-            self.drafter.profile_run(num_tokens + sched.max_num_seqs, rows, sched.max_model_len)
+        if self.drafter is not None:  # its passes mirror the step's tokens
+            self.drafter.profile_run(rows, sched.max_model_len)

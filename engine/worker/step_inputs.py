@@ -195,6 +195,7 @@ class VarlenLayout:
 
     @staticmethod
     def device_positions(on_device: list[torch.Tensor]) -> torch.Tensor:
+        """The positions among the tensors :meth:`stage` queued first."""
         return on_device[3]
 
     def metadata(self, on_device: list[torch.Tensor]) -> AttentionMetadata:

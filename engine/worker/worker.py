@@ -71,7 +71,11 @@ class Worker:
         )
         drafter = None
         if self.draft_model is not None:
-            drafter = DraftProposer(self.draft_model, config.cache.block_size, self.device)
+            sched = config.scheduler
+            drafter = DraftProposer(
+                self.draft_model, config.cache.block_size, self.device,
+                max_pass_tokens=sched.max_num_batched_tokens + sched.max_num_seqs,
+            )  # fmt: skip
             logger.info(
                 "draft model %s (%s): %.0f MiB of parameters",
                 config.draft.path,
@@ -187,7 +191,8 @@ class Worker:
                 self.key_caches.append(key_cache)
                 self.value_caches.append(value_cache)
         if self.device.type == "cuda":
-            if self.config.model.quantization is not None:
+            quantized = [m for m in (self.config.model, self.config.draft) if m is not None]
+            if any(m.quantization is not None for m in quantized):
                 self._choose_small_batch_fp8_gemm()
             for model in models:  # compile now what serving would compile at its first steps
                 layer = model.attention_layers()[0]
@@ -206,8 +211,13 @@ class Worker:
     def _choose_small_batch_fp8_gemm(self) -> None:
         """Decode-sized fp8 matmuls take the Triton kernel that streams the weight if it
         compiles and agrees with the emulated product on every fp8 weight shape here; else
-        the library GEMM, with the reason logged."""
-        problem = check_small_batch_gemm(self.model, self.config.model.dtype)
+        the library GEMM, with the reason logged (the choice is the process's: a draft
+        model's shapes are checked too)."""
+        models = [m for m in (self.model, self.draft_model) if m is not None]
+        problem = next(
+            (p for m in models if (p := check_small_batch_gemm(m, self.config.model.dtype))),
+            None,
+        )
         ops.use_small_batch_fp8_gemm(problem is None)
         if problem is None:
             logger.info("fp8: decode-sized matmuls use the Triton small-batch kernel")
