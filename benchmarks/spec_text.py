@@ -30,6 +30,9 @@ from records import save_record
 
 EXCERPT_LINES = 24
 REPEATED_LINES = 4
+#: Longest excerpt kept (characters): the prompt and the answer stay within the demo
+#: model's 1024 positions.
+MAX_EXCERPT_CHARS = 1500
 MARKER = "# the same code again, unchanged:\n"
 
 
@@ -49,6 +52,8 @@ def edit_prompts(count: int) -> list[str]:
         if len(lines) < EXCERPT_LINES:
             continue
         excerpt = "".join(lines[:EXCERPT_LINES])
+        if len(excerpt) > MAX_EXCERPT_CHARS:
+            continue
         prompts.append(excerpt + MARKER + "".join(lines[:REPEATED_LINES]))
         if len(prompts) == count:
             break
@@ -85,7 +90,8 @@ def main() -> None:
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     ngram = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": 2,
              "prompt_lookup_max": 5}  # fmt: skip
-    common = {"model": str(demo_model_path()), "enable_prefix_caching": False}
+    common = {"model": str(demo_model_path()), "enable_prefix_caching": False,
+              "kv_cache_memory_bytes": 2**30}  # two engines in one process: no profiling
     plain = LLM(**common)
     spec = LLM(speculative_config=ngram, **common)
     rows = []
