@@ -36,6 +36,7 @@ from metroline.engine.flags import add_flags, flag_values
 #: Kernel name fragments of each family (first match wins, in this order).
 FAMILIES = {
     "attention": ("paged_attention", "merge"),
+    "fp8_quant": ("_quant_kernel", "_quant_row_kernel"),
     "gemm": ("gemm", "nvjet", "cutlass", "sm90", "xmma"),
     "norm": ("rms_norm",),
     "rotary": ("rotary",),

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from metroline.kernels.activation import (
+    SILU_QUANT_ROW_MIN_TOKENS,
     silu_and_mul,
     silu_and_mul_quant_fp8,
     silu_and_mul_quant_fp8_ref,
@@ -113,12 +114,16 @@ def test_rms_norm_quant_promotes_and_packs_narrow_rows():
 
 # Huge negative gates overflow exp(-gate) to inf: silu is -0 there, as on the GPU.
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
-@pytest.mark.parametrize("intermediate", [80, 200, 2100])  # 2100: several tiles a row
+@pytest.mark.parametrize(
+    ("num_tokens", "intermediate"),
+    # 2100: several tiles a row; 64 tokens: the one-pass kernel (the whole row in a tile).
+    [(5, 80), (5, 200), (5, 2100), (SILU_QUANT_ROW_MIN_TOKENS, 200)],
+)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_and_mul_quant(intermediate, dtype):
-    x = rows(5, 2 * intermediate, dtype, intermediate)
+def test_silu_and_mul_quant(num_tokens, intermediate, dtype):
+    x = rows(num_tokens, 2 * intermediate, dtype, intermediate)
     got = silu_and_mul_quant_fp8(x)
-    assert got[0].shape == (5, intermediate) and got[1].shape == (5, 1)
+    assert got[0].shape == (num_tokens, intermediate) and got[1].shape == (num_tokens, 1)
     assert_same(got, per_token_quant_fp8(silu_and_mul(x)))
     assert_matches_ref(got, silu_and_mul_quant_fp8_ref(x), dtype)
     assert_matches_ref(got, per_token_quant_fp8_ref(silu_and_mul_ref(x)), dtype)
