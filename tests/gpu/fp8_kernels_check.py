@@ -9,6 +9,9 @@ harness is exercised).
 - paged attention over an fp8 cache (llama3-8b heads: 32 q, 8 kv, dim 128, block 16; a decode
   batch and a prefill-chunk batch; automatic, 1 and 4 splits) within relative error
   ``ATTENTION_BOUND`` of ``paged_attention_ref`` in fp32 on the same cache, no NaN row;
+- the fused kernels with fp8 output (RMSNorm, fused add + RMSNorm, SiLU-and-mul; the last at
+  batch sizes on both sides of its one-pass threshold): the same bytes and scales as the
+  unfused Triton kernels followed by ``per_token_quant_fp8`` (on the CPU: the references);
 - ``ops.fp8_linear`` within ``LINEAR_BOUND`` of its arithmetic emulated in fp32, on the path
   expected (``torch._scaled_mm`` on CUDA when both dimensions are multiples of 16).
 """
@@ -28,7 +31,7 @@ from gpu_helpers import Verdicts
 
 from metroline.engine.layers import ops
 from metroline.engine.layers.fp8_linear import quantize_per_channel
-from metroline.kernels import fp8_gemm, fp8_quant, kv_cache
+from metroline.kernels import activation, fp8_gemm, fp8_quant, kv_cache, rmsnorm
 from metroline.kernels import paged_attention as attention
 from metroline.kernels.fp8_quant import FP8_DTYPE, FP8_MAX
 
@@ -103,6 +106,52 @@ def check_quantizers(v: Verdicts, sizes: KernelSizes) -> None:
                 v.check(f"static_quant_fp8 {shape}", diff == 0, bytes=diff)
     v.summarize("1 per_token_quant_fp8: exact bytes + scales", "per_token_quant_fp8")
     v.summarize("1 static_quant_fp8: exact bytes", "static_quant_fp8")
+
+
+def check_fused(v: Verdicts, sizes: KernelSizes) -> None:
+    """Fused fp8-output kernels against the unfused path, bit for bit (bf16 rows)."""
+    cuda = sizes.device == "cuda"
+    gen = torch.Generator(device=sizes.device).manual_seed(1)
+    hidden, intermediate = sizes.quant_cols
+    for m in (*sizes.quant_rows, activation.SILU_QUANT_ROW_MIN_TOKENS):
+        x = (torch.randn(m, hidden, device=sizes.device, generator=gen) * 3).to(torch.bfloat16)
+        residual = torch.randn_like(x)
+        weight = (1 + 0.1 * torch.randn(hidden, device=sizes.device, generator=gen)).to(x.dtype)
+        gated = torch.randn(m, 2 * intermediate, device=sizes.device, generator=gen) * 4
+        gated = gated.to(torch.bfloat16)
+        if cuda:
+            got = {
+                "rms_norm_quant_fp8": rmsnorm.rms_norm_quant_fp8(x, weight, 1e-5),
+                "fused_add_rms_norm_quant_fp8": rmsnorm.fused_add_rms_norm_quant_fp8(
+                    x, residual.clone(), weight, 1e-5
+                ),
+                "silu_and_mul_quant_fp8": activation.silu_and_mul_quant_fp8(gated),
+            }
+            summed = residual.clone()
+            normed = rmsnorm.fused_add_rms_norm(x, summed, weight, 1e-5)
+            want = {
+                "rms_norm_quant_fp8": fp8_quant.per_token_quant_fp8(
+                    rmsnorm.rms_norm(x, weight, 1e-5)
+                ),
+                "fused_add_rms_norm_quant_fp8": fp8_quant.per_token_quant_fp8(normed),
+                "silu_and_mul_quant_fp8": fp8_quant.per_token_quant_fp8(
+                    activation.silu_and_mul(gated)
+                ),
+            }
+        else:
+            got = want = {
+                "rms_norm_quant_fp8": rmsnorm.rms_norm_quant_fp8_ref(x, weight, 1e-5),
+                "fused_add_rms_norm_quant_fp8": rmsnorm.fused_add_rms_norm_quant_fp8_ref(
+                    x, residual.clone(), weight, 1e-5
+                ),
+                "silu_and_mul_quant_fp8": activation.silu_and_mul_quant_fp8_ref(gated),
+            }
+        for name, (codes, scale) in got.items():
+            ref_codes, ref_scale = want[name][0], want[name][1]
+            diff, same = differing_bytes(codes, ref_codes), bool(torch.equal(scale, ref_scale))
+            v.check(f"{name} M={m}", diff == 0 and same, bytes=diff, scales=same)
+    for name in ("rms_norm_quant_fp8", "fused_add_rms_norm_quant_fp8", "silu_and_mul_quant_fp8"):
+        v.summarize(f"1 {name}: the unfused path's bytes + scales", name)
 
 
 def check_kv_write(v: Verdicts, sizes: KernelSizes) -> None:
@@ -290,6 +339,7 @@ def check_small_m_gemm(v: Verdicts, sizes: KernelSizes) -> None:
 def check_fp8_kernels(v: Verdicts, sizes: KernelSizes) -> None:
     """Every part of section 1, each on its own (one that raises leaves the others)."""
     for part in (
-        check_quantizers, check_kv_write, check_attention, check_fp8_linear, check_small_m_gemm
+        check_quantizers, check_fused, check_kv_write, check_attention, check_fp8_linear,
+        check_small_m_gemm,
     ):
         v.section(f"1 {part.__name__}", part, v, sizes)
