@@ -4,6 +4,7 @@ the checkpoint's own ``config.json``. torch is imported only to resolve a dtype.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,4 +158,39 @@ def draft_model_config(model: str, target: ModelConfig) -> ModelConfig:
             f"speculative_config model {model!r}: it holds {draft.max_model_len} tokens "
             f"(sliding window), less than max_model_len={target.max_model_len}"
         )
+    if vocabularies_differ(target.tokenizer_path, draft.tokenizer_path):
+        logger.warning(
+            "speculative_config model %r: its tokenizer maps tokens to ids differently from "
+            "the target's, so its drafts will rarely be accepted (the output is the target's "
+            "either way)",
+            model,
+        )
     return draft
+
+
+#: Largest tokenizer.json compared (a tokenizer with a 256k vocabulary is about 20 MB).
+MAX_TOKENIZER_JSON_BYTES = 64 * 2**20
+
+
+def vocabularies_differ(first: Path, second: Path) -> bool | None:
+    """Whether two tokenizer folders' ``tokenizer.json`` map tokens to different ids (the
+    vocabulary and the added tokens); None when either has none or is too large to read."""
+    files = [Path(folder) / "tokenizer.json" for folder in (first, second)]
+    if not all(f.is_file() and f.stat().st_size <= MAX_TOKENIZER_JSON_BYTES for f in files):
+        return None
+    texts = [f.read_bytes() for f in files]
+    if texts[0] == texts[1]:
+        return False
+    try:
+        parsed = [json.loads(text) for text in texts]
+    except ValueError:
+        return None
+
+    def ids(tokenizer: Any) -> tuple[Any, list[tuple[Any, Any]]]:
+        model = tokenizer.get("model") if isinstance(tokenizer, dict) else None
+        vocab = model.get("vocab") if isinstance(model, dict) else None
+        added = tokenizer.get("added_tokens") if isinstance(tokenizer, dict) else None
+        added = [(t.get("id"), t.get("content")) for t in added or [] if isinstance(t, dict)]
+        return vocab, sorted(added, key=repr)
+
+    return ids(parsed[0]) != ids(parsed[1])

@@ -262,3 +262,29 @@ def test_draft_model_config_refusals(tiny_checkpoint, tmp_path):
         create(tmp_path / "missing")
     with pytest.raises(ValueError, match="async_scheduling"):
         create(path, async_scheduling=True)
+
+
+def test_a_draft_with_another_vocabulary_mapping_is_warned_about(
+    tiny_checkpoint, tmp_path, caplog
+):
+    """Same vocabulary size, tokens mapped to other ids: accepted (the output stays the
+    target's) with a warning, since its drafts would rarely be accepted."""
+    import json as json_module
+
+    from metroline.engine.config import EngineArgs
+
+    path = tiny_checkpoint("llama")
+    draft = tmp_path / "draft"
+    shutil.copytree(path, draft)
+    tokenizer = json_module.loads((draft / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[20:22]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (draft / "tokenizer.json").write_text(json_module.dumps(tokenizer))
+    with caplog.at_level(logging.WARNING):
+        EngineArgs(model=str(path), speculative_config=_config(path)).create_config()
+    assert "maps tokens to ids differently" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        EngineArgs(model=str(path), speculative_config=_config(draft)).create_config()
+    assert "maps tokens to ids differently" in caplog.text
+
