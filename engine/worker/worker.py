@@ -51,12 +51,7 @@ class Worker:
             "seconds": time.perf_counter() - started,
             "rss_before_bytes": rss_before,
             "peak_rss_bytes": peak_rss_bytes(),
-            "param_bytes": sum(
-                p.numel() * p.element_size()
-                for model in (self.model, self.draft_model)
-                if model is not None
-                for p in model.parameters()
-            ),
+            "param_bytes": parameter_bytes(self.model) + parameter_bytes(self.draft_model),
         }
         logger.info(
             "loaded %s (%s, %s) in %.1f s; %.0f MiB of parameters; peak host memory %.0f MiB "
@@ -80,7 +75,7 @@ class Worker:
                 "draft model %s (%s): %.0f MiB of parameters",
                 config.draft.path,
                 config.draft.arch.architecture,
-                sum(p.numel() * p.element_size() for p in self.draft_model.parameters()) / 2**20,
+                parameter_bytes(self.draft_model) / 2**20,
             )
         self.model_runner = ModelRunner(
             config, self.model, self.device, is_driver=rank == 0, drafter=drafter
@@ -191,8 +186,8 @@ class Worker:
                 self.key_caches.append(key_cache)
                 self.value_caches.append(value_cache)
         if self.device.type == "cuda":
-            quantized = [m for m in (self.config.model, self.config.draft) if m is not None]
-            if any(m.quantization is not None for m in quantized):
+            draft = self.config.draft
+            if self.config.model.quantization or (draft is not None and draft.quantization):
                 self._choose_small_batch_fp8_gemm()
             for model in models:  # compile now what serving would compile at its first steps
                 layer = model.attention_layers()[0]
@@ -229,6 +224,13 @@ class Worker:
     def execute_model_async(self, scheduled: SchedulerOutput) -> StepResult:
         """Launch one step; its tokens come from the result's ``result()``."""
         return self.model_runner.execute_model_async(scheduled)
+
+
+def parameter_bytes(model: torch.nn.Module | None) -> int:
+    """Bytes of ``model``'s parameters (0 for no model)."""
+    if model is None:
+        return 0
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _proc_status_bytes(field: str) -> int:
