@@ -29,6 +29,7 @@ from peer_vllm import run_vllm
 from records import save_record
 from roofline import prefill_flops, w1_roofline_seconds
 from shapes import SHAPES, weight_bytes, write_shape
+from stall_diagnostics import gc_pauses, gpu_timeline, parse_window, step_window_profile
 from workloads import Workload, make_workload
 
 from metroline.engine.config import EngineArgs
@@ -66,9 +67,17 @@ def run_metroline(shape_dir: Path, workload: Workload, args: argparse.Namespace)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     warm_stats = llm.engine_core.stats()
-    started = time.perf_counter()
-    outputs = llm.generate(workload.prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - started
+    retries_before = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+    window = args.profile_steps
+    with (
+        gc_pauses() as collections,
+        gpu_timeline(args.gpu_timeline) as timeline,
+        step_window_profile(llm.engine_core, window, args.out / "step-window-profile.txt"),
+    ):
+        started = time.perf_counter()
+        outputs = llm.generate(workload.prompts, params, use_tqdm=False)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
     # Kernels compiled after start-up (rank 0's process) are start-up work leaking into
     # serving: the engine's warm-up is meant to leave none.
     variants = compiled_kernel_variants() - variants
@@ -92,6 +101,10 @@ def run_metroline(shape_dir: Path, workload: Workload, args: argparse.Namespace)
         "mixed_step_graphs": mixed_graphs,
         "kernels_compiled_after_start": variants,
         "host_timings": host_timings,
+        # Allocator retries free cached blocks with a device synchronisation each.
+        "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries_before,
+        "gpu_timeline": timeline.get("summary"),
+        "garbage_collections": collections,
         "kv_blocks": core.num_blocks,
         "kv_tokens": core.num_blocks * llm.config.cache.block_size,
         "num_preemptions": stats.num_preemptions - warm_stats.num_preemptions,
@@ -189,6 +202,18 @@ def main() -> None:
         "--backend", default="metroline", choices=["metroline", "hf", "vllm", "both"]
     )
     parser.add_argument("--num-requests", type=int, default=None)
+    parser.add_argument(
+        "--gpu-timeline",
+        action="store_true",
+        help="profile the measured run's kernels: GPU busy and idle time, and where it idles",
+    )
+    parser.add_argument(
+        "--profile-steps",
+        type=parse_window,
+        default=None,
+        metavar="START:COUNT",
+        help="host and device profile of the measured run's steps START..START+COUNT-1",
+    )
     # The engine's own flags and defaults, but for the workload's dtype and length.
     add_flags(
         parser.add_argument_group("engine"),
@@ -203,6 +228,10 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
+    if args.backend != "metroline" and (args.gpu_timeline or args.profile_steps):
+        parser.error(
+            "--gpu-timeline and --profile-steps profile Metroline only: --backend metroline"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     env = environment()

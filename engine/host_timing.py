@@ -2,7 +2,9 @@
 
 Off unless ``METROLINE_HOST_TIMING=1`` is set in the environment (worker processes inherit
 it): each phase is then timed with ``perf_counter`` around its call, about a microsecond a
-phase. ``benchmarks/throughput.py`` reports the totals of every rank. Phases are host time
+phase, and each phase is a ``record_function`` range, so a torch profile of the step loop
+(``benchmarks/throughput.py --profile-steps``) names them. ``benchmarks/throughput.py``
+reports the totals of every rank. Phases are host time
 only: with asynchronous scheduling the device runs meanwhile, so a phase that grows to the
 device's step time is what bounds the throughput.
 """
@@ -13,6 +15,7 @@ import contextlib
 import os
 import time
 from collections import defaultdict
+from typing import Any
 
 ENV = "METROLINE_HOST_TIMING"
 
@@ -29,6 +32,11 @@ class HostTimer:
         self.enabled = timing_enabled() if enabled is None else enabled
         self.totals: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
+        self.ranges: Any = None
+        if self.enabled:  # torch only where timing is on (the API server never times)
+            from torch.profiler import record_function
+
+            self.ranges = record_function
 
     def phase(self, name: str) -> contextlib.AbstractContextManager[None]:
         """Time the ``with`` block as phase ``name`` (its time counts even if it raises)."""
@@ -61,17 +69,20 @@ def merge_reports(*reports: dict[str, dict[str, float]]) -> dict[str, dict[str, 
 
 
 class _Phase:
-    __slots__ = ("name", "started", "timer")
+    __slots__ = ("name", "range", "started", "timer")
 
     def __init__(self, timer: HostTimer, name: str) -> None:
         self.timer = timer
         self.name = name
+        self.range = timer.ranges(name)
 
     def __enter__(self) -> None:
+        self.range.__enter__()
         self.started = time.perf_counter()
 
     def __exit__(self, *exc: object) -> None:
         self.timer.add(self.name, time.perf_counter() - self.started)
+        self.range.__exit__(*exc)
 
 
 _UNTIMED = contextlib.nullcontext()

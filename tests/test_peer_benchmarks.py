@@ -128,3 +128,34 @@ def test_a_repeated_run_never_replaces_an_earlier_record(tmp_path):
     second = save_record(tmp_path, ["h200", "W1"], {"run": 2})
     assert first != second and second.name.endswith("-W1-2.json")
     assert json.loads(first.read_text()) == {"run": 1}
+
+
+def test_the_gpu_timeline_counts_overlaps_once_and_ranks_gaps():
+    from stall_diagnostics import timeline_summary
+
+    us = 1000
+    intervals = [
+        (0, 100 * us, "gemm"),
+        (50 * us, 120 * us, "attention"),  # overlaps the GEMM: busy counted once
+        (60 * us, 70 * us, "norm"),  # inside both: adds nothing
+        (420 * us, 500 * us, "embedding"),  # 300 us idle after the attention
+        (505 * us, 600 * us, "gemm"),  # 5 us: below the gap threshold, still idle
+        (700 * us, 800 * us, "embedding"),  # 100 us idle after a GEMM
+        (1100 * us, 1200 * us, "embedding"),  # the same pair as before, but after embedding
+    ]
+    summary = timeline_summary(intervals)
+    assert summary["kernels"] == 7
+    assert summary["span_s"] == pytest.approx(1200e-6)
+    assert summary["busy_s"] == pytest.approx((120 + 80 + 95 + 100 + 100) * 1e-6)
+    assert summary["idle_s"] == pytest.approx((300 + 5 + 100 + 300) * 1e-6)
+    assert summary["idle_in_gaps_s"] == pytest.approx(700e-6)
+    by_time = summary["idle_fraction_by_time"]  # 60 us twentieths; gaps at 270, 502, 650, 950
+    assert sum(by_time) * 60e-6 == pytest.approx(summary["idle_s"], rel=1e-3)
+    assert by_time[4] == pytest.approx(300 / 60) and by_time[15] == pytest.approx(300 / 60)
+    pairs = [(g["before"], g["after"], g["count"]) for g in summary["gaps"]]
+    assert pairs == [
+        ("attention", "embedding", 1),
+        ("embedding", "embedding", 1),
+        ("gemm", "embedding", 1),
+    ]
+    assert timeline_summary([])["kernels"] == 0

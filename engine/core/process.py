@@ -18,7 +18,6 @@ does, however the parent ends (see :mod:`metroline.engine.children`).
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import os
 import signal
@@ -29,6 +28,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from ..config import EngineConfig
+from ..long_lived_heap import freeze_long_lived_heap
 from ..messages import (
     AddRequests,
     CoreFailed,
@@ -75,11 +75,8 @@ def run_engine_core(
         with contextlib.suppress(OSError):
             outputs.send(CoreFailed(f"{type(error).__name__}: {error}"))
         raise SystemExit(1) from None
-    # The model, the block pool and the graphs live as long as the process: keep the
-    # collector from walking them again and again while it serves (each full pass over them
-    # would stall a step).
-    gc.collect()
-    gc.freeze()
+    # The model, the block pool and the graphs live as long as the process.
+    freeze_long_lived_heap()
     code = 0
     try:
         outputs.send(CoreReady(core.num_blocks))

@@ -17,6 +17,7 @@ from ..checkpoint import load_tokenizer
 from ..client.async_llm import AsyncLLM
 from ..client.request_events import EngineObserver, FinishedRequest, IterationStats
 from ..config import EngineConfig
+from ..long_lived_heap import freeze_long_lived_heap
 from ..messages import SchedulerStats
 from .args import ServerArgs
 from .json_body import JSONBudget
@@ -123,6 +124,9 @@ class ServerState(EngineObserver):
         except Exception as error:  # any failure to load is fatal
             self._on_engine_dead(f"{type(error).__name__}: {error}")
             return
+        # The app, the tokenizer and the engine client live as long as the process: one
+        # collection now (bounded, at start-up), then later ones skip them.
+        freeze_long_lived_heap()
         self.readiness.loaded = True
         self._log_kv_capacity(self.engine.num_blocks)
         self.metrics.set_cache_config(self.config.cache, self.engine.num_blocks)

@@ -40,10 +40,11 @@ logger = logging.getLogger(__name__)
 #: (a 4096-token step of llama3-8b is ~20 ms at TP=4) outweighs the host's launches.
 MIXED_MAX_TOKENS = 4096
 
-#: Largest batch a decode graph covers; larger decode steps run eagerly: their GPU work
-#: outlasts the host's launches, which asynchronous scheduling overlaps with it, and each
-#: graph costs start-up time and pool memory.
-DECODE_MAX_BATCH = 512
+#: Largest batch a decode graph covers (the default max_num_seqs); larger decode steps run
+#: eagerly. An eager step's launches cost the host about as long as the GPU work of a batch
+#: of 512 to 1024, so graphs stopping at 512 left the GPU waiting in those steps; each
+#: graph costs start-up time and pool memory (docs/performance.md).
+DECODE_MAX_BATCH = 1024
 
 GraphKey = tuple[str, int]  # ("decode", batch) or ("mixed", tokens)
 

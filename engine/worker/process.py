@@ -47,6 +47,7 @@ def worker_main(
         faulthandler.dump_traceback_later(float(hang_dump), repeat=True)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s: %(message)s")
     from ..distributed import destroy_distributed, init_distributed
+    from ..long_lived_heap import freeze_long_lived_heap
     from .worker import Worker
 
     if backend == "gloo":
@@ -66,6 +67,8 @@ def worker_main(
             if method == "shutdown":
                 break
             value = getattr(worker, method)(*args)
+            if method == "initialize_cache":  # the pool and graphs: the last start-up step
+                freeze_long_lived_heap()
             if method != "execute_model_async":  # rank 0 gathers nothing per step
                 results.send(("ok", value))
     except (EOFError, KeyboardInterrupt):
