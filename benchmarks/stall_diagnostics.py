@@ -25,7 +25,7 @@ logger = logging.getLogger("stall_diagnostics")
 
 #: Gaps shorter than this are launch latency inside a queue that never ran dry.
 MIN_GAP_NS = 20_000
-#: The span is cut into this many equal parts for the idle time of each (by gap midpoint).
+#: The span is cut into this many equal parts for the idle time of each.
 TIME_BINS = 20
 #: Kernel names are cut to this many characters in the report (templated names are long).
 NAME_CHARS = 60
@@ -93,10 +93,12 @@ def step_window_profile(core: Any, window: tuple[int, int] | None, out: Path) ->
         on_trace_ready=write,
     )  # fmt: skip
     step = core.step
+    taken = [0]
 
     def profiled_step() -> Any:
         result = step()
         prof.step()
+        taken[0] += 1
         return result
 
     core.step = profiled_step
@@ -104,8 +106,13 @@ def step_window_profile(core: Any, window: tuple[int, int] | None, out: Path) ->
     try:
         yield
     finally:
+        del core.step  # the method again, whatever the profiler does next
+        if taken[0] < start + count:
+            logger.warning(
+                "the run took %d steps: steps %d..%d were not all profiled",
+                taken[0], start, start + count - 1,
+            )  # fmt: skip
         prof.stop()
-        del core.step  # the method again
 
 
 def kernel_intervals(prof: Any) -> list[tuple[int, int, str]]:
@@ -131,7 +138,7 @@ def timeline_summary(
     first_start = last_end = None
     busy = 0
     gaps: dict[tuple[str, str], list[int]] = {}
-    idle_at: list[tuple[int, int]] = []  # (midpoint, length) of every gap
+    idle_at: list[tuple[int, int]] = []  # (start, end) of every gap
     previous_name = ""
     num_kernels = 0
     for start, end, name in intervals:
@@ -142,7 +149,7 @@ def timeline_summary(
             continue
         if start > last_end:
             gap = start - last_end
-            idle_at.append(((start + last_end) // 2, gap))
+            idle_at.append((last_end, start))
             if gap >= min_gap_ns:
                 pair = (previous_name[:NAME_CHARS], name[:NAME_CHARS])
                 entry = gaps.setdefault(pair, [0, 0])
@@ -157,9 +164,16 @@ def timeline_summary(
         return {"kernels": 0, "span_s": 0.0, "busy_s": 0.0, "idle_s": 0.0, "gaps": []}
     span = last_end - first_start
     ranked = sorted(gaps.items(), key=lambda item: -item[1][1])[:top]
-    bins = [0] * TIME_BINS
-    for midpoint, gap in idle_at:
-        bins[min(TIME_BINS - 1, (midpoint - first_start) * TIME_BINS // max(1, span))] += gap
+    bins = [0.0] * TIME_BINS
+    width = max(1, span) / TIME_BINS
+    for gap_start, gap_end in idle_at:  # each gap split over the bins it covers
+        first = min(TIME_BINS - 1, int((gap_start - first_start) / width))
+        for index in range(first, TIME_BINS):
+            low = first_start + index * width
+            overlap = min(gap_end, low + width) - max(gap_start, low)
+            if overlap <= 0:
+                break
+            bins[index] += overlap
     return {
         "kernels": num_kernels,
         "span_s": span / 1e9,
@@ -167,7 +181,7 @@ def timeline_summary(
         "idle_s": (span - busy) / 1e9,
         "busy_fraction": busy / span if span else 1.0,
         "idle_in_gaps_s": sum(total for _, total in gaps.values()) / 1e9,
-        "idle_fraction_by_time": [round(idle * TIME_BINS / span, 4) for idle in bins],
+        "idle_fraction_by_time": [round(idle / width, 4) for idle in bins],
         "gaps": [
             {"before": before, "after": after, "count": count, "total_s": total / 1e9}
             for (before, after), (count, total) in ranked

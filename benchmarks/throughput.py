@@ -228,6 +228,8 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
+    if args.gpu_timeline and args.profile_steps:  # one profiler session at a time
+        parser.error("--gpu-timeline and --profile-steps each profile the run: give one")
     if args.backend != "metroline" and (args.gpu_timeline or args.profile_steps):
         parser.error(
             "--gpu-timeline and --profile-steps profile Metroline only: --backend metroline"

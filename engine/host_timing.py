@@ -2,8 +2,8 @@
 
 Off unless ``METROLINE_HOST_TIMING=1`` is set in the environment (worker processes inherit
 it): each phase is then timed with ``perf_counter`` around its call, about a microsecond a
-phase, and each phase is a ``record_function`` range, so a torch profile of the step loop
-(``benchmarks/throughput.py --profile-steps``) names them. ``benchmarks/throughput.py``
+phase; while a torch profiler records, each phase is also a ``record_function`` range, so
+the profile (``benchmarks/throughput.py --profile-steps``) names them. ``benchmarks/throughput.py``
 reports the totals of every rank. Phases are host time
 only: with asynchronous scheduling the device runs meanwhile, so a phase that grows to the
 device's step time is what bounds the throughput.
@@ -32,11 +32,14 @@ class HostTimer:
         self.enabled = timing_enabled() if enabled is None else enabled
         self.totals: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
+        #: torch's profiler module (its ``_is_profiler_enabled`` says whether one records)
+        #: and ``record_function``; None while timing is off.
+        self.profiler: Any = None
         self.ranges: Any = None
         if self.enabled:  # torch only where timing is on (the API server never times)
-            from torch.profiler import record_function
+            from torch.autograd import profiler
 
-            self.ranges = record_function
+            self.profiler, self.ranges = profiler, profiler.record_function
 
     def phase(self, name: str) -> contextlib.AbstractContextManager[None]:
         """Time the ``with`` block as phase ``name`` (its time counts even if it raises)."""
@@ -74,15 +77,18 @@ class _Phase:
     def __init__(self, timer: HostTimer, name: str) -> None:
         self.timer = timer
         self.name = name
-        self.range = timer.ranges(name)
+        self.range = None
 
     def __enter__(self) -> None:
-        self.range.__enter__()
+        if self.timer.profiler._is_profiler_enabled:  # a named range only while one records
+            self.range = self.timer.ranges(self.name)
+            self.range.__enter__()
         self.started = time.perf_counter()
 
     def __exit__(self, *exc: object) -> None:
         self.timer.add(self.name, time.perf_counter() - self.started)
-        self.range.__exit__(*exc)
+        if self.range is not None:
+            self.range.__exit__(*exc)
 
 
 _UNTIMED = contextlib.nullcontext()

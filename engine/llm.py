@@ -17,7 +17,12 @@ from .config import EngineArgs
 from .core.engine_core import EngineCore
 from .generation_defaults import default_sampling_params
 from .llm_reporting import GenerateProgress, attach_default_log_handler, ready_line
-from .long_lived_heap import freeze_long_lived_heap, thaw_long_lived_heap
+from .long_lived_heap import (
+    freeze_long_lived_heap,
+    release_long_lived_heap,
+    settle_long_lived_heap,
+    thaw_long_lived_heap,
+)
 from .messages import RequestStatus
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -46,22 +51,28 @@ class LLM:
                 f"LLM() got unknown engine arguments {unknown}; known: {', '.join(sorted(known))}"
             )
         attach_default_log_handler()
+        self._holds_heap = False
         # An engine dropped earlier without shutdown() may sit frozen in a reference cycle:
         # back to the collector, so the collection before loading frees its memory.
         thaw_long_lived_heap()
-        args = EngineArgs(model=model, **kwargs)
-        self.config = args.create_config()
-        model_config = self.config.model
-        self.tokenizer = (
-            load_tokenizer(model_config.tokenizer_path) if model_config.has_tokenizer else None
-        )
-        self.engine_core = EngineCore(self.config)
+        try:
+            args = EngineArgs(model=model, **kwargs)
+            self.config = args.create_config()
+            model_config = self.config.model
+            self.tokenizer = (
+                load_tokenizer(model_config.tokenizer_path) if model_config.has_tokenizer else None
+            )
+            self.engine_core = EngineCore(self.config)
+        except BaseException:
+            settle_long_lived_heap()  # the engines still alive are frozen again
+            raise
         logger.info("%s", ready_line(self.engine_core))
         self.input_processor = InputProcessor(self.config, self.tokenizer)
         self._request_counter = itertools.count()
         # The engine lives in this process: its model and graphs (and whatever the caller
         # holds now) leave the collector's walks, which would stall generate's steps.
         freeze_long_lived_heap()
+        self._holds_heap = True
 
     def get_default_sampling_params(self) -> SamplingParams:
         """The sampling parameters ``generate`` uses when given none: the model's
@@ -78,9 +89,12 @@ class LLM:
         request afterwards."""
         core = getattr(self, "engine_core", None)
         if core is not None:
-            core.shutdown()
-            # What was frozen at start-up may now be garbage in cycles: collectable again.
-            thaw_long_lived_heap()
+            core.shutdown()  # its workers thaw the heap before they collect
+        if getattr(self, "_holds_heap", False):
+            self._holds_heap = False
+            release_long_lived_heap()
+        else:  # shut down before: whatever thawed since, the live engines stay frozen
+            settle_long_lived_heap()
 
     def __del__(self) -> None:
         self.shutdown()

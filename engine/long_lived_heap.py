@@ -4,17 +4,19 @@ A full collection walks every tracked object: after start-up that is the model's
 and parameters, torch's, Triton's and transformers' module state, the tokenizer, the CUDA
 graphs and the block pool, and a pass over them stalls the step loop long enough to leave
 the GPU idle (``benchmarks/throughput.py`` reports the collections of its measured run).
-:func:`freeze_long_lived_heap` runs once a process is ready to serve: one collection, then
+:func:`freeze_long_lived_heap` runs once an engine is ready to serve: one collection, then
 :func:`gc.freeze` moves every survivor into the permanent generation, which later
-collections skip, and young collections (each of which counts towards a full one) come
-at most every :data:`YOUNG_THRESHOLD` allocations. Objects made after it (requests, their
-token lists) are collected as before, less often.
+collections skip, and young collections (each of which counts towards a full one) come at
+most every :data:`YOUNG_THRESHOLD` net allocations of tracked objects. Objects made after
+it (requests, their token lists) are collected as before, less often.
 
-Invariant: what is alive at the freeze is not freed by the cyclic collector until
-:func:`thaw_long_lived_heap` (reference counting still frees what is not in a cycle), so
-the freeze runs only once the long-lived state is built, never per request, and an
-engine's shutdown thaws (another engine of the process then walks its objects again until
-the next freeze).
+Invariants: every engine alive in the process holds the freeze once (``freeze`` adds a
+holder, ``release`` takes one away); while any holds it, everything alive at the last
+freeze stays out of the collector's reach, except between a :func:`thaw_long_lived_heap`
+(before an engine loads, or while one shuts down, so that a collection then reaches engines
+dropped in reference cycles) and the :func:`settle_long_lived_heap` or freeze after it.
+With no holder left the thresholds are what they were before the first freeze. A
+``gc.freeze()`` of the application's own is undone by the first thaw.
 """
 
 from __future__ import annotations
@@ -25,22 +27,25 @@ import time
 
 logger = logging.getLogger(__name__)
 
-#: Allocations (net of frees) between young collections while an engine serves, instead of
-#: Python's 700: a step allocates thousands of short-lived objects that reference counting
-#: already frees, and fewer young collections also mean fewer full ones.
+#: Net allocations of tracked objects between young collections while an engine serves,
+#: instead of Python's 700: a step allocates thousands of short-lived objects that
+#: reference counting already frees, and fewer young collections mean fewer full ones.
 YOUNG_THRESHOLD = 20_000
 
-#: The process's thresholds before the first freeze, restored by the thaw.
+#: Engines of this process that hold the freeze.
+_holders = 0
+#: The process's thresholds before the first freeze, restored when the last holder leaves.
 _threshold_before: tuple[int, int, int] | None = None
 
 
 def freeze_long_lived_heap() -> None:
-    """Collect once, exempt every surviving object from later collections, and collect the
-    young generation every :data:`YOUNG_THRESHOLD` allocations."""
-    global _threshold_before
+    """An engine is ready: collect once, exempt every survivor from later collections, and
+    collect the young generation every :data:`YOUNG_THRESHOLD` allocations. Adds a holder."""
+    global _holders, _threshold_before
     started = time.perf_counter()
     gc.collect()
     gc.freeze()
+    _holders += 1
     young, older, oldest = gc.get_threshold()
     if _threshold_before is None:
         _threshold_before = (young, older, oldest)
@@ -53,10 +58,28 @@ def freeze_long_lived_heap() -> None:
 
 
 def thaw_long_lived_heap() -> None:
-    """Return the frozen objects to the collector (an engine shut down: its state may now
-    be garbage in cycles) and its thresholds to what they were before the first freeze."""
-    global _threshold_before
+    """Give every frozen object back to the collector for now (the holders stay): a
+    collection that follows reaches engines dropped in reference cycles."""
     gc.unfreeze()
-    if _threshold_before is not None:
+
+
+def settle_long_lived_heap() -> None:
+    """After a thaw that no freeze followed: if engines still hold the freeze, collect once
+    and freeze the survivors again."""
+    if _holders > 0:
+        gc.collect()
+        gc.freeze()
+
+
+def release_long_lived_heap() -> None:
+    """An engine has shut down: take its hold away. The last holder's release leaves
+    everything to the collector and restores the thresholds; otherwise the others' objects
+    are frozen again once this engine's are collected."""
+    global _holders, _threshold_before
+    _holders = max(0, _holders - 1)
+    gc.unfreeze()
+    if _holders > 0:
+        settle_long_lived_heap()
+    elif _threshold_before is not None:
         gc.set_threshold(*_threshold_before)
         _threshold_before = None

@@ -149,9 +149,16 @@ def test_the_gpu_timeline_counts_overlaps_once_and_ranks_gaps():
     assert summary["busy_s"] == pytest.approx((120 + 80 + 95 + 100 + 100) * 1e-6)
     assert summary["idle_s"] == pytest.approx((300 + 5 + 100 + 300) * 1e-6)
     assert summary["idle_in_gaps_s"] == pytest.approx(700e-6)
-    by_time = summary["idle_fraction_by_time"]  # 60 us twentieths; gaps at 270, 502, 650, 950
+    # 60 us twentieths; gaps 120-420, 500-505, 600-700 and 800-1100 us, split over bins.
+    by_time = summary["idle_fraction_by_time"]
     assert sum(by_time) * 60e-6 == pytest.approx(summary["idle_s"], rel=1e-3)
-    assert by_time[4] == pytest.approx(300 / 60) and by_time[15] == pytest.approx(300 / 60)
+    assert max(by_time) <= 1.0
+    assert by_time[2:7] == [1.0] * 5 and by_time[1] == 0.0 and by_time[7] == 0.0
+    assert by_time[8] == pytest.approx(5 / 60, abs=1e-4) and by_time[10] == pytest.approx(1.0)
+    assert by_time[11] == pytest.approx(40 / 60, abs=1e-4)
+    assert by_time[13] == pytest.approx(40 / 60, abs=1e-4)
+    assert by_time[14:18] == [1.0] * 4 and by_time[18] == pytest.approx(20 / 60, abs=1e-4)
+    assert timeline_summary([(5, 5, "empty")])["span_s"] == 0.0  # no division by zero
     pairs = [(g["before"], g["after"], g["count"]) for g in summary["gaps"]]
     assert pairs == [
         ("attention", "embedding", 1),

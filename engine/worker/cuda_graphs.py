@@ -102,7 +102,9 @@ class StepGraphs:
     ) -> None:
         self.model = model
         self.max_model_len = max_model_len
-        self.decode_buckets = batch_size_buckets(min(max_num_seqs, DECODE_MAX_BATCH))
+        # A decode step has one token a row: never more rows than the token budget.
+        largest = min(max_num_seqs, max_num_batched_tokens, DECODE_MAX_BATCH)
+        self.decode_buckets = batch_size_buckets(largest)
         limit = min(max_num_batched_tokens, MIXED_MAX_TOKENS)
         self.mixed_buckets = token_buckets(limit) if mixed else []
         tokens = max([max_num_seqs, *self.mixed_buckets])

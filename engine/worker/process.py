@@ -47,7 +47,7 @@ def worker_main(
         faulthandler.dump_traceback_later(float(hang_dump), repeat=True)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s: %(message)s")
     from ..distributed import destroy_distributed, init_distributed
-    from ..long_lived_heap import freeze_long_lived_heap
+    from ..long_lived_heap import freeze_long_lived_heap, thaw_long_lived_heap
     from .worker import Worker
 
     if backend == "gloo":
@@ -80,5 +80,6 @@ def worker_main(
     finally:
         # CUDA graphs hold captured collectives: free them before the communicator goes.
         worker = None
+        thaw_long_lived_heap()  # the frozen model may sit in reference cycles
         gc.collect()
         destroy_distributed()

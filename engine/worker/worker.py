@@ -13,6 +13,7 @@ from ..config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from ..host_timing import HostTimer, merge_reports
 from ..layers import ops
 from ..layers.fp8_linear import check_small_batch_gemm
+from ..long_lived_heap import thaw_long_lived_heap
 from ..messages import SchedulerOutput
 from ..models.loader import load_model
 from .draft_proposer import DraftProposer
@@ -89,14 +90,19 @@ class Worker:
         """Give this rank's device memory back at once, not whenever the collector gets to
         it: CUDA graphs first (they hold captured collectives), then the KV pool and the
         weights. The worker runs no step afterwards. Idempotent."""
+        if self.model is None:
+            return  # shut down already
         runner = self.model_runner
         if runner is not None and runner.step_graphs is not None:
             runner.step_graphs.release()
         if runner is not None and runner.drafter is not None:
             runner.drafter.release()
-        self.model_runner = None
+        self.model_runner = runner = None
         self.key_caches, self.value_caches = [], []
         self.model = self.draft_model = None
+        # Modules sit in reference cycles (parameters' bound weight loaders), and the heap
+        # may be frozen (long_lived_heap): thawed, so this collection reaches them.
+        thaw_long_lived_heap()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
