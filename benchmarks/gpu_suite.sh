@@ -38,7 +38,8 @@
 #              and fp8 weights + fp8 KV, one engine each
 #   fp8w1      W1 on Metroline FP8_RUNS times (default 1) in bf16 and in fp8 weights + KV
 #   fp8peer    vLLM 0.26.0 W1 with quantization=fp8 and kv_cache_dtype=fp8, FP8_RUNS times
-#              (unpacks the bundle once all parts came), then the peer table
+#              (unpacks the bundle once all parts came), then the peer table; needs vLLM's
+#              compressed-tensors==0.17.0 and loguru wheels in .whl (setup installs them)
 #   spec       W8 speculative decoding (issue 20): TPOT at SPEC_BATCHES (default 1,8), K=4,
 #              plain vs drafts at forced acceptance 1.0/0.7/0.5, a llama3-1b-shape draft
 #              model (measured and forced acceptance) and n-gram on repetitive prompts
@@ -227,6 +228,13 @@ for section in "$@"; do
       ;;
     fp8peer)
       unpack_vllm || { status=1; continue; }
+      if ! "${VLLM_ENV[@]}" $PY -c "import compressed_tensors" 2>/dev/null; then
+        # vLLM's quantization registry imports it; the peer bundle does not carry it.
+        echo "fp8peer: compressed_tensors missing: run, before the first command," \
+          "pip download --no-deps compressed-tensors==0.17.0 loguru -d .whl" >&2
+        status=1
+        continue
+      fi
       W1=(benchmarks/throughput.py --model "$MODEL" --workload W1 --out "$RESULTS")
       for i in $(seq "${FP8_RUNS:-1}"); do
         run "w1-vllm-fp8-$i" "${VLLM_ENV[@]}" $PY -P "${W1[@]}" --backend vllm \
