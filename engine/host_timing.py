@@ -3,9 +3,9 @@
 Off unless ``METROLINE_HOST_TIMING=1`` is set in the environment (worker processes inherit
 it): each phase is then timed with ``perf_counter`` around its call, about a microsecond a
 phase; while a torch profiler records, each phase is also a ``record_function`` range, so
-the profile (``benchmarks/throughput.py --profile-steps``) names them. ``benchmarks/throughput.py``
-reports the totals of every rank. Phases are host time
-only: with asynchronous scheduling the device runs meanwhile, so a phase that grows to the
+the profile (``benchmarks/throughput.py --profile-steps``) names them.
+``benchmarks/throughput.py`` reports the totals of every rank. Phases are host time only:
+with asynchronous scheduling the device runs meanwhile, so a phase that grows to the
 device's step time is what bounds the throughput.
 """
 

@@ -36,16 +36,18 @@ YOUNG_THRESHOLD = 20_000
 _holders = 0
 #: The process's thresholds before the first freeze, restored when the last holder leaves.
 _threshold_before: tuple[int, int, int] | None = None
+#: A thaw happened that no freeze or settle has followed yet.
+_thawed = False
 
 
 def freeze_long_lived_heap() -> None:
     """An engine is ready: collect once, exempt every survivor from later collections, and
     collect the young generation every :data:`YOUNG_THRESHOLD` allocations. Adds a holder."""
-    global _holders, _threshold_before
+    global _holders, _threshold_before, _thawed
     started = time.perf_counter()
     gc.collect()
     gc.freeze()
-    _holders += 1
+    _holders, _thawed = _holders + 1, False
     young, older, oldest = gc.get_threshold()
     if _threshold_before is None:
         _threshold_before = (young, older, oldest)
@@ -60,15 +62,19 @@ def freeze_long_lived_heap() -> None:
 def thaw_long_lived_heap() -> None:
     """Give every frozen object back to the collector for now (the holders stay): a
     collection that follows reaches engines dropped in reference cycles."""
+    global _thawed
     gc.unfreeze()
+    _thawed = True
 
 
 def settle_long_lived_heap() -> None:
     """After a thaw that no freeze followed: if engines still hold the freeze, collect once
-    and freeze the survivors again."""
-    if _holders > 0:
+    and freeze the survivors again (nothing to do without such a thaw)."""
+    global _thawed
+    if _thawed and _holders > 0:
         gc.collect()
         gc.freeze()
+        _thawed = False
 
 
 def release_long_lived_heap() -> None:
@@ -77,7 +83,7 @@ def release_long_lived_heap() -> None:
     are frozen again once this engine's are collected."""
     global _holders, _threshold_before
     _holders = max(0, _holders - 1)
-    gc.unfreeze()
+    thaw_long_lived_heap()
     if _holders > 0:
         settle_long_lived_heap()
     elif _threshold_before is not None:
