@@ -7,6 +7,8 @@
 #              logits processing and prompt log-probs as served (sampling_extras_check.py)
 #   kcheck     the Triton kernels against their references at real sizes
 #   kernels    kernel benchmarks
+#   mixedattn  attention of mixed steps, decodes in the chunks' launch or apart
+#              (benchmarks/mixed_attention.py)
 #   w3         W3 decode grid, synchronous and asynchronous scheduling, one engine each
 #   w3d        W3 decode grid with the engine's default scheduling, and the step profile
 #   w1         W1 against transformers in the same run (engine defaults)
@@ -129,6 +131,7 @@ for section in "$@"; do
       ;;
     kcheck) run kcheck $PY -P tests/gpu/check_kernels.py --out "$RESULTS" ;;
     kernels) run kernels $PY -P benchmarks/kernels.py --out "$RESULTS" ;;
+    mixedattn) run mixedattn $PY -P benchmarks/mixed_attention.py --out "$RESULTS" ;;
     w3)
       run w3-sync $PY -P benchmarks/decode.py --model "$MODEL" --no-async-scheduling \
         --out "$RESULTS"

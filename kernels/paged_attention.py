@@ -19,9 +19,12 @@ through the block table: first the tiles every row of the query tile may see (no
 the tiles along the causal diagonal (masked). Softmax is online, in fp32, base 2.
 When the grid is too small to fill the GPU (decode of few requests with long contexts), each
 request's context is cut into ``num_splits`` partitions computed by separate programs and
-merged by :mod:`metroline.kernels.split_kv`. Launch sizes that change every step (requests,
-splits) are runtime arguments, never specialised on: the compiled variants are fixed by the
-tile shape alone, so serving compiles nothing new once :mod:`metroline.kernels.warmup` ran.
+merged by :mod:`metroline.kernels.split_kv`. A step that mixes prompt chunks with decodes can
+run as two launches (``mixed``), each keeping only its own requests (runtime ``row_filter``):
+chunks in the chunk tile shape, one-token requests in the decode one. Launch sizes that
+change every step (requests, splits, the filter) are runtime arguments, never specialised on:
+the compiled variants are fixed by the tile shape alone, so serving compiles nothing new once
+:mod:`metroline.kernels.warmup` ran.
 FP8 caches (:mod:`metroline.kernels.kv_cache`, constexpr ``FP8``): ``k_scale`` folds into the
 softmax scale, ``v_scale`` scales each program's result (split partials too: the merge is linear).
 K/V widen in registers to fp16 for 16-bit queries (exact and cheap; a bf16 query is clamped to
@@ -30,12 +33,11 @@ K/V widen in registers to fp16 for 16-bit queries (exact and cheap; a bf16 query
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
+from .attention_tiles import AttentionConfig, attention_config, choose_num_splits
 from .kv_cache import is_fp8_kv
 from .split_kv import merge_splits
 from .utils import (
@@ -99,7 +101,7 @@ def _attend_tile(
 # Sizes that change from step to step (the block table's width included) are plain runtime
 # values: Triton would otherwise compile a variant for each of "equals 1", "divisible by 16"
 # and neither, mid-serving.
-_STEP_SIZES = ["num_seqs", "tiles_per_seq", "num_splits", "stride_bt_seq"]
+_STEP_SIZES = ["num_seqs", "tiles_per_seq", "num_splits", "stride_bt_seq", "row_filter"]
 
 
 @triton.jit(do_not_specialize=_STEP_SIZES)
@@ -118,6 +120,7 @@ def _paged_attention_kernel(
     num_seqs,
     tiles_per_seq,  # SEARCH=False: query tiles per request (grid axis 0 = num_seqs * this)
     num_splits,  # partitions of each context (grid axis 2); 1 unless SPLIT
+    row_filter,  # 0 every request, 1 those of one query token, 2 those of more (ROWS_*)
     stride_q_tok, stride_q_head,
     stride_o_tok, stride_o_head,
     stride_cache_block, stride_cache_row, stride_cache_head,
@@ -163,6 +166,8 @@ def _paged_attention_kernel(
     q_len = q_end - q_start
     if local_tile * BLOCK_Q >= q_len:
         return
+    if ((row_filter == 1) & (q_len != 1)) | ((row_filter == 2) & (q_len == 1)):
+        return  # another launch of this step attends this request
     first_pos = seq_len - q_len  # absolute position of the request's first query token
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -232,52 +237,8 @@ def _paged_attention_kernel(
         tl.store(split_lse_ptr + slot, lse, mask=row_valid)
 
 
-@dataclass(frozen=True, slots=True)
-class AttentionConfig:
-    """Launch shape. ``block_q * group <= block_m``; ``block_n`` keys per inner step."""
-
-    block_m: int
-    block_q: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-def attention_config(
-    dtype: torch.dtype, head_dim: int, group: int, max_seqlen_q: int, few_programs: bool = False
-) -> AttentionConfig:
-    """Tile rules. Rows hold (token, head-of-group) pairs, at least 16 (the MMA minimum).
-    Decode keeps one token per tile, double-buffered, 64 keys a step, or 128 when the
-    (request, KV head) pairs are ``few_programs`` (under 2 per SM): fewer, longer steps then
-    keep more bytes in flight per SM (measured on H200 over 32/64/128 keys, 2/3/4 stages,
-    B = 8..256). Prefill grows the tile to 128 rows (64 for head
-    dim 256) so each gathered K/V tile feeds more MMA work; 32 keys a step with 4 warps and 4
-    stages measured fastest. fp32 (exact tests) takes small tiles: its dots run on FMA units
-    and its tiles use twice the shared memory."""
-    block_d = next_power_of_2(head_dim)
-    min_m = max(16, next_power_of_2(group))
-    if dtype == torch.float32:
-        block_m, block_n, warps, stages = min_m, (32 if block_d <= 128 else 16), 4, 1
-    elif max_seqlen_q == 1:
-        block_n = (128 if few_programs else 64) // (2 if block_d > 128 else 1)
-        block_m, warps, stages = min_m, 4, 2
-    else:
-        cap = 128 if block_d <= 128 else 64
-        block_m = min(max(min_m, next_power_of_2(max_seqlen_q * group)), max(cap, min_m))
-        block_n = 32
-        warps = 8 if block_m > 128 else 4
-        stages = 4 if block_d <= 128 else 2
-    return AttentionConfig(block_m, max(1, block_m // group), block_n, warps, stages)
-
-
-def choose_num_splits(work_items: int, max_seqlen_k: int, sms: int, block_n: int) -> int:
-    """Split each context only to fill one wave: about 3 programs per SM fit (registers), so
-    aim for ``3 * sms`` programs, keeping >= 2 tiles of keys (and >= 128 keys) per split. A
-    second wave of short programs costs more than it adds. ``max_seqlen_k`` only steers this
-    choice: each program derives its partition from the request's own length, so any length
-    stays covered (also when a CUDA graph replays a launch captured at shorter contexts)."""
-    min_part = max(128, 2 * block_n)
-    return max(1, min((3 * sms) // max(1, work_items), max_seqlen_k // min_part, 64))
+#: ``row_filter`` values: which requests a launch attends.
+ROWS_ALL, ROWS_ONE, ROWS_MANY = 0, 1, 2
 
 
 def paged_attention(
@@ -292,17 +253,27 @@ def paged_attention(
     max_seqlen_k: int,  # host upper bound of seq_lens (steers the split choice only)
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
     *,
+    mixed: bool = False,  # one-token requests may sit beside longer ones (see below)
     num_splits: int | None = None,  # override the split rule (tests, benchmarks)
     config: AttentionConfig | None = None,  # override the tile rules (benchmarks)
     k_scale: torch.Tensor | None = None,  # [num_kv_heads] fp32, fp8 caches only
     v_scale: torch.Tensor | None = None,  # [num_kv_heads] fp32, fp8 caches only
 ) -> torch.Tensor:
     """Triton paged attention; same contract as :func:`paged_attention_ref`. No host sync:
-    launch shapes come from tensor shapes and the two host-side maxima."""
+    launch shapes come from tensor shapes and the two host-side maxima.
+
+    One launch takes one tile shape, sized by ``max_seqlen_q``: in a step that mixes prompt
+    chunks with decodes, a decode's one token would fill a chunk-sized tile alone. With
+    ``mixed`` (and ``max_seqlen_q > 1``) the requests of more than one token run first in
+    their tile shape, then the one-token requests in the decode shape, unsplit; the first
+    launch's split merge may write one-token rows, which the second then overwrites. Either
+    way every request's rows are written exactly once by the launch that attends them."""
     num_tokens, num_heads, head_dim = query.shape
-    _, block_size, num_kv_heads, _ = key_cache.shape
+    num_kv_heads = key_cache.shape[2]
     assert key_cache.is_contiguous() and value_cache.is_contiguous()
     assert num_heads % num_kv_heads == 0 and value_cache.shape == key_cache.shape
+    if mixed and config is not None:
+        raise ValueError("a tile override (config) takes one launch: not with mixed")
     group = num_heads // num_kv_heads
     num_seqs = seq_lens.shape[0]
     query = row_major_last_dim(query)
@@ -314,18 +285,36 @@ def paged_attention(
     if num_tokens == 0 or num_seqs == 0:
         return out
     assert out.stride(-1) == 1
-    sms = num_sms(query.device)
-    cfg = config or attention_config(
-        query.dtype, head_dim, group, max(1, max_seqlen_q), num_seqs * num_kv_heads < 2 * sms
-    )
+    max_seqlen_q = max(1, max_seqlen_q)
+    few = num_seqs * num_kv_heads < 2 * num_sms(query.device)
+    cfg = config or attention_config(query.dtype, head_dim, group, max_seqlen_q, few)
+    args = (query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, out,
+            k_scale, v_scale, scale, max_seqlen_k, fp8)  # fmt: skip
+    split = mixed and max_seqlen_q > 1
+    _launch(*args, cfg, max_seqlen_q, num_splits, ROWS_MANY if split else ROWS_ALL)
+    if split:
+        one = attention_config(query.dtype, head_dim, group, 1, few)
+        _launch(*args, one, 1, 1, ROWS_ONE)
+    return out
 
+
+def _launch(
+    query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, out, k_scale, v_scale,
+    scale: float, max_seqlen_k: int, fp8: bool, cfg: AttentionConfig, max_seqlen_q: int,
+    num_splits: int | None, row_filter: int,
+) -> None:  # fmt: skip
+    """One kernel launch (and its split merge) over the requests ``row_filter`` keeps."""
+    num_tokens, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    num_seqs = seq_lens.shape[0]
     # Grid axis 0: dense (one tile per request) for decodes; for prompt chunks, a bound on the
     # tiles the requests need, mapped to requests by binary search. The choice depends on the
     # launch's tile shape alone, so it adds no compiled variant of its own.
-    tiles_per_seq = cdiv(max(1, max_seqlen_q), cfg.block_q)
+    tiles_per_seq = cdiv(max_seqlen_q, cfg.block_q)
     search = max_seqlen_q > 1
     grid_tiles = num_tokens // cfg.block_q + num_seqs if search else num_seqs
     if num_splits is None:
+        sms = num_sms(query.device)
         num_splits = choose_num_splits(grid_tiles * num_kv_heads, max_seqlen_k, sms, cfg.block_n)
     if num_splits > 1:
         split_out = torch.empty(
@@ -340,17 +329,17 @@ def paged_attention(
         query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,
         out, split_out, split_lse,
         k_scale if fp8 else seq_lens, v_scale if fp8 else seq_lens,  # unused unless fp8
-        scale * LOG2E, num_seqs, tiles_per_seq, num_splits,
+        scale * LOG2E, num_seqs, tiles_per_seq, num_splits, row_filter,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
-        BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n,
-        SPLIT=num_splits > 1, SEARCH=search, DOT_PRECISION=dot_precision(query.dtype),
-        FP8=fp8, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_D=next_power_of_2(head_dim), BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m,
+        BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, SPLIT=num_splits > 1, SEARCH=search,
+        DOT_PRECISION=dot_precision(query.dtype), FP8=fp8, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )  # fmt: skip
     if num_splits > 1:
         merge_splits(split_out, split_lse, out, cu_seqlens_q, num_seqs)
-    return out
 
 
 def paged_attention_ref(

@@ -24,7 +24,7 @@ import torch
 import triton
 
 from . import activation, fp8_gemm, fp8_quant, kv_cache, paged_attention, rmsnorm, rotary, split_kv
-from .paged_attention import AttentionConfig, attention_config
+from .attention_tiles import AttentionConfig, attention_config
 from .split_kv import merge_splits
 from .utils import next_power_of_2
 

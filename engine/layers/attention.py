@@ -21,7 +21,9 @@ class AttentionMetadata:
 
     Request ``b`` owns query rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``; ``seq_lens[b]`` is its
     context length after this step; ``block_tables[b]`` lists its physical blocks;
-    ``slot_mapping[t]`` is the cache slot of token ``t`` (negative: skip).
+    ``slot_mapping[t]`` is the cache slot of token ``t`` (negative: skip). ``mixed``: requests
+    of one query token may sit beside longer ones, so attention gives them a launch of their
+    own in the decode tile shape (a hint for speed; any value computes the same rows).
     """
 
     slot_mapping: torch.Tensor  # [num_tokens] int64
@@ -30,6 +32,7 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor  # [num_seqs + 1] int32
     max_seqlen_q: int
     max_seqlen_k: int
+    mixed: bool = False
 
 
 class Attention(nn.Module):
@@ -118,6 +121,7 @@ class Attention(nn.Module):
             self.scale,
             attn_metadata.max_seqlen_q,
             attn_metadata.max_seqlen_k,
+            mixed=attn_metadata.mixed,
             k_scale=self.k_scale,
             v_scale=self.v_scale,
         )

@@ -180,10 +180,12 @@ def paged_attention(
     out: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    mixed: bool = False,
 ) -> torch.Tensor:
     """Attention of the step's queries over the paged cache (see kernels.paged_attention).
-    ``max_seqlen_q``/``max_seqlen_k`` are host-side upper bounds that shape the GPU launch;
-    an fp8 cache is read with its per-KV-head scales."""
+    ``max_seqlen_q``/``max_seqlen_k`` are host-side upper bounds that shape the GPU launch, as
+    does ``mixed`` (one-token requests beside longer ones); an fp8 cache is read with its
+    per-KV-head scales."""
     if query.is_cuda:
         return attention.paged_attention(
             query,
@@ -196,6 +198,7 @@ def paged_attention(
             max_seqlen_q,
             max_seqlen_k,
             out=out,
+            mixed=mixed,
             k_scale=k_scale,
             v_scale=v_scale,
         )

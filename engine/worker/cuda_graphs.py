@@ -14,7 +14,8 @@ Two families share one memory pool and one set of persistent input buffers:
   attention rows are never written and their outputs are ignored. Rows are independent in
   every other layer, so padding never reaches a real token. Captured with ``max_seqlen_q`` =
   the bucket, i.e. the largest prefill tile; an eager step of short chunks may take a smaller
-  one, which computes the same values up to floating-point rounding.
+  one, which computes the same values up to floating-point rounding. Attention runs as for a
+  mixed step (``AttentionMetadata.mixed``): one-token requests in a launch of their own.
 
 Attention is captured with ``max_seqlen_k = max_model_len``, so the split-KV layout fixed in
 a graph is valid for any context the engine can hold. Mixed-step graphs remove the host's
@@ -144,6 +145,7 @@ class StepGraphs:
             cu_seqlens_q=self.cu_mixed,
             max_seqlen_q=size,
             max_seqlen_k=self.max_model_len,
+            mixed=True,  # whether a replay holds decodes is not known at capture
         )
 
     def allocate_output(self, sample: torch.Tensor) -> None:

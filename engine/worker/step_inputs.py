@@ -208,6 +208,7 @@ class VarlenLayout:
             cu_seqlens_q=cu_seqlens_q,
             max_seqlen_q=self.max_seqlen_q,
             max_seqlen_k=int(self.seq_lens.max()),
+            mixed=self.max_seqlen_q > 1 and bool((np.diff(self.cu_seqlens) == 1).any()),
         )
 
 

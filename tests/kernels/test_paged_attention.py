@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from metroline.kernels.attention_tiles import attention_config
 from metroline.kernels.paged_attention import paged_attention, paged_attention_ref
 
 
@@ -47,7 +48,7 @@ def make_batch(q_lens, seq_lens, *, num_heads, num_kv_heads, head_dim, block_siz
 
 
 def run_and_compare(q_lens, seq_lens, *, num_heads=8, num_kv_heads=2, head_dim=64,
-                    block_size=16, dtype=torch.float32, num_splits=None, seed=0):
+                    block_size=16, dtype=torch.float32, num_splits=None, seed=0, mixed=False):
     query, key_cache, value_cache, block_tables, seq_lens_t, cu = make_batch(
         q_lens, seq_lens, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
         block_size=block_size, dtype=dtype, seed=seed,
@@ -57,7 +58,7 @@ def run_and_compare(q_lens, seq_lens, *, num_heads=8, num_kv_heads=2, head_dim=6
     out = torch.full_like(query, float("nan"))
     paged_attention(
         query, key_cache, value_cache, block_tables, seq_lens_t, cu, scale,
-        max(q_lens), max(seq_lens), out=out, num_splits=num_splits,
+        max(q_lens), max(seq_lens), out=out, num_splits=num_splits, mixed=mixed,
     )
     assert torch.isfinite(out).all(), "unwritten or NaN-contaminated output rows"
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -98,6 +99,35 @@ def test_prefix_hit_mid_block(group):
 def test_mixed_prefill_chunks_and_decodes(dtype):
     # Decodes, a chunk after a prefix, a fresh prompt, and a request with no new token.
     run_and_compare([1, 37, 1, 0, 5, 1], [33, 50, 16, 9, 5, 17], dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+@pytest.mark.parametrize("group", [1, 4])
+def test_mixed_launches_decodes_apart(dtype, num_splits, group):
+    """``mixed``: the chunks' launch (split or not) skips one-token requests, the decode
+    launch skips the rest; every row is written once and equals the reference. A chunk of
+    one token after a prefix is a decode to the kernel, and a request with no token is no
+    one's."""
+    run_and_compare([1, 37, 1, 0, 5, 1, 1], [33, 50, 16, 9, 5, 17, 70], num_heads=4 * group,
+                    num_kv_heads=4, dtype=dtype, num_splits=num_splits, mixed=True)
+
+
+def test_mixed_without_decodes_or_chunks():
+    """``mixed`` with only chunks, or only decodes (max_seqlen_q 1: one launch), is exact too."""
+    run_and_compare([7, 37, 2], [20, 50, 2], mixed=True)
+    run_and_compare([1, 1, 1], [20, 50, 2], mixed=True)
+
+
+def test_mixed_rejects_a_tile_override():
+    query, key_cache, value_cache, block_tables, seq_lens_t, cu = make_batch(
+        [1, 3], [10, 3], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
+        dtype=torch.float32, seed=4,
+    )
+    config = attention_config(torch.float32, 64, 2, 3)
+    with pytest.raises(ValueError, match="mixed"):
+        paged_attention(query, key_cache, value_cache, block_tables, seq_lens_t, cu, 0.1, 3, 10,
+                        mixed=True, config=config)
 
 
 @pytest.mark.parametrize("num_splits", [2, 3, 5])
@@ -151,7 +181,8 @@ def test_allocates_output_when_none_given():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_splits", [None, 3])
-def test_mixed_step_graph_padding(dtype, num_splits):
+@pytest.mark.parametrize("mixed", [False, True])
+def test_mixed_step_graph_padding(dtype, num_splits, mixed):
     """A mixed-step CUDA graph's launch: request rows past the real ones own no tokens (their
     cu_seqlens_q entries repeat the total), tokens past the real ones belong to no request,
     and the host bounds are the graph's (the token bucket, max_model_len). Real rows equal
@@ -174,7 +205,7 @@ def test_mixed_step_graph_padding(dtype, num_splits):
     ref = paged_attention_ref(query, key_cache, value_cache, block_tables, seq_lens_t, cu, 0.125)
     out = torch.full_like(padded_query, float("nan"))
     paged_attention(padded_query, key_cache, value_cache, padded_tables, padded_lens, padded_cu,
-                    0.125, bucket, 4096, out=out, num_splits=num_splits)
+                    0.125, bucket, 4096, out=out, num_splits=num_splits, mixed=mixed)
     bound = 1e-5 if dtype == torch.float32 else 1e-2
     err = ((out[:num_tokens].float() - ref.float()).norm() / ref.float().norm()).item()
     assert err < bound, f"relative error {err:.2e}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metroline.kernels.paged_attention import attention_config
+from metroline.kernels.attention_tiles import attention_config
 from metroline.kernels.warmup import attention_configs, warm_up_attention
 
 

@@ -1,0 +1,62 @@
+"""Launch shapes of :mod:`metroline.kernels.paged_attention`: the tile rules and the split rule.
+
+Every shape these rules can return is a compiled variant that
+:mod:`metroline.kernels.warmup` compiles before serving; the rules depend only on the model's
+head layout, the dtype and the host-side bounds of a step, never on tensor contents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .utils import next_power_of_2
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionConfig:
+    """Launch shape. ``block_q * group <= block_m``; ``block_n`` keys per inner step."""
+
+    block_m: int
+    block_q: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def attention_config(
+    dtype: torch.dtype, head_dim: int, group: int, max_seqlen_q: int, few_programs: bool = False
+) -> AttentionConfig:
+    """Tile rules. Rows hold (token, head-of-group) pairs, at least 16 (the MMA minimum).
+    Decode keeps one token per tile, double-buffered, 64 keys a step, or 128 when the
+    (request, KV head) pairs are ``few_programs`` (under 2 per SM): fewer, longer steps then
+    keep more bytes in flight per SM (measured on H200 over 32/64/128 keys, 2/3/4 stages,
+    B = 8..256). Prefill grows the tile to 128 rows (64 for head
+    dim 256) so each gathered K/V tile feeds more MMA work; 32 keys a step with 4 warps and 4
+    stages measured fastest. fp32 (exact tests) takes small tiles: its dots run on FMA units
+    and its tiles use twice the shared memory."""
+    block_d = next_power_of_2(head_dim)
+    min_m = max(16, next_power_of_2(group))
+    if dtype == torch.float32:
+        block_m, block_n, warps, stages = min_m, (32 if block_d <= 128 else 16), 4, 1
+    elif max_seqlen_q == 1:
+        block_n = (128 if few_programs else 64) // (2 if block_d > 128 else 1)
+        block_m, warps, stages = min_m, 4, 2
+    else:
+        cap = 128 if block_d <= 128 else 64
+        block_m = min(max(min_m, next_power_of_2(max_seqlen_q * group)), max(cap, min_m))
+        block_n = 32
+        warps = 8 if block_m > 128 else 4
+        stages = 4 if block_d <= 128 else 2
+    return AttentionConfig(block_m, max(1, block_m // group), block_n, warps, stages)
+
+
+def choose_num_splits(work_items: int, max_seqlen_k: int, sms: int, block_n: int) -> int:
+    """Split each context only to fill one wave: about 3 programs per SM fit (registers), so
+    aim for ``3 * sms`` programs, keeping >= 2 tiles of keys (and >= 128 keys) per split. A
+    second wave of short programs costs more than it adds. ``max_seqlen_k`` only steers this
+    choice: each program derives its partition from the request's own length, so any length
+    stays covered (also when a CUDA graph replays a launch captured at shorter contexts)."""
+    min_part = max(128, 2 * block_n)
+    return max(1, min((3 * sms) // max(1, work_items), max_seqlen_k // min_part, 64))
