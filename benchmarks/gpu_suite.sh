@@ -46,6 +46,9 @@
 #              plain vs drafts at forced acceptance 1.0/0.7/0.5, a llama3-1b-shape draft
 #              model (measured and forced acceptance) and n-gram on repetitive prompts
 #              (benchmarks/spec_decode.py)
+#   start      metroline serve's start to /ready, START_RUNS times (default 3; the first fills
+#              the Triton cache), with the log's milestones (benchmarks/serve_start.py;
+#              needs the server's wheels)
 #   peerserve  W6: vllm bench serve against metroline serve and vllm serve in turn
 #              (RATES_W6, default 10,20,30,inf; W6_PROMPTS, default 300), start-up times,
 #              then the peer table
@@ -245,6 +248,10 @@ for section in "$@"; do
         gpu_idle
       done
       run peer-table $PY -P benchmarks/peer_table.py "$RESULTS"
+      ;;
+    start)
+      run start env PYTHONPATH=/tmp/site $PY -P benchmarks/serve_start.py --model "$MODEL" \
+        --runs "${START_RUNS:-3}" --out "$RESULTS"
       ;;
     peerserve)
       unpack_vllm || { status=1; continue; }

@@ -49,14 +49,27 @@ def case(decodes: int, ctx: int) -> dict:
         used += n
     query = torch.randn((sum(q_lens), H, D), device="cuda", dtype=DT, generator=gen)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
-    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32,
-                      device="cuda")
+    cu = torch.tensor(
+        [0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda"
+    )
     outs = {m: torch.empty_like(query) for m in (False, True)}
     row: dict = {"decodes": decodes, "ctx": ctx, "chunks": CHUNKS, "chunk": CHUNK}
     for mixed, out in outs.items():
+
         def run(mixed=mixed, out=out):
-            pa.paged_attention(query, kc, vc, tables, lens, cu, D**-0.5, max(q_lens),
-                               max(seq_lens), out=out, mixed=mixed)
+            pa.paged_attention(
+                query,
+                kc,
+                vc,
+                tables,
+                lens,
+                cu,
+                D**-0.5,
+                max(q_lens),
+                max(seq_lens),
+                out=out,
+                mixed=mixed,
+            )
 
         run()
         row["two_launches_us" if mixed else "one_launch_us"] = graph_median_ms(run) * 1e3
@@ -77,11 +90,15 @@ def main() -> int:
     path.write_text(json.dumps(report, indent=1, default=str))
     env = report["environment"]
     print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | {env['commit'][:10]}")
-    print(f"{CHUNKS} chunks x {CHUNK} tokens + decodes | one launch us | two launches us | "
-          "speedup | rel diff")
+    print(
+        f"{CHUNKS} chunks x {CHUNK} tokens + decodes | one launch us | two launches us | "
+        "speedup | rel diff"
+    )
     for r in report["rows"]:
-        print(f"  {r['decodes']:>5} decodes ctx {r['ctx']:<5} | {r['one_launch_us']:9.1f} | "
-              f"{r['two_launches_us']:9.1f} | {r['speedup']:5.2f}x | {r['rel_diff']:.1e}")
+        print(
+            f"  {r['decodes']:>5} decodes ctx {r['ctx']:<5} | {r['one_launch_us']:9.1f} | "
+            f"{r['two_launches_us']:9.1f} | {r['speedup']:5.2f}x | {r['rel_diff']:.1e}"
+        )
     return 0
 
 

@@ -107,7 +107,10 @@ class AsyncLLM:
         tokenizer: Any | None,
         observer: EngineObserver | None = None,
         log_setup: Callable[[], None] | None = None,
+        core: CoreClient | None = None,
     ) -> None:
+        """``core``: a client already launched (:meth:`CoreClient.launch`) for this config,
+        whose model then loads while the caller prepares the tokenizer."""
         self.config = config
         self.tokenizer = tokenizer
         self.observer = observer or EngineObserver()
@@ -119,7 +122,7 @@ class AsyncLLM:
         self.dead_reason: str | None = None
         self._parent_of: dict[str, str] = {}
         self._unscheduled: set[str] = set()
-        self._core = CoreClient(config, log_setup)
+        self._core = core or CoreClient(config, log_setup)
         self._ready: asyncio.Future | None = None
         self._on_dead: list[Callable[[str], None]] = []
 

@@ -39,16 +39,31 @@ class CoreClient:
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._child: Child | None = None
 
+    def launch(self) -> None:
+        """Spawn the core now, so its model loads while this process does other start-up
+        work; idempotent. Until :meth:`start` attaches the threads, what the core sends
+        waits in its pipe (before its model is ready it sends one message at most)."""
+        if self._child is None:
+            self._child = spawn_child(
+                CORE_ENTRY, (self.config, self.log_setup), name="metroline-engine-core"
+            )
+            self.process = self._child.process
+
+    def abandon(self) -> None:
+        """Drop a core that was launched but never started: closing our pipe ends (the
+        death pipe among them) makes it exit at once."""
+        if self._child is not None and not self.closing:
+            self.closing = True
+            self._child.close_pipes()
+
     def start(
         self,
         loop: asyncio.AbstractEventLoop,
         on_message: Callable[[Any], None],
         on_gone: Callable[[str], None],
     ) -> None:
-        self._child = spawn_child(
-            CORE_ENTRY, (self.config, self.log_setup), name="metroline-engine-core"
-        )
-        self.process = self._child.process
+        self.launch()
+        assert self._child is not None
         threading.Thread(
             target=self._send_loop, args=(self._child.to_child,), name="core-sender", daemon=True
         ).start()

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from ..checkpoint import load_tokenizer
 from ..client.async_llm import AsyncLLM
+from ..client.core_client import CoreClient
 from ..client.request_events import EngineObserver, FinishedRequest, IterationStats
 from ..config import EngineConfig
 from ..long_lived_heap import freeze_long_lived_heap
@@ -108,20 +109,22 @@ class ServerState(EngineObserver):
 
     async def _load(self) -> None:
         started = time.monotonic()
+        log_setup = functools.partial(configure_logging, self.args.log_level, self.args.log_format)
+        core = CoreClient(self.config, log_setup)
         try:
+            core.launch()  # the core loads the model while this process loads the tokenizer
             tokenizer = None
             if self.config.model.has_tokenizer:
                 tokenizer = await self.off_loop(load_tokenizer, self.config.model.tokenizer_path)
                 # One call settles the tokenizer's truncation and padding state, which a
                 # call may otherwise change while another thread encodes.
                 await self.off_loop(tokenizer, "warm-up")
-            log_setup = functools.partial(
-                configure_logging, self.args.log_level, self.args.log_format
-            )
-            self.engine = AsyncLLM(self.config, tokenizer, self, log_setup)
+            self.engine = AsyncLLM(self.config, tokenizer, self, log_setup, core=core)
             self.engine.on_dead(self._on_engine_dead)
             await self.engine.start()
         except Exception as error:  # any failure to load is fatal
+            if self.engine is None:
+                core.abandon()
             self._on_engine_dead(f"{type(error).__name__}: {error}")
             return
         # The app, the tokenizer and the engine client live as long as the process: one
