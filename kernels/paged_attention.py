@@ -266,8 +266,10 @@ def paged_attention(
     chunks with decodes, a decode's one token would fill a chunk-sized tile alone. With
     ``mixed`` (and ``max_seqlen_q > 1``) the requests of more than one token run first in
     their tile shape, then the one-token requests in the decode shape, unsplit; the first
-    launch's split merge may write one-token rows, which the second then overwrites. Either
-    way every request's rows are written exactly once by the launch that attends them."""
+    launch's split merge may write one-token rows, which the second then overwrites. When
+    the split rule would split the one-token launch (few requests, long contexts), the step
+    keeps the single launch instead. Either way every request's rows end up written by the
+    launch that attends them."""
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
     assert key_cache.is_contiguous() and value_cache.is_contiguous()
@@ -290,10 +292,15 @@ def paged_attention(
     cfg = config or attention_config(query.dtype, head_dim, group, max_seqlen_q, few)
     args = (query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, out,
             k_scale, v_scale, scale, max_seqlen_k, fp8)  # fmt: skip
-    split = mixed and max_seqlen_q > 1
-    _launch(*args, cfg, max_seqlen_q, num_splits, ROWS_MANY if split else ROWS_ALL)
-    if split:
-        one = attention_config(query.dtype, head_dim, group, 1, few)
+    one = attention_config(query.dtype, head_dim, group, 1, few)
+    apart = mixed and max_seqlen_q > 1
+    if apart and num_splits is None:
+        # Few requests over long contexts want split-KV, which the one-token launch does
+        # not take: the single launch (split as its own rule says) serves them better.
+        sms = num_sms(query.device)
+        apart = choose_num_splits(num_seqs * num_kv_heads, max_seqlen_k, sms, one.block_n) == 1
+    _launch(*args, cfg, max_seqlen_q, num_splits, ROWS_MANY if apart else ROWS_ALL)
+    if apart:
         _launch(*args, one, 1, 1, ROWS_ONE)
     return out
 

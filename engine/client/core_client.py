@@ -38,6 +38,7 @@ class CoreClient:
         self.closing = False
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._child: Child | None = None
+        self._started = False  # the sender and reader threads run
 
     def launch(self) -> None:
         """Spawn the core now, so its model loads while this process does other start-up
@@ -64,6 +65,7 @@ class CoreClient:
     ) -> None:
         self.launch()
         assert self._child is not None
+        self._started = True
         threading.Thread(
             target=self._send_loop, args=(self._child.to_child,), name="core-sender", daemon=True
         ).start()
@@ -81,6 +83,12 @@ class CoreClient:
     async def shutdown(self, timeout: float) -> None:
         """Ask the core to stop, wait up to ``timeout``, then kill it; idempotent."""
         if self.process is None or self.closing:
+            return
+        if not self._started:  # no sender to carry a Shutdown: close the pipes instead
+            self.abandon()
+            await asyncio.to_thread(self.process.join, timeout)
+            if self.process.is_alive():
+                self.process.kill()
             return
         self.closing = True
         self._outbox.put(Shutdown())

@@ -123,10 +123,11 @@ class ServerState(EngineObserver):
             self.engine.on_dead(self._on_engine_dead)
             await self.engine.start()
         except Exception as error:  # any failure to load is fatal
-            if self.engine is None:
-                core.abandon()
             self._on_engine_dead(f"{type(error).__name__}: {error}")
             return
+        finally:  # failed or cancelled (drain, shutdown) before an engine took the core
+            if self.engine is None:
+                core.abandon()
         # The app, the tokenizer and the engine client live as long as the process: one
         # collection now (bounded, at start-up), then later ones skip them.
         freeze_long_lived_heap()

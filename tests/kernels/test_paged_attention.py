@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from metroline.kernels import paged_attention as pa
 from metroline.kernels.attention_tiles import attention_config
 from metroline.kernels.paged_attention import paged_attention, paged_attention_ref
 
@@ -111,6 +112,21 @@ def test_mixed_launches_decodes_apart(dtype, num_splits, group):
     one's."""
     run_and_compare([1, 37, 1, 0, 5, 1, 1], [33, 50, 16, 9, 5, 17, 70], num_heads=4 * group,
                     num_kv_heads=4, dtype=dtype, num_splits=num_splits, mixed=True)
+
+
+def test_mixed_takes_two_launches_only_where_decodes_need_no_split(monkeypatch):
+    """Many requests: chunks, then the one-token requests apart. One decode over a long
+    context beside a short chunk: the split rule would split it, which the one-token launch
+    does not, so the single (split) launch serves the step."""
+    filters = []
+    launch = pa._launch
+    monkeypatch.setattr(pa, "_launch", lambda *args: (filters.append(args[-1]), launch(*args)))
+    run_and_compare([1, 37, 1, 0, 5, 1, 1], [33, 50, 16, 9, 5, 17, 70], num_heads=16,
+                    num_kv_heads=4, mixed=True)
+    assert filters == [pa.ROWS_MANY, pa.ROWS_ONE]
+    filters.clear()
+    run_and_compare([1, 5], [400, 5], num_heads=4, num_kv_heads=2, mixed=True)
+    assert filters == [pa.ROWS_ALL]
 
 
 def test_mixed_without_decodes_or_chunks():

@@ -4,8 +4,10 @@ that fails to load fails the start, the core it launched with it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
+import signal
 import time
 
 from metroline.engine.client.core_client import CoreClient
@@ -24,6 +26,16 @@ def test_an_abandoned_core_exits(tiny_checkpoint):
     core.abandon()
     process.join(120)
     assert process.exitcode is not None, "the abandoned core is still running"
+
+
+def test_shutting_down_a_core_that_never_started_closes_it(tiny_checkpoint):
+    """No sender thread runs before start(): shutdown closes the pipes and the core exits
+    by itself (it is not killed)."""
+    config = EngineArgs(model=str(tiny_checkpoint("llama")), device="cpu").create_config()
+    core = CoreClient(config)
+    core.launch()
+    asyncio.run(core.shutdown(120))
+    assert core.process.exitcode is not None and core.process.exitcode != -signal.SIGKILL
 
 
 def test_a_tokenizer_that_fails_to_load_fails_the_start(start_server, chat_checkpoint, tmp_path):
