@@ -133,7 +133,7 @@ for section in "$@"; do
       done
       ;;
     kcheck) run kcheck $PY -P tests/gpu/check_kernels.py --out "$RESULTS" ;;
-    kernels) run kernels $PY -P benchmarks/kernels.py --out "$RESULTS" ;;
+    kernels) run kernels $PY -P benchmarks/kernel_bench.py --out "$RESULTS" ;;
     mixedattn) run mixedattn $PY -P benchmarks/mixed_attention.py --out "$RESULTS" ;;
     w3)
       run w3-sync $PY -P benchmarks/decode.py --model "$MODEL" --no-async-scheduling \

@@ -149,6 +149,31 @@ def test_no_file_is_longer_than_the_limit():
     assert not long, long
 
 
+#: Folders whose scripts put themselves first on ``sys.path`` (as do tests that import them).
+SCRIPT_FOLDERS = ("benchmarks", "tests/gpu")
+#: Optional packages that libraries probe for by name (``importlib.util.find_spec``): a
+#: script of such a name on ``sys.path`` passes for the package. ``benchmarks/kernels.py``
+#: once did so for Hugging Face's ``kernels``, which transformers then imported and failed on.
+PROBED_PACKAGES = {"kernels", "flash_attn", "deepspeed", "apex", "bitsandbytes", "accelerate",
+                   "peft", "optimum", "liger_kernel", "xformers", "vllm", "sglang"}  # fmt: skip
+
+
+def test_no_script_shadows_a_package():
+    """A script's module name is neither a probed optional package nor a module importable
+    from outside the repository (the standard library, an installed package)."""
+    import importlib.machinery
+
+    outside = [p for p in sys.path if p and not Path(p).resolve().is_relative_to(ROOT)]
+    clashes = []
+    for folder in SCRIPT_FOLDERS:
+        for path in (ROOT / folder).glob("*.py"):
+            name = path.stem
+            found = importlib.machinery.PathFinder.find_spec(name, outside)
+            if name in PROBED_PACKAGES or found is not None or name in sys.builtin_module_names:
+                clashes.append(f"{path.relative_to(ROOT)}")
+    assert not clashes, clashes
+
+
 def _body_key(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str | None:
     body = node.body
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):

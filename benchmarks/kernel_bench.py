@@ -1,4 +1,4 @@
-"""Kernel benchmarks on one GPU (``python -P benchmarks/kernels.py [--out DIR] [--quick]``).
+"""Kernel benchmarks on one GPU (``python -P benchmarks/kernel_bench.py [--out DIR] [--quick]``).
 
 Order (benchmarks/README.md): the card's ceilings first (device-to-device copy bandwidth,
 bytes read + written; bf16 8192^3 matmul rate), then
