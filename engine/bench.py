@@ -20,6 +20,16 @@ BENCHMARKS = {
 }
 
 
+#: Commands whose script has another name (``kernels.py`` would pass, on ``sys.path``, for
+#: Hugging Face's ``kernels`` package, which transformers imports when it finds one).
+SCRIPTS = {"kernels": "kernel_bench"}
+
+
+def script_path(name: str) -> Path:
+    """The script that ``metroline bench NAME`` runs."""
+    return benchmarks_dir() / f"{SCRIPTS.get(name, name)}.py"
+
+
 def benchmarks_dir() -> Path:
     spec = importlib.util.find_spec("metroline.benchmarks")
     if spec is None or not spec.submodule_search_locations:
@@ -31,7 +41,7 @@ def run_benchmark(name: str, args: Sequence[str]) -> int:
     """Run ``name`` as ``__main__`` with ``args`` as its command line; its exit status."""
     if name not in BENCHMARKS:
         raise SystemExit(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
-    script = benchmarks_dir() / f"{name}.py"
+    script = script_path(name)
     saved = sys.argv[:]
     sys.argv = [str(script), *args]
     try:

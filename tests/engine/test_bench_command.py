@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from metroline.engine.bench import BENCHMARKS, benchmarks_dir
+from metroline.engine.bench import BENCHMARKS, script_path
 from metroline.engine.cli import main
 
 
 def test_every_listed_benchmark_is_a_packaged_script():
     for name in BENCHMARKS:
-        assert (benchmarks_dir() / f"{name}.py").is_file()
+        assert script_path(name).is_file()
+    assert script_path("kernels").name == "kernel_bench.py"
 
 
 @pytest.mark.parametrize("name", ["throughput", "decode", "serve"])
