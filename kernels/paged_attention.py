@@ -288,17 +288,19 @@ def paged_attention(
         return out
     assert out.stride(-1) == 1
     max_seqlen_q = max(1, max_seqlen_q)
-    few = num_seqs * num_kv_heads < 2 * num_sms(query.device)
+    sms = num_sms(query.device)
+    few = num_seqs * num_kv_heads < 2 * sms
     cfg = config or attention_config(query.dtype, head_dim, group, max_seqlen_q, few)
     args = (query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, out,
             k_scale, v_scale, scale, max_seqlen_k, fp8)  # fmt: skip
-    one = attention_config(query.dtype, head_dim, group, 1, few)
     apart = mixed and max_seqlen_q > 1
-    if apart and num_splits is None:
+    if apart:
+        one = attention_config(query.dtype, head_dim, group, 1, few)
         # Few requests over long contexts want split-KV, which the one-token launch does
         # not take: the single launch (split as its own rule says) serves them better.
-        sms = num_sms(query.device)
-        apart = choose_num_splits(num_seqs * num_kv_heads, max_seqlen_k, sms, one.block_n) == 1
+        if num_splits is None:
+            work = num_seqs * num_kv_heads
+            apart = choose_num_splits(work, max_seqlen_k, sms, one.block_n) == 1
     _launch(*args, cfg, max_seqlen_q, num_splits, ROWS_MANY if apart else ROWS_ALL)
     if apart:
         _launch(*args, one, 1, 1, ROWS_ONE)

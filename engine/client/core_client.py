@@ -84,15 +84,12 @@ class CoreClient:
         """Ask the core to stop, wait up to ``timeout``, then kill it; idempotent."""
         if self.process is None or self.closing:
             return
-        if not self._started:  # no sender to carry a Shutdown: close the pipes instead
+        if self._started:
+            self.closing = True
+            self._outbox.put(Shutdown())
+            self._outbox.put(None)
+        else:  # no sender to carry a Shutdown: closing the pipes stops the core
             self.abandon()
-            await asyncio.to_thread(self.process.join, timeout)
-            if self.process.is_alive():
-                self.process.kill()
-            return
-        self.closing = True
-        self._outbox.put(Shutdown())
-        self._outbox.put(None)
         process = self.process
         await asyncio.to_thread(process.join, timeout)
         if process.is_alive():
