@@ -7,6 +7,8 @@
 #              logits processing and prompt log-probs as served (sampling_extras_check.py)
 #   kcheck     the Triton kernels against their references at real sizes
 #   kernels    kernel benchmarks
+#   tiles      paged attention tile shapes against the tile rules, bf16 and fp8 caches
+#              (benchmarks/attention_sweep.py)
 #   mixedattn  attention of mixed steps, decodes in the chunks' launch or apart
 #              (benchmarks/mixed_attention.py)
 #   w3         W3 decode grid, synchronous and asynchronous scheduling, one engine each
@@ -249,6 +251,7 @@ for section in "$@"; do
       done
       run peer-table $PY -P benchmarks/peer_table.py "$RESULTS"
       ;;
+    tiles) run tiles $PY -P benchmarks/attention_sweep.py --out "$RESULTS" ;;
     start)
       run start env PYTHONPATH=/tmp/site $PY -P benchmarks/serve_start.py --model "$MODEL" \
         --runs "${START_RUNS:-3}" --out "$RESULTS"

@@ -85,7 +85,7 @@ def decode_point(batch: int, ctx: int, copy_bw: float, *, config=None, num_split
     ms = graph_median_ms(run) / sets
     moved = kv_bytes + 2 * batch * H * D * DT.itemsize
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    auto = pa.attention_config(DT, D, H // HKV, 1, batch * HKV < 2 * sms)
+    auto = pa.attention_config(DT, D, H // HKV, 1, pa.decode_has_few_programs(batch * HKV, sms))
     splits = num_splits or pa.choose_num_splits(batch * HKV, ctx, sms, (config or auto).block_n)
     return {"B": batch, "C": ctx, "us": ms * 1e3, "bytes": moved, "sets": sets,
             "num_splits": splits, "block_n": (config or auto).block_n,

@@ -25,17 +25,33 @@ class AttentionConfig:
     num_stages: int
 
 
+#: Decode launches of fewer (request, KV head) programs than this per SM take the long-step
+#: tile (``few_programs`` of :func:`attention_config`); chosen by benchmarks/attention_sweep.py.
+FEW_PROGRAMS_PER_SM = 16
+
+
+def decode_has_few_programs(work_items: int, sms: int) -> bool:
+    """Whether a decode launch of ``work_items`` (request, KV head) programs takes the
+    long-step tile."""
+    return work_items < FEW_PROGRAMS_PER_SM * sms
+
+
 def attention_config(
-    dtype: torch.dtype, head_dim: int, group: int, max_seqlen_q: int, few_programs: bool = False
+    dtype: torch.dtype,
+    head_dim: int,
+    group: int,
+    max_seqlen_q: int,
+    few_programs: bool = False,
+    fp8_kv: bool = False,
 ) -> AttentionConfig:
     """Tile rules. Rows hold (token, head-of-group) pairs, at least 16 (the MMA minimum).
     Decode keeps one token per tile, double-buffered, 64 keys a step, or 128 when the
-    (request, KV head) pairs are ``few_programs`` (under 2 per SM): fewer, longer steps then
-    keep more bytes in flight per SM (measured on H200 over 32/64/128 keys, 2/3/4 stages,
-    B = 8..256). Prefill grows the tile to 128 rows (64 for head
-    dim 256) so each gathered K/V tile feeds more MMA work; 32 keys a step with 4 warps and 4
-    stages measured fastest. fp32 (exact tests) takes small tiles: its dots run on FMA units
-    and its tiles use twice the shared memory."""
+    (request, KV head) programs are ``few_programs`` (:func:`decode_has_few_programs`):
+    fewer, longer steps then keep more bytes in flight per SM. Prefill grows the tile to 128
+    rows (64 for head dim 256) so each gathered K/V tile feeds more MMA work, 32 keys a step
+    with 4 warps and 4 stages; over an ``fp8_kv`` cache (one byte a value) 64 keys a step,
+    the bytes of a 16-bit tile. fp32 (exact tests) takes small tiles: its dots run on FMA
+    units and its tiles use twice the shared memory."""
     block_d = next_power_of_2(head_dim)
     min_m = max(16, next_power_of_2(group))
     if dtype == torch.float32:
@@ -46,7 +62,7 @@ def attention_config(
     else:
         cap = 128 if block_d <= 128 else 64
         block_m = min(max(min_m, next_power_of_2(max_seqlen_q * group)), max(cap, min_m))
-        block_n = 32
+        block_n = 64 if fp8_kv and block_d <= 128 else 32
         warps = 8 if block_m > 128 else 4
         stages = 4 if block_d <= 128 else 2
     return AttentionConfig(block_m, max(1, block_m // group), block_n, warps, stages)

@@ -37,16 +37,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_tiles import AttentionConfig, attention_config, choose_num_splits
+from .attention_tiles import (
+    AttentionConfig,
+    attention_config,
+    choose_num_splits,
+    decode_has_few_programs,
+)
 from .kv_cache import is_fp8_kv
 from .split_kv import merge_splits
-from .utils import (
-    cdiv,
-    dot_precision,
-    next_power_of_2,
-    num_sms,
-    row_major_last_dim,
-)
+from .utils import cdiv, dot_precision, next_power_of_2, num_sms, row_major_last_dim
 
 LOG2E = 1.4426950408889634
 
@@ -289,13 +288,13 @@ def paged_attention(
     assert out.stride(-1) == 1
     max_seqlen_q = max(1, max_seqlen_q)
     sms = num_sms(query.device)
-    few = num_seqs * num_kv_heads < 2 * sms
-    cfg = config or attention_config(query.dtype, head_dim, group, max_seqlen_q, few)
+    few = decode_has_few_programs(num_seqs * num_kv_heads, sms)
+    cfg = config or attention_config(query.dtype, head_dim, group, max_seqlen_q, few, fp8)
     args = (query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, out,
             k_scale, v_scale, scale, max_seqlen_k, fp8)  # fmt: skip
     apart = mixed and max_seqlen_q > 1
     if apart:
-        one = attention_config(query.dtype, head_dim, group, 1, few)
+        one = attention_config(query.dtype, head_dim, group, 1, few, fp8)
         # Few requests over long contexts want split-KV, which the one-token launch does
         # not take: the single launch (split as its own rule says) serves them better.
         if num_splits is None:

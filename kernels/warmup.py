@@ -9,7 +9,8 @@ are fixed by the tile shapes (:func:`attention_config`), whether a context is sp
 power of two that bounds the split count in the merge kernel. :func:`warm_up_attention`
 launches each of them once on the real cache, reading block 0 and writing scratch outputs.
 
-With an fp8 cache the variants follow the query's dtype and the FP8 switch (pass both).
+With an fp8 cache the variants follow the query's dtype, the FP8 switch and the fp8 tile rules
+(pass the query dtype and the scales).
 
 The elementwise kernels (RMSNorm, RoPE, SiLU-and-mul, KV write, fp8 activation quantization)
 have one variant per model shape; the engine's memory-profiling pass already compiles them.
@@ -49,17 +50,18 @@ def compiled_variants() -> int:
 
 
 def attention_configs(
-    dtype: torch.dtype, head_dim: int, group: int, max_query_len: int
+    dtype: torch.dtype, head_dim: int, group: int, max_query_len: int, fp8_kv: bool = False
 ) -> list[tuple[int, AttentionConfig]]:
     """Every (query length, tile shape) pair the attention launcher picks, one query length
     per distinct variant: decodes (one query token, a dense grid) with few or many programs,
     and prompt chunks (a searched grid) of each tile height up to ``max_query_len`` tokens."""
     found: dict[tuple[AttentionConfig, bool], int] = {}
     for few in (False, True):
-        found.setdefault((attention_config(dtype, head_dim, group, 1, few), False), 1)
+        found.setdefault((attention_config(dtype, head_dim, group, 1, few, fp8_kv), False), 1)
     length = 2
     while length <= max_query_len:
-        found.setdefault((attention_config(dtype, head_dim, group, length), True), length)
+        config = attention_config(dtype, head_dim, group, length, fp8_kv=fp8_kv)
+        found.setdefault((config, True), length)
         if length == max_query_len:
             break
         length = min(2 * length, max_query_len)
@@ -85,10 +87,11 @@ def warm_up_attention(
     device = key_cache.device
     _, block_size, num_kv_heads, head_dim = key_cache.shape
     group = num_heads // num_kv_heads
-    if kv_cache.is_fp8_kv(key_cache, k_scale, v_scale) and query_dtype in (None, key_cache.dtype):
+    fp8 = kv_cache.is_fp8_kv(key_cache, k_scale, v_scale)
+    if fp8 and query_dtype in (None, key_cache.dtype):
         raise ValueError("an fp8 KV cache is read by bf16/fp16/fp32 queries: pass query_dtype")
     dtype = query_dtype or key_cache.dtype
-    for query_len, config in attention_configs(dtype, head_dim, group, max(1, max_query_len)):
+    for query_len, config in attention_configs(dtype, head_dim, group, max(1, max_query_len), fp8):
         seq_len = max(query_len, 2 * block_size)
         query = torch.zeros(query_len, num_heads, head_dim, dtype=dtype, device=device)
         block_tables = torch.zeros(1, -(-seq_len // block_size), dtype=torch.int32, device=device)

@@ -10,16 +10,18 @@ from metroline.kernels.attention_tiles import attention_config
 from metroline.kernels.warmup import attention_configs, warm_up_attention
 
 
+@pytest.mark.parametrize("fp8_kv", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("head_dim,group", [(64, 1), (128, 4), (128, 8), (256, 2), (96, 7)])
-def test_warm_up_covers_every_tile_shape(dtype, head_dim, group):
+def test_warm_up_covers_every_tile_shape(dtype, head_dim, group, fp8_kv):
     max_query_len = 300
     covered = {(config, length > 1) for length, config in attention_configs(
-        dtype, head_dim, group, max_query_len
+        dtype, head_dim, group, max_query_len, fp8_kv
     )}  # fmt: skip
     for length in range(1, max_query_len + 1):
         for few in (False, True):
-            assert (attention_config(dtype, head_dim, group, length, few), length > 1) in covered
+            config = attention_config(dtype, head_dim, group, length, few, fp8_kv)
+            assert (config, length > 1) in covered
 
 
 def test_warm_up_runs_on_the_cache_without_writing_it():
