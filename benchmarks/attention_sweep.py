@@ -9,8 +9,10 @@ attention_config`), as the bytes moved over the time, a fraction of copy bandwid
 prompt chunks (8 x 2048 tokens, causal) over the same tile shapes of the chunk rule. Every
 call reads a working set of at least 4x L2 (several KV sets), timed as CUDA-graph replays. An
 fp8 cache holds the bf16 data rounded to float8_e4m3fn with scales of 1.0; each variant's
-output is checked against the rule's (they must agree to rounding). Prints one table per
-cache type and writes ``attention_sweep_<gpu>.json`` to --out.
+difference from the rule's output is recorded. Prints a line per shape and writes
+``<date>-attention-sweep-<gpu>.json`` to --out. Over fp8 caches a few tiles
+also run with ``fp8_scores`` (:class:`metroline.kernels.attention_tiles.AttentionConfig`),
+with their relative difference from the rule's output beside their time.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ QUICK_DECODE_SHAPES = [(256, 512), (1024, 512)]
 DECODE_TILES = [(n, w, s) for n in (32, 64, 128, 256) for w in (4, 8) for s in (2, 3, 4)]
 #: (block_m, block_n, num_warps, num_stages) of the chunk tile.
 PREFILL_TILES = [(128, n, w, s) for n in (32, 64) for w in (4, 8) for s in (2, 3, 4)]
+#: Over fp8 caches, these tiles also with ``fp8_scores`` (the query in e4m3 parts).
+FP8_SCORES_DECODE_TILES = [(64, 4, 2), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 2)]
+FP8_SCORES_PREFILL_TILES = [(128, 32, 4, 4), (128, 64, 4, 4)]
 
 
 def kv_sets(batch: int, ctx: int, q_len: int, kv: str, seed: int = 0) -> dict:
@@ -107,23 +112,34 @@ def sweep(kv: str, shapes, tiles, q_len_of, make_config, copy_bw: float) -> list
         point["rule_us"] = base["us"]
         point["rule_frac_copy_bw"] = base["frac_copy_bw"]
         variants = []
-        for tile in tiles:
+        for tile, fp8_scores in tiles:
             try:
-                got = time_point(data, q_len, ctx, make_config(tile), copy_bw)
-                err = float((got["out"].float() - base["out"].float()).abs().max())
-                variants.append({"tile": tile, "us": got["us"], "max_abs_diff": err,
-                                 "vs_rule": base["us"] / got["us"]})  # fmt: skip
+                config = dataclasses.replace(make_config(tile), fp8_scores=fp8_scores)
+                got = time_point(data, q_len, ctx, config, copy_bw)
+                diff = got["out"].float() - base["out"].float()
+                variants.append({
+                    "tile": tile, "fp8_scores": fp8_scores, "us": got["us"],
+                    "max_abs_diff": float(diff.abs().max()),
+                    "rel_diff": float(diff.norm() / base["out"].float().norm()),
+                    "vs_rule": base["us"] / got["us"],
+                })  # fmt: skip
             except Exception as exc:  # out of shared memory or registers: reported
-                variants.append({"tile": tile, "error": repr(exc)[:160]})
+                variants.append({"tile": tile, "fp8_scores": fp8_scores, "error": repr(exc)[:160]})
         point["variants"] = variants
         best = min((v for v in variants if "us" in v), key=lambda v: v["us"])
         point["best"] = best
         print(
             f"{kv} B={batch:<5} C={ctx:<5} q={q_len:<5} rule {rule.block_n}/{rule.num_warps}/"
             f"{rule.num_stages} {base['us']:8.1f} us ({100 * base['frac_copy_bw']:.0f}% copy bw)"
-            f" | best {best['tile']} {best['us']:8.1f} us ({best['vs_rule']:.2f}x)",
+            f" | best {best['tile']}{' fp8 scores' if best['fp8_scores'] else ''}"
+            f" {best['us']:8.1f} us ({best['vs_rule']:.2f}x)",
             flush=True,
         )
+        scored = [v for v in variants if v["fp8_scores"] and "us" in v]
+        if scored:
+            top = min(scored, key=lambda v: v["us"])
+            print(f"    fp8 scores: best {top['tile']} {top['us']:8.1f} us ({top['vs_rule']:.2f}x),"
+                  f" relative difference {top['rel_diff']:.1e}", flush=True)  # fmt: skip
         rows.append(point)
         del data
         torch.cuda.empty_cache()
@@ -145,13 +161,18 @@ def main() -> int:
               "copy_bw": copy_bw, "decode": [], "prefill": []}  # fmt: skip
     shapes = QUICK_DECODE_SHAPES if args.quick else DECODE_SHAPES
     for kv in kinds:
+        scored = kv == "fp8"
+        decode = [(t, False) for t in DECODE_TILES]
+        decode += [(t, True) for t in FP8_SCORES_DECODE_TILES if scored]
         record["decode"] += sweep(
-            kv, shapes, DECODE_TILES, lambda ctx: 1,
+            kv, shapes, decode, lambda ctx: 1,
             lambda t: cfg(16, 4, t[0], t[1], t[2]), copy_bw,
         )  # fmt: skip
         if not args.quick:
+            prefill = [(t, False) for t in PREFILL_TILES]
+            prefill += [(t, True) for t in FP8_SCORES_PREFILL_TILES if scored]
             record["prefill"] += sweep(
-                kv, [(8, 2048)], PREFILL_TILES, lambda ctx: ctx,
+                kv, [(8, 2048)], prefill, lambda ctx: ctx,
                 lambda t: cfg(t[0], t[0] // GROUP, t[1], t[2], t[3]), copy_bw,
             )  # fmt: skip
     gpu = gpu_slug(record["environment"]["gpu"])

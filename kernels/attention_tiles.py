@@ -16,13 +16,17 @@ from .utils import next_power_of_2
 
 @dataclass(frozen=True, slots=True)
 class AttentionConfig:
-    """Launch shape. ``block_q * group <= block_m``; ``block_n`` keys per inner step."""
+    """Launch shape. ``block_q * group <= block_m``; ``block_n`` keys per inner step.
+    ``fp8_scores`` (fp8 caches, 16-bit queries): the scores run as fp8 MMAs, the query tile
+    quantized to e4m3 by one scale per program, so K is never widened; the tile rules never
+    choose it (benchmarks and tests set it)."""
 
     block_m: int
     block_q: int
     block_n: int
     num_warps: int
     num_stages: int
+    fp8_scores: bool = False
 
 
 #: Decode launches of fewer (request, KV head) programs than this per SM take the long-step

@@ -29,6 +29,9 @@ FP8 caches (:mod:`metroline.kernels.kv_cache`, constexpr ``FP8``): ``k_scale`` f
 softmax scale, ``v_scale`` scales each program's result (split partials too: the merge is linear).
 K/V widen in registers to fp16 for 16-bit queries (exact and cheap; a bf16 query is clamped to
 +-65504 once per program), to fp32 for fp32 ones; tiles and output follow the query's dtype.
+With ``AttentionConfig.fp8_scores`` (16-bit queries) the query is split instead, by one scale
+per program, into two e4m3 parts (``q = (q_hi + q_lo / 16) * q_scale``, about 7 significant
+bits), and the scores run as two fp8 MMAs over the unwidened K; probabilities and V stay fp16.
 """
 
 from __future__ import annotations
@@ -43,17 +46,23 @@ from .attention_tiles import (
     choose_num_splits,
     decode_has_few_programs,
 )
+from .fp8_quant import FP8_DTYPE, FP8_MAX
 from .kv_cache import is_fp8_kv
+from .paged_attention_ref import paged_attention_ref
 from .split_kv import merge_splits
 from .utils import cdiv, dot_precision, next_power_of_2, num_sms, row_major_last_dim
 
+__all__ = ["ROWS_ALL", "ROWS_MANY", "ROWS_ONE", "paged_attention", "paged_attention_ref"]
+
 LOG2E = 1.4426950408889634
+_FP8_MAX = tl.constexpr(FP8_MAX)
 
 
 @triton.jit
 def _attend_tile(
     acc, l_i, m_i,  # [BLOCK_M, BLOCK_D] fp32, [BLOCK_M] fp32, [BLOCK_M] fp32 (base-2 max)
-    q,  # [BLOCK_M, BLOCK_D] in the dot dtype: the cache's, or for fp8 caches fp16 / fp32
+    q,  # [BLOCK_M, BLOCK_D] in the dot dtype: the cache's; for fp8 caches fp16 / fp32 / fp8
+    q_lo,  # fp8 scores: the query's fp8 residual, times 16 (else unused)
     q_pos,  # [BLOCK_M] int32: absolute position of each row (padding rows clamped)
     start, kv_hi,  # first key of this tile; keys >= kv_hi are outside the program's range
     block_table_ptr,  # [max_blocks] int32: this request's row of the block table
@@ -62,7 +71,7 @@ def _attend_tile(
     scale_log2,  # softmax scale * log2(e), > 0
     offs_d,  # [BLOCK_D]
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, PV_FP16: tl.constexpr,
 ):
     """One step of online softmax over keys ``start .. start+BLOCK_N-1``. Unmasked tiles lie
     wholly inside the context every row sees, so they skip all bounds checks."""
@@ -80,6 +89,8 @@ def _attend_tile(
     kv_offs = rows[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
     k = tl.load(key_ptr + kv_offs, mask=kv_mask, other=0.0).to(q.dtype)  # a no-op unless FP8
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
+    if PV_FP16:  # fp8 scores: q = q_hi + q_lo / 16 holds about 7 significant bits
+        s += tl.dot(q_lo, tl.trans(k)) * 0.0625
     if MASKED:
         visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -92,7 +103,11 @@ def _attend_tile(
     p = tl.exp2(s * scale_log2 - m_new_safe[:, None])
     alpha = tl.exp2(m_i - m_new_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(value_ptr + kv_offs, mask=kv_mask, other=0.0).to(q.dtype)
+    v = tl.load(value_ptr + kv_offs, mask=kv_mask, other=0.0)
+    if PV_FP16:  # fp8 scores: the probabilities and V still meet in fp16
+        v = v.to(tl.float16)
+    else:
+        v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
@@ -132,6 +147,7 @@ def _paged_attention_kernel(
     SEARCH: tl.constexpr,  # map grid axis 0 to (request, tile) by binary search of cu_seqlens_q
     DOT_PRECISION: tl.constexpr,
     FP8: tl.constexpr,  # the caches are float8_e4m3fn, dequantized by k_scale / v_scale
+    FP8_SCORES: tl.constexpr,  # FP8 and the query quantized too (AttentionConfig.fp8_scores)
 ):
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -182,9 +198,17 @@ def _paged_attention_kernel(
     q_rows = (q_start + row_tok).to(tl.int64) * stride_q_tok + row_head * stride_q_head
     io_mask = row_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = tl.load(query_ptr + q_rows[:, None] + offs_d[None, :], mask=io_mask, other=0.0)
+    q_lo = q  # replaced with fp8 scores only
     if FP8:  # scores of dequantized keys: q . (k * k_scale) = (q . k) * k_scale
         scale_log2 = scale_log2 * tl.load(k_scale_ptr + kv_head)
-        if q.dtype == tl.bfloat16:  # both dots then run in fp16, which fp8 widens to exactly
+        if FP8_SCORES:  # q . k = (q_hi + q_lo / 16) . k * q_scale, one q_scale a tile
+            q32 = q.to(tl.float32)
+            q_scale = tl.maximum(tl.max(tl.max(tl.abs(q32), 1), 0), 1e-30) / _FP8_MAX
+            q32 = tl.minimum(tl.maximum(q32 / q_scale, -_FP8_MAX), _FP8_MAX)
+            q = q32.to(tl.float8e4nv)
+            q_lo = ((q32 - q.to(tl.float32)) * 16.0).to(tl.float8e4nv)
+            scale_log2 = scale_log2 * q_scale
+        elif q.dtype == tl.bfloat16:  # both dots then run in fp16, which fp8 widens to exactly
             q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
     # Keys this program covers: its split's part of [0, pos_hi], cut at the causal diagonal.
@@ -208,15 +232,15 @@ def _paged_attention_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     for start in range(kv_lo, full_end, BLOCK_N):
         acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q, q_pos, start, kv_hi, block_table_ptr, key_ptr, value_ptr,
+            acc, l_i, m_i, q, q_lo, q_pos, start, kv_hi, block_table_ptr, key_ptr, value_ptr,
             stride_cache_block, stride_cache_row, scale_log2, offs_d,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, FP8_SCORES,
         )
     for start in range(full_end, kv_hi, BLOCK_N):
         acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q, q_pos, start, kv_hi, block_table_ptr, key_ptr, value_ptr,
+            acc, l_i, m_i, q, q_lo, q_pos, start, kv_hi, block_table_ptr, key_ptr, value_ptr,
             stride_cache_block, stride_cache_row, scale_log2, offs_d,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, FP8_SCORES,
         )
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only an empty split has l == 0
@@ -275,6 +299,10 @@ def paged_attention(
     assert num_heads % num_kv_heads == 0 and value_cache.shape == key_cache.shape
     if mixed and config is not None:
         raise ValueError("a tile override (config) takes one launch: not with mixed")
+    if config is not None and config.fp8_scores and not (
+        key_cache.dtype == FP8_DTYPE and query.dtype in (torch.bfloat16, torch.float16)
+    ):
+        raise ValueError("fp8_scores needs an fp8 cache and a bf16 or fp16 query")
     group = num_heads // num_kv_heads
     num_seqs = seq_lens.shape[0]
     query = row_major_last_dim(query)
@@ -343,54 +371,9 @@ def _launch(
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=next_power_of_2(head_dim), BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m,
         BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, SPLIT=num_splits > 1, SEARCH=search,
-        DOT_PRECISION=dot_precision(query.dtype), FP8=fp8, num_warps=cfg.num_warps,
+        DOT_PRECISION=dot_precision(query.dtype), FP8=fp8, FP8_SCORES=cfg.fp8_scores,
+        num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:
         merge_splits(split_out, split_lse, out, cu_seqlens_q, num_seqs)
-
-
-def paged_attention_ref(
-    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
-    seq_lens: torch.Tensor,  # [num_seqs] int32
-    cu_seqlens_q: torch.Tensor,  # [num_seqs + 1] int32
-    scale: float,
-    out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
-    k_scale: torch.Tensor | None = None,  # [num_kv_heads] fp32, fp8 caches only
-    v_scale: torch.Tensor | None = None,  # [num_kv_heads] fp32, fp8 caches only
-) -> torch.Tensor:
-    """Reference: gather each request's K/V (dequantized when fp8: ``k.float() * k_scale``),
-    causal softmax in fp32, one request at a time; the output takes the query's dtype."""
-    _, num_heads, head_dim = query.shape
-    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    group = num_heads // num_kv_heads
-    fp8 = is_fp8_kv(key_cache, k_scale, v_scale)
-    if out is None:
-        out = torch.empty_like(query)
-    cu = cu_seqlens_q.tolist()
-    lens = seq_lens.tolist()
-    for b, seq_len in enumerate(lens):
-        q_start, q_end = cu[b], cu[b + 1]
-        q_len = q_end - q_start
-        if q_len == 0:
-            continue
-        num_blocks = (seq_len + block_size - 1) // block_size
-        blocks = block_tables[b, :num_blocks].long()
-        k = key_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        v = value_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        if fp8:
-            k, v = k.float() * k_scale[None, :, None], v.float() * v_scale[None, :, None]
-        k = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [H, S, D]
-        v = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
-        q = query[q_start:q_end].float().transpose(0, 1)  # [H, Q, D]
-        scores = torch.matmul(q, k.transpose(1, 2)) * scale  # [H, Q, S]
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
-        k_pos = torch.arange(seq_len, device=query.device)
-        mask = k_pos[None, :] > q_pos[:, None]
-        scores.masked_fill_(mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[q_start:q_end] = torch.matmul(probs, v).transpose(0, 1).to(out.dtype)
-    return out
