@@ -126,8 +126,12 @@ def sweep(kv: str, shapes, tiles, q_len_of, make_config, copy_bw: float) -> list
             except Exception as exc:  # out of shared memory or registers: reported
                 variants.append({"tile": tile, "fp8_scores": fp8_scores, "error": repr(exc)[:160]})
         point["variants"] = variants
-        best = min((v for v in variants if "us" in v), key=lambda v: v["us"])
+        best = min((v for v in variants if "us" in v), key=lambda v: v["us"], default=None)
         point["best"] = best
+        if best is None:  # every tile failed (shared memory, registers): reported as such
+            print(f"{kv} B={batch} C={ctx}: no tile ran", flush=True)
+            rows.append(point)
+            continue
         print(
             f"{kv} B={batch:<5} C={ctx:<5} q={q_len:<5} rule {rule.block_n}/{rule.num_warps}/"
             f"{rule.num_stages} {base['us']:8.1f} us ({100 * base['frac_copy_bw']:.0f}% copy bw)"

@@ -120,8 +120,9 @@ def sweep_decode(copy_bw: float, quick: bool, shapes=None) -> list[dict]:
         shapes += [] if quick else [(32, 2048), (128, 2048)]
     rows = []
     for batch, ctx in shapes:
-        auto = pa.choose_num_splits(batch * HKV, ctx,
-                                    torch.cuda.get_device_properties(0).multi_processor_count, 64)
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        rule = pa.attention_config(DT, D, H // HKV, 1, pa.decode_has_few_programs(batch * HKV, sms))
+        auto = pa.choose_num_splits(batch * HKV, ctx, sms, rule.block_n)
         extra = {f"splits={n}": (None, n) for n in (2, 4, 8) if n != auto} if batch <= 32 else {}
         for name, (config, splits) in {**variants, **extra}.items():
             try:

@@ -19,9 +19,13 @@ from .test_paged_attention import run_and_compare
 
 
 def test_few_programs_threshold():
+    """16 programs an SM, as measured: on an H200 (132 SMs) with 8 KV heads, batch 256 takes
+    the long-step tile and batch 1024 does not."""
     sms = 132
+    assert FEW_PROGRAMS_PER_SM == 16
     assert decode_has_few_programs(FEW_PROGRAMS_PER_SM * sms - 1, sms)
     assert not decode_has_few_programs(FEW_PROGRAMS_PER_SM * sms, sms)
+    assert decode_has_few_programs(256 * 8, sms) and not decode_has_few_programs(1024 * 8, sms)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -31,6 +35,7 @@ def test_rules_by_cache_type(dtype):
     assert attention_config(dtype, 128, 4, 1).block_n == 64
     assert attention_config(dtype, 128, 4, 1, True).block_n == 128
     assert attention_config(dtype, 128, 4, 1, False, True).block_n == 64
+    assert attention_config(dtype, 128, 4, 1, True, True).block_n == 128
     assert attention_config(dtype, 128, 4, 2048).block_n == 32
     assert attention_config(dtype, 128, 4, 2048, fp8_kv=True).block_n == 64
     assert attention_config(dtype, 256, 2, 2048, fp8_kv=True).block_n == 32
@@ -45,14 +50,15 @@ def launch_configs(monkeypatch) -> list:
     return seen
 
 
-def test_decode_of_many_programs_takes_the_short_step_tile(monkeypatch):
-    """Enough (request, KV head) programs that the launcher leaves the few-programs tile:
-    64 keys a step, exact against the reference."""
+@pytest.mark.parametrize("below", [True, False])
+def test_decode_tile_either_side_of_the_threshold(monkeypatch, below):
+    """One request short of the threshold's programs: 128 keys a step; at it: 64. Both
+    exact against the reference."""
     seen = launch_configs(monkeypatch)
-    num_seqs = FEW_PROGRAMS_PER_SM * num_sms(torch.device("cpu")) // 2
+    num_seqs = FEW_PROGRAMS_PER_SM * num_sms(torch.device("cpu")) // 2 - (1 if below else 0)
     run_and_compare([1] * num_seqs, [17 + 9 * (b % 8) for b in range(num_seqs)],
                     num_heads=8, num_kv_heads=2, dtype=torch.bfloat16)  # fmt: skip
-    assert [config.block_n for config in seen] == [64]
+    assert [config.block_n for config in seen] == [128 if below else 64]
 
 
 def test_fp8_chunks_take_the_wide_key_step(monkeypatch):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metroline.kernels.attention_tiles import attention_config
+from metroline.kernels import paged_attention as pa
+from metroline.kernels.attention_tiles import FEW_PROGRAMS_PER_SM, attention_config
 from metroline.kernels.warmup import attention_configs, warm_up_attention
 
 
@@ -49,3 +50,50 @@ def test_warm_up_reads_an_fp8_cache_with_the_model_dtype():
     )
     assert torch.equal(key_cache.view(torch.uint8), before[0])
     assert torch.equal(value_cache.view(torch.uint8), before[1])
+
+
+def record_variants(monkeypatch) -> set:
+    """Stub the attention kernel: each launch adds its compile-time arguments (what picks a
+    compiled variant) to the returned set, and computes nothing."""
+    seen: set = set()
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: seen.add(tuple(sorted(meta.items())))
+
+    monkeypatch.setattr(pa, "_paged_attention_kernel", Recorder())
+    return seen
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_serving_launches_only_warmed_variants(monkeypatch, fp8):
+    """Decodes of few and many programs, chunks of every tile height, mixed steps, split and
+    unsplit contexts: every kernel variant these launch was launched by the warm-up."""
+    seen = record_variants(monkeypatch)
+    num_heads, num_kv_heads, head_dim, max_query_len = 8, 2, 64, 40
+    cache_dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    shape = (64, 16, num_kv_heads, head_dim)
+    key_cache = torch.zeros(shape).to(cache_dtype)
+    value_cache = torch.zeros(shape).to(cache_dtype)
+    scales = {"k_scale": torch.ones(num_kv_heads), "v_scale": torch.ones(num_kv_heads)}
+    scales = scales if fp8 else {}
+    warm_up_attention(key_cache, value_cache, num_heads, max_query_len,
+                      query_dtype=torch.bfloat16, **scales)  # fmt: skip
+    warmed = set(seen)
+    seen.clear()
+    many = 2 * FEW_PROGRAMS_PER_SM * 4 // num_kv_heads  # the interpreter's 4 nominal SMs
+    cases = [([1] * 3, 500, False), ([1] * many, 40, False), ([2, 1], 30, False),
+             ([5, 1, 1], 60, True), ([17, 3], 40, False), ([40, 1, 1], 900, True),
+             ([1, 40], 40, True), ([8] * 3, 2000, False)]  # fmt: skip
+    for q_lens, context, mixed in cases:
+        num_seqs = len(q_lens)
+        query = torch.zeros(sum(q_lens), num_heads, head_dim, dtype=torch.bfloat16)
+        tables = torch.zeros(num_seqs, -(-context // 16), dtype=torch.int32)
+        lens = torch.full((num_seqs,), context, dtype=torch.int32)
+        cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+        for num_splits in (None, 1, 3):
+            pa.paged_attention(query, key_cache, value_cache, tables, lens, cu, 0.1,
+                               max(q_lens), context, mixed=mixed, num_splits=num_splits,
+                               **scales)  # fmt: skip
+    assert seen, "no launch recorded"
+    assert seen <= warmed, f"variants serving would compile: {seen - warmed}"
