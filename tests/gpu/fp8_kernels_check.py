@@ -7,8 +7,9 @@ harness is exercised).
 - the fp8 KV write: the same bytes as the reference (views of a fused QKV buffer, skipped
   slots, per-head scales small enough to clamp);
 - paged attention over an fp8 cache (llama3-8b heads: 32 q, 8 kv, dim 128, block 16; a decode
-  batch and a prefill-chunk batch; automatic, 1 and 4 splits) within relative error
-  ``ATTENTION_BOUND`` of ``paged_attention_ref`` in fp32 on the same cache, no NaN row;
+  batch and a prefill-chunk batch; automatic, 1 and 4 splits, and the rule's tile with
+  ``fp8_scores``) within relative error ``ATTENTION_BOUND`` of ``paged_attention_ref`` in
+  fp32 on the same cache, no NaN row;
 - the fused kernels with fp8 output (RMSNorm, fused add + RMSNorm, SiLU-and-mul; the last at
   batch sizes on both sides of its one-pass threshold): the same bytes and scales as the
   unfused Triton kernels followed by ``per_token_quant_fp8`` (on the CPU: the references);
@@ -19,6 +20,7 @@ harness is exercised).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 from collections.abc import Iterator
@@ -33,6 +35,7 @@ from metroline.engine.layers import ops
 from metroline.engine.layers.fp8_linear import quantize_per_channel
 from metroline.kernels import activation, fp8_gemm, fp8_quant, kv_cache, rmsnorm
 from metroline.kernels import paged_attention as attention
+from metroline.kernels.attention_tiles import AttentionConfig
 from metroline.kernels.fp8_quant import FP8_DTYPE, FP8_MAX
 
 ATTENTION_BOUND = 1e-2  # relative Frobenius error, bf16 query and output (as check_kernels)
@@ -186,6 +189,15 @@ def fp8_caches(key_cache: torch.Tensor, value_cache: torch.Tensor) -> list[torch
     return out
 
 
+def fp8_scores_tile(num_seqs: int, max_query_len: int) -> AttentionConfig:
+    """The tile rule's shape for this launch (llama3-8b heads over an fp8 cache), with
+    ``fp8_scores``."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    few = attention.decode_has_few_programs(num_seqs * 8, sms)
+    rule = attention.attention_config(torch.bfloat16, 128, 4, max_query_len, few, True)
+    return dataclasses.replace(rule, fp8_scores=True)
+
+
 def check_attention(v: Verdicts, sizes: KernelSizes) -> None:
     check_kernels.DEV = sizes.device  # make_batch builds its batch there
     gen = torch.Generator().manual_seed(0)
@@ -211,11 +223,14 @@ def check_attention(v: Verdicts, sizes: KernelSizes) -> None:
         scales = {"k_scale": k_scale, "v_scale": v_scale}
         args = (query, kc, vc, bt, lens, cu, 128**-0.5)
         ref = attention.paged_attention_ref(query.float(), *args[1:], **scales)
-        for splits in (None, 1, 4):
+        for splits in (None, 1, 4, "fp8 scores"):
             out = torch.full_like(query, math.nan)
             if query.is_cuda:
+                launch = {"num_splits": splits}
+                if splits == "fp8 scores":  # the rule's tile, the query split into e4m3 parts
+                    launch = {"config": fp8_scores_tile(len(q_lens), max(q_lens))}
                 attention.paged_attention(
-                    *args, max(q_lens), max(seq_lens), out=out, num_splits=splits, **scales
+                    *args, max(q_lens), max(seq_lens), out=out, **launch, **scales
                 )
             else:
                 attention.paged_attention_ref(*args, out=out, **scales)
