@@ -71,7 +71,7 @@ def _attend_tile(
     scale_log2,  # softmax scale * log2(e), > 0
     offs_d,  # [BLOCK_D]
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, PV_FP16: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_SCORES: tl.constexpr,
 ):
     """One step of online softmax over keys ``start .. start+BLOCK_N-1``. Unmasked tiles lie
     wholly inside the context every row sees, so they skip all bounds checks."""
@@ -89,7 +89,7 @@ def _attend_tile(
     kv_offs = rows[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
     k = tl.load(key_ptr + kv_offs, mask=kv_mask, other=0.0).to(q.dtype)  # a no-op unless FP8
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
-    if PV_FP16:  # fp8 scores: q = q_hi + q_lo / 16 holds about 7 significant bits
+    if FP8_SCORES:  # q = q_hi + q_lo / 16 holds about 7 significant bits
         s += tl.dot(q_lo, tl.trans(k)) * 0.0625
     if MASKED:
         visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
@@ -104,7 +104,7 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_new_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(value_ptr + kv_offs, mask=kv_mask, other=0.0)
-    if PV_FP16:  # fp8 scores: the probabilities and V still meet in fp16
+    if FP8_SCORES:  # the probabilities and V still meet in fp16
         v = v.to(tl.float16)
     else:
         v = v.to(q.dtype)
