@@ -42,11 +42,20 @@ GROUP = H // HKV
 DECODE_SHAPES = [(64, 2048), (256, 512), (256, 2048), (1024, 512), (1024, 1024)]
 QUICK_DECODE_SHAPES = [(256, 512), (1024, 512)]
 #: (block_n, num_warps, num_stages) of the one-token tile (16 rows: 4 tokens' worth of heads).
-DECODE_TILES = [(n, w, s) for n in (32, 64, 128, 256) for w in (4, 8) for s in (2, 3, 4)]
+#: Fewer warps a program leave more programs resident an SM (decode tiles are 16 rows).
+DECODE_TILES = [(n, w, s) for n in (32, 64, 128, 256) for w in (2, 4, 8) for s in (2, 3, 4)]
+DECODE_TILES += [(32, 1, 2), (64, 1, 2)]
 #: (block_m, block_n, num_warps, num_stages) of the chunk tile.
 PREFILL_TILES = [(128, n, w, s) for n in (32, 64) for w in (4, 8) for s in (2, 3, 4)]
 #: Over fp8 caches, these tiles also with ``fp8_scores`` (the query in e4m3 parts).
-FP8_SCORES_DECODE_TILES = [(64, 4, 2), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 2)]
+FP8_SCORES_DECODE_TILES = [
+    (64, 2, 2),
+    (64, 4, 2),
+    (128, 2, 2),
+    (128, 4, 2),
+    (128, 4, 3),
+    (256, 4, 2),
+]
 FP8_SCORES_PREFILL_TILES = [(128, 32, 4, 4), (128, 64, 4, 4)]
 
 
