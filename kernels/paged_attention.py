@@ -32,6 +32,7 @@ K/V widen in registers to fp16 for 16-bit queries (exact and cheap; a bf16 query
 With ``AttentionConfig.fp8_scores`` (16-bit queries) the query is split instead, by one scale
 per program, into two e4m3 parts (``q = (q_hi + q_lo / 16) * q_scale``, about 7 significant
 bits), and the scores run as two fp8 MMAs over the unwidened K; probabilities and V stay fp16.
+A non-finite query element then makes its whole tile non-finite (without it: its row only).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from .attention_tiles import (
     choose_num_splits,
     decode_has_few_programs,
 )
-from .fp8_quant import FP8_DTYPE, FP8_MAX
+from .fp8_quant import FP8_MAX
 from .kv_cache import is_fp8_kv
 from .paged_attention_ref import paged_attention_ref
 from .split_kv import merge_splits
@@ -299,14 +300,14 @@ def paged_attention(
     assert num_heads % num_kv_heads == 0 and value_cache.shape == key_cache.shape
     if mixed and config is not None:
         raise ValueError("a tile override (config) takes one launch: not with mixed")
-    if config is not None and config.fp8_scores and not (
-        key_cache.dtype == FP8_DTYPE and query.dtype in (torch.bfloat16, torch.float16)
-    ):
-        raise ValueError("fp8_scores needs an fp8 cache and a bf16 or fp16 query")
     group = num_heads // num_kv_heads
     num_seqs = seq_lens.shape[0]
     query = row_major_last_dim(query)
     fp8 = is_fp8_kv(key_cache, k_scale, v_scale)
+    if config is not None and config.fp8_scores and not (
+        fp8 and query.dtype in (torch.bfloat16, torch.float16)
+    ):
+        raise ValueError("fp8_scores needs an fp8 cache and a bf16 or fp16 query")
     if query.dtype != key_cache.dtype and not fp8:
         query = query.to(key_cache.dtype)
     if out is None:
