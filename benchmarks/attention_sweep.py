@@ -3,16 +3,15 @@
 ``python -P benchmarks/attention_sweep.py [--out DIR] [--kv bf16,fp8] [--quick]``
 
 Decode (one query token per request, llama3-8b heads: 32 q, 8 KV, head dim 128, block 16) at
-the batches a busy server runs (64-1024 requests, contexts 512-2048), where no context is
-split: each tile shape against the rule's (:func:`metroline.kernels.attention_tiles.
+the batches a busy server runs (64-1024 requests, contexts 512-2048, equal or ragged), where
+no context is split: each tile shape against the rule's (:func:`metroline.kernels.attention_tiles.
 attention_config`), as the bytes moved over the time, a fraction of copy bandwidth; then
 prompt chunks (8 x 2048 tokens, causal) over the same tile shapes of the chunk rule. Every
 call reads a working set of at least 4x L2 (several KV sets), timed as CUDA-graph replays. An
 fp8 cache holds the bf16 data rounded to float8_e4m3fn with scales of 1.0; each variant's
-difference from the rule's output is recorded. Prints a line per shape and writes
-``<date>-attention-sweep-<gpu>.json`` to --out. Over fp8 caches a few tiles
-also run with ``fp8_scores`` (:class:`metroline.kernels.attention_tiles.AttentionConfig`),
-with their relative difference from the rule's output beside their time.
+difference from the rule's output is recorded. Decodes take their requests longest first, as
+the engine launches them (``seq_order``). Prints a line per shape and writes
+``<date>-attention-sweep-<gpu>.json`` to --out.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import argparse
 import dataclasses
 import math
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -39,31 +39,30 @@ FP8 = torch.float8_e4m3fn
 DEV = "cuda"
 GROUP = H // HKV
 
+#: (batch, longest context[, shortest]): with a shortest context, each request's length is
+#: drawn uniformly between the two (W1's decode batches: prompts of 64-1024 tokens, ~200
+#: tokens into their answers), where the tail of long requests weighs as it does in serving.
 DECODE_SHAPES = [(64, 2048), (256, 512), (256, 2048), (1024, 512), (1024, 1024)]
-QUICK_DECODE_SHAPES = [(256, 512), (1024, 512)]
+DECODE_SHAPES += [(512, 1224, 264), (1000, 1224, 264), (1000, 2048, 64)]
+QUICK_DECODE_SHAPES = [(256, 512), (1000, 1224, 264)]
 #: (block_n, num_warps, num_stages) of the one-token tile (16 rows: 4 tokens' worth of heads).
 #: Fewer warps a program leave more programs resident an SM (decode tiles are 16 rows).
 DECODE_TILES = [(n, w, s) for n in (32, 64, 128, 256) for w in (2, 4, 8) for s in (2, 3, 4)]
 DECODE_TILES += [(32, 1, 2), (64, 1, 2)]
 #: (block_m, block_n, num_warps, num_stages) of the chunk tile.
 PREFILL_TILES = [(128, n, w, s) for n in (32, 64) for w in (4, 8) for s in (2, 3, 4)]
-#: Over fp8 caches, these tiles also with ``fp8_scores`` (the query in e4m3 parts).
-FP8_SCORES_DECODE_TILES = [
-    (64, 2, 2),
-    (64, 4, 2),
-    (128, 2, 2),
-    (128, 4, 2),
-    (128, 4, 3),
-    (256, 4, 2),
-]
-FP8_SCORES_PREFILL_TILES = [(128, 32, 4, 4), (128, 64, 4, 4)]
 
 
-def kv_sets(batch: int, ctx: int, q_len: int, kv: str, seed: int = 0) -> dict:
-    """Enough independent batches over one scattered pool that a call never reads L2."""
+def kv_sets(
+    batch: int, ctx: int, q_len: int, kv: str, min_ctx: int | None = None, seed: int = 0
+) -> dict:
+    """Enough independent batches over one scattered pool that a call never reads L2; with
+    ``min_ctx``, context lengths drawn uniformly from ``[min_ctx, ctx]``."""
     per_seq = math.ceil(ctx / BS)
     itemsize = 1 if kv == "fp8" else 2
-    kv_bytes = batch * ctx * HKV * D * 2 * itemsize
+    draw = random.Random(seed)
+    lens = [ctx if min_ctx is None else draw.randint(min_ctx, ctx) for _ in range(batch)]
+    kv_bytes = sum(lens) * HKV * D * 2 * itemsize
     sets = max(1, min(64, math.ceil(4 * l2_cache_bytes() / kv_bytes)))
     gen = torch.Generator(device=DEV).manual_seed(seed)
     total = sets * batch * per_seq
@@ -82,7 +81,11 @@ def kv_sets(batch: int, ctx: int, q_len: int, kv: str, seed: int = 0) -> dict:
             torch.randn((batch * q_len, H, D), device=DEV, dtype=QDT, generator=gen)
             for _ in range(sets)
         ],
-        "lens": torch.full((batch,), ctx, dtype=torch.int32, device=DEV),
+        "lens": torch.tensor(lens, dtype=torch.int32, device=DEV),
+        # As the engine launches decodes (VarlenLayout.stage): longest context first.
+        "order": torch.tensor(
+            sorted(range(batch), key=lambda b: -lens[b]), dtype=torch.int32, device=DEV
+        ),
         "cu": torch.arange(batch + 1, dtype=torch.int32, device=DEV) * q_len,
         "scales": (unit, unit) if kv == "fp8" else (None, None),
         "kv_bytes": kv_bytes,
@@ -99,7 +102,7 @@ def time_point(data: dict, q_len: int, ctx: int, config, copy_bw: float) -> dict
             pa.paged_attention(
                 data["queries"][s], data["k"], data["v"], data["tables"][s], data["lens"],
                 data["cu"], D**-0.5, q_len, ctx, out=outs[s], num_splits=1, config=config,
-                k_scale=k_scale, v_scale=v_scale,
+                k_scale=k_scale, v_scale=v_scale, seq_order=data["order"],
             )  # fmt: skip
 
     run()
@@ -110,30 +113,32 @@ def time_point(data: dict, q_len: int, ctx: int, config, copy_bw: float) -> dict
 
 def sweep(kv: str, shapes, tiles, q_len_of, make_config, copy_bw: float) -> list[dict]:
     rows = []
-    for batch, ctx in shapes:
+    for batch, ctx, *shortest in shapes:
+        min_ctx = shortest[0] if shortest else None
         q_len = q_len_of(ctx)
-        data = kv_sets(batch, ctx, q_len, kv)
+        data = kv_sets(batch, ctx, q_len, kv, min_ctx)
         base = time_point(data, q_len, ctx, None, copy_bw)
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         few = pa.decode_has_few_programs(batch * HKV, sms)
         rule = pa.attention_config(QDT, D, GROUP, q_len, few, kv == "fp8")
-        point = {"kv": kv, "B": batch, "C": ctx, "q_len": q_len, "rule": dataclasses.astuple(rule)}
+        point = {"kv": kv, "B": batch, "C": ctx, "C_min": min_ctx or ctx, "q_len": q_len,
+                 "rule": dataclasses.astuple(rule)}  # fmt: skip
         point["rule_us"] = base["us"]
         point["rule_frac_copy_bw"] = base["frac_copy_bw"]
         variants = []
-        for tile, fp8_scores in tiles:
+        for tile in tiles:
             try:
-                config = dataclasses.replace(make_config(tile), fp8_scores=fp8_scores)
+                config = make_config(tile)
                 got = time_point(data, q_len, ctx, config, copy_bw)
                 diff = got["out"].float() - base["out"].float()
                 variants.append({
-                    "tile": tile, "fp8_scores": fp8_scores, "us": got["us"],
+                    "tile": tile, "us": got["us"],
                     "max_abs_diff": float(diff.abs().max()),
                     "rel_diff": float(diff.norm() / base["out"].float().norm()),
                     "vs_rule": base["us"] / got["us"],
                 })  # fmt: skip
             except Exception as exc:  # out of shared memory or registers: reported
-                variants.append({"tile": tile, "fp8_scores": fp8_scores, "error": repr(exc)[:160]})
+                variants.append({"tile": tile, "error": repr(exc)[:160]})
         point["variants"] = variants
         best = min((v for v in variants if "us" in v), key=lambda v: v["us"], default=None)
         point["best"] = best
@@ -142,17 +147,12 @@ def sweep(kv: str, shapes, tiles, q_len_of, make_config, copy_bw: float) -> list
             rows.append(point)
             continue
         print(
-            f"{kv} B={batch:<5} C={ctx:<5} q={q_len:<5} rule {rule.block_n}/{rule.num_warps}/"
-            f"{rule.num_stages} {base['us']:8.1f} us ({100 * base['frac_copy_bw']:.0f}% copy bw)"
-            f" | best {best['tile']}{' fp8 scores' if best['fp8_scores'] else ''}"
-            f" {best['us']:8.1f} us ({best['vs_rule']:.2f}x)",
+            f"{kv} B={batch:<5} C={min_ctx or ctx}-{ctx:<5} q={q_len:<5} rule {rule.block_n}/"
+            f"{rule.num_warps}/{rule.num_stages} {base['us']:8.1f} us"
+            f" ({100 * base['frac_copy_bw']:.0f}% copy bw)"
+            f" | best {best['tile']} {best['us']:8.1f} us ({best['vs_rule']:.2f}x)",
             flush=True,
         )
-        scored = [v for v in variants if v["fp8_scores"] and "us" in v]
-        if scored:
-            top = min(scored, key=lambda v: v["us"])
-            print(f"    fp8 scores: best {top['tile']} {top['us']:8.1f} us ({top['vs_rule']:.2f}x),"
-                  f" relative difference {top['rel_diff']:.1e}", flush=True)  # fmt: skip
         rows.append(point)
         del data
         torch.cuda.empty_cache()
@@ -174,18 +174,13 @@ def main() -> int:
               "copy_bw": copy_bw, "decode": [], "prefill": []}  # fmt: skip
     shapes = QUICK_DECODE_SHAPES if args.quick else DECODE_SHAPES
     for kv in kinds:
-        scored = kv == "fp8"
-        decode = [(t, False) for t in DECODE_TILES]
-        decode += [(t, True) for t in FP8_SCORES_DECODE_TILES if scored]
         record["decode"] += sweep(
-            kv, shapes, decode, lambda ctx: 1,
+            kv, shapes, DECODE_TILES, lambda ctx: 1,
             lambda t: cfg(16, 4, t[0], t[1], t[2]), copy_bw,
         )  # fmt: skip
         if not args.quick:
-            prefill = [(t, False) for t in PREFILL_TILES]
-            prefill += [(t, True) for t in FP8_SCORES_PREFILL_TILES if scored]
             record["prefill"] += sweep(
-                kv, [(8, 2048)], prefill, lambda ctx: ctx,
+                kv, [(8, 2048)], PREFILL_TILES, lambda ctx: ctx,
                 lambda t: cfg(t[0], t[0] // GROUP, t[1], t[2], t[3]), copy_bw,
             )  # fmt: skip
     gpu = gpu_slug(record["environment"]["gpu"])

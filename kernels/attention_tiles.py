@@ -16,27 +16,23 @@ from .utils import next_power_of_2
 
 @dataclass(frozen=True, slots=True)
 class AttentionConfig:
-    """Launch shape. ``block_q * group <= block_m``; ``block_n`` keys per inner step.
-    ``fp8_scores`` (fp8 caches, 16-bit queries): the scores run as fp8 MMAs, the query tile
-    quantized to e4m3 by one scale per program, so K is never widened; the tile rules never
-    choose it (benchmarks and tests set it)."""
+    """Launch shape. ``block_q * group <= block_m``; ``block_n`` keys per inner step."""
 
     block_m: int
     block_q: int
     block_n: int
     num_warps: int
     num_stages: int
-    fp8_scores: bool = False
 
 
-#: Decode launches of fewer (request, KV head) programs than this per SM take the long-step
-#: tile (``few_programs`` of :func:`attention_config`); chosen by benchmarks/attention_sweep.py.
-FEW_PROGRAMS_PER_SM = 16
+#: Decode launches of fewer (request, KV head) programs than this per SM are ``few_programs``
+#: (:func:`attention_config`); chosen by benchmarks/attention_sweep.py.
+FEW_PROGRAMS_PER_SM = 8
 
 
 def decode_has_few_programs(work_items: int, sms: int) -> bool:
-    """Whether a decode launch of ``work_items`` (request, KV head) programs takes the
-    long-step tile."""
+    """Whether a decode launch of ``work_items`` (request, KV head) programs is too small for
+    the one-warp tile over an fp8 cache (and, at head dim 256, takes the long-step tile)."""
     return work_items < FEW_PROGRAMS_PER_SM * sms
 
 
@@ -49,20 +45,25 @@ def attention_config(
     fp8_kv: bool = False,
 ) -> AttentionConfig:
     """Tile rules. Rows hold (token, head-of-group) pairs, at least 16 (the MMA minimum).
-    Decode keeps one token per tile, double-buffered, 64 keys a step, or 128 when the
-    (request, KV head) programs are ``few_programs`` (:func:`decode_has_few_programs`):
-    fewer, longer steps then keep more bytes in flight per SM. Prefill grows the tile to 128
-    rows (64 for head dim 256) so each gathered K/V tile feeds more MMA work, 32 keys a step
-    with 4 warps and 4 stages; over an ``fp8_kv`` cache (one byte a value) 64 keys a step,
-    the bytes of a 16-bit tile. fp32 (exact tests) takes small tiles: its dots run on FMA
+    Decode keeps one token per tile, double-buffered, 64 keys a step on 2 warps: small
+    programs, many resident an SM. Over an ``fp8_kv`` cache, whose widening to 16 bits is
+    latency the SM must hide, 32 keys a step on 1 warp unless the (request, KV head)
+    programs are ``few_programs`` (:func:`decode_has_few_programs`). Head dim 256 keeps 4
+    warps and 32 keys a step, 64 when few. Prefill grows the tile to 128 rows (64 for head
+    dim 256) so each gathered K/V tile feeds more MMA work, 32 keys a step with 4 warps and
+    4 stages; over an ``fp8_kv`` cache (one byte a value) 64 keys a step, the bytes of a
+    16-bit tile. fp32 (exact tests) takes small tiles: its dots run on FMA
     units and its tiles use twice the shared memory."""
     block_d = next_power_of_2(head_dim)
     min_m = max(16, next_power_of_2(group))
     if dtype == torch.float32:
         block_m, block_n, warps, stages = min_m, (32 if block_d <= 128 else 16), 4, 1
     elif max_seqlen_q == 1:
-        block_n = (128 if few_programs else 64) // (2 if block_d > 128 else 1)
-        block_m, warps, stages = min_m, 4, 2
+        if block_d > 128:
+            block_n, warps = (64 if few_programs else 32), 4
+        else:
+            block_n, warps = (32, 1) if fp8_kv and not few_programs else (64, 2)
+        block_m, stages = min_m, 2
     else:
         cap = 128 if block_d <= 128 else 64
         block_m = min(max(min_m, next_power_of_2(max_seqlen_q * group)), max(cap, min_m))

@@ -29,10 +29,6 @@ FP8 caches (:mod:`metroline.kernels.kv_cache`, constexpr ``FP8``): ``k_scale`` f
 softmax scale, ``v_scale`` scales each program's result (split partials too: the merge is linear).
 K/V widen in registers to fp16 for 16-bit queries (exact and cheap; a bf16 query is clamped to
 +-65504 once per program), to fp32 for fp32 ones; tiles and output follow the query's dtype.
-With ``AttentionConfig.fp8_scores`` (16-bit queries) the query is split instead, by one scale
-per program, into two e4m3 parts (``q = (q_hi + q_lo / 16) * q_scale``, about 7 significant
-bits), and the scores run as two fp8 MMAs over the unwidened K; probabilities and V stay fp16.
-A non-finite query element then makes its whole tile non-finite (without it: its row only).
 """
 
 from __future__ import annotations
@@ -47,7 +43,6 @@ from .attention_tiles import (
     choose_num_splits,
     decode_has_few_programs,
 )
-from .fp8_quant import FP8_MAX
 from .kv_cache import is_fp8_kv
 from .paged_attention_ref import paged_attention_ref
 from .split_kv import merge_splits
@@ -56,14 +51,12 @@ from .utils import cdiv, dot_precision, next_power_of_2, num_sms, row_major_last
 __all__ = ["ROWS_ALL", "ROWS_MANY", "ROWS_ONE", "paged_attention", "paged_attention_ref"]
 
 LOG2E = 1.4426950408889634
-_FP8_MAX = tl.constexpr(FP8_MAX)
 
 
 @triton.jit
 def _attend_tile(
     acc, l_i, m_i,  # [BLOCK_M, BLOCK_D] fp32, [BLOCK_M] fp32, [BLOCK_M] fp32 (base-2 max)
-    q,  # [BLOCK_M, BLOCK_D] in the dot dtype: the cache's; for fp8 caches fp16 / fp32 / fp8
-    q_lo,  # fp8 scores: the query's fp8 residual, times 16 (else unused)
+    q,  # [BLOCK_M, BLOCK_D] in the dot dtype: the cache's; for fp8 caches fp16 or fp32
     q_pos,  # [BLOCK_M] int32: absolute position of each row (padding rows clamped)
     start, kv_hi,  # first key of this tile; keys >= kv_hi are outside the program's range
     block_table_ptr,  # [max_blocks] int32: this request's row of the block table
@@ -72,7 +65,7 @@ def _attend_tile(
     scale_log2,  # softmax scale * log2(e), > 0
     offs_d,  # [BLOCK_D]
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_SCORES: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One step of online softmax over keys ``start .. start+BLOCK_N-1``. Unmasked tiles lie
     wholly inside the context every row sees, so they skip all bounds checks."""
@@ -90,8 +83,6 @@ def _attend_tile(
     kv_offs = rows[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
     k = tl.load(key_ptr + kv_offs, mask=kv_mask, other=0.0).to(q.dtype)  # a no-op unless FP8
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
-    if FP8_SCORES:  # q = q_hi + q_lo / 16 holds about 7 significant bits
-        s += tl.dot(q_lo, tl.trans(k)) * 0.0625
     if MASKED:
         visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -104,11 +95,7 @@ def _attend_tile(
     p = tl.exp2(s * scale_log2 - m_new_safe[:, None])
     alpha = tl.exp2(m_i - m_new_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(value_ptr + kv_offs, mask=kv_mask, other=0.0)
-    if FP8_SCORES:  # the probabilities and V still meet in fp16
-        v = v.to(tl.float16)
-    else:
-        v = v.to(q.dtype)
+    v = tl.load(value_ptr + kv_offs, mask=kv_mask, other=0.0).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
@@ -116,7 +103,9 @@ def _attend_tile(
 # Sizes that change from step to step (the block table's width included) are plain runtime
 # values: Triton would otherwise compile a variant for each of "equals 1", "divisible by 16"
 # and neither, mid-serving.
-_STEP_SIZES = ["num_seqs", "tiles_per_seq", "num_splits", "stride_bt_seq", "row_filter"]
+_STEP_SIZES = [
+    "num_seqs", "tiles_per_seq", "num_splits", "stride_bt_seq", "row_filter", "ordered",
+]  # fmt: skip
 
 
 @triton.jit(do_not_specialize=_STEP_SIZES)
@@ -127,6 +116,7 @@ def _paged_attention_kernel(
     block_tables_ptr,  # [num_seqs, max_blocks] int32
     seq_lens_ptr,  # [num_seqs] int32
     cu_seqlens_q_ptr,  # [num_seqs + 1] int32
+    seq_order_ptr,  # [num_seqs] int32 (ordered): a dense grid's requests, in launch order
     out_ptr,  # [num_tokens, num_heads, head_dim] (not SPLIT)
     split_out_ptr,  # [num_tokens, num_heads, num_splits, head_dim] fp32 (SPLIT)
     split_lse_ptr,  # [num_tokens, num_heads, num_splits] fp32, base-2 (SPLIT)
@@ -136,6 +126,7 @@ def _paged_attention_kernel(
     tiles_per_seq,  # SEARCH=False: query tiles per request (grid axis 0 = num_seqs * this)
     num_splits,  # partitions of each context (grid axis 2); 1 unless SPLIT
     row_filter,  # 0 every request, 1 those of one query token, 2 those of more (ROWS_*)
+    ordered,  # 1: a dense grid's row b attends request seq_order[b]
     stride_q_tok, stride_q_head,
     stride_o_tok, stride_o_head,
     stride_cache_block, stride_cache_row, stride_cache_head,
@@ -148,7 +139,6 @@ def _paged_attention_kernel(
     SEARCH: tl.constexpr,  # map grid axis 0 to (request, tile) by binary search of cu_seqlens_q
     DOT_PRECISION: tl.constexpr,
     FP8: tl.constexpr,  # the caches are float8_e4m3fn, dequantized by k_scale / v_scale
-    FP8_SCORES: tl.constexpr,  # FP8 and the query quantized too (AttentionConfig.fp8_scores)
 ):
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -171,6 +161,8 @@ def _paged_attention_kernel(
     else:
         tile = tl.program_id(0)
         seq = tile // tiles_per_seq
+        if ordered != 0:  # longest contexts first: the last wave holds the short programs
+            seq = tl.load(seq_order_ptr + seq)
         # Last tiles first: they see the most keys, so the long programs start early.
         local_tile = tiles_per_seq - 1 - tile % tiles_per_seq
 
@@ -199,17 +191,9 @@ def _paged_attention_kernel(
     q_rows = (q_start + row_tok).to(tl.int64) * stride_q_tok + row_head * stride_q_head
     io_mask = row_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = tl.load(query_ptr + q_rows[:, None] + offs_d[None, :], mask=io_mask, other=0.0)
-    q_lo = q  # replaced with fp8 scores only
     if FP8:  # scores of dequantized keys: q . (k * k_scale) = (q . k) * k_scale
         scale_log2 = scale_log2 * tl.load(k_scale_ptr + kv_head)
-        if FP8_SCORES:  # q . k = (q_hi + q_lo / 16) . k * q_scale, one q_scale a tile
-            q32 = q.to(tl.float32)
-            q_scale = tl.maximum(tl.max(tl.max(tl.abs(q32), 1), 0), 1e-30) / _FP8_MAX
-            q32 = tl.minimum(tl.maximum(q32 / q_scale, -_FP8_MAX), _FP8_MAX)
-            q = q32.to(tl.float8e4nv)
-            q_lo = ((q32 - q.to(tl.float32)) * 16.0).to(tl.float8e4nv)
-            scale_log2 = scale_log2 * q_scale
-        elif q.dtype == tl.bfloat16:  # both dots then run in fp16, which fp8 widens to exactly
+        if q.dtype == tl.bfloat16:  # both dots then run in fp16, which fp8 widens to exactly
             q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
     # Keys this program covers: its split's part of [0, pos_hi], cut at the causal diagonal.
@@ -233,15 +217,15 @@ def _paged_attention_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     for start in range(kv_lo, full_end, BLOCK_N):
         acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q, q_lo, q_pos, start, kv_hi, block_table_ptr, key_ptr, value_ptr,
+            acc, l_i, m_i, q, q_pos, start, kv_hi, block_table_ptr, key_ptr, value_ptr,
             stride_cache_block, stride_cache_row, scale_log2, offs_d,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, FP8_SCORES,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
         )
     for start in range(full_end, kv_hi, BLOCK_N):
         acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q, q_lo, q_pos, start, kv_hi, block_table_ptr, key_ptr, value_ptr,
+            acc, l_i, m_i, q, q_pos, start, kv_hi, block_table_ptr, key_ptr, value_ptr,
             stride_cache_block, stride_cache_row, scale_log2, offs_d,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, FP8_SCORES,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
         )
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only an empty split has l == 0
@@ -282,6 +266,7 @@ def paged_attention(
     config: AttentionConfig | None = None,  # override the tile rules (benchmarks)
     k_scale: torch.Tensor | None = None,  # [num_kv_heads] fp32, fp8 caches only
     v_scale: torch.Tensor | None = None,  # [num_kv_heads] fp32, fp8 caches only
+    seq_order: torch.Tensor | None = None,  # [num_seqs] int32, longest context first
 ) -> torch.Tensor:
     """Triton paged attention; same contract as :func:`paged_attention_ref`. No host sync:
     launch shapes come from tensor shapes and the two host-side maxima.
@@ -293,7 +278,14 @@ def paged_attention(
     launch's split merge may write one-token rows, which the second then overwrites. When
     the split rule would split the one-token launch (few requests, long contexts), the step
     keeps the single launch instead. Either way every request's rows end up written by the
-    launch that attends them."""
+    launch that attends them.
+
+    ``seq_order``, a permutation of the requests (longest context first), is the order in
+    which one-token launches of many programs (not ``decode_has_few_programs``) take them:
+    the long programs start in the first wave and the last wave holds short ones. Chunk
+    launches order their tiles by position instead, and few programs fit one wave. Any
+    permutation computes the same rows; one that is not a permutation is the caller's error,
+    as a block table naming foreign blocks is."""
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
     assert key_cache.is_contiguous() and value_cache.is_contiguous()
@@ -304,10 +296,6 @@ def paged_attention(
     num_seqs = seq_lens.shape[0]
     query = row_major_last_dim(query)
     fp8 = is_fp8_kv(key_cache, k_scale, v_scale)
-    if config is not None and config.fp8_scores and not (
-        fp8 and query.dtype in (torch.bfloat16, torch.float16)
-    ):
-        raise ValueError("fp8_scores needs an fp8 cache and a bf16 or fp16 query")
     if query.dtype != key_cache.dtype and not fp8:
         query = query.to(key_cache.dtype)
     if out is None:
@@ -319,8 +307,11 @@ def paged_attention(
     sms = num_sms(query.device)
     few = decode_has_few_programs(num_seqs * num_kv_heads, sms)
     cfg = config or attention_config(query.dtype, head_dim, group, max_seqlen_q, few, fp8)
+    if seq_order is not None:
+        assert seq_order.shape == (num_seqs,) and seq_order.dtype == torch.int32
+    order = None if few else seq_order
     args = (query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, out,
-            k_scale, v_scale, scale, max_seqlen_k, fp8)  # fmt: skip
+            k_scale, v_scale, scale, max_seqlen_k, fp8, order)  # fmt: skip
     apart = mixed and max_seqlen_q > 1
     if apart:
         one = attention_config(query.dtype, head_dim, group, 1, few, fp8)
@@ -337,7 +328,8 @@ def paged_attention(
 
 def _launch(
     query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, out, k_scale, v_scale,
-    scale: float, max_seqlen_k: int, fp8: bool, cfg: AttentionConfig, max_seqlen_q: int,
+    scale: float, max_seqlen_k: int, fp8: bool, order: torch.Tensor | None,
+    cfg: AttentionConfig, max_seqlen_q: int,
     num_splits: int | None, row_filter: int,
 ) -> None:  # fmt: skip
     """One kernel launch (and its split merge) over the requests ``row_filter`` keeps."""
@@ -350,6 +342,7 @@ def _launch(
     tiles_per_seq = cdiv(max_seqlen_q, cfg.block_q)
     search = max_seqlen_q > 1
     grid_tiles = num_tokens // cfg.block_q + num_seqs if search else num_seqs
+    ordered = order is not None and not search
     if num_splits is None:
         sms = num_sms(query.device)
         num_splits = choose_num_splits(grid_tiles * num_kv_heads, max_seqlen_k, sms, cfg.block_n)
@@ -364,16 +357,15 @@ def _launch(
         split_out = split_lse = out  # unused
     _paged_attention_kernel[(grid_tiles, num_kv_heads, num_splits)](
         query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,
-        out, split_out, split_lse,
+        order if ordered else seq_lens, out, split_out, split_lse,
         k_scale if fp8 else seq_lens, v_scale if fp8 else seq_lens,  # unused unless fp8
-        scale * LOG2E, num_seqs, tiles_per_seq, num_splits, row_filter,
+        scale * LOG2E, num_seqs, tiles_per_seq, num_splits, row_filter, int(ordered),
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=next_power_of_2(head_dim), BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m,
         BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, SPLIT=num_splits > 1, SEARCH=search,
-        DOT_PRECISION=dot_precision(query.dtype), FP8=fp8, FP8_SCORES=cfg.fp8_scores,
-        num_warps=cfg.num_warps,
+        DOT_PRECISION=dot_precision(query.dtype), FP8=fp8, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:

@@ -24,6 +24,8 @@ class AttentionMetadata:
     ``slot_mapping[t]`` is the cache slot of token ``t`` (negative: skip). ``mixed``: requests
     of one query token may sit beside longer ones, so attention gives them a launch of their
     own in the decode tile shape (a hint for speed; any value computes the same rows).
+    ``seq_order``, a permutation of the requests with the longest context first, is the order
+    in which the decode launches take them (a hint for speed too; ``None``: as listed).
     """
 
     slot_mapping: torch.Tensor  # [num_tokens] int64
@@ -33,6 +35,7 @@ class AttentionMetadata:
     max_seqlen_q: int
     max_seqlen_k: int
     mixed: bool = False
+    seq_order: torch.Tensor | None = None  # [num_seqs] int32
 
 
 class Attention(nn.Module):
@@ -122,6 +125,7 @@ class Attention(nn.Module):
             attn_metadata.max_seqlen_q,
             attn_metadata.max_seqlen_k,
             mixed=attn_metadata.mixed,
+            seq_order=attn_metadata.seq_order,
             k_scale=self.k_scale,
             v_scale=self.v_scale,
         )

@@ -181,11 +181,13 @@ def paged_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     mixed: bool = False,
+    seq_order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the step's queries over the paged cache (see kernels.paged_attention).
     ``max_seqlen_q``/``max_seqlen_k`` are host-side upper bounds that shape the GPU launch, as
-    does ``mixed`` (one-token requests beside longer ones); an fp8 cache is read with its
-    per-KV-head scales."""
+    do ``mixed`` (one-token requests beside longer ones) and ``seq_order`` (the requests,
+    longest context first); an fp8 cache is read with its per-KV-head scales. The reference
+    path computes the same rows without the hints."""
     if query.is_cuda:
         return attention.paged_attention(
             query,
@@ -199,6 +201,7 @@ def paged_attention(
             max_seqlen_k,
             out=out,
             mixed=mixed,
+            seq_order=seq_order,
             k_scale=k_scale,
             v_scale=v_scale,
         )

@@ -118,6 +118,9 @@ class StepGraphs:
             self.block_tables = torch.zeros((max_num_seqs, max_blocks), dtype=torch.int32)
             self.cu_decode = torch.arange(max_num_seqs + 1, dtype=torch.int32)
             self.cu_mixed = torch.zeros(max_num_seqs + 1, dtype=torch.int32)
+            # Request rows past a step's real ones keep their own places, after the real ones.
+            self.rows = torch.arange(max_num_seqs, dtype=torch.int32)
+            self.seq_order = self.rows.clone()
         self.graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
         self.hidden: torch.Tensor | None = None  # [max tokens, hidden], set at capture
         self.replays: Counter[str] = Counter()  # steps run per family ("decode", "mixed")
@@ -137,6 +140,7 @@ class StepGraphs:
                 cu_seqlens_q=self.cu_decode[: size + 1],
                 max_seqlen_q=1,
                 max_seqlen_k=self.max_model_len,
+                seq_order=self.seq_order[:size],
             )
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:size],
@@ -146,6 +150,7 @@ class StepGraphs:
             max_seqlen_q=size,
             max_seqlen_k=self.max_model_len,
             mixed=True,  # whether a replay holds decodes is not known at capture
+            seq_order=self.seq_order,
         )
 
     def allocate_output(self, sample: torch.Tensor) -> None:
@@ -224,6 +229,9 @@ class StepGraphs:
         if size > num_tokens:
             self.slot_mapping[num_tokens:size].fill_(-1)
         self.seq_lens[:num_seqs].copy_(metadata.seq_lens)
+        order = self.rows[:num_seqs] if metadata.seq_order is None else metadata.seq_order
+        self.seq_order[:num_seqs].copy_(order)
+        self.seq_order[num_seqs:].copy_(self.rows[num_seqs:])
         width = metadata.block_tables.shape[1]
         self.block_tables[:num_seqs, :width].copy_(metadata.block_tables)
         if kind == "decode":

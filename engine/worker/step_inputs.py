@@ -182,13 +182,15 @@ class VarlenLayout:
 
     def stage(self, staging: StepStaging) -> None:
         """Queue the arrays for the staging's next copy; they must be its first queued
-        (:meth:`metadata` and :meth:`device_positions` read them by index)."""
+        (:meth:`metadata` and :meth:`device_positions` read them by index). The rows' order
+        for the decode launches, longest context first, is computed here, on the host."""
         queued = [
             staging.add(self.slot_mapping, torch.int64),
             staging.add(self.block_tables, torch.int32),
             staging.add(self.seq_lens, torch.int32),
             staging.add(self.positions, torch.int64),
             staging.add(self.cu_seqlens, torch.int32),
+            staging.add(np.argsort(-self.seq_lens, kind="stable"), torch.int32),
         ]
         if queued[0] != 0:
             raise RuntimeError("a varlen layout must be staged first")
@@ -200,7 +202,7 @@ class VarlenLayout:
 
     def metadata(self, on_device: list[torch.Tensor]) -> AttentionMetadata:
         """The attention metadata from the tensors :meth:`stage` queued first."""
-        slots, tables, lens, _, cu_seqlens_q = on_device[:5]
+        slots, tables, lens, _, cu_seqlens_q, seq_order = on_device[:6]
         return AttentionMetadata(
             slot_mapping=slots,
             block_tables=tables,
@@ -209,6 +211,7 @@ class VarlenLayout:
             max_seqlen_q=self.max_seqlen_q,
             max_seqlen_k=int(self.seq_lens.max()),
             mixed=self.max_seqlen_q > 1 and bool((np.diff(self.cu_seqlens) == 1).any()),
+            seq_order=seq_order,
         )
 
 

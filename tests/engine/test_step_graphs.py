@@ -1,4 +1,5 @@
-"""Step CUDA graphs: bucket rules, and the padded inputs a graph replays on.
+"""Step CUDA graphs: bucket rules, and the padded inputs a graph replays on (the decode order
+of a step's requests among them).
 
 CUDA graphs cannot be captured on the CPU, so these tests install a ``StepGraphs`` whose
 replay runs the captured computation eagerly on the persistent, padded buffers: everything
@@ -8,10 +9,14 @@ exercised; only the capture itself is left to the GPU checks.
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
 from metroline.engine import LLM, SamplingParams
+from metroline.engine.layers.attention import AttentionMetadata
 from metroline.engine.worker.cuda_graphs import (
     MIXED_MAX_TOKENS,
     StepGraphs,
@@ -19,6 +24,8 @@ from metroline.engine.worker.cuda_graphs import (
     token_buckets,
     use_mixed_step_graphs,
 )
+from metroline.engine.worker.host_staging import StepStaging
+from metroline.engine.worker.step_inputs import varlen_layout
 
 from .conftest import MAX_NEW_TOKENS, make_prompts, shared_prefix_prompts
 
@@ -106,3 +113,53 @@ def test_shutdown_releases_graphs_a_caller_still_holds(tiny_checkpoint):
     assert graphs.graphs and graphs.hidden is not None
     llm.shutdown()
     assert not graphs.graphs and graphs.hidden is None and graphs.model is None
+
+
+class OrderRecorder(torch.nn.Module):
+    """A model that records the decode order each forward is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.orders: list[list[int]] = []
+
+    def forward(self, input_ids, positions, metadata):
+        self.orders.append(metadata.seq_order.tolist())
+        return torch.zeros(input_ids.shape[0], 4)
+
+
+@pytest.mark.parametrize("kind", ["decode", "mixed"])
+def test_graph_buffers_take_the_steps_order(kind):
+    """The step's order of its requests fills the graph's buffer; padding requests follow in
+    their own places, so the graph's launch reads a permutation of all its rows. A step
+    without an order replays in the rows' own order."""
+    model = OrderRecorder()
+    graphs = EagerReplayGraphs(model, 20, 300, 64, 16, torch.device("cpu"), True)
+    num_seqs, size = 5, 8
+    tokens = num_seqs if kind == "decode" else num_seqs + 3
+    lens = torch.tensor([4, 9, 2, 30, 7], dtype=torch.int32)
+    metadata = AttentionMetadata(
+        slot_mapping=torch.arange(tokens),
+        block_tables=torch.zeros(num_seqs, 2, dtype=torch.int32),
+        seq_lens=lens,
+        cu_seqlens_q=torch.tensor([0, 1, 2, 3, 4, tokens], dtype=torch.int32),
+        max_seqlen_q=1 if kind == "decode" else 4,
+        max_seqlen_k=30,
+        seq_order=torch.argsort(lens, descending=True, stable=True).to(torch.int32),
+    )
+    key = (kind, size if kind == "decode" else 16)
+    ids = torch.zeros(tokens, dtype=torch.int64)
+    graphs.run(key, ids, ids, metadata)
+    graphs.run(key, ids, ids, dataclasses.replace(metadata, seq_order=None))
+    rows = size if kind == "decode" else 20
+    assert model.orders == [[3, 1, 4, 0, 2, *range(5, rows)], list(range(rows))]
+
+
+def test_layout_orders_requests_longest_context_first():
+    """The staged decode order: contexts longest first, ties in row order."""
+    counts, starts = np.array([1, 1, 3, 1]), np.array([8, 20, 5, 19])
+    layout = varlen_layout(counts, starts, [[0, 1], [2, 3], [4], [5, 6]], 16)
+    staging = StepStaging(torch.device("cpu"))
+    layout.stage(staging)
+    metadata = layout.metadata(staging.to_device())
+    assert metadata.seq_order.dtype == torch.int32
+    assert metadata.seq_order.tolist() == [1, 3, 0, 2]  # lengths 21, 20, 9, 8

@@ -7,8 +7,9 @@ harness is exercised).
 - the fp8 KV write: the same bytes as the reference (views of a fused QKV buffer, skipped
   slots, per-head scales small enough to clamp);
 - paged attention over an fp8 cache (llama3-8b heads: 32 q, 8 kv, dim 128, block 16; a decode
-  batch and a prefill-chunk batch; automatic, 1 and 4 splits, and the rule's tile with
-  ``fp8_scores``) within relative error ``ATTENTION_BOUND`` of ``paged_attention_ref`` in
+  batch, one of ``decode_many`` requests (past the few-programs threshold of an H200) and a
+  prefill-chunk batch; automatic, 1 and 4 splits, and requests taken longest first
+  (``seq_order``)) within relative error ``ATTENTION_BOUND`` of ``paged_attention_ref`` in
   fp32 on the same cache, no NaN row;
 - the fused kernels with fp8 output (RMSNorm, fused add + RMSNorm, SiLU-and-mul; the last at
   batch sizes on both sides of its one-pass threshold): the same bytes and scales as the
@@ -20,7 +21,6 @@ harness is exercised).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import math
 from collections.abc import Iterator
@@ -35,7 +35,6 @@ from metroline.engine.layers import ops
 from metroline.engine.layers.fp8_linear import quantize_per_channel
 from metroline.kernels import activation, fp8_gemm, fp8_quant, kv_cache, rmsnorm
 from metroline.kernels import paged_attention as attention
-from metroline.kernels.attention_tiles import AttentionConfig
 from metroline.kernels.fp8_quant import FP8_DTYPE, FP8_MAX
 
 ATTENTION_BOUND = 1e-2  # relative Frobenius error, bf16 query and output (as check_kernels)
@@ -51,6 +50,7 @@ class KernelSizes:
     quant_cols: tuple[int, ...] = (4096, 14336)
     kv_tokens: int = 4096
     decode_batch: int = 64
+    decode_many: int = 256
     max_context: int = 4096
     prefill_q: tuple[int, ...] = (512, 2048, *([1] * 30))  # a chunk, a prompt, decodes
     prefill_prefix: int = 1000  # cached tokens before the first chunk
@@ -72,6 +72,7 @@ SMOKE_KERNELS = KernelSizes(
     quant_cols=(256, 1000),
     kv_tokens=64,
     decode_batch=4,
+    decode_many=6,
     max_context=100,
     prefill_q=(40, 9, 1),
     prefill_prefix=20,
@@ -189,15 +190,6 @@ def fp8_caches(key_cache: torch.Tensor, value_cache: torch.Tensor) -> list[torch
     return out
 
 
-def fp8_scores_tile(num_seqs: int, max_query_len: int) -> AttentionConfig:
-    """The tile rule's shape for this launch (llama3-8b heads over an fp8 cache), with
-    ``fp8_scores``."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    few = attention.decode_has_few_programs(num_seqs * 8, sms)
-    rule = attention.attention_config(torch.bfloat16, 128, 4, max_query_len, few, True)
-    return dataclasses.replace(rule, fp8_scores=True)
-
-
 def check_attention(v: Verdicts, sizes: KernelSizes) -> None:
     check_kernels.DEV = sizes.device  # make_batch builds its batch there
     gen = torch.Generator().manual_seed(0)
@@ -205,8 +197,10 @@ def check_attention(v: Verdicts, sizes: KernelSizes) -> None:
     ctx[:4] = [16, 17, sizes.max_context, 1]  # on and just past a block boundary
     q = list(sizes.prefill_q)
     rest = torch.randint(1, sizes.max_context, (len(q) - 2,), generator=gen).tolist()
+    many = torch.randint(1, sizes.max_context // 2, (sizes.decode_many,), generator=gen).tolist()
     batches = {
         "decode": ([1] * len(ctx), ctx),
+        "decode-many": ([1] * len(many), many),
         "prefill-chunk": (q, [sizes.prefill_prefix + q[0], q[1], *rest]),
     }
     for batch, (q_lens, seq_lens) in batches.items():
@@ -223,12 +217,13 @@ def check_attention(v: Verdicts, sizes: KernelSizes) -> None:
         scales = {"k_scale": k_scale, "v_scale": v_scale}
         args = (query, kc, vc, bt, lens, cu, 128**-0.5)
         ref = attention.paged_attention_ref(query.float(), *args[1:], **scales)
-        for splits in (None, 1, 4, "fp8 scores"):
+        for splits in (None, 1, 4, "ordered"):
             out = torch.full_like(query, math.nan)
             if query.is_cuda:
                 launch = {"num_splits": splits}
-                if splits == "fp8 scores":  # the rule's tile, the query split into e4m3 parts
-                    launch = {"config": fp8_scores_tile(len(q_lens), max(q_lens))}
+                if splits == "ordered":  # the rules' launch, the requests longest first
+                    order = torch.argsort(lens, descending=True, stable=True).to(torch.int32)
+                    launch = {"seq_order": order}
                 attention.paged_attention(
                     *args, max(q_lens), max(seq_lens), out=out, **launch, **scales
                 )

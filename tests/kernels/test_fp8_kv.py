@@ -8,12 +8,9 @@ test_paged_attention), so a kernel that reads outside a context fails too.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
-from metroline.kernels.attention_tiles import AttentionConfig
 from metroline.kernels.fp8_quant import FP8_DTYPE, FP8_MAX
 from metroline.kernels.kv_cache import write_kv_cache, write_kv_cache_ref
 from metroline.kernels.paged_attention import paged_attention, paged_attention_ref
@@ -128,60 +125,3 @@ def test_reference_dequantizes_with_each_heads_scales():
     k_deq, v_deq = dequantize_cache(key_cache, K_SCALE), dequantize_cache(value_cache, V_SCALE)
     fp32 = paged_attention_ref(query, k_deq, v_deq, tables, lens, cu, 0.125)
     torch.testing.assert_close(fp8, fp32, rtol=1e-6, atol=1e-6)
-
-
-def fp8_split_query(query: torch.Tensor, seed: int) -> torch.Tensor:
-    """A query the kernel's fp8 split holds exactly: per (token, KV group) tile the scale is
-    2**-6 (each head's first element 448 * 2**-6, the largest), and every other element is
-    ``2**-6 * s * 2**k * (1 + 2**-5)``: its e4m3 part ``s * 2**k`` (rounded down to, never
-    up across a power of two, where the interpreter's fp32-to-e4m3 rounding errs) and a
-    residual ``s * 2**(k-5)`` that is itself an e4m3 value after the kernel's scaling by 16.
-    Without the residual the scores would be 3% short."""
-    gen = torch.Generator().manual_seed(seed)
-    k = torch.randint(0, 8, query.shape, generator=gen).float()
-    sign = torch.randint(0, 2, query.shape, generator=gen).float() * 2 - 1
-    exact = sign * 2.0**k * (1 + 2.0**-5)
-    exact[..., 0] = 448.0
-    return (exact * 2.0**-6).to(query.dtype)
-
-
-@pytest.mark.parametrize("query_dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("decode", [True, False])
-def test_fp8_scores_match_the_reference(query_dtype, decode):
-    """``AttentionConfig.fp8_scores``: the query split into e4m3 parts by one scale per
-    program, the scores as fp8 MMAs (decode and chunk tiles), against the 16-bit launch."""
-    q_lens, seq_lens = ([1] * 5, [40, 25, 17, 9, 70]) if decode else MIXED
-    query, key_cache, value_cache, tables, lens, cu = make_fp8_batch(
-        q_lens, seq_lens, query_dtype, seed=14
-    )
-    query = fp8_split_query(query, seed=15)
-    # GROUP 2: 8 tokens of a decode tile's 16 rows, 32 of a chunk tile's 64.
-    config = (
-        AttentionConfig(16, 8, 64, 4, 2, True)
-        if decode
-        else AttentionConfig(64, 32, 32, 4, 4, True)
-    )
-    def launch(config):
-        return paged_attention(
-            query, key_cache, value_cache, tables, lens, cu, 0.125, max(q_lens), max(seq_lens),
-            config=config, k_scale=K_SCALE, v_scale=V_SCALE,
-        )  # fmt: skip
-
-    out, sixteen_bit = launch(config), launch(dataclasses.replace(config, fp8_scores=False))
-    assert torch.isfinite(out).all()
-    err = ((out.float() - sixteen_bit.float()).norm() / sixteen_bit.float().norm()).item()
-    assert err < 2e-3, f"relative error {err:.2e} against the 16-bit launch"
-
-
-def test_fp8_scores_need_an_fp8_cache_and_a_16_bit_query():
-    q_lens, seq_lens = [1, 1], [20, 9]
-    config = AttentionConfig(16, 8, 64, 4, 2, True)
-    query, key_cache, value_cache, tables, lens, cu = make_fp8_batch(
-        q_lens, seq_lens, torch.float32, seed=16
-    )
-    with pytest.raises(ValueError, match="fp8_scores"):
-        paged_attention(query, key_cache, value_cache, tables, lens, cu, 0.125, 1, 20,
-                        config=config, k_scale=K_SCALE, v_scale=V_SCALE)  # fmt: skip
-    with pytest.raises(ValueError, match="fp8_scores"):
-        paged_attention(query.bfloat16(), key_cache.float(), value_cache.float(), tables, lens,
-                        cu, 0.125, 1, 20, config=config)  # fmt: skip

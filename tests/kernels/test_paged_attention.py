@@ -80,7 +80,7 @@ def test_decode_ragged(group, dtype):
 
 @pytest.mark.parametrize("head_dim", [96, 256])
 def test_decode_few_programs_long_steps(head_dim):
-    """Two requests, one KV head: the launcher takes its long-step decode tiles."""
+    """Two requests, one KV head: few programs (at head dim 256 the long-step tile)."""
     run_and_compare([1, 1], [129, 300], num_heads=4, num_kv_heads=1, head_dim=head_dim,
                     dtype=torch.bfloat16)
 
