@@ -119,6 +119,8 @@ def check_attention(
     block_size=16,
     dtype=torch.bfloat16,
     num_splits=None,
+    longest_first=False,
+    mixed=False,
     **batch_kwargs,
 ):
     query, kc, vc, bt, lens, cu = make_batch(
@@ -133,6 +135,9 @@ def check_attention(
     )
     scale = head_dim**-0.5
     out = torch.full_like(query, float("nan"))
+    order = None  # the engine's decode order (VarlenLayout.stage), with longest_first
+    if longest_first:
+        order = torch.argsort(lens, descending=True, stable=True).to(torch.int32)
     paged_attention(
         query,
         kc,
@@ -145,6 +150,8 @@ def check_attention(
         max(seq_lens),
         out=out,
         num_splits=num_splits,
+        seq_order=order,
+        mixed=mixed,
     )
     ref = paged_attention_ref(query.float(), kc.float(), vc.float(), bt, lens, cu, scale)
     nan_rows = int(out.isnan().any(-1).sum())
@@ -158,6 +165,12 @@ def check_attention_suite() -> None:
     ctx[:4] = [16, 17, 4096, 1]  # on and just past a block boundary
     check_attention("decode B=64 ctx<=4096 GQA4 bs16", [1] * 64, ctx)
     check_attention("decode B=4 long ctx (auto splits)", [1] * 4, [4096, 17, 2048, 1000])
+    many = torch.randint(1, 2049, (300,), generator=gen).tolist()
+    check_attention("decode B=300 ctx<=2048 longest first", [1] * 300, many, longest_first=True)
+    check_attention(
+        "mixed apart: a chunk, 300 decodes, longest first", [512, *([1] * 300)], [1024, *many],
+        longest_first=True, mixed=True,
+    )  # fmt: skip
     mixed_q = [512, 2048, *([1] * 30)]
     mixed_ctx = [1512, 2048, *torch.randint(1, 3000, (30,), generator=gen).tolist()]
     check_attention("mixed: chunk after prefix 1000, prompt, 30 decodes", mixed_q, mixed_ctx)
