@@ -48,19 +48,21 @@ def attention_config(
     Decode keeps one token per tile, double-buffered, 64 keys a step on 2 warps: small
     programs, many resident an SM. Over an ``fp8_kv`` cache, whose widening to 16 bits is
     latency the SM must hide, 32 keys a step on 1 warp unless the (request, KV head)
-    programs are ``few_programs`` (:func:`decode_has_few_programs`). Head dim 256 keeps 4
-    warps and 32 keys a step, 64 when few. Prefill grows the tile to 128 rows (64 for head
-    dim 256) so each gathered K/V tile feeds more MMA work, 32 keys a step with 4 warps and
-    4 stages; over an ``fp8_kv`` cache (one byte a value) 64 keys a step, the bytes of a
-    16-bit tile. fp32 (exact tests) takes small tiles: its dots run on FMA
-    units and its tiles use twice the shared memory."""
+    programs are ``few_programs`` (:func:`decode_has_few_programs`). Tiles the sweep did not
+    measure this way keep 4 warps, 64 keys a step (128 when few), halved at head dim 256:
+    head dim 256, and groups of more than 16 query heads a KV head, whose taller tile would
+    not fit 1-2 warps' registers. Prefill grows the tile to 128 rows (64 for head dim 256) so
+    each gathered K/V tile feeds more MMA work, 32 keys a step with 4 warps and 4 stages;
+    over an ``fp8_kv`` cache (one byte a value) 64 keys a step, the bytes of a 16-bit tile.
+    fp32 (exact tests) takes small tiles: its dots run on FMA units and its tiles use twice
+    the shared memory."""
     block_d = next_power_of_2(head_dim)
     min_m = max(16, next_power_of_2(group))
     if dtype == torch.float32:
         block_m, block_n, warps, stages = min_m, (32 if block_d <= 128 else 16), 4, 1
     elif max_seqlen_q == 1:
-        if block_d > 128:
-            block_n, warps = (64 if few_programs else 32), 4
+        if block_d > 128 or min_m > 16:  # taller or wider tiles: 4 warps, as measured before
+            block_n, warps = (128 if few_programs else 64) // (2 if block_d > 128 else 1), 4
         else:
             block_n, warps = (32, 1) if fp8_kv and not few_programs else (64, 2)
         block_m, stages = min_m, 2

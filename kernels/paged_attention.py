@@ -167,7 +167,8 @@ def _paged_attention_kernel(
         local_tile = tiles_per_seq - 1 - tile % tiles_per_seq
 
     # All three loads issue before the exit test: one memory round trip, not two, before the
-    # block table and then K/V can be fetched (this latency chain bounds small decodes).
+    # block table and then K/V can be fetched (this latency chain bounds small decodes, which
+    # are few programs, so never ``ordered``: that adds the order's load before these).
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_end = tl.load(cu_seqlens_q_ptr + seq + 1)
     seq_len = tl.load(seq_lens_ptr + seq)

@@ -37,9 +37,9 @@ def decode_tile(config) -> tuple[int, int, int]:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_rules_by_cache_type(dtype):
     """Decodes: 64 keys a step on 2 warps over a 16-bit cache, few programs or many; over an
-    fp8 cache 32 keys on 1 warp, or the 16-bit tile with few programs; head dim 256: 4 warps,
-    32 keys, 64 with few. Chunks: 32 keys a step over a 16-bit cache, 64 over an fp8 one
-    (head dim <= 128)."""
+    fp8 cache 32 keys on 1 warp, or the 16-bit tile with few programs; head dim 256 and
+    groups over 16: 4 warps, 64 keys (128 with few), halved at head dim 256. Chunks: 32 keys
+    a step over a 16-bit cache, 64 over an fp8 one (head dim <= 128)."""
     for few in (False, True):
         assert decode_tile(attention_config(dtype, 128, 4, 1, few)) == (64, 2, 2)
         assert attention_config(dtype, 128, 4, 1, few).block_m == 16
@@ -47,6 +47,10 @@ def test_rules_by_cache_type(dtype):
     assert decode_tile(attention_config(dtype, 128, 4, 1, True, True)) == (64, 2, 2)
     assert decode_tile(attention_config(dtype, 256, 2, 1, False, True)) == (32, 4, 2)
     assert decode_tile(attention_config(dtype, 256, 2, 1, True)) == (64, 4, 2)
+    # Groups of 32 query heads (32-row tiles): the 4-warp tile, over either cache.
+    assert decode_tile(attention_config(dtype, 128, 32, 1, False, True)) == (64, 4, 2)
+    assert decode_tile(attention_config(dtype, 128, 32, 1, True)) == (128, 4, 2)
+    assert attention_config(dtype, 128, 32, 1).block_m == 32
     assert attention_config(dtype, 128, 4, 2048).block_n == 32
     assert attention_config(dtype, 128, 4, 2048, fp8_kv=True).block_n == 64
     assert attention_config(dtype, 256, 2, 2048, fp8_kv=True).block_n == 32
