@@ -231,7 +231,9 @@ class StepGraphs:
         self.seq_lens[:num_seqs].copy_(metadata.seq_lens)
         order = self.rows[:num_seqs] if metadata.seq_order is None else metadata.seq_order
         self.seq_order[:num_seqs].copy_(order)
-        self.seq_order[num_seqs:].copy_(self.rows[num_seqs:])
+        rows = size if kind == "decode" else self.rows.shape[0]  # the rows the graph reads
+        if rows > num_seqs:
+            self.seq_order[num_seqs:rows].copy_(self.rows[num_seqs:rows])
         width = metadata.block_tables.shape[1]
         self.block_tables[:num_seqs, :width].copy_(metadata.block_tables)
         if kind == "decode":
