@@ -39,7 +39,7 @@ FAMILIES = {
     "fp8_quant": ("_quant_kernel", "_quant_row_kernel"),
     "gemm": ("gemm", "nvjet", "cutlass", "sm90", "xmma"),
     "norm": ("rms_norm",),
-    "rotary": ("rotary",),
+    "rotary": ("rotary",),  # RoPE, with the KV write in one launch since session 15
     "kv_write": ("kv_cache", "write_kv"),
     "activation": ("silu",),
     "sampling": ("argmax", "softmax", "topk", "sort", "multinomial", "gather"),

@@ -21,7 +21,7 @@ from .utils import next_power_of_2
 
 
 @triton.jit
-def _rotate_heads(
+def rotated_heads(
     x_ptr,  # this token's [num_heads, head_dim] rows, last dim contiguous
     stride_head,
     cos,
@@ -31,6 +31,9 @@ def _rotate_heads(
     HALF: tl.constexpr,
     BLOCK_HEADS: tl.constexpr,
 ):
+    """This token's heads rotated, with Hugging Face's rounding: the two halves of each row
+    ``[BLOCK_HEADS, BLOCK_HALF]`` in the input dtype, the head offsets and the mask of real
+    (head, column) pairs."""
     offs_h = tl.arange(0, BLOCK_HEADS)
     mask = (offs_h < NUM_HEADS)[:, None] & (offs_half < HALF)[None, :]
     ptrs = x_ptr + offs_h[:, None] * stride_head + offs_half[None, :]  # [BLOCK_HEADS, BLOCK_HALF]
@@ -44,8 +47,21 @@ def _rotate_heads(
     b1 = (x2 * sin).to(dtype).to(tl.float32)
     a2 = (x2 * cos).to(dtype).to(tl.float32)
     b2 = (x1 * sin).to(dtype).to(tl.float32)
-    tl.store(ptrs, (a1 - b1).to(dtype), mask=mask)
-    tl.store(ptrs + HALF, (a2 + b2).to(dtype), mask=mask)
+    return (a1 - b1).to(dtype), (a2 + b2).to(dtype), offs_h, mask
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr, stride_head, cos, sin, offs_half,
+    NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+):  # fmt: skip
+    """:func:`rotated_heads`, stored back in place."""
+    first, second, offs_h, mask = rotated_heads(
+        x_ptr, stride_head, cos, sin, offs_half, NUM_HEADS, HALF, BLOCK_HEADS
+    )
+    ptrs = x_ptr + offs_h[:, None] * stride_head + offs_half[None, :]
+    tl.store(ptrs, first, mask=mask)
+    tl.store(ptrs + HALF, second, mask=mask)
 
 
 @triton.jit

@@ -12,8 +12,10 @@ launches each of them once on the real cache, reading block 0 and writing scratc
 With an fp8 cache the variants follow the query's dtype, the FP8 switch and the fp8 tile rules
 (pass the query dtype and the scales).
 
-The elementwise kernels (RMSNorm, RoPE, SiLU-and-mul, KV write, fp8 activation quantization)
-have one variant per model shape; the engine's memory-profiling pass already compiles them.
+The elementwise kernels (RMSNorm, SiLU-and-mul, fp8 activation quantization) have one
+variant per model shape; the engine's memory-profiling pass already compiles them. The RoPE +
+KV-write launch needs the cache, which that pass runs without: :func:`warm_up_rotary_kv`
+compiles it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,17 @@ import time
 import torch
 import triton
 
-from . import activation, fp8_gemm, fp8_quant, kv_cache, paged_attention, rmsnorm, rotary, split_kv
+from . import (
+    activation,
+    fp8_gemm,
+    fp8_quant,
+    kv_cache,
+    paged_attention,
+    rmsnorm,
+    rotary,
+    rotary_kv,
+    split_kv,
+)
 from .attention_tiles import AttentionConfig, attention_config
 from .split_kv import merge_splits
 from .utils import next_power_of_2
@@ -34,7 +46,10 @@ logger = logging.getLogger(__name__)
 #: choose_num_splits never splits a context into more parts than this.
 MAX_SPLITS = 64
 
-_MODULES = (activation, fp8_gemm, fp8_quant, kv_cache, paged_attention, rmsnorm, rotary, split_kv)
+_MODULES = (
+    activation, fp8_gemm, fp8_quant, kv_cache, paged_attention, rmsnorm, rotary, rotary_kv,
+    split_kv,
+)  # fmt: skip
 
 
 def compiled_variants() -> int:
@@ -120,3 +135,33 @@ def warm_up_attention(
         seconds,
     )
     return seconds
+
+
+@torch.inference_mode()
+def warm_up_rotary_kv(
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,
+    num_heads: int,
+    *,
+    query_dtype: torch.dtype | None = None,  # the model's dtype; defaults to the cache's
+    k_scale: torch.Tensor | None = None,  # [num_kv_heads] fp32, fp8 caches only
+    v_scale: torch.Tensor | None = None,  # [num_kv_heads] fp32, fp8 caches only
+) -> None:
+    """Compile the RoPE + KV-write launch for this cache, query dtype and head layout: one
+    token, its q, k and v views into one buffer as the QKV projection writes them, and a
+    negative slot, so the cache is never written."""
+    device = key_cache.device
+    _, _, num_kv_heads, head_dim = key_cache.shape
+    fp8 = kv_cache.is_fp8_kv(key_cache, k_scale, v_scale)
+    if fp8 and query_dtype in (None, key_cache.dtype):
+        raise ValueError("an fp8 KV cache is written from bf16/fp16/fp32 keys: pass query_dtype")
+    dtype = query_dtype or key_cache.dtype
+    widths = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+    qkv = torch.zeros(1, sum(widths), dtype=dtype, device=device)
+    q, k, v = (part.view(1, -1, head_dim) for part in qkv.split(widths, dim=-1))
+    positions = torch.zeros(1, dtype=torch.int64, device=device)
+    slots = torch.full((1,), -1, dtype=torch.int64, device=device)
+    cos_sin = torch.zeros(1, head_dim, dtype=torch.float32, device=device)
+    rotary_kv.rotary_and_write_kv(
+        positions, q, k, v, cos_sin, key_cache, value_cache, slots, k_scale, v_scale
+    )

@@ -102,12 +102,20 @@ class Attention(nn.Module):
         key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         attn_metadata: AttentionMetadata | None,
+        positions: torch.Tensor,  # [num_tokens] int64
+        cos_sin_cache: torch.Tensor,  # [max_positions, head_dim] fp32 (RotaryEmbedding's)
     ) -> torch.Tensor:
+        """RoPE on the query and key at ``positions`` in the launch that writes the key and
+        value into the cache, then attention over the cache. ``key`` is left unrotated (the
+        cache holds its rotated rows); ``query`` is rotated in place."""
         if attn_metadata is None or self.key_cache is None or self.value_cache is None:
             return torch.zeros_like(query)
-        ops.write_kv_cache(
+        ops.rotary_and_write_kv(
+            positions,
+            query,
             key,
             value,
+            cos_sin_cache,
             self.key_cache,
             self.value_cache,
             attn_metadata.slot_mapping,

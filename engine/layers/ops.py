@@ -10,7 +10,14 @@ from typing import NamedTuple
 
 import torch
 
-from metroline.kernels import activation, fp8_gemm, fp8_quant, kv_cache, rmsnorm, rotary, warmup
+from metroline.kernels import (
+    activation,
+    fp8_gemm,
+    fp8_quant,
+    rmsnorm,
+    rotary_kv,
+    warmup,
+)
 from metroline.kernels import paged_attention as attention
 
 #: Whether CUDA fp8 matmuls of at most ``fp8_gemm.SMALL_M_MAX`` rows take the Triton kernel
@@ -71,15 +78,6 @@ def fused_add_rms_norm(
     if x.is_cuda:
         return rmsnorm.fused_add_rms_norm(x, residual, weight, eps)
     return rmsnorm.fused_add_rms_norm_ref(x, residual, weight, eps)
-
-
-def rotary_embedding(
-    positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor
-) -> None:
-    if query.is_cuda:
-        rotary.rotary_embedding(positions, query, key, cos_sin_cache)
-    else:
-        rotary.rotary_embedding_ref(positions, query, key, cos_sin_cache)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -147,24 +145,25 @@ def _quantize_input(
     return x_fp8, x_scale
 
 
-def write_kv_cache(
+def rotary_and_write_kv(
+    positions: torch.Tensor,
+    query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Scatter this step's K/V into the cache; an fp8 cache stores ``x / scale`` per KV head."""
-    if key.is_cuda:
-        kv_cache.write_kv_cache(
-            key, value, key_cache, value_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale
-        )
-    else:
-        kv_cache.write_kv_cache_ref(
-            key, value, key_cache, value_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale
-        )
+    """RoPE on the query (in place) and the key, and the rotated key with the value scattered
+    into the cache: :func:`rotary_embedding` then :func:`write_kv_cache` in one launch, the
+    same bytes. The key tensor keeps its unrotated values on CUDA (the reference rotates a
+    copy too), so only the cache holds the rotated key."""
+    fn = rotary_kv.rotary_and_write_kv if query.is_cuda else rotary_kv.rotary_and_write_kv_ref
+    fn(positions, query, key, value, cos_sin_cache, key_cache, value_cache, slot_mapping,
+       k_scale, v_scale)  # fmt: skip
 
 
 def paged_attention(
@@ -228,8 +227,13 @@ def warm_up_kernels(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Compile every attention variant serving can meet (CUDA; nothing to do on the CPU)."""
+    """Compile every attention and RoPE + KV-write variant serving can meet (CUDA; nothing to
+    do on the CPU)."""
     if key_cache.is_cuda:
+        warmup.warm_up_rotary_kv(
+            key_cache, value_cache, num_heads, query_dtype=query_dtype, k_scale=k_scale,
+            v_scale=v_scale,
+        )  # fmt: skip
         warmup.warm_up_attention(
             key_cache,
             value_cache,

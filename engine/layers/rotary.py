@@ -16,8 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import ops
-
 
 def inverse_frequencies(
     head_dim: int, base: float, rope_scaling: dict[str, Any] | None, device: torch.device
@@ -100,6 +98,9 @@ def cos_sin_cache(
 
 
 class RotaryEmbedding(nn.Module):
+    """A layer's cos/sin table (:func:`cos_sin_cache`). The rotation itself runs in the
+    attention layer's cache-write launch (:func:`ops.rotary_and_write_kv`)."""
+
     def __init__(
         self,
         head_dim: int,
@@ -116,7 +117,3 @@ class RotaryEmbedding(nn.Module):
             cos_sin_cache(head_dim, max_positions, base, rope_scaling, device),
             persistent=False,
         )
-
-    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> None:
-        """Rotate ``query [T, H, D]`` and ``key [T, Hkv, D]`` in place."""
-        ops.rotary_embedding(positions, query, key, self.cos_sin_cache)

@@ -92,8 +92,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
-        self.rotary_emb(positions, q, k)
-        out = self.attn(q, k, v, attn_metadata)
+        out = self.attn(q, k, v, attn_metadata, positions, self.rotary_emb.cos_sin_cache)
         return self.o_proj(out.reshape(num_tokens, q_size))
 
 

@@ -30,6 +30,9 @@ from metroline.kernels.rmsnorm import (
 )
 from metroline.kernels.rotary import rotary_embedding, rotary_embedding_ref
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rotary_kv_check import check_rotary_kv
+
 DEV = "cuda"
 RESULTS: list[dict] = []
 
@@ -350,6 +353,10 @@ def check_elementwise(tokens: int = 8192, hidden: int = 4096) -> None:
         record("write_kv_cache views, skipped slots", dtype, 0.0 if same else 1.0, 0.5)
 
 
+def check_fused_rotary_kv() -> None:
+    check_rotary_kv(record, DEV)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -359,6 +366,7 @@ def main() -> int:
     for section in (
         check_attention_suite,
         check_elementwise,
+        check_fused_rotary_kv,
         check_cuda_graph_replay,
         check_int64_offsets,
     ):

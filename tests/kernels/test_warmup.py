@@ -1,5 +1,5 @@
-"""The start-up warm-up reaches every attention variant serving can launch, and leaves the
-cache as it found it."""
+"""The start-up warm-up reaches every attention and RoPE + KV-write variant serving can launch,
+and leaves the cache as it found it."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from metroline.kernels import paged_attention as pa
+from metroline.kernels import rotary_kv
 from metroline.kernels.attention_tiles import FEW_PROGRAMS_PER_SM, attention_config
-from metroline.kernels.warmup import attention_configs, warm_up_attention
+from metroline.kernels.warmup import attention_configs, warm_up_attention, warm_up_rotary_kv
 
 
 @pytest.mark.parametrize("fp8_kv", [False, True])
@@ -32,6 +33,7 @@ def test_warm_up_runs_on_the_cache_without_writing_it():
     value_cache = torch.randn(shape, generator=generator).to(torch.bfloat16)
     before = key_cache.clone(), value_cache.clone()
     warm_up_attention(key_cache, value_cache, num_heads=4, max_query_len=40)
+    warm_up_rotary_kv(key_cache, value_cache, num_heads=4)
     assert torch.equal(key_cache, before[0]) and torch.equal(value_cache, before[1])
 
 
@@ -95,5 +97,49 @@ def test_serving_launches_only_warmed_variants(monkeypatch, fp8):
             pa.paged_attention(query, key_cache, value_cache, tables, lens, cu, 0.1,
                                max(q_lens), context, mixed=mixed, num_splits=num_splits,
                                **scales)  # fmt: skip
+    assert seen, "no launch recorded"
+    assert seen <= warmed, f"variants serving would compile: {seen - warmed}"
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rotary_kv_warm_up_covers_serving_launches(monkeypatch, fp8, qk_norm):
+    """The RoPE + KV-write launches of a step (q, k, v views into the QKV projection's output,
+    or with a QK norm q and k tensors of their own) meet only the variant the warm-up
+    compiled: the same compile-time arguments, argument dtypes and pointer alignments."""
+    seen: set = set()
+
+    def describe(args, meta):
+        tensors = [(str(a.dtype), a.data_ptr() % 16 == 0) for a in args if torch.is_tensor(a)]
+        return tuple(sorted(meta.items())), tuple(tensors)
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: seen.add(describe(args, meta))
+
+    monkeypatch.setattr(rotary_kv, "_rotary_write_kv_kernel", Recorder())
+    num_heads, num_kv_heads, head_dim, dtype = 8, 2, 64, torch.bfloat16
+    cache_dtype = torch.float8_e4m3fn if fp8 else dtype
+    key_cache = torch.zeros(8, 16, num_kv_heads, head_dim).to(cache_dtype)
+    value_cache = torch.zeros_like(key_cache)
+    scales = {"k_scale": torch.ones(num_kv_heads), "v_scale": torch.ones(num_kv_heads)}
+    scales = scales if fp8 else {}
+    if fp8:
+        with pytest.raises(ValueError, match="query_dtype"):
+            warm_up_rotary_kv(key_cache, value_cache, num_heads, **scales)
+    warm_up_rotary_kv(key_cache, value_cache, num_heads, query_dtype=dtype, **scales)
+    warmed = set(seen)
+    seen.clear()
+    widths = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+    cos_sin = torch.zeros(4096, head_dim)
+    for num_tokens in (1, 7, 300):
+        qkv = torch.zeros(num_tokens, sum(widths), dtype=dtype)
+        q, k, v = (p.view(num_tokens, -1, head_dim) for p in qkv.split(widths, dim=-1))
+        if qk_norm:
+            q, k = q.contiguous(), k.contiguous()
+        positions = torch.arange(num_tokens)
+        slots = torch.arange(num_tokens) - 1
+        rotary_kv.rotary_and_write_kv(positions, q, k, v, cos_sin, key_cache, value_cache, slots,
+                                      **scales)  # fmt: skip
     assert seen, "no launch recorded"
     assert seen <= warmed, f"variants serving would compile: {seen - warmed}"
