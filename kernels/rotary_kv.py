@@ -20,15 +20,10 @@ from .kv_cache import is_fp8_kv, write_kv_cache_ref
 from .rotary import rotary_embedding_ref, rotated_heads
 from .utils import next_power_of_2
 
-# Strides are fixed by the model's head layout, but a stride specialised on "divisible by
-# 16" would make a warm-up's buffers compile a variant of their own: plain runtime values.
-_STRIDES = [
-    "stride_q_tok", "stride_q_head", "stride_k_tok", "stride_k_head",
-    "stride_v_tok", "stride_v_head", "stride_cos_sin",
-]  # fmt: skip
 
-
-@triton.jit(do_not_specialize=_STRIDES)
+# Strides stay specialised ("divisible by 16"): that is what lets rows load and store 16
+# bytes at a time. They follow from the head layout alone, which the warm-up reproduces.
+@triton.jit
 def _rotary_write_kv_kernel(
     positions_ptr,  # [num_tokens] int64
     query_ptr,  # [num_tokens, num_heads, head_dim], rotated in place

@@ -147,9 +147,11 @@ def warm_up_rotary_kv(
     k_scale: torch.Tensor | None = None,  # [num_kv_heads] fp32, fp8 caches only
     v_scale: torch.Tensor | None = None,  # [num_kv_heads] fp32, fp8 caches only
 ) -> None:
-    """Compile the RoPE + KV-write launch for this cache, query dtype and head layout: one
-    token, its q, k and v views into one buffer as the QKV projection writes them, and a
-    negative slot, so the cache is never written."""
+    """Compile the RoPE + KV-write launches for this cache, query dtype and head layout, at
+    negative slots, so the cache is never written: q, k and v as views into one buffer, as
+    the QKV projection writes them, and q and k as tensors of their own, as a QK norm makes
+    them; each for one token and for more (a one-token view's stride is its row's width, not
+    the buffer's). Strides are specialised on divisibility by 16, which these can differ in."""
     device = key_cache.device
     _, _, num_kv_heads, head_dim = key_cache.shape
     fp8 = kv_cache.is_fp8_kv(key_cache, k_scale, v_scale)
@@ -157,11 +159,13 @@ def warm_up_rotary_kv(
         raise ValueError("an fp8 KV cache is written from bf16/fp16/fp32 keys: pass query_dtype")
     dtype = query_dtype or key_cache.dtype
     widths = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
-    qkv = torch.zeros(1, sum(widths), dtype=dtype, device=device)
-    q, k, v = (part.view(1, -1, head_dim) for part in qkv.split(widths, dim=-1))
-    positions = torch.zeros(1, dtype=torch.int64, device=device)
-    slots = torch.full((1,), -1, dtype=torch.int64, device=device)
     cos_sin = torch.zeros(1, head_dim, dtype=torch.float32, device=device)
-    rotary_kv.rotary_and_write_kv(
-        positions, q, k, v, cos_sin, key_cache, value_cache, slots, k_scale, v_scale
-    )
+    for num_tokens in (1, 2):
+        qkv = torch.zeros(num_tokens, sum(widths), dtype=dtype, device=device)
+        q, k, v = (part.view(num_tokens, -1, head_dim) for part in qkv.split(widths, dim=-1))
+        positions = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+        slots = torch.full((num_tokens,), -1, dtype=torch.int64, device=device)
+        for query, key in ((q, k), (q.contiguous(), k.contiguous())):
+            rotary_kv.rotary_and_write_kv(
+                positions, query, key, v, cos_sin, key_cache, value_cache, slots, k_scale, v_scale
+            )

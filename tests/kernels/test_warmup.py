@@ -103,22 +103,29 @@ def test_serving_launches_only_warmed_variants(monkeypatch, fp8):
 
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("qk_norm", [False, True])
-def test_rotary_kv_warm_up_covers_serving_launches(monkeypatch, fp8, qk_norm):
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(8, 2, 64), (6, 3, 72)])
+def test_rotary_kv_warm_up_covers_serving_launches(
+    monkeypatch, fp8, qk_norm, num_heads, num_kv_heads, head_dim
+):
     """The RoPE + KV-write launches of a step (q, k, v views into the QKV projection's output,
     or with a QK norm q and k tensors of their own) meet only the variant the warm-up
-    compiled: the same compile-time arguments, argument dtypes and pointer alignments."""
+    compiled: the same compile-time arguments, argument dtypes, pointer alignments and
+    integer divisibility."""
     seen: set = set()
 
-    def describe(args, meta):
-        tensors = [(str(a.dtype), a.data_ptr() % 16 == 0) for a in args if torch.is_tensor(a)]
-        return tuple(sorted(meta.items())), tuple(tensors)
+    def describe(args, meta):  # what Triton specialises a variant on
+        kinds = [
+            (str(a.dtype), a.data_ptr() % 16 == 0) if torch.is_tensor(a) else (a % 16 == 0, a == 1)
+            for a in args
+        ]
+        return tuple(sorted(meta.items())), tuple(kinds)
 
     class Recorder:
         def __getitem__(self, grid):
             return lambda *args, **meta: seen.add(describe(args, meta))
 
     monkeypatch.setattr(rotary_kv, "_rotary_write_kv_kernel", Recorder())
-    num_heads, num_kv_heads, head_dim, dtype = 8, 2, 64, torch.bfloat16
+    dtype = torch.bfloat16
     cache_dtype = torch.float8_e4m3fn if fp8 else dtype
     key_cache = torch.zeros(8, 16, num_kv_heads, head_dim).to(cache_dtype)
     value_cache = torch.zeros_like(key_cache)
