@@ -43,7 +43,7 @@ from common import (
     resource_report,
 )
 
-from metroline.kernels import activation, kv_cache, rmsnorm, rotary, split_kv
+from metroline.kernels import activation, kv_cache, rmsnorm, rotary, rotary_kv, split_kv
 from metroline.kernels import paged_attention as pa
 
 H, HKV, D, BS = 32, 8, 128, 16  # llama3-8b attention, block 16
@@ -251,6 +251,12 @@ def bench_elementwise(copy_bw: float, tokens: int = 8192, hidden: int = 4096) ->
         "write_kv_cache": (4 * kv_bytes + tokens * 8, lambda i, ref: (
             kv_cache.write_kv_cache_ref if ref else kv_cache.write_kv_cache)(
             k_of(i), v_of(i), pool, pool_v, slots)),
+        # The engine's launch: the two above in one (the key read once, never written back).
+        "rotary_and_write_kv": (
+            2 * (qk_bytes - kv_bytes) + 4 * kv_bytes + tokens * (D * 4 + 16),
+            lambda i, ref: (rotary_kv.rotary_and_write_kv_ref if ref
+                            else rotary_kv.rotary_and_write_kv)(
+                positions, q_of(i), k_of(i), v_of(i), cos_sin, pool, pool_v, slots)),
     }
     rows = []
     for name, (moved, fn) in cases.items():
