@@ -2,7 +2,8 @@
 # One GPU session's checks and benchmarks, by section, in the order given:
 #   bash benchmarks/gpu_suite.sh setup correct w3 w1 ...
 # Sections:
-#   setup      install the project (and, if .whl/ exists, the server's wheels into /tmp/site)
+#   setup      install the project (and, if .whl/ exists, the server's wheels into /tmp/site;
+#              if .twhl/ exists, its wheels into /tmp/tsite, for START_SITE below)
 #   correct    tiny models' greedy tokens == transformers, also with asynchronous scheduling;
 #              logits processing and prompt log-probs as served (sampling_extras_check.py)
 #   kcheck     the Triton kernels against their references at real sizes
@@ -50,7 +51,8 @@
 #              (benchmarks/spec_decode.py)
 #   start      metroline serve's start to /ready, START_RUNS times (default 3; the first fills
 #              the Triton cache), with the log's milestones (benchmarks/serve_start.py;
-#              needs the server's wheels)
+#              needs the server's wheels); START_SITE=/tmp/tsite puts .twhl/'s wheels (say, a
+#              newer transformers and its dependencies) before them
 #   peerserve  W6: vllm bench serve against metroline serve and vllm serve in turn
 #              (RATES_W6, default 10,20,30,inf; W6_PROMPTS, default 300), start-up times,
 #              then the peer table
@@ -115,6 +117,10 @@ for section in "$@"; do
       if [ -d .whl ]; then
         $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
           .whl/*.whl || exit 1
+      fi
+      if [ -d .twhl ]; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/tsite \
+          .twhl/*.whl || exit 1
       fi
       $PY -P -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/gpus.csv"
@@ -253,7 +259,8 @@ for section in "$@"; do
       ;;
     tiles) run tiles $PY -P benchmarks/attention_sweep.py --out "$RESULTS" ;;
     start)
-      run start env PYTHONPATH=/tmp/site $PY -P benchmarks/serve_start.py --model "$MODEL" \
+      run start env PYTHONPATH="${START_SITE:+$START_SITE:}/tmp/site" \
+        $PY -P benchmarks/serve_start.py --model "$MODEL" \
         --runs "${START_RUNS:-3}" --out "$RESULTS"
       ;;
     peerserve)
