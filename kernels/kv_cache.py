@@ -43,6 +43,15 @@ def is_fp8_kv(
 
 
 @triton.jit
+def head_scales(k_scale_ptr, v_scale_ptr, offs_h, NUM_KV_HEADS: tl.constexpr):
+    """The K and V scales of heads ``offs_h``, each ``[BLOCK_H, 1]`` fp32 (padding heads 1.0)."""
+    h_valid = offs_h < NUM_KV_HEADS
+    k_scale = tl.load(k_scale_ptr + offs_h, mask=h_valid, other=1.0)[:, None]
+    v_scale = tl.load(v_scale_ptr + offs_h, mask=h_valid, other=1.0)[:, None]
+    return k_scale, v_scale
+
+
+@triton.jit
 def _write_kv_cache_kernel(
     key_ptr,  # [num_tokens, num_kv_heads, head_dim], last dim contiguous
     value_ptr,  # [num_tokens, num_kv_heads, head_dim], last dim contiguous
@@ -69,9 +78,7 @@ def _write_kv_cache_kernel(
     k = tl.load(k_src, mask=mask)
     v = tl.load(v_src, mask=mask)
     if FP8:
-        h_valid = offs_h < NUM_KV_HEADS
-        k_scale = tl.load(k_scale_ptr + offs_h, mask=h_valid, other=1.0)[:, None]
-        v_scale = tl.load(v_scale_ptr + offs_h, mask=h_valid, other=1.0)[:, None]
+        k_scale, v_scale = head_scales(k_scale_ptr, v_scale_ptr, offs_h, NUM_KV_HEADS)
         k = quantize_fp8(k.to(tl.float32), k_scale)
         v = quantize_fp8(v.to(tl.float32), v_scale)
     tl.store(key_cache_ptr + dst, k.to(key_cache_ptr.dtype.element_ty), mask=mask)

@@ -21,6 +21,16 @@ from .utils import next_power_of_2
 
 
 @triton.jit
+def token_cos_sin(cos_sin_ptr, pos, stride_cos_sin, offs_half, HALF: tl.constexpr):
+    """cos and sin of position ``pos``, each ``[1, BLOCK_HALF]`` fp32 (padding columns 0)."""
+    half_valid = offs_half < HALF
+    cs_ptr = cos_sin_ptr + pos * stride_cos_sin + offs_half
+    cos = tl.load(cs_ptr, mask=half_valid, other=0.0)[None, :]
+    sin = tl.load(cs_ptr + HALF, mask=half_valid, other=0.0)[None, :]
+    return cos, sin
+
+
+@triton.jit
 def rotated_heads(
     x_ptr,  # this token's [num_heads, head_dim] rows, last dim contiguous
     stride_head,
@@ -85,10 +95,7 @@ def _rotary_kernel(
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     offs_half = tl.arange(0, BLOCK_HALF)
-    half_valid = offs_half < HALF
-    cs_ptr = cos_sin_ptr + pos * stride_cos_sin + offs_half
-    cos = tl.load(cs_ptr, mask=half_valid, other=0.0)[None, :]
-    sin = tl.load(cs_ptr + HALF, mask=half_valid, other=0.0)[None, :]
+    cos, sin = token_cos_sin(cos_sin_ptr, pos, stride_cos_sin, offs_half, HALF)
     q_ptr = query_ptr + token * stride_q_tok
     k_ptr = key_ptr + token * stride_k_tok
     dtype = query_ptr.dtype.element_ty

@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from .fp8_quant import quantize_fp8
-from .kv_cache import is_fp8_kv, write_kv_cache_ref
-from .rotary import rotary_embedding_ref, rotated_heads
+from .kv_cache import head_scales, is_fp8_kv, write_kv_cache_ref
+from .rotary import rotary_embedding_ref, rotated_heads, token_cos_sin
 from .utils import next_power_of_2
 
 
@@ -47,10 +47,7 @@ def _rotary_write_kv_kernel(
     pos = tl.load(positions_ptr + token).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     offs_half = tl.arange(0, BLOCK_HALF)
-    half_valid = offs_half < HALF
-    cs_ptr = cos_sin_ptr + pos * stride_cos_sin + offs_half
-    cos = tl.load(cs_ptr, mask=half_valid, other=0.0)[None, :]
-    sin = tl.load(cs_ptr + HALF, mask=half_valid, other=0.0)[None, :]
+    cos, sin = token_cos_sin(cos_sin_ptr, pos, stride_cos_sin, offs_half, HALF)
 
     q_ptr = query_ptr + token * stride_q_tok
     q_dtype = query_ptr.dtype.element_ty
@@ -73,9 +70,7 @@ def _rotary_write_kv_kernel(
         v_src = value_ptr + token * stride_v_tok + offs_kh[:, None] * stride_v_head
         v = tl.load(v_src + offs_d[None, :], mask=v_mask)
         if FP8:
-            h_valid = offs_kh < NUM_KV_HEADS
-            k_scale = tl.load(k_scale_ptr + offs_kh, mask=h_valid, other=1.0)[:, None]
-            v_scale = tl.load(v_scale_ptr + offs_kh, mask=h_valid, other=1.0)[:, None]
+            k_scale, v_scale = head_scales(k_scale_ptr, v_scale_ptr, offs_kh, NUM_KV_HEADS)
             k_first = quantize_fp8(k_first.to(tl.float32), k_scale)
             k_second = quantize_fp8(k_second.to(tl.float32), k_scale)
             v = quantize_fp8(v.to(tl.float32), v_scale)
